@@ -1,0 +1,30 @@
+"""asyncckpt: asynchronous checkpointing of JAX pytrees into plain Zarr v3.
+
+The public API is stated here once; everything else is private.
+"""
+
+from . import _dtypes
+from ._checkpointer import AsyncCheckpointer as AsyncCheckpointer
+from ._checkpointer import VariableInfo as VariableInfo
+from ._checkpointer import list_variables as list_variables
+from ._checkpointer import load_variable as load_variable
+from ._checkpointer import read_metadata as read_metadata
+from ._checkpointer import restore as restore
+from ._checkpointer import save as save
+from .errors import CheckpointError as CheckpointError
+from .errors import CheckpointExistsError as CheckpointExistsError
+from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import CheckpointReadError as CheckpointReadError
+from .errors import CheckpointWriteError as CheckpointWriteError
+from .errors import CorruptCheckpointError as CorruptCheckpointError
+from .errors import IncompleteCheckpointError as IncompleteCheckpointError
+from .errors import StepNotFoundError as StepNotFoundError
+from .errors import TreeMismatchError as TreeMismatchError
+from .errors import UnsupportedTypeError as UnsupportedTypeError
+from .errors import VariableNotFoundError as VariableNotFoundError
+
+__version__ = "0.1.0"
+
+# Teach zarr-python the ml_dtypes data types (bfloat16, float8_*, int4 ...) so that plain
+# `zarr.open_group` reads every checkpoint. This only fills zarr's data-type table.
+_dtypes.register_with_zarr()

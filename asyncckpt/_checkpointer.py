@@ -1,0 +1,231 @@
+"""The public entry points: `AsyncCheckpointer`, `save`, `restore`, `list_variables`,
+`load_variable`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _format, _restore, _save, _store
+from ._executor import Workers
+from ._snapshot import ArenaPool, Snapshot, take_snapshot
+from .errors import (
+    CheckpointError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    VariableNotFoundError,
+)
+
+DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
+
+
+class AsyncCheckpointer:
+    """Saves pytrees in the background; `save()` blocks only while it copies arrays to host.
+
+    ```python
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save("/ckpt/step_100", state)   # returns after the host copy
+        state = train_step(state)             # donating `state` is fine
+    # leaving the block waits for the save to commit and raises any failure
+    ```
+
+    Saves run one after another in the order they were made; a new `save()` first waits for the
+    previous one to commit (that wait is part of its blocking time). A failure in the background
+    is raised by the next `save()`, `wait_until_finished()`, `check_for_errors()` or `close()`.
+
+    Args:
+        max_workers: threads for file I/O and host copies (default: 4 per core, 4 to 32).
+        reuse_host_memory: keep the host buffers of a finished save for the next one. Saves of
+            the same tree then skip first-touch page faults, at the cost of holding one host copy
+            of the tree between saves. `close()` frees it.
+        max_inflight_bytes: host memory a restore may fill before placing arrays on devices.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_workers: int | None = None,
+        reuse_host_memory: bool = True,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    ) -> None:
+        self._workers = Workers(max_workers)
+        self._pool = ArenaPool(enabled=reuse_host_memory)
+        self._pending: list[Future[str]] = []
+        self._max_inflight_bytes = max_inflight_bytes
+        self._closed = False
+
+    def save(self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> Future[str]:
+        """Snapshot `tree` to host memory and write it to `path` in the background.
+
+        Returns a future whose result is the committed path. `metadata` (JSON) is stored with
+        the checkpoint. An existing checkpoint at `path` is replaced only with `force=True`.
+        """
+        self._check_open()
+        self.check_for_errors()
+        for fut in self._pending:  # one save in flight at a time bounds host memory
+            fut.exception()
+        self.check_for_errors()
+        dest = _restore.checkpoint_path(path)
+        _save.check_destination(dest, force=force)
+        _format.encode_json(metadata, what="`metadata`")
+        snap = take_snapshot(tree, metadata, self._workers, self._pool)
+        future = self._workers.submit_job(self._write, snap, dest, force)
+        self._pending.append(future)
+        return future
+
+    def _write(self, snap: Snapshot, dest: str, replace: bool) -> str:
+        try:
+            return _save.write_snapshot(snap, dest, self._workers, replace=replace)
+        finally:
+            if snap.arena is not None:
+                self._pool.release(snap.arena)
+
+    def restore(self, path: Any, target: Any = None, *, strict: bool = True) -> Any:
+        """Like `asyncckpt.restore`, using this checkpointer's threads."""
+        self._check_open()
+        return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
+                                     workers=self._workers,
+                                     max_inflight_bytes=self._max_inflight_bytes)  # fmt: skip
+
+    def check_for_errors(self) -> None:
+        """Raise the first failure of a finished background save (once), if any."""
+        for fut in list(self._pending):
+            if fut.done():
+                self._pending.remove(fut)
+                if fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+
+    def wait_until_finished(self) -> None:
+        """Block until every save made so far has committed; raise the first failure."""
+        while self._pending:
+            self._pending[0].exception()
+            self.check_for_errors()
+
+    def close(self) -> None:
+        """Wait for the saves in flight, stop the threads, free held host memory."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._workers.close()
+            self._pool.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def save(path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> None:
+    """Save `tree` to the directory `path` and return once the checkpoint is committed.
+
+    Leaves: `jax.Array` (any sharding; typed PRNG keys too), numpy arrays and scalars, python
+    int/float/bool/str. `metadata`: any JSON value, returned by `read_metadata`.
+    """
+    with AsyncCheckpointer(reuse_host_memory=False) as ckptr:
+        ckptr.save(path, tree, metadata=metadata, force=force)
+
+
+def restore(
+    path: Any,
+    target: Any = None,
+    *,
+    strict: bool = True,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+) -> Any:
+    """Read the checkpoint at `path`.
+
+    Without `target`: the saved tree, arrays as numpy arrays (typed PRNG keys as jax key arrays).
+    With `target` (a pytree of `jax.Array`, `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` or
+    numpy arrays): exactly its structure, dtypes and shardings; each process reads only the chunks
+    its devices need. `strict=False` lets the target hold a subset of the saved leaves.
+    """
+    workers = Workers()
+    try:
+        return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
+                                     workers=workers, max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+    finally:
+        workers.close()
+
+
+@dataclass(frozen=True, slots=True)
+class VariableInfo:
+    """One array variable of a checkpoint, as `list_variables` describes it."""
+
+    name: str
+    """Variable name: the keypath joined by `/` (`params/dense/kernel`)."""
+    shape: tuple[int, ...]
+    """Global shape as stored (PRNG keys: their key data, with the trailing key dimension)."""
+    dtype: np.dtype
+    """Stored dtype."""
+    nbytes: int
+    """Size of the data in bytes."""
+    chunk_shape: tuple[int, ...]
+    """Shape of each chunk (one per shard at save time)."""
+    prng_impl: str | None = None
+    """PRNG implementation for typed key arrays, else None."""
+
+
+def _info(spec: _format.ArraySpec) -> VariableInfo:
+    return VariableInfo(spec.name, spec.shape, spec.dtype, spec.nbytes, spec.chunk_shape,
+                        spec.prng_impl)  # fmt: skip
+
+
+def list_variables(path: Any) -> dict[str, VariableInfo]:
+    """Every array variable of the checkpoint at `path`, in tree order (reads one file)."""
+    info = _restore.read_root(_restore.checkpoint_path(path))
+    return {name: _info(spec) for name, spec in info.arrays.items()}
+
+
+def read_metadata(path: Any) -> Any:
+    """The user `metadata` saved with the checkpoint at `path`."""
+    return _restore.read_root(_restore.checkpoint_path(path)).metadata
+
+
+def load_variable(path: Any, name: str) -> np.ndarray:
+    """Read one variable as a numpy array; nothing else of the checkpoint is read.
+
+    PRNG key arrays come back as their raw key data (`uint32`).
+    """
+    root = _restore.checkpoint_path(path)
+    if not os.path.exists(os.path.join(root, _format.DOC)):
+        _restore.read_root(root)  # raises the precise "not found" / "incomplete" error
+    where = f"checkpoint {root}"
+    _format.check_name(name, where)
+    doc_path = os.path.join(root, name, _format.DOC)
+    try:
+        raw = _store.read_small_file(doc_path, 1 << 20)
+    except (FileNotFoundError, NotADirectoryError):
+        known = list(list_variables(root))
+        raise VariableNotFoundError(
+            f"{where} has no variable {name!r}; it has: {', '.join(known[:30])}"
+            + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
+        ) from None
+    except OSError as e:
+        raise CheckpointReadError(e.errno, f"cannot read {doc_path}: {e.strerror}") from e
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise CorruptCheckpointError(f"{where}: {doc_path} is not valid JSON") from None
+    spec = _format.parse_array_doc(name, doc, where)
+    raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
+    workers = Workers(max_workers=4)
+    try:
+        (value,) = _restore.read_arrays(root, [(raw_spec, None)], workers,
+                                        max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)  # fmt: skip
+    finally:
+        workers.close()
+    return value

@@ -1,0 +1,70 @@
+"""The only module that owns threads.
+
+`Workers` holds an I/O pool (chunk writes and reads, snapshot copies) and a single job thread that
+runs whole saves one after another, so commits happen in the order `save()` was called. Work that
+fails raises its first exception in the thread that waits for it; nothing is only logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def default_workers() -> int:
+    """I/O-bound threads: a few per core, at least 4, at most 32."""
+    return max(4, min(32, 4 * (os.cpu_count() or 1)))
+
+
+class Workers:
+    """An I/O thread pool plus one thread that runs save jobs in submission order."""
+
+    def __init__(self, max_workers: int | None = None) -> None:
+        self.size = max_workers or default_workers()
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
+        self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job")
+
+    def run_all(self, tasks: Sequence[Callable[[], Any]]) -> None:
+        """Run `tasks` on the pool and wait; on the first failure cancel the rest and raise it."""
+        if len(tasks) <= 1:
+            for task in tasks:
+                task()
+            return
+        futures = [self._pool.submit(task) for task in tasks]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            for f in pending:
+                f.cancel()
+            wait(pending)  # let running tasks finish before the caller cleans up
+            raise failed[0].exception()  # type: ignore[misc]
+
+    def submit_job(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on the job thread, after every job submitted before it."""
+        return self._jobs.submit(fn, *args)
+
+    def close(self) -> None:
+        """Wait for submitted work, then stop the threads."""
+        self._jobs.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+
+
+def batches(items: Sequence[T], cost: Callable[[T], int], *, parts: int, min_cost: int) -> list[list[T]]:
+    """Split `items` into about `parts` groups of similar total cost, none (but the last) cheaper
+    than `min_cost`: enough groups to keep every thread busy, few enough that the per-task cost
+    of the pool does not dominate thousands of small items."""
+    total = sum(cost(i) for i in items)
+    target = max(min_cost, total // max(1, parts))
+    groups: list[list[T]] = [[]]
+    acc = 0
+    for item in items:
+        if acc >= target and groups[-1]:
+            groups.append([])
+            acc = 0
+        groups[-1].append(item)
+        acc += cost(item)
+    return [g for g in groups if g]

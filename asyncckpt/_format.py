@@ -1,0 +1,231 @@
+"""The on-disk format: Zarr v3 documents and key names of one checkpoint (pure, no I/O).
+
+See docs/FORMAT.md. A checkpoint is a Zarr v3 group; every array leaf is a Zarr array named by its
+variable name, one chunk per shard, codecs `bytes` + `crc32c`; the root `zarr.json` is written
+last, carries consolidated metadata and the `asyncckpt` attributes, and marks the commit.
+Everything parsed here comes from disk and is treated as untrusted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _dtypes
+from .errors import CorruptCheckpointError, UnsupportedTypeError
+
+FORMAT_VERSION = 1
+DOC = "zarr.json"
+ATTR = "asyncckpt"
+CRC_NBYTES = 4
+MAX_NDIM = 64
+MAX_ROOT_DOC_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """One array variable as stored."""
+
+    name: str
+    """Variable name: the array's path inside the checkpoint group."""
+    shape: tuple[int, ...]
+    """Global shape."""
+    dtype: np.dtype
+    """Stored NumPy dtype (`uint32` key data for PRNG keys)."""
+    chunk_shape: tuple[int, ...]
+    """Shape of every chunk (one chunk per shard)."""
+    prng_impl: str | None = None
+    """For typed PRNG key arrays: the key implementation (`threefry2x32` ...)."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of chunks along each dimension."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape))
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.chunk_shape) * self.dtype.itemsize
+
+    def chunk_key(self, coords: tuple[int, ...]) -> str:
+        """The key of one chunk relative to the checkpoint root (`w/c.0.1`; `w/c` when 0-d)."""
+        return self.name + "/c" + "".join(f".{i}" for i in coords)
+
+    def chunk_coords(self) -> list[tuple[int, ...]]:
+        """Coordinates of every chunk in C order (`[()]` when 0-d, none when empty)."""
+        return [tuple(c) for c in np.ndindex(*self.grid)] if self.shape else [()]
+
+    def chunk_slices(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, self.chunk_shape))
+
+
+def array_doc(spec: ArraySpec) -> dict[str, Any]:
+    """The Zarr v3 `zarr.json` of one array."""
+    bytes_codec: dict[str, Any] = {"name": "bytes"}
+    if spec.dtype.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    attributes = {ATTR: {"prng_impl": spec.prng_impl}} if spec.prng_impl else {}
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(spec.shape),
+        "data_type": _dtypes.zarr_name(spec.dtype),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": _dtypes.fill_value_json(spec.dtype),
+        "codecs": [bytes_codec, {"name": "crc32c"}],
+        "attributes": attributes,
+        "storage_transformers": [],
+    }
+
+
+GROUP_DOC: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+def group_names(array_names: list[str]) -> list[str]:
+    """Every intermediate group implied by the array names, parents first."""
+    groups = {n.rsplit("/", i)[0] for n in array_names for i in range(1, n.count("/") + 1)}
+    return sorted(groups, key=lambda g: (g.count("/"), g))
+
+
+def encode_json(doc: Any, *, what: str) -> bytes:
+    try:
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise UnsupportedTypeError(f"{what} cannot be stored as JSON: {e}") from None
+
+
+def root_doc(
+    arrays: list[ArraySpec], tree: dict[str, Any], metadata: Any, *, created: float
+) -> dict[str, Any]:
+    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes."""
+    nodes: dict[str, Any] = {g: GROUP_DOC for g in group_names([a.name for a in arrays])}
+    nodes.update({a.name: array_doc(a) for a in arrays})
+    stamp = _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat()
+    return {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {
+            ATTR: {
+                "format_version": FORMAT_VERSION,
+                "created": stamp,
+                "created_unix": created,
+                "tree": tree,
+                "metadata": metadata,
+            }
+        },
+        "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": nodes},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing (untrusted input)
+
+
+@dataclass(frozen=True, slots=True)
+class RootInfo:
+    """What the root document of a committed checkpoint says."""
+
+    format_version: int
+    created: float
+    tree: dict[str, Any]
+    metadata: Any
+    arrays: dict[str, ArraySpec]
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise CorruptCheckpointError(f"{where}: {msg}")
+
+
+def check_name(name: Any, where: str) -> str:
+    """A variable name from disk must stay inside the checkpoint: no absolute, `..` or empty parts."""
+    ok = isinstance(name, str) and 0 < len(name) < 4096 and "\\" not in name and "\x00" not in name
+    parts = name.split("/") if ok else []
+    ok = ok and all(p not in ("", ".", "..") and not p.startswith("__") for p in parts)
+    _check(ok, where, f"invalid variable name {str(name)[:200]!r} (it would leave the checkpoint)")
+    return name
+
+
+def _int_list(value: Any, where: str, what: str, *, positive: bool) -> tuple[int, ...]:
+    ok = isinstance(value, list) and len(value) <= MAX_NDIM
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ok = ok and all(v > 0 if positive else v >= 0 for v in value)
+    _check(ok, where, f"`{what}` must be a list of {'positive' if positive else 'non-negative'} "
+           f"integers, got {str(value)[:200]}")  # fmt: skip
+    return tuple(value)
+
+
+def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
+    """Validate one array `zarr.json` (as written by asyncckpt) and return its spec."""
+    where = f"{where}, array {name!r}"
+    _check(isinstance(doc, dict), where, "the array document is not a JSON object")
+    _check(doc.get("zarr_format") == 3 and doc.get("node_type") == "array", where,
+           "not a Zarr v3 array document")  # fmt: skip
+    shape = _int_list(doc.get("shape"), where, "shape", positive=False)
+    dtype = _dtypes.numpy_dtype(doc.get("data_type"), where=where)
+    grid = doc.get("chunk_grid")
+    _check(isinstance(grid, dict) and grid.get("name") == "regular", where,
+           "only the `regular` chunk grid is supported")  # fmt: skip
+    conf = grid.get("configuration") if isinstance(grid, dict) else None
+    chunk = _int_list(conf.get("chunk_shape") if isinstance(conf, dict) else None, where,
+                      "chunk_shape", positive=True)  # fmt: skip
+    _check(len(chunk) == len(shape), where, f"chunk shape {chunk} does not match shape {shape}")
+    key_enc = doc.get("chunk_key_encoding")
+    _check(key_enc == {"name": "default", "configuration": {"separator": "."}}, where,
+           f"unsupported chunk_key_encoding {str(key_enc)[:200]}")  # fmt: skip
+    codecs = doc.get("codecs")
+    names = [c.get("name") for c in codecs] if isinstance(codecs, list) else None
+    _check(names == ["bytes", "crc32c"] and all(isinstance(c, dict) for c in codecs), where,
+           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")  # fmt: skip
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    _check(endian == "little", where, f"unsupported endianness {endian!r}")
+    attrs = doc.get("attributes")
+    ours = attrs.get(ATTR) if isinstance(attrs, dict) else None
+    impl = ours.get("prng_impl") if isinstance(ours, dict) else None
+    _check(impl is None or isinstance(impl, str), where, "bad `prng_impl` attribute")
+    return ArraySpec(check_name(name, where), shape, dtype, chunk, impl)
+
+
+def parse_root_doc(raw: bytes, where: str) -> RootInfo:
+    """Validate the root `zarr.json` of a checkpoint."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where}: root zarr.json is not valid JSON ({e})") from None
+    _check(isinstance(doc, dict) and doc.get("node_type") == "group", where,
+           "root zarr.json is not a Zarr v3 group document")  # fmt: skip
+    attrs = doc.get("attributes")
+    ours = attrs.get(ATTR) if isinstance(attrs, dict) else None
+    _check(isinstance(ours, dict), where, "root zarr.json has no `asyncckpt` attributes: "
+           "this Zarr group was not written by asyncckpt")  # fmt: skip
+    version = ours.get("format_version")
+    _check(isinstance(version, int), where, "missing `format_version`")
+    _check(version <= FORMAT_VERSION, where, f"format version {version} is newer than this "
+           f"asyncckpt reads ({FORMAT_VERSION}): upgrade asyncckpt")  # fmt: skip
+    consolidated = doc.get("consolidated_metadata")
+    nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
+    _check(isinstance(nodes, dict), where, "missing consolidated metadata")
+    arrays = {
+        name: parse_array_doc(name, node, where)
+        for name, node in nodes.items()
+        if isinstance(node, dict) and node.get("node_type") == "array"
+    }
+    created = ours.get("created_unix")
+    tree = ours.get("tree")
+    _check(isinstance(tree, dict), where, "missing tree description")
+    return RootInfo(
+        format_version=version,
+        created=float(created) if isinstance(created, (int, float)) else 0.0,
+        tree=tree,
+        metadata=ours.get("metadata"),
+        arrays=arrays,
+    )

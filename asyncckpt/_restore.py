@@ -1,0 +1,283 @@
+"""Reading a committed checkpoint back: the variable table, read plans, device placement.
+
+For every leaf of the target the plan asks the target sharding which slice each addressable device
+needs, reads only the chunks overlapping those slices (a chunk that is exactly one slice is read
+straight into its buffer), then places the slices with `jax.make_array_from_single_device_arrays`.
+Arrays are restored in batches of at most `max_inflight_bytes` of host buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _format, _store, _tree
+from ._executor import Workers, batches
+from ._format import ArraySpec, RootInfo
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    IncompleteCheckpointError,
+    TreeMismatchError,
+)
+
+_ALIGN = 64  # XLA:CPU aliases (does not copy) host buffers aligned to 64 bytes
+
+
+def checkpoint_path(path: Any) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def read_root(path: str) -> RootInfo:
+    """The parsed root document of the committed checkpoint at `path`."""
+    doc = os.path.join(path, _format.DOC)
+    try:
+        raw = _store.read_small_file(doc, _format.MAX_ROOT_DOC_BYTES)
+    except FileNotFoundError:
+        raise _not_committed(path) from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory") from None
+    except OSError as e:
+        raise CheckpointReadError(e.errno, f"cannot read {doc}: {e.strerror}") from e
+    return _format.parse_root_doc(raw, f"checkpoint {path}")
+
+
+def _not_committed(path: str) -> CheckpointError:
+    if not os.path.exists(path):
+        return CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+    if not os.path.isdir(path):
+        return CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory")
+    partial = any(os.path.exists(os.path.join(path, e, _format.DOC)) for e in os.listdir(path))
+    if partial:
+        return IncompleteCheckpointError(
+            f"{path} is an incomplete checkpoint: its root zarr.json (written last, at commit) "
+            "is missing, so the save that wrote it never finished. Restore another checkpoint."
+        )
+    return CheckpointNotFoundError(f"{path} is not a checkpoint: it has no zarr.json")
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start : start + n].view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A region of the global array (concrete slices) and the buffer that receives it."""
+
+    index: tuple[slice, ...]
+    out: np.ndarray
+
+
+def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _overlap(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...] | None:
+    out = []
+    for x, y in zip(a, b):
+        lo, hi = max(x.start, y.start), min(x.stop, y.stop)
+        if lo >= hi:
+            return None
+        out.append(slice(lo, hi))
+    return tuple(out)
+
+
+def _shift(region: tuple[slice, ...], origin: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, origin))
+
+
+def _chunk_tasks(root: str, spec: ArraySpec, requests: list[_Request], where: str) -> list[Any]:
+    """One (cost, task) per chunk that some request needs; chunks nobody needs are never read."""
+    tasks = []
+    for coords in spec.chunk_coords():
+        region = spec.chunk_slices(coords)
+        inside = _concrete(region, spec.shape)
+        hits = [(r, o) for r in requests if (o := _overlap(inside, r.index)) is not None]
+        if hits:
+            path = os.path.join(root, spec.chunk_key(coords))
+            task = functools.partial(_read_chunk, path, spec, region, hits, where)
+            tasks.append((spec.chunk_nbytes, task))
+    return tasks
+
+
+def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
+                hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:  # fmt: skip
+    (req, overlap), *rest = hits
+    if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
+        _guarded_read(path, req.out, where)
+        return
+    chunk = np.empty(spec.chunk_shape, spec.dtype)
+    _guarded_read(path, chunk, where)
+    for req, overlap in hits:
+        req.out[_shift(overlap, req.index)] = chunk[_shift(overlap, region)]
+
+
+def _guarded_read(path: str, out: np.ndarray, where: str) -> None:
+    try:
+        _store.read_chunk_into(path, out, where)
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointReadError(e.errno, f"{where}: cannot read {path}: {e.strerror}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+@functools.cache
+def _key_shape(impl: str) -> tuple[int, ...]:
+    """Trailing shape of the key data of one PRNG key of implementation `impl`."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
+def logical_shape(spec: ArraySpec) -> tuple[int, ...]:
+    """The shape the user sees: key arrays drop the trailing key-data dimensions."""
+    if spec.prng_impl is None:
+        return spec.shape
+    return spec.shape[: len(spec.shape) - len(_key_shape(spec.prng_impl))]
+
+
+def _category(dtype: np.dtype) -> int:
+    if dtype == np.bool_:
+        return 0
+    if dtype.kind in "iu" or dtype.name in ("int2", "int4", "uint2", "uint4"):
+        return 1
+    if dtype.kind == "c":
+        return 3
+    return 2  # float, bfloat16, float8 ...
+
+
+def _check_cast(saved: np.dtype, target: np.dtype, where: str) -> None:
+    if saved != target and _category(saved) > _category(target):
+        raise TreeMismatchError(
+            f"{where}: the checkpoint holds {saved}, the target asks for {target}; this cast "
+            f"loses the kind of value, so asyncckpt refuses it. Restore as {saved} and cast "
+            "yourself if you mean it."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one array variable is restored."""
+
+    spec: ArraySpec
+    dtype: np.dtype  # the dtype to return
+    sharding: jax.sharding.Sharding | None  # None: return numpy
+    requests: list[_Request]
+    devices: list[list[Any]]  # per request: the devices that receive it
+    where: str
+
+
+def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
+    if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
+        sharding = getattr(target, "sharding", None) if target is not None else None
+        full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
+                        _aligned_empty(spec.shape, spec.dtype))  # fmt: skip
+        return _Plan(spec, spec.dtype, sharding, [full], [[]], where)
+    if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
+        dtype = np.dtype(target.dtype)
+        _check_cast(spec.dtype, dtype, where)
+        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        by_index: dict[tuple[tuple[int, int], ...], list[Any]] = {}
+        for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
+            idx = _concrete(index, spec.shape)
+            by_index.setdefault(tuple((s.start, s.stop) for s in idx), []).append(device)
+        requests = [
+            _Request(idx := tuple(slice(a, b) for a, b in key),
+                     _aligned_empty(tuple(s.stop - s.start for s in idx), spec.dtype))  # fmt: skip
+            for key in by_index
+        ]
+        return _Plan(spec, dtype, sharding, requests, list(by_index.values()), where)
+    dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
+    _check_cast(spec.dtype, dtype, where)
+    full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
+                    _aligned_empty(spec.shape, spec.dtype))  # fmt: skip
+    return _Plan(spec, dtype, None, [full], [[]], where)
+
+
+def _finish(plan: _Plan, target: Any) -> Any:
+    """Turn the filled host buffers of `plan` into the value the caller asked for."""
+    if plan.spec.prng_impl is not None:
+        keys = jax.random.wrap_key_data(plan.requests[0].out, impl=plan.spec.prng_impl)
+        return jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
+    bufs = [r.out if r.out.dtype == plan.dtype else r.out.astype(plan.dtype) for r in plan.requests]
+    if plan.sharding is None:
+        return bufs[0]
+    # One host buffer per device: replicas of a slice get their own copy, never a shared alias.
+    host = [b if k == 0 else b.copy() for b, devs in zip(bufs, plan.devices) for k in range(len(devs))]
+    devices = [d for devs in plan.devices for d in devs]
+    arrays = jax.device_put(host, devices)
+    shape = plan.spec.shape
+    return jax.make_array_from_single_device_arrays(shape, plan.sharding, arrays)
+
+
+def read_arrays(
+    root: str,
+    items: list[tuple[ArraySpec, Any]],
+    workers: Workers,
+    *,
+    max_inflight_bytes: int,
+) -> list[Any]:
+    """Restore `(spec, target leaf or None)` pairs, at most `max_inflight_bytes` at a time."""
+    results: list[Any] = [None] * len(items)
+    order = list(range(len(items)))
+    for batch in batches(order, lambda i: items[i][0].nbytes + 1, parts=1,
+                         min_cost=max_inflight_bytes):  # fmt: skip
+        plans = {}
+        for i in batch:
+            spec, target = items[i]
+            plans[i] = _plan(spec, target, f"while restoring {spec.name!r} from {root}")
+        tasks = [t for p in plans.values() for t in _chunk_tasks(root, p.spec, p.requests, p.where)]
+        groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.size, min_cost=1 << 20)
+        workers.run_all([functools.partial(_run_group, g) for g in groups])
+        for i, plan in plans.items():
+            results[i] = _finish(plan, items[i][1])
+    return results
+
+
+def _run_group(group: list[tuple[int, Any]]) -> None:
+    for _, task in group:
+        task()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole trees
+
+
+def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
+                 max_inflight_bytes: int) -> Any:  # fmt: skip
+    info = read_root(path)
+    values = _tree.spec_values(info.tree)
+    where = f"at {path}"
+    if target is None:
+        names = _tree.spec_leaf_names(info.tree)
+        missing = [n for n in names if n not in info.arrays]
+        if missing:
+            raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
+                                            f"{missing[:10]}")  # fmt: skip
+        arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers,
+                             max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+        return _tree.unflatten(info.tree, dict(zip(names, arrays)))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
+    saved_shapes: dict[str, tuple[int, ...] | None] = {n: None for n in values}
+    saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
+    _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
+    wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
+    arrays = read_arrays(path, [(info.arrays[leaf.name], leaf.value) for _, leaf in wanted],
+                         workers, max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+    out = [values.get(leaf.name) for leaf in target_leaves]
+    for (i, _), value in zip(wanted, arrays):
+        out[i] = value
+    return jax.tree_util.tree_unflatten(treedef, out)

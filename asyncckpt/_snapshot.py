@@ -1,0 +1,209 @@
+"""Device -> host: the only save-side code that touches the caller's arrays.
+
+`take_snapshot` plans one chunk per replica-0 addressable shard, starts every device-to-host copy,
+then copies each chunk into a private host arena. When it returns nothing refers to the caller's
+arrays any more, so they may be donated, mutated or deleted.
+
+Arenas are anonymous `mmap`s reused from one save to the next (`ArenaPool`): first-touch page
+faults cost far more than the copy itself on many machines (measured ~1 GB/s fresh vs ~10 GB/s
+reused here), so a steady training loop pays them only once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _dtypes
+from ._executor import Workers, batches
+from ._format import ArraySpec
+from ._tree import Leaf, flatten, keystr
+
+_ALIGN = 64
+_COPY_SPLIT = 32 << 20  # copies larger than this are split across threads
+
+
+class Arena:
+    """A block of anonymous memory handed out in aligned slices (bump allocation)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = max(nbytes, 1)
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._map = mmap.mmap(-1, self.nbytes, flags=flags) if flags else mmap.mmap(-1, self.nbytes)
+        self._buf = np.frombuffer(self._map, np.uint8)
+        self._used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = math.prod(shape) * dtype.itemsize
+        start = self._used
+        self._used = start + -(-n // _ALIGN) * _ALIGN
+        return self._buf[start : start + n].view(dtype).reshape(shape)
+
+    def reset(self) -> None:
+        self._used = 0
+
+
+class ArenaPool:
+    """Keeps the arena of the last finished save for the next one (at most one is kept)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._free: Arena | None = None
+
+    def acquire(self, nbytes: int) -> Arena:
+        arena, self._free = self._free, None  # atomic swap under the GIL
+        if arena is not None and nbytes <= arena.nbytes <= 2 * nbytes + (64 << 20):
+            arena.reset()
+            return arena
+        return Arena(nbytes)
+
+    def release(self, arena: Arena) -> None:
+        if self.enabled:
+            self._free = arena
+
+    def clear(self) -> None:
+        self._free = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostArray:
+    """The host copy of the chunks of one array variable that this process writes."""
+
+    spec: ArraySpec
+    chunks: list[tuple[tuple[int, ...], np.ndarray]]
+    """(chunk coordinates, C-contiguous host buffer), replica-0 addressable shards only."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a save writes, held in host memory that the caller cannot reach."""
+
+    arrays: list[HostArray]
+    tree: dict[str, Any]
+    metadata: Any
+    created: float
+    arena: Arena | None
+    nbytes: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk_shape(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The largest chunk shape that tiles every shard of `sharding` (the shard shape when shards
+    are even, which NamedSharding guarantees)."""
+    chunk = []
+    for dim, size in enumerate(shape):
+        g = size
+        for index in sharding.devices_indices_map(shape).values():
+            s = index[dim]
+            g = math.gcd(g, s.start or 0, size if s.stop is None else s.stop)
+        chunk.append(max(g, 1))
+    return tuple(chunk)
+
+
+def _stored_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One chunk to copy: from `source[source_index]` into a new arena buffer."""
+
+    array: int
+    coords: tuple[int, ...]
+    source: Any  # a single-device jax.Array or a numpy array
+    source_index: tuple[slice, ...]
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _plan_leaf(i: int, leaf: Leaf) -> tuple[ArraySpec, list[_Piece]]:
+    value = leaf.value
+    prng_impl = None
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        prng_impl = str(jax.random.key_impl(value))
+        value = jax.random.key_data(value)
+    if not isinstance(value, jax.Array):
+        value = np.asarray(value)
+    dtype = _stored_dtype(np.dtype(value.dtype))
+    _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))
+    shape = tuple(value.shape)
+    if isinstance(value, jax.Array):
+        chunk = _chunk_shape(value.sharding, shape)
+        shards = [(s.data, s.index) for s in value.addressable_shards if s.replica_id == 0]
+    else:
+        chunk = tuple(max(s, 1) for s in shape)
+        shards = [(value, tuple(slice(0, s) for s in shape))]
+    spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl)
+    pieces = []
+    if spec.nbytes == 0:
+        return spec, pieces
+    for data, index in shards:
+        starts = [s.start or 0 for s in index]
+        stops = [size if s.stop is None else s.stop for s, size in zip(index, shape)]
+        ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunk)]
+        for coords in np.ndindex(*[len(r) for r in ranges]) if shape else [()]:
+            cc = tuple(r[k] for r, k in zip(ranges, coords))
+            lo = [c * n - a for c, n, a in zip(cc, chunk, starts)]
+            sub = tuple(slice(lo_, lo_ + n) for lo_, n in zip(lo, chunk))
+            pieces.append(_Piece(i, cc, data, sub, chunk, math.prod(chunk) * dtype.itemsize))
+    return spec, pieces
+
+
+def _copy(piece: _Piece, dest: np.ndarray) -> None:
+    src = np.asarray(piece.source)  # device -> host (already started), or a numpy view
+    src = src[piece.source_index] if piece.source_index else src
+    np.copyto(dest, src, casting="no" if src.dtype == dest.dtype else "equiv")
+
+
+def _copy_tasks(planned: list[tuple[_Piece, np.ndarray]], parts: int) -> list[Any]:
+    """Group the copies into tasks of similar size; split very large copies by rows."""
+    units: list[tuple[_Piece, np.ndarray]] = []
+    for piece, dest in planned:
+        if dest.ndim and dest.shape[0] > 1 and dest.nbytes > _COPY_SPLIT:
+            rows = max(1, dest.shape[0] * _COPY_SPLIT // dest.nbytes)
+            for r in range(0, dest.shape[0], rows):
+                idx = piece.source_index
+                sub = (slice(idx[0].start + r, idx[0].start + min(r + rows, dest.shape[0])), *idx[1:])
+                part = _Piece(piece.array, piece.coords, piece.source, sub, (), 0)
+                units.append((part, dest[r : r + rows]))
+        else:
+            units.append((piece, dest))
+    groups = batches(units, lambda u: u[1].nbytes + 4096, parts=parts, min_cost=1 << 20)
+    return [functools.partial(_copy_group, g) for g in groups]
+
+
+def _copy_group(group: list[tuple[_Piece, np.ndarray]]) -> None:
+    for piece, dest in group:
+        _copy(piece, dest)
+
+
+def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool) -> Snapshot:
+    """Copy every leaf of `tree` that this process writes into private host memory."""
+    leaves, spec = flatten(tree)
+    arrays: list[ArraySpec] = []
+    pieces: list[_Piece] = []
+    for leaf in leaves:
+        if isinstance(leaf.value, (str, bool, int, float)):
+            continue  # stored inline in the tree description
+        a, p = _plan_leaf(len(arrays), leaf)
+        arrays.append(a)
+        pieces.extend(p)
+    for p in pieces:  # start every device -> host transfer before waiting on any
+        if isinstance(p.source, jax.Array):
+            p.source.copy_to_host_async()
+    total = sum(-(-p.nbytes // _ALIGN) * _ALIGN for p in pieces)
+    arena = pool.acquire(total) if pieces else None
+    planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
+    workers.run_all(_copy_tasks(planned, parts=workers.size))
+    chunks: list[list[tuple[tuple[int, ...], np.ndarray]]] = [[] for _ in arrays]
+    for p, dest in planned:
+        chunks[p.array].append((p.coords, dest))
+    host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
+    return Snapshot(host, spec, metadata, time.time(), arena, total)

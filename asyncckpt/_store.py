@@ -1,0 +1,204 @@
+"""Blocking I/O of one checkpoint on a local (or network-mounted) file system.
+
+Plain functions over paths, called from worker threads; no threads of their own. Chunks are
+written with one `writev` (data + 4-byte crc32c) straight from the snapshot buffer and read with
+one `preadv` straight into the destination buffer, so the bulk bytes cross no Python object.
+Durability comes from one `syncfs` of the file system after all files are written (Linux), which
+is much cheaper than an `fsync` per file, and an `fsync` of the parent after the commit rename.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import sys
+import uuid
+
+import crc32c as _crc32c
+import numpy as np
+
+from .errors import CorruptCheckpointError, IncompleteCheckpointError
+
+_O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+
+
+def crc32c(buf: memoryview) -> int:
+    return _crc32c.crc32c(buf)
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        batch, size = [], 0
+        for b in pending:  # writev at most _MAX_IO bytes at a time
+            if size >= _MAX_IO:
+                break
+            batch.append(b[: _MAX_IO - size] if size + b.nbytes > _MAX_IO else b)
+            size += batch[-1].nbytes
+        written = os.writev(fd, batch)
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def write_file(path: str, *buffers: memoryview | bytes, fsync: bool = False) -> None:
+    """Create or replace `path` with the concatenation of `buffers`."""
+    fd = os.open(path, _O_WRITE, 0o644)
+    try:
+        _write_all(fd, [memoryview(b).cast("B") for b in buffers])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array (any dtype, bfloat16 too) without a copy."""
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def write_chunk(path: str, data: np.ndarray) -> None:
+    """Write one chunk: its bytes, then their crc32c (the Zarr `crc32c` codec, little endian)."""
+    view = _bytes_view(data)
+    write_file(path, view, crc32c(view).to_bytes(4, "little"))
+
+
+def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
+    """Fill the C-contiguous array `out` from a chunk file and verify its checksum and size."""
+    view = _bytes_view(out)
+    try:
+        fd = os.open(path, _O_READ)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"{where}: chunk file {path} is missing; the checkpoint is incomplete"
+        ) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != view.nbytes + 4:
+            raise CorruptCheckpointError(
+                f"{where}: chunk file {path} has {size} bytes, expected {view.nbytes + 4} "
+                "(truncated or overwritten)"
+            )
+        crc = bytearray(4)
+        offset = 0
+        while offset < view.nbytes:
+            n = os.preadv(fd, [view[offset : offset + _MAX_IO]], offset)
+            if n <= 0:
+                raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+            offset += n
+        if os.preadv(fd, [crc], offset) != 4:
+            raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+    finally:
+        os.close(fd)
+    if crc32c(view) != int.from_bytes(crc, "little"):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """Read a metadata document, refusing anything larger than `limit` bytes."""
+    fd = os.open(path, _O_READ)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CorruptCheckpointError(f"{path} is {size} bytes, more than the {limit} allowed")
+        chunks = []
+        while data := os.read(fd, min(size + 1, _MAX_IO)):
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def makedirs(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit: temporary directory -> durable -> atomic rename
+
+
+def temporary_sibling(dest: str) -> str:
+    """A fresh hidden directory next to `dest` (same file system, so rename is atomic)."""
+    parent, base = os.path.split(dest)
+    return os.path.join(parent, f".{base}.asyncckpt-tmp-{uuid.uuid4().hex[:12]}")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and ".asyncckpt-tmp-" in name
+
+
+def sync_tree(root: str) -> None:
+    """Make every file and directory written under `root` durable.
+
+    Linux: one `syncfs` of the file system holding `root` (one call instead of thousands of
+    fsyncs). Elsewhere: `fsync` of every file and directory under `root`.
+    """
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if _libc is not None and _libc.syncfs(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    for d, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(d)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if _libc is None or not hasattr(_libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def publish(tmp: str, dest: str, *, replace: bool) -> None:
+    """Make the finished directory `tmp` visible at `dest` in one step, durably.
+
+    With `replace`, an existing checkpoint at `dest` is swapped out atomically where the OS allows
+    (there is never a moment without a checkpoint at `dest`) and then deleted.
+    """
+    parent = os.path.dirname(dest)
+    if replace and os.path.isdir(dest) and _exchange(tmp, dest):
+        fsync_dir(parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # `tmp` now holds the old checkpoint
+        return
+    if replace and os.path.isdir(dest):
+        old = temporary_sibling(dest)
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.rename(tmp, dest)  # fails unless `dest` is absent or an empty directory
+    fsync_dir(parent)
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

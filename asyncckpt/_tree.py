@@ -1,0 +1,323 @@
+"""Pure pytree logic: keypaths -> variable names, the JSON description of a tree, rebuilding.
+
+A variable's name is its keypath joined by `/`, each part escaped so that any dict key (with `/`,
+`..`, unicode, empty, very long) gives a valid, collision-free Zarr node name that can never leave
+the checkpoint directory. The name depends on the keypath alone, so a target tree (or a subset of
+one) finds its variables without knowing the rest of the saved tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import CorruptCheckpointError, TreeMismatchError, UnsupportedTypeError
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_RESERVED = frozenset({".", "..", "zarr.json"})
+_MAX_PART = 200  # bytes; file systems allow 255 per path component
+ROOT_LEAF_NAME = "~root"  # a tree that is a single leaf; `~` never appears in an escaped key
+MAX_TREE_DEPTH = 256
+
+
+def escape_part(part: str) -> str:
+    """Escape one keypath part into a valid Zarr node name (injective up to hash collisions)."""
+    if part == "":
+        return "~"
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
+    if out in _RESERVED or out.startswith("__"):
+        out = f"%{ord(out[0]):02X}{out[1:]}"
+    if len(out) > _MAX_PART:
+        digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        out = f"{out[: _MAX_PART - 25]}~{digest}"
+    return out
+
+
+def key_part(entry: Any) -> str:
+    """The unescaped text of one keypath entry."""
+    if isinstance(entry, jax.tree_util.DictKey):
+        key = entry.key
+        if isinstance(key, (str, int)):  # bool is an int
+            return str(key)
+        raise UnsupportedTypeError(
+            f"dict key {key!r} of type {type(key).__name__} cannot be saved: "
+            "use str, int or bool keys"
+        )
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def variable_name(keypath: tuple[Any, ...]) -> str:
+    """The storage name of the leaf at `keypath` (`params/dense/kernel`)."""
+    if not keypath:
+        return ROOT_LEAF_NAME
+    return "/".join(escape_part(key_part(e)) for e in keypath)
+
+
+def keystr(keypath: tuple[Any, ...]) -> str:
+    """A readable keypath for error messages."""
+    return jax.tree_util.keystr(keypath) if keypath else "<root>"
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One leaf of a flattened tree."""
+
+    keypath: tuple[Any, ...]
+    """The JAX keypath of the leaf."""
+    name: str
+    """Its variable name in the checkpoint."""
+    value: Any
+    """The leaf itself."""
+
+
+def _children(node: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """One level of flattening: ([(key entry, child)], is_leaf)."""
+    pairs, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(pairs) == 1 and pairs[0][0] == ():
+        return [], True
+    return [(path[0], child) for path, child in pairs], False
+
+
+def _class_ref(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _encode_value(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"t": "bool", "v": value}
+    if isinstance(value, int):
+        return {"t": "int", "v": value}
+    if isinstance(value, float):
+        return {"t": "float", "v": repr(value)}
+    if isinstance(value, str):
+        return {"t": "str", "v": value}
+    if value is None:
+        return {"t": "none"}
+    raise TypeError(value)
+
+
+def is_array_leaf(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def flatten(tree: Any) -> tuple[list[Leaf], dict[str, Any]]:
+    """Flatten `tree` into its leaves and a JSON description of its structure.
+
+    Array leaves appear in the description as `{"t": "array", "v": name}`; python scalars are
+    stored inline. Raises `UnsupportedTypeError` naming the keypath of any other leaf.
+    """
+    leaves: list[Leaf] = []
+    spec = _describe(tree, (), leaves)
+    seen: dict[str, tuple[Any, ...]] = {}
+    for leaf in leaves:
+        if leaf.name in seen:  # only a sha256 collision of two over-long keys can get here
+            raise UnsupportedTypeError(
+                f"keypaths {keystr(seen[leaf.name])} and {keystr(leaf.keypath)} map to the same "
+                f"variable name {leaf.name!r}: rename one of the keys"
+            )
+        seen[leaf.name] = leaf.keypath
+    return leaves, spec
+
+
+def _describe(node: Any, keypath: tuple[Any, ...], leaves: list[Leaf]) -> dict[str, Any]:
+    if len(keypath) > MAX_TREE_DEPTH:
+        raise UnsupportedTypeError(f"tree deeper than {MAX_TREE_DEPTH} levels at {keystr(keypath)}")
+    if node is None:
+        return {"t": "none"}
+    children, is_leaf = _children(node)
+    if is_leaf:
+        if is_array_leaf(node):
+            leaf = Leaf(keypath, variable_name(keypath), node)
+            leaves.append(leaf)
+            return {"t": "array", "v": leaf.name}
+        if isinstance(node, (bool, int, float, str)):
+            leaves.append(Leaf(keypath, variable_name(keypath), node))
+            return _encode_value(node)
+        raise UnsupportedTypeError(
+            f"cannot save the leaf at {keystr(keypath)} of type {type(node).__qualname__}: "
+            "leaves must be jax.Array, numpy arrays or python int/float/bool/str "
+            "(register custom classes as pytree nodes, or convert them)"
+        )
+    described = [_describe(child, (*keypath, key), leaves) for key, child in children]
+    keys = [key_part(k) for k, _ in children]
+    if type(node) is dict or isinstance(node, dict) and type(node).__name__ == "defaultdict":
+        return {"t": "dict", "k": [k.key for k, _ in children], "c": described}
+    if isinstance(node, dict):  # OrderedDict and other registered mappings keep their order
+        return {"t": "odict", "k": [k.key for k, _ in children], "c": described}
+    if type(node) is list:
+        return {"t": "list", "c": described}
+    if type(node) is tuple:
+        return {"t": "tuple", "c": described}
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+        return {"t": "namedtuple", "cls": _class_ref(type(node)), "f": keys, "c": described}
+    if dataclasses.is_dataclass(node):
+        meta = {}
+        for field in dataclasses.fields(node):
+            if field.name not in keys:
+                try:
+                    meta[field.name] = _encode_value(getattr(node, field.name))
+                except TypeError:
+                    pass  # restorable with a target only
+        return {"t": "dataclass", "cls": _class_ref(type(node)), "f": keys, "meta": meta,
+                "c": described}  # fmt: skip
+    return {"t": "node", "cls": _class_ref(type(node)), "f": keys, "c": described}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding a tree from its description (no target). The description is untrusted input.
+
+
+def _bad(msg: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"the tree description in the root zarr.json is invalid: {msg}")
+
+
+def decode_value(spec: dict[str, Any]) -> Any:
+    t, v = spec.get("t"), spec.get("v")
+    if t == "bool" and isinstance(v, bool):
+        return v
+    if t == "int" and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if t == "float" and isinstance(v, str) and len(v) < 40:
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    if t == "str" and isinstance(v, str):
+        return v
+    if t == "none":
+        return None
+    raise _bad(f"bad value leaf {str(spec)[:100]}")
+
+
+def _lookup_class(ref: Any) -> type | None:
+    """The class named `module:qualname`, only if its module is already imported (no imports)."""
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        return None
+    module_name, qualname = ref.split(":")
+    obj: Any = sys.modules.get(module_name)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr, None) if obj is not None else None
+    return obj if isinstance(obj, type) else None
+
+
+def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
+    """Rebuild the saved tree from its description; arrays come from `arrays[name]`.
+
+    Namedtuples and dataclasses become their class when it is already imported and has the saved
+    fields; otherwise (and for other custom nodes) they come back as dicts keyed by field.
+    """
+    if depth > MAX_TREE_DEPTH:
+        raise _bad(f"nested deeper than {MAX_TREE_DEPTH} levels")
+    if not isinstance(spec, dict):
+        raise _bad(f"node {str(spec)[:100]} is not an object")
+    t = spec.get("t")
+    if t == "array":
+        return arrays[spec.get("v")]
+    if t in ("bool", "int", "float", "str", "none"):
+        return decode_value(spec)
+    kids = spec.get("c")
+    if not isinstance(kids, list):
+        raise _bad(f"node of type {t!r} has no child list")
+    children = [unflatten(c, arrays, depth + 1) for c in kids]
+    if t == "list":
+        return children
+    if t == "tuple":
+        return tuple(children)
+    keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
+    if not isinstance(keys, list) or len(keys) != len(children):
+        raise _bad(f"node of type {t!r} has {len(children)} children but keys {str(keys)[:100]}")
+    if t in ("dict", "odict"):
+        return dict(zip(keys, children))
+    cls = _lookup_class(spec.get("cls"))
+    fields = dict(zip(keys, children))
+    if t == "namedtuple" and cls is not None and list(getattr(cls, "_fields", ())) == keys:
+        return cls(*children)
+    if t == "dataclass" and cls is not None and dataclasses.is_dataclass(cls):
+        meta = spec.get("meta") if isinstance(spec.get("meta"), dict) else {}
+        values = {**{k: decode_value(v) for k, v in meta.items()}, **fields}
+        if set(values) == {f.name for f in dataclasses.fields(cls) if f.init}:
+            return cls(**values)
+    if t in ("namedtuple", "dataclass", "node"):
+        return fields
+    raise _bad(f"unknown node type {t!r}")
+
+
+def spec_leaf_names(spec: Any, depth: int = 0) -> list[str]:
+    """The array variable names referenced by a tree description, in tree order."""
+    if depth > MAX_TREE_DEPTH or not isinstance(spec, dict):
+        raise _bad("malformed or too deeply nested")
+    if spec.get("t") == "array":
+        return [spec.get("v")]
+    names: list[str] = []
+    for child in spec.get("c") or ():
+        names.extend(spec_leaf_names(child, depth + 1))
+    return names
+
+
+def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dict[str, Any]:
+    """The python-scalar leaves of a tree description, by variable name."""
+    if depth > MAX_TREE_DEPTH or not isinstance(spec, dict):
+        raise _bad("malformed or too deeply nested")
+    t = spec.get("t")
+    if t in ("bool", "int", "float", "str"):
+        name = "/".join(escape_part(p) for p in keypath) if keypath else ROOT_LEAF_NAME
+        return {name: decode_value(spec)}
+    out: dict[str, Any] = {}
+    kids = spec.get("c") or ()
+    keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
+    for i, child in enumerate(kids):
+        part = str(keys[i]) if isinstance(keys, list) and i < len(keys) else str(i)
+        out.update(spec_values(child, (*keypath, part), depth + 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural diff between a target and a checkpoint
+
+
+def check_match(
+    target_leaves: list[Leaf],
+    saved_shapes: dict[str, tuple[int, ...] | None],
+    *,
+    strict: bool,
+    where: str,
+) -> None:
+    """Raise `TreeMismatchError` when the target's leaves and the saved ones differ.
+
+    `saved_shapes` maps every saved name to its shape (None for python-scalar leaves).
+    """
+    target_names = {leaf.name for leaf in target_leaves}
+    missing = [keystr(leaf.keypath) for leaf in target_leaves if leaf.name not in saved_shapes]
+    extra = sorted(n for n in saved_shapes if n not in target_names) if strict else []
+    shapes = []
+    for leaf in target_leaves:
+        saved = saved_shapes.get(leaf.name)
+        shape = getattr(leaf.value, "shape", None)
+        if saved is not None and shape is not None and tuple(shape) != saved:
+            shapes.append(f"{keystr(leaf.keypath)}: target {tuple(shape)}, checkpoint {saved}")
+    if not (missing or extra or shapes):
+        return
+    lines = [f"the target tree does not match the checkpoint {where}:"]
+    for title, items in (
+        ("in the target but not in the checkpoint", missing),
+        ("in the checkpoint but not in the target (pass `strict=False` to skip them)", extra),
+        ("shape differs", shapes),
+    ):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title}: " + ", ".join(shown))
+    raise TreeMismatchError("\n".join(lines))
+
+

@@ -1,0 +1,55 @@
+"""The exception family of asyncckpt.
+
+Every error raised by this package on purpose is a `CheckpointError`. Each subclass also inherits
+the builtin exception it refines, so handlers written for the builtin keep working, e.g. a
+`CheckpointNotFoundError` is caught by `except FileNotFoundError`.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error that asyncckpt raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no committed checkpoint at the path (nothing there, or not a checkpoint)."""
+
+
+class StepNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint manager was asked for a step that it does not hold."""
+
+
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
+    """The checkpoint was never committed, or a file that it lists is missing."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A file of the checkpoint exists but its content is damaged (checksum, size or JSON)."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """Refused to write: something already exists at the destination path."""
+
+
+class TreeMismatchError(CheckpointError, ValueError):
+    """The target pytree and the saved pytree differ (keypaths, shapes or dtypes)."""
+
+
+class UnsupportedTypeError(CheckpointError, TypeError):
+    """A leaf, dict key or dtype that asyncckpt cannot store."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed; the partial checkpoint was removed and nothing was committed."""
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """Reading a file of a checkpoint failed for a reason other than damage (permissions, I/O)."""
+
+
+class VariableNotFoundError(CheckpointError, KeyError):
+    """The checkpoint has no variable of that name."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
