@@ -24,7 +24,7 @@ import numpy as np
 from . import _dtypes
 from ._executor import Workers, batches
 from ._format import ArraySpec
-from ._tree import Leaf, flatten, keystr
+from ._tree import Leaf, flatten, is_array_leaf, keystr
 
 _ALIGN = 64
 _COPY_SPLIT = 32 << 20  # copies larger than this are split across threads
@@ -190,8 +190,8 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool) -
     arrays: list[ArraySpec] = []
     pieces: list[_Piece] = []
     for leaf in leaves:
-        if isinstance(leaf.value, (str, bool, int, float)):
-            continue  # stored inline in the tree description
+        if not is_array_leaf(leaf.value):
+            continue  # a python scalar, stored inline in the tree description
         a, p = _plan_leaf(len(arrays), leaf)
         arrays.append(a)
         pieces.extend(p)

@@ -1,0 +1,120 @@
+"""The async contract: save() returns after the snapshot; failures reach the caller."""
+
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_same
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import asyncckpt as ac
+
+
+def test_donating_arrays_right_after_save_keeps_old_values(tmp_path, mesh):
+    sharding = NamedSharding(mesh, P("x", "y"))
+    state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding), "b": jnp.ones(8)}
+    expected = jax.tree.map(np.array, state)
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 - 1, s), donate_argnums=0)
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ck", state)
+        new_state = step(state)
+        assert all(x.is_deleted() for x in jax.tree.leaves(state))  # really donated
+        jax.block_until_ready(new_state)
+    back = ac.restore(tmp_path / "ck")
+    assert_same(back["w"], expected["w"])
+    assert_same(back["b"], expected["b"])
+
+
+def test_mutating_numpy_leaves_after_save_does_not_change_checkpoint(tmp_path):
+    x = np.arange(10.0)
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ck", {"x": x})
+        x[:] = -1
+    assert_same(ac.restore(tmp_path / "ck")["x"], np.arange(10.0))
+
+
+def test_save_returns_a_future_of_the_committed_path(tmp_path):
+    with ac.AsyncCheckpointer() as ckptr:
+        fut = ckptr.save(tmp_path / "ck", {"x": np.ones(3)})
+        assert fut.result(timeout=60) == str(tmp_path / "ck")
+        assert (tmp_path / "ck" / "zarr.json").exists()
+
+
+def test_writing_happens_off_the_callers_thread(tmp_path, monkeypatch):
+    from asyncckpt import _store
+
+    writer_threads = set()
+    original = _store.write_chunk
+
+    def spy(path, data):
+        writer_threads.add(threading.current_thread().name)
+        original(path, data)
+
+    monkeypatch.setattr(_store, "write_chunk", spy)
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ck", {f"x{i}": np.ones(1000) for i in range(50)})
+    assert writer_threads and threading.current_thread().name not in writer_threads
+
+
+def _fail_writes(monkeypatch):
+    from asyncckpt import _store
+
+    def broken(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_store, "write_chunk", broken)
+
+
+@pytest.mark.parametrize("raised_by", ["wait_until_finished", "save", "close", "check_for_errors"])
+def test_background_failure_is_raised_on_callers_thread(tmp_path, monkeypatch, raised_by):
+    ckptr = ac.AsyncCheckpointer()
+    _fail_writes(monkeypatch)
+    fut = ckptr.save(tmp_path / "ck1", {"x": np.ones(4)})
+    fut.exception(timeout=60)
+    monkeypatch.undo()
+    with pytest.raises(ac.CheckpointWriteError, match=r"'x'.*No space left on device"):
+        if raised_by == "save":
+            ckptr.save(tmp_path / "ck2", {"x": np.ones(4)})
+        else:
+            getattr(ckptr, raised_by)()
+    ckptr.close()
+    assert not (tmp_path / "ck1").exists()  # nothing committed ...
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # ... or left over
+
+
+def test_failure_is_raised_once_then_saving_works_again(tmp_path, monkeypatch):
+    with ac.AsyncCheckpointer() as ckptr:
+        _fail_writes(monkeypatch)
+        ckptr.save(tmp_path / "ck1", {"x": np.ones(4)})
+        with pytest.raises(ac.CheckpointWriteError):
+            ckptr.wait_until_finished()
+        monkeypatch.undo()
+        ckptr.save(tmp_path / "ck2", {"x": np.ones(4)})
+    assert_same(ac.restore(tmp_path / "ck2")["x"], np.ones(4))
+
+
+def test_blocking_save_raises_background_failure(tmp_path, monkeypatch):
+    _fail_writes(monkeypatch)
+    with pytest.raises(ac.CheckpointWriteError, match="No space left"):
+        ac.save(tmp_path / "ck", {"x": np.ones(4)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_many_saves_in_a_row_commit_in_order(tmp_path):
+    with ac.AsyncCheckpointer() as ckptr:
+        futs = [ckptr.save(tmp_path / f"ck{i}", {"x": np.full(1000, i)}) for i in range(5)]
+    assert [f.result() for f in futs] == [str(tmp_path / f"ck{i}") for i in range(5)]
+    for i in range(5):
+        assert_same(ac.restore(tmp_path / f"ck{i}")["x"], np.full(1000, i))
+
+
+def test_closed_checkpointer_refuses_work(tmp_path):
+    ckptr = ac.AsyncCheckpointer()
+    ckptr.close()
+    ckptr.close()  # idempotent
+    with pytest.raises(ac.CheckpointError, match="closed"):
+        ckptr.save(tmp_path / "ck", {"x": np.ones(1)})

@@ -1,0 +1,204 @@
+"""Round trips: every dtype, shardings, tree shapes, python leaves, metadata."""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_same
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import asyncckpt as ac
+
+NUMPY_DTYPES = [
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.complex64, np.complex128,
+]  # fmt: skip
+ML_DTYPES = [
+    getattr(ml_dtypes, n)
+    for n in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
+              "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
+              "int4", "uint4", "int2", "uint2")  # fmt: skip
+    if hasattr(ml_dtypes, n)
+]
+
+
+def _values(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind == "c":
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    if dtype.name in ("int4", "int2"):
+        return rng.integers(-2, 2, shape).astype(dtype)
+    if dtype.kind in "iu" or dtype.name in ("uint4", "uint2"):
+        return rng.integers(0, 3, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES + ML_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (7,), (4, 6)], ids=str)
+def test_numpy_dtypes_and_shapes_round_trip(tmp_path, dtype, shape):
+    x = _values(dtype, shape)
+    ac.save(tmp_path / "ck", {"x": x})
+    assert_same(ac.restore(tmp_path / "ck")["x"], x)
+    assert_same(ac.load_variable(tmp_path / "ck", "x"), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.bool_,
+                                   jnp.float8_e4m3fn, jnp.int4, jnp.complex64])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec", [P("x", "y"), P("x", None), P(None, "y"), P(), P(("x", "y"))], ids=str
+)
+def test_sharded_jax_arrays_round_trip_with_shardings(tmp_path, mesh, dtype, spec):
+    host = _values(np.dtype(dtype), (16, 8))
+    x = jax.device_put(host, NamedSharding(mesh, spec))
+    ac.save(tmp_path / "ck", {"w": x})
+    back = ac.restore(tmp_path / "ck", {"w": x})["w"]
+    assert isinstance(back, jax.Array)
+    assert back.sharding == x.sharding
+    assert back.dtype == x.dtype
+    for a, b in zip(back.addressable_shards, x.addressable_shards):
+        assert a.device == b.device and a.index == b.index
+        assert_same(a.data, b.data)
+    assert_same(ac.restore(tmp_path / "ck")["w"], host)  # no target: numpy
+
+
+def test_one_chunk_per_shard(tmp_path, mesh):
+    x = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", "y")))
+    ac.save(tmp_path / "ck", {"w": x, "v": np.arange(5)})
+    info = ac.list_variables(tmp_path / "ck")
+    assert info["w"].chunk_shape == (4, 4)
+    assert sorted(p.name for p in (tmp_path / "ck" / "w").iterdir() if p.name != "zarr.json") == [
+        f"c.{i}.{j}" for i in range(4) for j in range(2)
+    ]
+    assert info["v"].chunk_shape == (5,)  # unsharded: a single chunk
+
+
+def test_replicated_array_written_once(tmp_path, mesh):
+    x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P()))
+    ac.save(tmp_path / "ck", {"b": x})
+    assert sorted(p.name for p in (tmp_path / "ck" / "b").iterdir()) == ["c.0", "zarr.json"]
+    back = ac.restore(tmp_path / "ck", {"b": x})["b"]
+    assert back.sharding == x.sharding and len(back.addressable_shards) == 8
+    for shard in back.addressable_shards:
+        assert_same(shard.data, np.arange(8.0, dtype=np.float32))
+
+
+def test_restore_onto_shape_dtype_structs(tmp_path, mesh):
+    x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x")))
+    ac.save(tmp_path / "ck", {"w": x})
+    sharding = NamedSharding(mesh, P(None, "y"))
+    target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)}
+    back = ac.restore(tmp_path / "ck", target)["w"]
+    assert back.sharding == sharding
+    assert_same(back, np.arange(32.0, dtype=np.float32).reshape(8, 4))
+
+
+def test_prng_keys_round_trip(tmp_path, mesh):
+    keys = {
+        "one": jax.random.key(7),
+        "many": jax.random.split(jax.random.key(3), 8),
+        "rbg": jax.random.key(5, impl="rbg"),
+    }
+    keys["sharded"] = jax.device_put(keys["many"], NamedSharding(mesh, P("x")))
+    ac.save(tmp_path / "ck", keys)
+    for back in (ac.restore(tmp_path / "ck"), ac.restore(tmp_path / "ck", keys)):
+        for name, k in keys.items():
+            assert back[name].dtype == k.dtype
+            assert jax.random.key_impl(back[name]) == jax.random.key_impl(k)
+            assert_same(jax.random.key_data(back[name]), jax.random.key_data(k))
+    assert ac.restore(tmp_path / "ck", keys)["sharded"].sharding == keys["sharded"].sharding
+    info = ac.list_variables(tmp_path / "ck")["many"]
+    assert (info.shape, info.dtype, info.prng_impl) == ((8, 2), np.uint32, "threefry2x32")
+    assert_same(ac.load_variable(tmp_path / "ck", "one"), jax.random.key_data(keys["one"]))
+
+
+class Pair(NamedTuple):
+    first: object
+    second: object
+
+
+@dataclasses.dataclass
+class Layer:
+    w: object
+    b: object
+    name: str = "dense"
+
+
+jax.tree_util.register_dataclass(Layer, data_fields=["w", "b"], meta_fields=["name"])
+
+
+def test_tree_structure_round_trips_without_target(tmp_path):
+    tree = {
+        "list": [np.ones(2), (np.zeros(1), None)],
+        "pair": Pair(np.arange(3), [1, 2.5, True, "text", -7]),
+        "layer": Layer(np.eye(2), np.ones(2), name="proj"),
+        "none": None,
+        "empty": {},
+        "ints": {1: np.ones(1), 2: np.zeros(1)},
+        "nan": float("nan"),
+        "big": 2**80,
+    }
+    back = ac.restore(ac_save(tmp_path, tree))
+    assert isinstance(back["pair"], Pair) and isinstance(back["layer"], Layer)
+    assert back["layer"].name == "proj"
+    assert back["list"][1][1] is None and back["none"] is None and back["empty"] == {}
+    assert back["pair"].second == [1, 2.5, True, "text", -7]
+    assert type(back["pair"].second[2]) is bool
+    assert set(back["ints"]) == {1, 2}
+    assert np.isnan(back["nan"]) and back["big"] == 2**80
+    leaves_a, def_a = jax.tree_util.tree_flatten(tree)
+    leaves_b, def_b = jax.tree_util.tree_flatten(back)
+    assert def_a == def_b
+    for a, b in zip(leaves_a, leaves_b):
+        assert_same(a, b) if isinstance(a, np.ndarray) else _same_scalar(a, b)
+
+
+def _same_scalar(a, b):
+    assert type(a) is type(b)
+    assert a == b or (a != a and b != b)
+
+
+def ac_save(tmp_path, tree, **kw):
+    path = tmp_path / "ck"
+    ac.save(path, tree, **kw)
+    return path
+
+
+def test_restore_with_target_keeps_target_structure(tmp_path):
+    saved = {"layer": {"w": np.ones((2, 2)), "b": np.zeros(2)}, "step": 4}
+    path = ac_save(tmp_path, saved)
+    target = {"layer": Layer(w=np.empty((2, 2)), b=np.empty(2), name="x"), "step": 0}
+    back = ac.restore(path, target)
+    assert isinstance(back["layer"], Layer) and back["layer"].name == "x"
+    assert_same(back["layer"].w, saved["layer"]["w"])
+    assert back["step"] == 4
+
+
+def test_metadata_round_trips(tmp_path):
+    meta = {"lr": 0.1, "tags": ["a", "b"], "nested": {"n": 3}}
+    path = ac_save(tmp_path, {"x": np.ones(1)}, metadata=meta)
+    assert ac.read_metadata(path) == meta
+
+
+def test_list_variables_describes_arrays(tmp_path, mesh):
+    x = jax.device_put(jnp.ones((8, 4), jnp.bfloat16), NamedSharding(mesh, P("x")))
+    path = ac_save(tmp_path, {"params": {"w": x, "b": np.zeros(3, np.int64)}, "step": 1})
+    info = ac.list_variables(path)
+    assert set(info) == {"params/w", "params/b"}
+    w = info["params/w"]
+    assert (w.shape, w.dtype, w.nbytes, w.chunk_shape) == ((8, 4), jnp.bfloat16, 64, (2, 4))
+    assert info["params/b"].nbytes == 24
+
+
+def test_restore_casts_within_a_kind(tmp_path):
+    path = ac_save(tmp_path, {"w": np.linspace(0, 1, 5, dtype=np.float32)})
+    back = ac.restore(path, {"w": jax.ShapeDtypeStruct((5,), jnp.bfloat16)})["w"]
+    assert back.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(back, np.float32), np.linspace(0, 1, 5), atol=1e-2)
