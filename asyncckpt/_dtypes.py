@@ -43,6 +43,10 @@ _BY_NAME, _BY_DTYPE = _build_tables()
 ML_DTYPE_NAMES = tuple(n for n in _ML_NAMES if n in _BY_NAME)
 
 
+def is_supported(dtype: np.dtype) -> bool:
+    return dtype in _BY_DTYPE
+
+
 def zarr_name(dtype: np.dtype, *, where: str = "") -> str:
     """The Zarr v3 `data_type` name of a NumPy dtype; `UnsupportedTypeError` if there is none."""
     dtype = np.dtype(dtype)

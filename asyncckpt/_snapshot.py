@@ -126,33 +126,39 @@ class _Piece:
 def _plan_leaf(i: int, leaf: Leaf) -> tuple[ArraySpec, list[_Piece]]:
     value = leaf.value
     prng_impl = None
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-        prng_impl = str(jax.random.key_impl(value))
-        value = jax.random.key_data(value)
-    if not isinstance(value, jax.Array):
+    if isinstance(value, jax.Array):
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            prng_impl = str(jax.random.key_impl(value))
+            value = jax.random.key_data(value)
+    else:
         value = np.asarray(value)
     dtype = _stored_dtype(np.dtype(value.dtype))
-    _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))
+    if not _dtypes.is_supported(dtype):
+        _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))  # raises, naming the leaf
     shape = tuple(value.shape)
-    if isinstance(value, jax.Array):
+    whole = tuple(max(s, 1) for s in shape)
+    if not isinstance(value, jax.Array) or (
+        value.sharding.is_fully_replicated and value.sharding.is_fully_addressable
+    ):  # one chunk, copied from any local replica
+        chunk, shards = whole, [(value, ())]
+    else:
         chunk = _chunk_shape(value.sharding, shape)
         shards = [(s.data, s.index) for s in value.addressable_shards if s.replica_id == 0]
-    else:
-        chunk = tuple(max(s, 1) for s in shape)
-        shards = [(value, tuple(slice(0, s) for s in shape))]
     spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl)
-    pieces = []
     if spec.nbytes == 0:
-        return spec, pieces
+        return spec, []
+    nbytes = spec.chunk_nbytes
+    if chunk == whole:
+        return spec, [_Piece(i, (0,) * len(shape), data, (), chunk, nbytes) for data, _ in shards]
+    pieces = []
     for data, index in shards:
         starts = [s.start or 0 for s in index]
         stops = [size if s.stop is None else s.stop for s, size in zip(index, shape)]
         ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunk)]
-        for coords in np.ndindex(*[len(r) for r in ranges]) if shape else [()]:
+        for coords in np.ndindex(*[len(r) for r in ranges]):
             cc = tuple(r[k] for r, k in zip(ranges, coords))
-            lo = [c * n - a for c, n, a in zip(cc, chunk, starts)]
-            sub = tuple(slice(lo_, lo_ + n) for lo_, n in zip(lo, chunk))
-            pieces.append(_Piece(i, cc, data, sub, chunk, math.prod(chunk) * dtype.itemsize))
+            sub = tuple(slice(c * n - a, c * n - a + n) for c, n, a in zip(cc, chunk, starts))
+            pieces.append(_Piece(i, cc, data, sub, chunk, nbytes))
     return spec, pieces
 
 

@@ -1,0 +1,501 @@
+"""Side-by-side benchmark of asyncckpt and orbax-checkpoint (save and restore of sharded trees).
+
+Method
+------
+Every measurement runs in its own fresh Python process (a child of this script), with 8 simulated
+CPU devices on a 4x2 mesh ("x", "y"). Runs alternate systems: for each run, for each workload,
+asyncckpt then orbax each do a save child and then a restore child; the checkpoint is deleted
+right after its restore child.
+
+Save child (a training job after its first save):
+  builds the workload tree deterministically from a seed, samples RSS (the baseline), makes one
+  warm-up save (step 0, deleted afterwards; it is NOT reported), then times a second save (step 1):
+    save_blocking_s    time spent inside the save call (asyncckpt `save`, orbax `mgr.save`)
+    save_commit_s      from the start of the save call until `wait_until_finished` returns
+    save_peak_rss_gb   peak RSS during the timed save minus the baseline taken right after
+                       building the tree, i.e. before the warm-up save: host memory a system
+                       keeps between saves counts. RSS is sampled with psutil every 5 ms.
+  asyncckpt uses one `AsyncCheckpointer()` for both saves; orbax uses one `CheckpointManager` with
+  asynchronous checkpointing and `args.StandardSave`. Both run with their default options (orbax's
+  include zstd compression of the data; asyncckpt writes it uncompressed).
+
+Restore child (a job resuming from the checkpoint):
+  builds the abstract target (`jax.ShapeDtypeStruct` with the saved shardings, no data), then
+    restore_resume_s     first restore in the fresh process, until `jax.block_until_ready`
+    restore_warm_s       a second restore of the same checkpoint in the same process
+    restore_peak_rss_gb  peak RSS during the first restore minus RSS just before it
+                         (the restored arrays themselves are part of it)
+  after each restore every leaf's shape, dtype and sharding is checked, and the data of a few
+  leaves is compared exactly against the seeded values, so a broken restore fails loudly.
+  orbax: `CheckpointManager(root).restore(1, args=StandardRestore(target))` (manager built before
+  timing); asyncckpt: `asyncckpt.restore(path, target)`.
+
+Without --drop-caches the restore reads come from the page cache (the save just wrote them).
+
+Usage:  python benchmarks/compare_orbax.py [--runs 3] [--scale 1.0] [--json OUT] [--drop-caches]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import psutil  # noqa: E402
+from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import asyncckpt as ac  # noqa: E402
+
+SYSTEMS = ("asyncckpt", "orbax")
+WORKLOADS = ("big", "small", "small_replicated")
+METRICS = (
+    "save_blocking_s",
+    "save_commit_s",
+    "save_peak_rss_gb",
+    "delete_s",
+    "restore_resume_s",
+    "restore_warm_s",
+    "restore_peak_rss_gb",
+)
+WARMUP_STEP, TIMED_STEP = 0, 1
+RESULT_MARK = "BENCH-RESULT "
+GIB, MIB = 1 << 30, 1 << 20
+
+
+# ----------------------------------------------------------------------------------- workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """One array of a workload: its data is `standard_normal` from the seed `[seed, index]`."""
+
+    index: int
+    shape: tuple[int, ...]
+    sharding: jax.sharding.Sharding
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
+    return jax.make_mesh((4, 2), ("x", "y"))
+
+
+def big_specs(scale: float, mesh) -> dict:
+    """48 layers of a 2048x2816 float32 matrix (~1 GiB in all) and a 2816-element vector.
+
+    Matrices alternate P("x", "y") and P("x", None); vectors are replicated. `scale` scales rows.
+    """
+    rows = max(8, round(2048 * scale / 8) * 8)
+    layers = {}
+    for i in range(48):
+        spec = P("x", "y") if i % 2 == 0 else P("x", None)
+        layers[f"layer_{i:02d}"] = {
+            "w": LeafSpec(2 * i, (rows, 2816), NamedSharding(mesh, spec)),
+            "b": LeafSpec(2 * i + 1, (2816,), NamedSharding(mesh, P())),
+        }
+    return layers
+
+
+def small_specs(scale: float, mesh, replicated: bool = False) -> dict:
+    """40 groups x 100 leaves of 4096 float32 (16 KiB), on device 0, or (`small_replicated`)
+    replicated over the mesh. `scale` scales the number of groups.
+
+    `small` is the default: orbax is much slower with replicated leaves (it handles every
+    replica), so `small_replicated` flatters asyncckpt; use it for information only."""
+    sharding = NamedSharding(mesh, P()) if replicated else SingleDeviceSharding(jax.devices()[0])
+    return {
+        f"group_{g:02d}": {f"leaf_{j:03d}": LeafSpec(100 * g + j, (4096,), sharding)
+                           for j in range(100)}  # fmt: skip
+        for g in range(max(1, round(40 * scale)))
+    }
+
+
+def workload_specs(workload: str, scale: float) -> dict:
+    if workload == "small_replicated":
+        return small_specs(scale, make_mesh(), replicated=True)
+    return {"big": big_specs, "small": small_specs}[workload](scale, make_mesh())
+
+
+def leaf_values(spec: LeafSpec, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, spec.index])
+    return rng.standard_normal(spec.shape, dtype=np.float32)
+
+
+def build_tree(specs: dict, seed: int) -> dict:
+    tree = jax.tree.map(lambda s: jax.device_put(leaf_values(s, seed), s.sharding), specs)
+    return jax.block_until_ready(tree)
+
+
+def abstract_tree(specs: dict) -> dict:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=s.sharding),
+                        specs)  # fmt: skip
+
+
+def tree_nbytes(specs: dict) -> int:
+    return sum(4 * int(np.prod(s.shape)) for s in jax.tree.leaves(specs))
+
+
+def verify(restored: dict, specs: dict, seed: int) -> None:
+    """Raise unless `restored` has the specs' structure, shardings and (for 3 leaves) data."""
+    got, spec_leaves = jax.tree.leaves(restored), jax.tree.leaves(specs)
+    if jax.tree.structure(restored) != jax.tree.structure(specs):
+        raise AssertionError("restored tree structure differs from the saved one")
+    for arr, spec in zip(got, spec_leaves):
+        if arr.shape != spec.shape or arr.dtype != np.float32:
+            raise AssertionError(f"leaf {spec.index}: got {arr.shape} {arr.dtype}")
+        if not arr.sharding.is_equivalent_to(spec.sharding, len(spec.shape)):
+            raise AssertionError(f"leaf {spec.index}: sharding {arr.sharding} != {spec.sharding}")
+    for k in (0, len(spec_leaves) // 2 + 1, len(spec_leaves) - 1):
+        if not np.array_equal(np.asarray(got[k]), leaf_values(spec_leaves[k], seed)):
+            raise AssertionError(f"leaf {spec_leaves[k].index}: restored data differs")
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+class PeakRss:
+    """Context manager sampling this process's RSS every `interval` s; `.peak` is the max."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """(bytes, files) of all regular files under `path`."""
+    total = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            total += os.path.getsize(os.path.join(root, name))
+            files += 1
+    return total, files
+
+
+class AsyncckptSystem:
+    """Checkpoints of step N live in `root/N`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._ckptr = None
+
+    def save(self, step: int, tree) -> None:
+        if self._ckptr is None:
+            self._ckptr = ac.AsyncCheckpointer()
+        self._ckptr.save(self.step_dir(step), tree)
+
+    def wait_until_finished(self) -> None:
+        self._ckptr.wait_until_finished()
+
+    def delete(self, step: int) -> None:
+        shutil.rmtree(self.step_dir(step))
+
+    def restore(self, step: int, target):
+        return ac.restore(self.step_dir(step), target)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.root, str(step))
+
+    def close(self) -> None:
+        if self._ckptr is not None:
+            self._ckptr.close()
+
+
+class OrbaxSystem:
+    """One async `CheckpointManager` over `root`; step N lives in `root/N`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=True))  # fmt: skip
+
+    def save(self, step: int, tree) -> None:
+        self._mgr.save(step, args=ocp.args.StandardSave(tree))
+
+    def wait_until_finished(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def delete(self, step: int) -> None:
+        self._mgr.delete(step)
+
+    def restore(self, step: int, target):
+        return self._mgr.restore(step, args=ocp.args.StandardRestore(target))
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.root, str(step))
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+def open_system(system: str, root: str):
+    return {"asyncckpt": AsyncckptSystem, "orbax": OrbaxSystem}[system](root)
+
+
+def save_child(system: str, workload: str, root: str, scale: float, seed: int) -> dict:
+    specs = workload_specs(workload, scale)
+    tree = build_tree(specs, seed)
+    baseline = rss()
+    sysobj = open_system(system, root)
+    try:
+        sysobj.save(WARMUP_STEP, tree)
+        sysobj.wait_until_finished()
+        t_del = time.perf_counter()
+        sysobj.delete(WARMUP_STEP)
+        delete_s = time.perf_counter() - t_del
+        os.sync()  # the timed save starts on a quiet file system, not behind the deletion
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            sysobj.save(TIMED_STEP, tree)
+            t1 = time.perf_counter()
+            sysobj.wait_until_finished()
+            t2 = time.perf_counter()
+    finally:
+        sysobj.close()
+    disk_bytes, files = disk_usage(sysobj.step_dir(TIMED_STEP))
+    return {
+        "save_blocking_s": t1 - t0,
+        "save_commit_s": t2 - t0,
+        "save_peak_rss_gb": (mem.peak - baseline) / GIB,
+        "delete_s": delete_s,
+        "tree_bytes": tree_nbytes(specs),
+        "disk_bytes": disk_bytes,
+        "disk_files": files,
+    }
+
+
+def timed_restore(sysobj, target) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    restored = jax.block_until_ready(sysobj.restore(TIMED_STEP, target))
+    return time.perf_counter() - t0, restored
+
+
+def restore_child(system: str, workload: str, root: str, scale: float, seed: int) -> dict:
+    specs = workload_specs(workload, scale)
+    target = abstract_tree(specs)
+    sysobj = open_system(system, root)
+    try:
+        baseline = rss()
+        with PeakRss() as mem:
+            resume_s, restored = timed_restore(sysobj, target)
+        verify(restored, specs, seed)
+        del restored
+        gc.collect()
+        warm_s, restored = timed_restore(sysobj, target)
+        verify(restored, specs, seed)
+    finally:
+        sysobj.close()
+    return {
+        "restore_resume_s": resume_s,
+        "restore_warm_s": warm_s,
+        "restore_peak_rss_gb": (mem.peak - baseline) / GIB,
+    }
+
+
+def child_main(phase: str, system: str, workload: str, root: str, scale: float, seed: int) -> None:
+    fn = {"save": save_child, "restore": restore_child}[phase]
+    result = fn(system, workload, root, scale, seed)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+class ChildFailed(Exception):
+    pass
+
+
+def run_child(args, phase: str, system: str, workload: str, root: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, system, workload,
+           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        raise ChildFailed(f"timed out after {args.timeout} s\n{tail(e.stderr)}") from None
+    marked = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not marked:
+        raise ChildFailed(f"exit code {proc.returncode}\n{tail(proc.stderr)}")
+    return json.loads(marked[-1][len(RESULT_MARK) :])
+
+
+def tail(text: str | bytes | None, lines: int = 40) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def drop_caches() -> str | None:
+    """Flush dirty pages and drop the page cache; return the error, or None if it worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def measure(args, run: int, workload: str, system: str) -> dict:
+    """One save child and one restore child; the checkpoint is removed afterwards."""
+    root = os.path.join(args.workdir, f"{workload}-{system}-run{run}")
+    record = {"run": run, "workload": workload, "system": system}
+    try:
+        record.update(run_child(args, "save", system, workload, root))
+        if args.drop_caches:
+            record["drop_caches_error"] = drop_caches()
+        record.update(run_child(args, "restore", system, workload, root))
+    except ChildFailed as e:
+        record["error"] = str(e)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return record
+
+
+def log_record(r: dict) -> None:
+    head = f"  run {r['run']} {r['workload']:>5} {r['system']:>9}:"
+    if "error" in r:
+        print(f"{head} FAILED: {r['error'].splitlines()[0]}", flush=True)
+        return
+    print(head + " ".join(f" {m}={r[m]:.3f}" for m in METRICS if m in r), flush=True)
+
+
+def median_of(records: list[dict], workload: str, system: str, key: str) -> float | None:
+    values = [r[key] for r in records
+              if r["workload"] == workload and r["system"] == system and key in r]  # fmt: skip
+    return statistics.median(values) if values else None
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "failed" if x is None else format(x, spec)
+
+
+def print_tables(records: list[dict], workloads: list[str]) -> None:
+    for workload in workloads:
+        tree = median_of(records, workload, SYSTEMS[0], "tree_bytes") or median_of(
+            records, workload, SYSTEMS[1], "tree_bytes")  # fmt: skip
+        print(f"\n== {workload}: tree {fmt(tree and tree / MIB, '.1f')} MiB ==")
+        print(f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}")
+        for metric in METRICS:
+            a, o = (median_of(records, workload, s, metric) for s in SYSTEMS)
+            ratio = a / o if a is not None and o else None
+            print(f"{metric:<22}{fmt(a):>12}{fmt(o):>12}{fmt(ratio, '.2f'):>12}")
+        for system in SYSTEMS:
+            size = median_of(records, workload, system, "disk_bytes")
+            files = median_of(records, workload, system, "disk_files")
+            on_disk = "failed" if size is None else f"{size / MIB:.1f} MiB in {files:.0f} files"
+            print(f"on disk, {system}: {on_disk}")
+
+
+def print_cache_note(records: list[dict], dropped: bool) -> None:
+    errors = {r["drop_caches_error"] for r in records if r.get("drop_caches_error")}
+    if not dropped:
+        print("\nrestores read from the page cache (no --drop-caches)")
+    elif errors:
+        print(f"\ndropping the page cache failed ({'; '.join(errors)}): restores read from it")
+    else:
+        print("\npage cache dropped before each restore child: restore_resume_s reads from disk")
+
+
+def print_failures(records: list[dict]) -> None:
+    for r in records:
+        if "error" in r:
+            print(f"\n-- FAILED: run {r['run']} {r['workload']} {r['system']}: {r['error']}")
+
+
+def driver_main(args) -> int:
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="compare_orbax_", dir="/tmp")
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"asyncckpt {version('asyncckpt')}, orbax-checkpoint {version('orbax-checkpoint')}, "
+          f"jax {jax.__version__}, {os.cpu_count()} CPUs; runs={args.runs} scale={args.scale} "
+          f"workdir={args.workdir} drop_caches={args.drop_caches}")  # fmt: skip
+    print("each save child times its 2nd save; the 1st (warm-up) save is excluded", flush=True)
+    records = []
+    try:
+        for run in range(args.runs):
+            for workload in args.workloads:
+                for system in SYSTEMS:
+                    records.append(measure(args, run, workload, system))
+                    log_record(records[-1])
+    finally:
+        if own_workdir:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print_tables(records, args.workloads)
+    print_cache_note(records, args.drop_caches)
+    print_failures(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            config = {k: v for k, v in vars(args).items() if k not in ("child", "root")}
+            json.dump({"config": config, "records": records}, f, indent=1)
+    return 1 if any("error" in r for r in records) else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="measurements per system and workload")
+    p.add_argument("--scale", type=float, default=1.0, help="size factor (big: rows; small: "
+                   "number of leaf groups); 0.05 gives a smoke run")  # fmt: skip
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="where checkpoints go (default: a new dir under /tmp)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="sync and drop the page cache before each restore child (needs root)")
+    p.add_argument("--json", metavar="OUT", help="write every raw measurement to OUT")
+    p.add_argument("--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"),
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        phase, system, workload = args.child
+        child_main(phase, system, workload, args.root, args.scale, args.seed)
+        return 0
+    return driver_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
