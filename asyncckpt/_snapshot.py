@@ -175,7 +175,7 @@ def _copy_tasks(planned: list[tuple[_Piece, np.ndarray]], parts: int) -> list[An
         if dest.ndim and dest.shape[0] > 1 and dest.nbytes > _COPY_SPLIT:
             rows = max(1, dest.shape[0] * _COPY_SPLIT // dest.nbytes)
             for r in range(0, dest.shape[0], rows):
-                idx = piece.source_index
+                idx = piece.source_index or tuple(slice(0, n) for n in dest.shape)
                 sub = (slice(idx[0].start + r, idx[0].start + min(r + rows, dest.shape[0])), *idx[1:])
                 part = _Piece(piece.array, piece.coords, piece.source, sub, (), 0)
                 units.append((part, dest[r : r + rows]))

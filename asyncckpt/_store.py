@@ -109,9 +109,12 @@ def read_small_file(path: str, limit: int) -> bytes:
         size = os.fstat(fd).st_size
         if size > limit:
             raise CorruptCheckpointError(f"{path} is {size} bytes, more than the {limit} allowed")
-        chunks = []
-        while data := os.read(fd, min(size + 1, _MAX_IO)):
+        chunks, total = [], 0
+        while total <= limit and (data := os.read(fd, min(size + 1, _MAX_IO))):
             chunks.append(data)
+            total += len(data)
+        if total > limit:
+            raise CorruptCheckpointError(f"{path} grew past the {limit} bytes allowed")
         return b"".join(chunks)
     finally:
         os.close(fd)
