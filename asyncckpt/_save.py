@@ -1,21 +1,26 @@
 """Writing a snapshot as a Zarr v3 checkpoint and committing it (runs on the job thread).
 
-Phases: (1) directories and array/group `zarr.json` documents, (2) every chunk, (3) the root
-`zarr.json`, then one file-system sync and the atomic rename of the temporary directory. A failure
-in any phase removes the temporary directory; nothing partial ever appears at the destination.
+Everything is written into a temporary directory next to the destination, the root `zarr.json`
+last, then made durable with one file-system sync and renamed into place. A failure in any phase
+removes the temporary directory; nothing partial ever appears at the destination.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
+from collections.abc import Iterator
+
+import numpy as np
 
 from . import _format, _store
 from ._executor import Workers, batches
 from ._snapshot import HostArray, Snapshot
 from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
+
 
 def check_destination(dest: str, *, force: bool) -> None:
     """Refuse, before anything is written, a destination that must not be replaced."""
@@ -52,15 +57,13 @@ def _is_asyncckpt(path: str) -> bool:
         return False
 
 
-def _write_docs(root: str, arrays: list[HostArray], groups: list[str]) -> None:
+_INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their array's document
+
+
+def _write_groups(root: str, groups: list[str]) -> None:
     for group in groups:
         _store.makedirs(os.path.join(root, group))
         _store.write_file(os.path.join(root, group, _format.DOC), _group_doc_bytes())
-    for array in arrays:
-        path = os.path.join(root, array.spec.name)
-        _store.makedirs(path)
-        doc = json.dumps(_format.array_doc(array.spec), separators=(",", ":")).encode()
-        _store.write_file(os.path.join(path, _format.DOC), doc)
 
 
 @functools.cache
@@ -68,32 +71,61 @@ def _group_doc_bytes() -> bytes:
     return json.dumps(_format.GROUP_DOC, separators=(",", ":")).encode()
 
 
-def _write_chunks(root: str, group: list[tuple[HostArray, tuple[int, ...], object]]) -> None:
-    for array, coords, data in group:
+def _write_arrays(root: str, arrays: list[HostArray]) -> None:
+    """Each array's directory and document, and its chunks if they are small."""
+    for array in arrays:
+        path = os.path.join(root, array.spec.name)
+        with _context(array, path):
+            os.mkdir(path)  # its parent group exists already
+            doc = json.dumps(_format.array_doc(array.spec), separators=(",", ":")).encode()
+            _store.write_file(os.path.join(path, _format.DOC), doc)
+        _write_chunks(root, [(array, c, d) for c, d in array.chunks if _inline(d)])
+
+
+def _inline(data: np.ndarray) -> bool:
+    return data.nbytes <= _INLINE_CHUNK_BYTES
+
+
+def _write_chunks(root: str, chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]]) -> None:
+    for array, coords, data in chunks:
         path = os.path.join(root, array.spec.chunk_key(coords))
-        try:
-            _store.write_chunk(path, data)  # type: ignore[arg-type]
-        except OSError as e:
-            raise CheckpointWriteError(
-                e.errno, f"while writing variable {array.spec.name!r} to {path}: {e.strerror}"
-            ) from e
+        with _context(array, path):
+            _store.write_chunk(path, data)
+
+
+@contextlib.contextmanager
+def _context(array: HostArray, path: str) -> Iterator[None]:
+    """Name the variable and file in any OSError raised inside."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointWriteError(
+            e.errno, f"while writing variable {array.spec.name!r} to {path}: {e.strerror}"
+        ) from e
 
 
 def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool) -> str:
-    """Write `snap` under a temporary name next to `dest`, make it durable, then publish it."""
+    """Write `snap` under a temporary name next to `dest`, make it durable, then publish it.
+
+    Phases, each spread over the I/O threads: group directories; array directories, documents
+    and small chunks (one task touches one directory at a time, few barriers for thousands of
+    small leaves); large chunks; then the root document, one sync and the rename.
+    """
     parent = os.path.dirname(dest)
     tmp = _store.temporary_sibling(dest)
     try:
         os.makedirs(parent, exist_ok=True)
         os.mkdir(tmp)
         groups = _format.group_names([a.spec.name for a in snap.arrays])
-        doc_tasks = batches(snap.arrays, lambda a: 1, parts=workers.size, min_cost=64)
-        workers.run_all([functools.partial(_write_docs, tmp, g, []) for g in doc_tasks]
-                        + [functools.partial(_write_docs, tmp, [], groups)])  # fmt: skip
-        chunks = [(a, coords, data) for a in snap.arrays for coords, data in a.chunks]
-        chunk_tasks = batches(chunks, lambda c: c[2].nbytes + 8192, parts=workers.size,  # type: ignore[attr-defined]
-                              min_cost=1 << 20)  # fmt: skip
-        workers.run_all([functools.partial(_write_chunks, tmp, g) for g in chunk_tasks])
+        workers.run_all([functools.partial(_write_groups, tmp, g)
+                         for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)])
+        per_array = batches(snap.arrays, lambda a: 1 + sum(d.nbytes for _, d in a.chunks
+                                                           if _inline(d)) // 16384,
+                            parts=workers.size, min_cost=64)  # fmt: skip
+        workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array])
+        large = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not _inline(d)]
+        workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
+                         batches(large, lambda c: c[2].nbytes, parts=workers.size, min_cost=1)])
         root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, snap.metadata,
                                 created=snap.created)  # fmt: skip
         _store.write_file(os.path.join(tmp, _format.DOC), _format.encode_json(root, what="root"))
