@@ -387,6 +387,7 @@ def measure(args, run: int, workload: str, system: str) -> dict:
         record["error"] = str(e)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        os.sync()  # the root file system is mounted with `discard`: settle the deletion here
     return record
 
 
