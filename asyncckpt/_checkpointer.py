@@ -60,14 +60,15 @@ class AsyncCheckpointer:
         self._max_inflight_bytes = max_inflight_bytes
         self._closed = False
 
-    def save(self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> Future[str]:
+    def save(
+        self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False
+    ) -> Future[str]:
         """Snapshot `tree` to host memory and write it to `path` in the background.
 
         Returns a future whose result is the committed path. `metadata` (JSON) is stored with
         the checkpoint. An existing checkpoint at `path` is replaced only with `force=True`.
         """
         self._check_open()
-        self.check_for_errors()
         for fut in self._pending:  # one save in flight at a time bounds host memory
             fut.exception()
         self.check_for_errors()
@@ -91,7 +92,7 @@ class AsyncCheckpointer:
         self._check_open()
         return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
                                      workers=self._workers,
-                                     max_inflight_bytes=self._max_inflight_bytes)  # fmt: skip
+                                     max_inflight_bytes=self._max_inflight_bytes)
 
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished background save (once), if any."""
@@ -156,7 +157,7 @@ def restore(
     workers = Workers()
     try:
         return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
-                                     workers=workers, max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+                                     workers=workers, max_inflight_bytes=max_inflight_bytes)
     finally:
         workers.close()
 
@@ -181,7 +182,7 @@ class VariableInfo:
 
 def _info(spec: _format.ArraySpec) -> VariableInfo:
     return VariableInfo(spec.name, spec.shape, spec.dtype, spec.nbytes, spec.chunk_shape,
-                        spec.prng_impl)  # fmt: skip
+                        spec.prng_impl)
 
 
 def list_variables(path: Any) -> dict[str, VariableInfo]:
@@ -225,7 +226,7 @@ def load_variable(path: Any, name: str) -> np.ndarray:
     workers = Workers(max_workers=4)
     try:
         (value,) = _restore.read_arrays(root, [(raw_spec, None)], workers,
-                                        max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)  # fmt: skip
+                                        max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)
     finally:
         workers.close()
     return value

@@ -53,7 +53,9 @@ class Workers:
         self._pool.shutdown(wait=True)
 
 
-def batches(items: Sequence[T], cost: Callable[[T], int], *, parts: int, min_cost: int) -> list[list[T]]:
+def batches(
+    items: Sequence[T], cost: Callable[[T], int], *, parts: int, min_cost: int
+) -> list[list[T]]:
     """Split `items` into about `parts` groups of similar total cost, none (but the last) cheaper
     than `min_cost`: enough groups to keep every thread busy, few enough that the per-task cost
     of the pool does not dominate thousands of small items."""

@@ -9,6 +9,7 @@ Everything parsed here comes from disk and is treated as untrusted.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -67,27 +68,37 @@ class ArraySpec:
         return tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, self.chunk_shape))
 
 
-def array_doc(spec: ArraySpec) -> dict[str, Any]:
-    """The Zarr v3 `zarr.json` of one array."""
+def array_doc(spec: ArraySpec) -> bytes:
+    """The Zarr v3 `zarr.json` of one array, encoded (it does not depend on the name)."""
+    return _array_doc(spec.shape, spec.dtype, spec.chunk_shape, spec.prng_impl)
+
+
+@functools.lru_cache(maxsize=4096)  # thousands of leaves share a handful of documents
+def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...],
+               prng_impl: str | None) -> bytes:
     bytes_codec: dict[str, Any] = {"name": "bytes"}
-    if spec.dtype.itemsize > 1:
+    if dtype.itemsize > 1:
         bytes_codec["configuration"] = {"endian": "little"}
-    attributes = {ATTR: {"prng_impl": spec.prng_impl}} if spec.prng_impl else {}
-    return {
+    attributes = {ATTR: {"prng_impl": prng_impl}} if prng_impl else {}
+    return _compact({
         "zarr_format": 3,
         "node_type": "array",
-        "shape": list(spec.shape),
-        "data_type": _dtypes.zarr_name(spec.dtype),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape)}},
+        "shape": list(shape),
+        "data_type": _dtypes.zarr_name(dtype),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
-        "fill_value": _dtypes.fill_value_json(spec.dtype),
+        "fill_value": _dtypes.fill_value_json(dtype),
         "codecs": [bytes_codec, {"name": "crc32c"}],
         "attributes": attributes,
         "storage_transformers": [],
-    }
+    })
 
 
-GROUP_DOC: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+def _compact(doc: Any) -> bytes:
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+GROUP_DOC = _compact({"zarr_format": 3, "node_type": "group", "attributes": {}})
 
 
 def group_names(array_names: list[str]) -> list[str]:
@@ -98,32 +109,30 @@ def group_names(array_names: list[str]) -> list[str]:
 
 def encode_json(doc: Any, *, what: str) -> bytes:
     try:
-        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        return _compact(doc)
     except (TypeError, ValueError) as e:
         raise UnsupportedTypeError(f"{what} cannot be stored as JSON: {e}") from None
 
 
 def root_doc(
     arrays: list[ArraySpec], tree: dict[str, Any], metadata: Any, *, created: float
-) -> dict[str, Any]:
-    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes."""
-    nodes: dict[str, Any] = {g: GROUP_DOC for g in group_names([a.name for a in arrays])}
-    nodes.update({a.name: array_doc(a) for a in arrays})
-    stamp = _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat()
-    return {
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": {
-            ATTR: {
-                "format_version": FORMAT_VERSION,
-                "created": stamp,
-                "created_unix": created,
-                "tree": tree,
-                "metadata": metadata,
-            }
-        },
-        "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": nodes},
-    }
+) -> bytes:
+    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
+
+    Assembled from the already-encoded node documents: re-encoding thousands of array documents
+    inside one big dict cost ~0.2 s of CPU per save of 4000 leaves."""
+    stamp = _dt.datetime.fromtimestamp(created, _dt.UTC).isoformat()
+    attributes = {ATTR: {"format_version": FORMAT_VERSION, "created": stamp,
+                         "created_unix": created, "tree": tree, "metadata": metadata}}
+    nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
+    nodes += [(a.name, array_doc(a)) for a in arrays]
+    return b"".join([
+        b'{"zarr_format":3,"node_type":"group","attributes":',
+        encode_json(attributes, what="the tree description or `metadata`"),
+        b',"consolidated_metadata":{"kind":"inline","must_understand":false,"metadata":{',
+        b",".join(json.dumps(name).encode() + b":" + doc for name, doc in nodes),
+        b"}}}",
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ def _check(cond: bool, where: str, msg: str) -> None:
 
 
 def check_name(name: Any, where: str) -> str:
-    """A variable name from disk must stay inside the checkpoint: no absolute, `..` or empty parts."""
+    """A name read from disk must stay inside the checkpoint: no absolute, `..` or empty parts."""
     ok = isinstance(name, str) and 0 < len(name) < 4096 and "\\" not in name and "\x00" not in name
     parts = name.split("/") if ok else []
     ok = ok and all(p not in ("", ".", "..") and not p.startswith("__") for p in parts)
@@ -160,7 +169,7 @@ def _int_list(value: Any, where: str, what: str, *, positive: bool) -> tuple[int
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ok = ok and all(v > 0 if positive else v >= 0 for v in value)
     _check(ok, where, f"`{what}` must be a list of {'positive' if positive else 'non-negative'} "
-           f"integers, got {str(value)[:200]}")  # fmt: skip
+           f"integers, got {str(value)[:200]}")
     return tuple(value)
 
 
@@ -169,23 +178,23 @@ def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
     where = f"{where}, array {name!r}"
     _check(isinstance(doc, dict), where, "the array document is not a JSON object")
     _check(doc.get("zarr_format") == 3 and doc.get("node_type") == "array", where,
-           "not a Zarr v3 array document")  # fmt: skip
+           "not a Zarr v3 array document")
     shape = _int_list(doc.get("shape"), where, "shape", positive=False)
     dtype = _dtypes.numpy_dtype(doc.get("data_type"), where=where)
     grid = doc.get("chunk_grid")
     _check(isinstance(grid, dict) and grid.get("name") == "regular", where,
-           "only the `regular` chunk grid is supported")  # fmt: skip
+           "only the `regular` chunk grid is supported")
     conf = grid.get("configuration") if isinstance(grid, dict) else None
     chunk = _int_list(conf.get("chunk_shape") if isinstance(conf, dict) else None, where,
-                      "chunk_shape", positive=True)  # fmt: skip
+                      "chunk_shape", positive=True)
     _check(len(chunk) == len(shape), where, f"chunk shape {chunk} does not match shape {shape}")
     key_enc = doc.get("chunk_key_encoding")
     _check(key_enc == {"name": "default", "configuration": {"separator": "."}}, where,
-           f"unsupported chunk_key_encoding {str(key_enc)[:200]}")  # fmt: skip
+           f"unsupported chunk_key_encoding {str(key_enc)[:200]}")
     codecs = doc.get("codecs")
     names = [c.get("name") for c in codecs] if isinstance(codecs, list) else None
     _check(names == ["bytes", "crc32c"] and all(isinstance(c, dict) for c in codecs), where,
-           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")  # fmt: skip
+           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")
     endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     _check(endian == "little", where, f"unsupported endianness {endian!r}")
     attrs = doc.get("attributes")
@@ -202,15 +211,15 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(f"{where}: root zarr.json is not valid JSON ({e})") from None
     _check(isinstance(doc, dict) and doc.get("node_type") == "group", where,
-           "root zarr.json is not a Zarr v3 group document")  # fmt: skip
+           "root zarr.json is not a Zarr v3 group document")
     attrs = doc.get("attributes")
     ours = attrs.get(ATTR) if isinstance(attrs, dict) else None
     _check(isinstance(ours, dict), where, "root zarr.json has no `asyncckpt` attributes: "
-           "this Zarr group was not written by asyncckpt")  # fmt: skip
+           "this Zarr group was not written by asyncckpt")
     version = ours.get("format_version")
     _check(isinstance(version, int), where, "missing `format_version`")
     _check(version <= FORMAT_VERSION, where, f"format version {version} is newer than this "
-           f"asyncckpt reads ({FORMAT_VERSION}): upgrade asyncckpt")  # fmt: skip
+           f"asyncckpt reads ({FORMAT_VERSION}): upgrade asyncckpt")
     consolidated = doc.get("consolidated_metadata")
     nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
     _check(isinstance(nodes, dict), where, "missing consolidated metadata")

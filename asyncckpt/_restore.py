@@ -111,7 +111,7 @@ def _chunk_tasks(root: str, spec: ArraySpec, requests: list[_Request], where: st
 
 
 def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
-                hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:  # fmt: skip
+                hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
         _guarded_read(path, req.out, where)
@@ -183,7 +183,7 @@ def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
         full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
-                        _aligned_empty(spec.shape, spec.dtype))  # fmt: skip
+                        _aligned_empty(spec.shape, spec.dtype))
         return _Plan(spec, spec.dtype, sharding, [full], [[]], where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
@@ -195,14 +195,14 @@ def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
             by_index.setdefault(tuple((s.start, s.stop) for s in idx), []).append(device)
         requests = [
             _Request(idx := tuple(slice(a, b) for a, b in key),
-                     _aligned_empty(tuple(s.stop - s.start for s in idx), spec.dtype))  # fmt: skip
+                     _aligned_empty(tuple(s.stop - s.start for s in idx), spec.dtype))
             for key in by_index
         ]
         return _Plan(spec, dtype, sharding, requests, list(by_index.values()), where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
     full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
-                    _aligned_empty(spec.shape, spec.dtype))  # fmt: skip
+                    _aligned_empty(spec.shape, spec.dtype))
     return _Plan(spec, dtype, None, [full], [[]], where)
 
 
@@ -220,7 +220,7 @@ def _place(plans: list[_Plan]) -> list[Any]:
             out[i] = jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
             continue
         bufs = [r.out if r.out.dtype == plan.dtype else r.out.astype(plan.dtype)
-                for r in plan.requests]  # fmt: skip
+                for r in plan.requests]
         if plan.sharding is None:
             out[i] = bufs[0]
         elif len(bufs) == 1 and bufs[0].shape == plan.spec.shape:  # every device holds it all
@@ -237,7 +237,7 @@ def _place(plans: list[_Plan]) -> list[Any]:
         for i, bds in pieces:
             shards = [next(arrays) for _ in bds]
             out[i] = jax.make_array_from_single_device_arrays(plans[i].spec.shape,
-                                                              plans[i].sharding, shards)  # fmt: skip
+                                                              plans[i].sharding, shards)
     return out
 
 
@@ -252,7 +252,7 @@ def read_arrays(
     results: list[Any] = [None] * len(items)
     order = list(range(len(items)))
     for batch in batches(order, lambda i: items[i][0].nbytes + 1, parts=1,
-                         min_cost=max_inflight_bytes):  # fmt: skip
+                         min_cost=max_inflight_bytes):
         plans = {}
         for i in batch:
             spec, target = items[i]
@@ -275,7 +275,7 @@ def _run_group(group: list[tuple[int, Any]]) -> None:
 
 
 def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
-                 max_inflight_bytes: int) -> Any:  # fmt: skip
+                 max_inflight_bytes: int) -> Any:
     info = read_root(path)
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
@@ -284,9 +284,9 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
         missing = [n for n in names if n not in info.arrays]
         if missing:
             raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
-                                            f"{missing[:10]}")  # fmt: skip
+                                            f"{missing[:10]}")
         arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers,
-                             max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+                             max_inflight_bytes=max_inflight_bytes)
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
@@ -295,7 +295,7 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
     _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
     arrays = read_arrays(path, [(info.arrays[leaf.name], leaf.value) for _, leaf in wanted],
-                         workers, max_inflight_bytes=max_inflight_bytes)  # fmt: skip
+                         workers, max_inflight_bytes=max_inflight_bytes)
     out = [values.get(leaf.name) for leaf in target_leaves]
     for (i, _), value in zip(wanted, arrays):
         out[i] = value

@@ -63,12 +63,7 @@ _INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their a
 def _write_groups(root: str, groups: list[str]) -> None:
     for group in groups:
         _store.makedirs(os.path.join(root, group))
-        _store.write_file(os.path.join(root, group, _format.DOC), _group_doc_bytes())
-
-
-@functools.cache
-def _group_doc_bytes() -> bytes:
-    return json.dumps(_format.GROUP_DOC, separators=(",", ":")).encode()
+        _store.write_file(os.path.join(root, group, _format.DOC), _format.GROUP_DOC)
 
 
 def _write_arrays(root: str, arrays: list[HostArray]) -> None:
@@ -77,8 +72,7 @@ def _write_arrays(root: str, arrays: list[HostArray]) -> None:
         path = os.path.join(root, array.spec.name)
         with _context(array, path):
             os.mkdir(path)  # its parent group exists already
-            doc = json.dumps(_format.array_doc(array.spec), separators=(",", ":")).encode()
-            _store.write_file(os.path.join(path, _format.DOC), doc)
+            _store.write_file(os.path.join(path, _format.DOC), _format.array_doc(array.spec))
         _write_chunks(root, [(array, c, d) for c, d in array.chunks if _inline(d)])
 
 
@@ -121,14 +115,14 @@ def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool
                          for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)])
         per_array = batches(snap.arrays, lambda a: 1 + sum(d.nbytes for _, d in a.chunks
                                                            if _inline(d)) // 16384,
-                            parts=workers.size, min_cost=64)  # fmt: skip
+                            parts=workers.size, min_cost=64)
         workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array])
         large = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not _inline(d)]
         workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
                          batches(large, lambda c: c[2].nbytes, parts=workers.size, min_cost=1)])
         root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, snap.metadata,
-                                created=snap.created)  # fmt: skip
-        _store.write_file(os.path.join(tmp, _format.DOC), _format.encode_json(root, what="root"))
+                                created=snap.created)
+        _store.write_file(os.path.join(tmp, _format.DOC), root)
         _store.sync_tree(tmp)
         _publish(tmp, dest, replace)
     except BaseException as e:

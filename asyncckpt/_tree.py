@@ -171,7 +171,7 @@ def _describe(node: Any, keypath: tuple[Any, ...], leaves: list[Leaf]) -> dict[s
                 except TypeError:
                     pass  # restorable with a target only
         return {"t": "dataclass", "cls": _class_ref(type(node)), "f": keys, "meta": meta,
-                "c": described}  # fmt: skip
+                "c": described}
     return {"t": "node", "cls": _class_ref(type(node)), "f": keys, "c": described}
 
 

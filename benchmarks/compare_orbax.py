@@ -122,7 +122,7 @@ def small_specs(scale: float, mesh, replicated: bool = False) -> dict:
     sharding = NamedSharding(mesh, P()) if replicated else SingleDeviceSharding(jax.devices()[0])
     return {
         f"group_{g:02d}": {f"leaf_{j:03d}": LeafSpec(100 * g + j, (4096,), sharding)
-                           for j in range(100)}  # fmt: skip
+                           for j in range(100)}
         for g in range(max(1, round(40 * scale)))
     }
 
@@ -145,7 +145,7 @@ def build_tree(specs: dict, seed: int) -> dict:
 
 def abstract_tree(specs: dict) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=s.sharding),
-                        specs)  # fmt: skip
+                        specs)
 
 
 def tree_nbytes(specs: dict) -> int:
@@ -246,7 +246,7 @@ class OrbaxSystem:
     def __init__(self, root: str) -> None:
         self.root = root
         self._mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=True))  # fmt: skip
+            enable_async_checkpointing=True))
 
     def save(self, step: int, tree) -> None:
         self._mgr.save(step, args=ocp.args.StandardSave(tree))
@@ -346,7 +346,7 @@ class ChildFailed(Exception):
 
 def run_child(args, phase: str, system: str, workload: str, root: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, system, workload,
-           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed)]  # fmt: skip
+           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
@@ -401,7 +401,7 @@ def log_record(r: dict) -> None:
 
 def median_of(records: list[dict], workload: str, system: str, key: str) -> float | None:
     values = [r[key] for r in records
-              if r["workload"] == workload and r["system"] == system and key in r]  # fmt: skip
+              if r["workload"] == workload and r["system"] == system and key in r]
     return statistics.median(values) if values else None
 
 
@@ -412,7 +412,7 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 def print_tables(records: list[dict], workloads: list[str]) -> None:
     for workload in workloads:
         tree = median_of(records, workload, SYSTEMS[0], "tree_bytes") or median_of(
-            records, workload, SYSTEMS[1], "tree_bytes")  # fmt: skip
+            records, workload, SYSTEMS[1], "tree_bytes")
         print(f"\n== {workload}: tree {fmt(tree and tree / MIB, '.1f')} MiB ==")
         print(f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}")
         for metric in METRICS:
@@ -449,7 +449,7 @@ def driver_main(args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     print(f"asyncckpt {version('asyncckpt')}, orbax-checkpoint {version('orbax-checkpoint')}, "
           f"jax {jax.__version__}, {os.cpu_count()} CPUs; runs={args.runs} scale={args.scale} "
-          f"workdir={args.workdir} drop_caches={args.drop_caches}")  # fmt: skip
+          f"workdir={args.workdir} drop_caches={args.drop_caches}")
     print("each save child times its 2nd save; the 1st (warm-up) save is excluded", flush=True)
     records = []
     try:
@@ -475,7 +475,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3, help="measurements per system and workload")
     p.add_argument("--scale", type=float, default=1.0, help="size factor (big: rows; small: "
-                   "number of leaf groups); 0.05 gives a smoke run")  # fmt: skip
+                   "number of leaf groups); 0.05 gives a smoke run")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a new dir under /tmp)")
@@ -484,7 +484,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sync and drop the page cache before each restore child (needs root)")
     p.add_argument("--json", metavar="OUT", help="write every raw measurement to OUT")
     p.add_argument("--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"),
-                   help=argparse.SUPPRESS)  # fmt: skip
+                   help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -74,7 +74,7 @@ def train_step(state):
     params = jax.tree.map(
         lambda p, m, v: p - 1e-2 * (m / (1 - 0.9**t)) / (jnp.sqrt(v / (1 - 0.999**t)) + 1e-8),
         state["params"], mu, nu,
-    )  # fmt: skip
+    )
     return {"params": params, "mu": mu, "nu": nu, "step": step, "key": key}, loss
 
 
@@ -94,17 +94,18 @@ def main() -> None:
             step = int(state["step"])
             if step % args.every == 0:
                 t0 = time.perf_counter()
-                ckptr.save(os.path.join(root, f"step_{step}"), state, metadata={"loss": float(loss)})
+                path = os.path.join(root, f"step_{step}")
+                ckptr.save(path, state, metadata={"loss": float(loss)})
                 print(f"step {step}: loss {float(loss):.4f}, save() blocked "
-                      f"{1e3 * (time.perf_counter() - t0):.1f} ms")  # fmt: skip
+                      f"{1e3 * (time.perf_counter() - t0):.1f} ms")
     # Leaving the block waited for every save to commit.
 
     last = os.path.join(root, f"step_{args.steps - args.steps % args.every}")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)  # fmt: skip
+                            state)
     resumed = ac.restore(last, abstract)
     print(f"restored {last}: step {int(resumed['step'])}, saved loss "
-          f"{ac.read_metadata(last)['loss']:.4f}")  # fmt: skip
+          f"{ac.read_metadata(last)['loss']:.4f}")
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
         assert a.sharding == b.sharding and a.dtype == b.dtype
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):

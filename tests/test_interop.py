@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -21,9 +22,9 @@ TS_MISSING = {"uint4", "uint2", "float6_e2m3fn", "float6_e3m2fn", "float8_e4m3"}
 def checkpoint(tmp_path_factory, mesh):
     tree = {
         "dtypes": {np.dtype(d).name: _values(d, (3, 5), seed=i)
-                   for i, d in enumerate(NUMPY_DTYPES + ML_DTYPES)},  # fmt: skip
+                   for i, d in enumerate(NUMPY_DTYPES + ML_DTYPES)},
         "sharded": jax.device_put(jnp.arange(128.0).reshape(16, 8),
-                                  NamedSharding(mesh, P("x", "y"))),  # fmt: skip
+                                  NamedSharding(mesh, P("x", "y"))),
         "replicated": jax.device_put(jnp.arange(8, dtype=jnp.int32), NamedSharding(mesh, P())),
         "scalar": np.float64(3.5),
         "empty": np.zeros((0, 4), np.float32),
@@ -62,7 +63,7 @@ def test_tensorstore_reads_every_array(checkpoint):
         if name.split("/")[-1] in TS_MISSING:
             continue
         store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
-                                                        "path": f"{path}/{name}"}}).result()  # fmt: skip
+                                                        "path": f"{path}/{name}"}}).result()
         assert_same(store.read().result(), flat[name])
         checked += 1
     assert checked >= 20
@@ -74,9 +75,9 @@ def test_tensorstore_written_zarr3_types_match_ours(tmp_path):
 
     for name in ("bfloat16", "float8_e4m3fn", "int4"):
         ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / name)}},
-                create=True, dtype=ts.dtype(name), shape=[2]).result()  # fmt: skip
+                create=True, dtype=ts.dtype(name), shape=[2]).result()
         written = json.loads((tmp_path / name / "zarr.json").read_text())["data_type"]
-        ac.save(tmp_path / f"ours_{name}", {"x": np.zeros(2, getattr(__import__("ml_dtypes"), name))})
+        ac.save(tmp_path / f"ours_{name}", {"x": np.zeros(2, getattr(ml_dtypes, name))})
         ours = json.loads((tmp_path / f"ours_{name}" / "x" / "zarr.json").read_text())["data_type"]
         assert ours == written == name
 

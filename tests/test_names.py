@@ -12,7 +12,7 @@ import asyncckpt as ac
 from asyncckpt import _tree
 
 HOSTILE_KEYS = ["a/b", "..", ".", "", "../../etc", "/abs", "zarr.json", "__x", "ünï©ødé", "%2E",
-                "~", "c", "x" * 1000, "a\\b", "\x00nul", "  ", "A", "a"]  # fmt: skip
+                "~", "c", "x" * 1000, "a\\b", "\x00nul", "  ", "A", "a"]
 
 
 def _files(root):

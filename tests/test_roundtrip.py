@@ -18,12 +18,12 @@ import asyncckpt as ac
 NUMPY_DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
     np.float16, np.float32, np.float64, np.complex64, np.complex128,
-]  # fmt: skip
+]
 ML_DTYPES = [
     getattr(ml_dtypes, n)
     for n in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
               "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
-              "int4", "uint4", "int2", "uint2")  # fmt: skip
+              "int4", "uint4", "int2", "uint2")
     if hasattr(ml_dtypes, n)
 ]
 
@@ -52,7 +52,7 @@ def test_numpy_dtypes_and_shapes_round_trip(tmp_path, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.bool_,
-                                   jnp.float8_e4m3fn, jnp.int4, jnp.complex64])  # fmt: skip
+                                   jnp.float8_e4m3fn, jnp.int4, jnp.complex64])
 @pytest.mark.parametrize(
     "spec", [P("x", "y"), P("x", None), P(None, "y"), P(), P(("x", "y"))], ids=str
 )
