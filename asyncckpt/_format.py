@@ -23,7 +23,6 @@ from .errors import CorruptCheckpointError, UnsupportedTypeError
 FORMAT_VERSION = 1
 DOC = "zarr.json"
 ATTR = "asyncckpt"
-CRC_NBYTES = 4
 MAX_NDIM = 64
 MAX_ROOT_DOC_BYTES = 1 << 30
 

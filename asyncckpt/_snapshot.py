@@ -90,7 +90,6 @@ class Snapshot:
     metadata: Any
     created: float
     arena: Arena | None
-    nbytes: int
 
 
 @functools.lru_cache(maxsize=4096)
@@ -213,4 +212,4 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool) -
     for p, dest in planned:
         chunks[p.array].append((p.coords, dest))
     host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
-    return Snapshot(host, spec, metadata, time.time(), arena, total)
+    return Snapshot(host, spec, metadata, time.time(), arena)

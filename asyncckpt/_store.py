@@ -136,10 +136,6 @@ def temporary_sibling(dest: str) -> str:
     return os.path.join(parent, f".{base}.asyncckpt-tmp-{uuid.uuid4().hex[:12]}")
 
 
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and ".asyncckpt-tmp-" in name
-
-
 def sync_tree(root: str) -> None:
     """Make every file and directory written under `root` durable.
 
