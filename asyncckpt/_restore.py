@@ -182,9 +182,7 @@ class _Plan:
 def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
-        full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
-                        _aligned_empty(spec.shape, spec.dtype))
-        return _Plan(spec, spec.dtype, sharding, [full], [[]], where)
+        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], [[]], where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
         _check_cast(spec.dtype, dtype, where)
@@ -201,9 +199,13 @@ def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
         return _Plan(spec, dtype, sharding, requests, list(by_index.values()), where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
-    full = _Request(_concrete((slice(None),) * len(spec.shape), spec.shape),
-                    _aligned_empty(spec.shape, spec.dtype))
-    return _Plan(spec, dtype, None, [full], [[]], where)
+    return _Plan(spec, dtype, None, [_whole(spec)], [[]], where)
+
+
+def _whole(spec: ArraySpec) -> _Request:
+    """A request for the entire array."""
+    index = tuple(slice(0, n) for n in spec.shape)
+    return _Request(index, _aligned_empty(spec.shape, spec.dtype))
 
 
 def _place(plans: list[_Plan]) -> list[Any]:

@@ -173,8 +173,8 @@ def _copy_tasks(planned: list[tuple[_Piece, np.ndarray]], parts: int) -> list[An
     for piece, dest in planned:
         if dest.ndim and dest.shape[0] > 1 and dest.nbytes > _COPY_SPLIT:
             rows = max(1, dest.shape[0] * _COPY_SPLIT // dest.nbytes)
+            idx = piece.source_index or tuple(slice(0, n) for n in dest.shape)
             for r in range(0, dest.shape[0], rows):
-                idx = piece.source_index or tuple(slice(0, n) for n in dest.shape)
                 stop = idx[0].start + min(r + rows, dest.shape[0])
                 sub = (slice(idx[0].start + r, stop), *idx[1:])
                 part = _Piece(piece.array, piece.coords, piece.source, sub, (), 0)
