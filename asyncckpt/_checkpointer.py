@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -68,24 +69,45 @@ class AsyncCheckpointer:
         Returns a future whose result is the committed path. `metadata` (JSON) is stored with
         the checkpoint. An existing checkpoint at `path` is replaced only with `force=True`.
         """
+        return self._save(_restore.checkpoint_path(path), tree, metadata=metadata, force=force)
+
+    def _save(
+        self,
+        dest: str,
+        tree: Any,
+        *,
+        metadata: Any,
+        force: bool,
+        extra: dict | None = None,
+        after_commit: Callable[[float], None] | None = None,
+    ) -> Future[str]:
+        """`save`, plus what a manager adds: `extra` root attributes, and `after_commit(created)`
+        run on the job thread once the checkpoint is committed (its failure fails the future)."""
         self._check_open()
         for fut in self._pending:  # one save in flight at a time bounds host memory
             fut.exception()
         self.check_for_errors()
-        dest = _restore.checkpoint_path(path)
         _save.check_destination(dest, force=force)
         _format.encode_json(metadata, what="`metadata`")
         snap = take_snapshot(tree, metadata, self._workers, self._pool)
-        future = self._workers.submit_job(self._write, snap, dest, force)
+        future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit)
         self._pending.append(future)
         return future
 
-    def _write(self, snap: Snapshot, dest: str, replace: bool) -> str:
+    def _write(self, snap: Snapshot, dest: str, replace: bool, extra: dict | None,
+               after_commit: Callable[[float], None] | None) -> str:
         try:
-            return _save.write_snapshot(snap, dest, self._workers, replace=replace)
+            _save.write_snapshot(snap, dest, self._workers, replace=replace, extra=extra)
         finally:
             if snap.arena is not None:
                 self._pool.release(snap.arena)
+        if after_commit is not None:
+            after_commit(snap.created)
+        return dest
+
+    @property
+    def workers(self) -> Workers:
+        return self._workers
 
     def restore(self, path: Any, target: Any = None, *, strict: bool = True) -> Any:
         """Like `asyncckpt.restore`, using this checkpointer's threads."""

@@ -1,8 +1,9 @@
 """The only module that owns threads.
 
-`Workers` holds an I/O pool (chunk writes and reads, snapshot copies) and a single job thread that
-runs whole saves one after another, so commits happen in the order `save()` was called. Work that
-fails raises its first exception in the thread that waits for it; nothing is only logged.
+`Workers` holds an I/O pool (chunk writes and reads, snapshot copies), a single job thread that
+runs whole saves one after another, so commits happen in the order `save()` was called, and a
+single background thread that removes the files of deleted steps without holding up saves. Work
+that fails raises its first exception in the thread that waits for it; nothing is only logged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Workers:
         self.size = max_workers or default_workers()
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job")
+        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup")
 
     def run_all(self, tasks: Sequence[Callable[[], Any]]) -> None:
         """Run `tasks` on the pool and wait; on the first failure cancel the rest and raise it."""
@@ -47,9 +49,14 @@ class Workers:
         """Run `fn(*args)` on the job thread, after every job submitted before it."""
         return self._jobs.submit(fn, *args)
 
+    def submit_cleanup(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on the clean-up thread (deleting files nobody waits for)."""
+        return self._cleanup.submit(fn, *args)
+
     def close(self) -> None:
         """Wait for submitted work, then stop the threads."""
         self._jobs.shutdown(wait=True)
+        self._cleanup.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 

@@ -113,16 +113,58 @@ def encode_json(doc: Any, *, what: str) -> bytes:
         raise UnsupportedTypeError(f"{what} cannot be stored as JSON: {e}") from None
 
 
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def encode_metrics(metrics: Any, where: str) -> Any:
+    """Metrics as JSON: numpy / JAX scalars become numbers, NaN and infinities the strings
+    "NaN", "Infinity" and "-Infinity" (JSON has no such numbers)."""
+    def convert(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise UnsupportedTypeError(f"{where}: metric keys must be strings (at {path!r})")
+            return {k: convert(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, (int, float, np.generic)) or getattr(value, "shape", None) == ():
+            number = np.asarray(value).item()
+            if isinstance(number, float) and not math.isfinite(number):
+                return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
+            if isinstance(number, (bool, int, float)):
+                return number
+        raise UnsupportedTypeError(
+            f"{where}: metric {path!r} is a {type(value).__name__}; metrics must be numbers "
+            "(python, numpy or 0-d JAX scalars), strings, bools, lists or dicts"
+        )
+    return convert(metrics, "")
+
+
+def decode_metrics(metrics: Any) -> Any:
+    """Inverse of `encode_metrics` (the strings "NaN", "Infinity", "-Infinity" become floats)."""
+    if isinstance(metrics, dict):
+        return {k: decode_metrics(v) for k, v in metrics.items()}
+    if isinstance(metrics, list):
+        return [decode_metrics(v) for v in metrics]
+    if isinstance(metrics, str) and metrics in _NON_FINITE:
+        return _NON_FINITE[metrics]
+    return metrics
+
+
 def root_doc(
-    arrays: list[ArraySpec], tree: dict[str, Any], metadata: Any, *, created: float
+    arrays: list[ArraySpec], tree: dict[str, Any], metadata: Any, *, created: float,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
-    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
+    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes
+    (`extra` adds the manager's `step` and `metrics`).
 
     Assembled from the already-encoded node documents: re-encoding thousands of array documents
     inside one big dict cost ~0.2 s of CPU per save of 4000 leaves."""
     stamp = _dt.datetime.fromtimestamp(created, _dt.UTC).isoformat()
     attributes = {ATTR: {"format_version": FORMAT_VERSION, "created": stamp,
-                         "created_unix": created, "tree": tree, "metadata": metadata}}
+                         "created_unix": created, **(extra or {}),
+                         "tree": tree, "metadata": metadata}}
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
     return b"".join([
@@ -147,6 +189,10 @@ class RootInfo:
     tree: dict[str, Any]
     metadata: Any
     arrays: dict[str, ArraySpec]
+    step: int | None = None
+    """The step, for checkpoints written by a `CheckpointManager`."""
+    metrics: Any = None
+    """The metrics given to `CheckpointManager.save` (non-finite floats restored)."""
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -236,4 +282,6 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
         tree=tree,
         metadata=ours.get("metadata"),
         arrays=arrays,
+        step=step if isinstance(step := ours.get("step"), int) else None,
+        metrics=decode_metrics(ours.get("metrics")),
     )

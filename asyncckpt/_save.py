@@ -98,7 +98,8 @@ def _context(array: HostArray, path: str) -> Iterator[None]:
         ) from e
 
 
-def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool) -> str:
+def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool,
+                   extra: dict | None = None) -> str:
     """Write `snap` under a temporary name next to `dest`, make it durable, then publish it.
 
     Phases, each spread over the I/O threads: group directories; array directories, documents
@@ -121,7 +122,7 @@ def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool
         workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
                          batches(large, lambda c: c[2].nbytes, parts=workers.size, min_cost=1)])
         root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, snap.metadata,
-                                created=snap.created)
+                                created=snap.created, extra=extra)
         _store.write_file(os.path.join(tmp, _format.DOC), root)
         _store.sync_tree(tmp)
         _publish(tmp, dest, replace)
