@@ -11,6 +11,13 @@ from ._checkpointer import load_variable as load_variable
 from ._checkpointer import read_metadata as read_metadata
 from ._checkpointer import restore as restore
 from ._checkpointer import save as save
+from ._manager import CheckpointManager as CheckpointManager
+from ._retention import KeepBest as KeepBest
+from ._retention import KeepEveryNHours as KeepEveryNHours
+from ._retention import KeepEveryNSteps as KeepEveryNSteps
+from ._retention import KeepLastN as KeepLastN
+from ._retention import RetentionPolicy as RetentionPolicy
+from ._retention import StepInfo as StepInfo
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError

@@ -1,0 +1,99 @@
+"""A manager directory on a local file system: step folders, leftovers, deletion, the writer lock.
+
+Layout: `<directory>/<step>/` is the checkpoint of `step` (decimal, no padding); it counts as
+committed once its root `zarr.json` exists, which the atomic rename of a finished save guarantees.
+Hidden siblings named `.<step>.asyncckpt-tmp-<hex>` (a save in progress) and
+`.<step>.asyncckpt-deleting-<hex>` (a step being deleted) are never listed; a writer that opens the
+directory removes those left by a crashed process. `.asyncckpt.lock` is the writer lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+import uuid
+
+from . import _format, _store
+from .errors import CheckpointError
+
+_STEP = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
+_LEFTOVER = re.compile(r"\..+\.asyncckpt-(tmp|deleting)-[0-9a-f]{12}\Z")
+LOCK_NAME = ".asyncckpt.lock"
+
+
+def step_path(directory: str, step: int) -> str:
+    return os.path.join(directory, str(step))
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The committed steps in `directory`, ascending (a missing directory has none)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    steps = [int(e.name) for e in entries if _STEP.match(e.name) and e.is_dir(follow_symlinks=False)
+             and os.path.isfile(os.path.join(e.path, _format.DOC))]
+    return sorted(steps)
+
+
+def leftovers(directory: str) -> list[str]:
+    """Paths of interrupted saves and deletions in `directory`."""
+    try:
+        return sorted(e.path for e in os.scandir(directory) if _LEFTOVER.match(e.name))
+    except FileNotFoundError:
+        return []
+
+
+def start_delete(directory: str, step: int) -> str:
+    """Take `step` out of the directory in one atomic rename (durable), and return the hidden
+    path that still holds its files; removing those can happen later, in the background."""
+    trash = os.path.join(directory, f".{step}.asyncckpt-deleting-{uuid.uuid4().hex[:12]}")
+    os.rename(step_path(directory, step), trash)
+    _store.fsync_dir(directory)
+    return trash
+
+
+class DirectoryLock:
+    """An exclusive `flock` on `<directory>/.asyncckpt.lock`, held while a manager may write.
+
+    The kernel drops it when the process dies, so a crash never leaves the directory locked. The
+    file records who holds it, for the error message of the next writer."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, LOCK_NAME)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise CheckpointError(
+                f"another CheckpointManager{holder} is writing to {directory}; two writers would "
+                "interleave their steps and deletions. Close the other one first, or open this "
+                "one with read_only=True to only restore."
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        return f" (pid {int(info['pid'])} on {str(info['host'])[:100]}, since {since})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

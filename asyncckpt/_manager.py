@@ -1,0 +1,424 @@
+"""`CheckpointManager`: numbered steps in one directory, retention, preemption saves.
+
+Orchestration only: whether to save, snapshot -> background write -> retention, which steps exist.
+The steps on disk are the truth; the manager's list is a cache of them that only this writer
+changes (the directory lock keeps other writers out).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import shutil
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Literal
+
+from . import _directory, _format, _restore
+from ._checkpointer import DEFAULT_MAX_INFLIGHT_BYTES, AsyncCheckpointer
+from ._preemption import PreemptionWatch
+from ._retention import (
+    KeepBest,
+    KeepEveryNHours,
+    KeepEveryNSteps,
+    KeepLastN,
+    RetentionPolicy,
+    StepInfo,
+    steps_to_delete,
+)
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    StepNotFoundError,
+)
+
+log = logging.getLogger("asyncckpt")
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+    step = int(step.__index__())
+    if not 0 <= step < 10**19:
+        raise ValueError(f"step must be between 0 and 10**19 - 1, got {step}")
+    return step
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if not steps:
+        return "none"
+    shown = ", ".join(map(str, steps[:20]))
+    return shown + (f", ... ({len(steps)} in all, latest {steps[-1]})" if len(steps) > 20 else "")
+
+
+class CheckpointManager:
+    """Saves numbered steps of a training run into `directory` and keeps the ones worth keeping.
+
+    ```python
+    with ac.CheckpointManager("/ckpt/run1", max_to_keep=3, save_interval_steps=1000) as mgr:
+        start = mgr.latest_step()
+        state = mgr.restore(start, target=abstract_state) if start is not None else init()
+        for step in range((start or 0) + 1, num_steps + 1):
+            state, loss = train_step(state)
+            mgr.save(step, state, metrics={"loss": loss})   # skipped off-interval; async
+            if mgr.reached_preemption(step):
+                break                                       # the save above was forced
+    ```
+
+    Each step is an ordinary checkpoint (`<directory>/<step>`), readable with `asyncckpt.restore`,
+    zarr-python or TensorStore. A step exists once committed; `save()` returns after the host
+    copy, and at most one save writes at a time (the next `save()` waits for it).
+
+    Retention: `max_to_keep`, `keep_best` (with `best_metric` and `best_mode`) bound the number of
+    steps; `keep_every_n_hours` and `keep_every_n_steps` protect some from deletion. A step kept
+    by any policy stays, and so does the newest one. Policies can also be given as objects
+    (`retention=[ac.KeepLastN(3), ...]`). Retention runs after each commit; deleted steps leave
+    the listing at once and their files are removed in the background.
+
+    Args:
+        directory: where the steps live (created if missing).
+        save_interval_steps: `should_save(step)` is true for steps divisible by this (and for the
+            first step saved into an empty directory).
+        save_on_preemption: catch SIGTERM (a previous Python handler is still called, the process
+            is not terminated); then `reached_preemption()` is true and the next `save` is forced.
+        read_only: open without the writer lock, e.g. to restore while another job trains; the
+            step list is re-read on every query. `save` and `delete` then raise.
+        max_workers, reuse_host_memory, max_inflight_bytes: as for `AsyncCheckpointer`.
+    """
+
+    def __init__(
+        self,
+        directory: Any,
+        *,
+        max_to_keep: int | None = None,
+        keep_every_n_hours: float | None = None,
+        keep_every_n_steps: int | None = None,
+        best_metric: str | Callable[[Mapping[str, Any]], Any] | None = None,
+        best_mode: Literal["min", "max"] = "min",
+        keep_best: int | None = None,
+        retention: Sequence[RetentionPolicy] = (),
+        save_interval_steps: int = 1,
+        save_on_preemption: bool = True,
+        read_only: bool = False,
+        max_workers: int | None = None,
+        reuse_host_memory: bool = True,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    ) -> None:
+        self._dir = _restore.checkpoint_path(directory)
+        self._policies = _policies(max_to_keep, keep_every_n_hours, keep_every_n_steps,
+                                   best_metric, best_mode, keep_best, retention)
+        self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
+        interval = save_interval_steps
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"save_interval_steps must be an int >= 1, got {interval!r}")
+        self._interval = save_interval_steps
+        self._read_only = read_only
+        self._mutex = threading.Lock()  # guards _infos: the job thread updates it after commits
+        self._infos: dict[int, StepInfo | None] = {}  # None: not read from disk yet
+        self._pending: tuple[int, Future[str]] | None = None  # the save in flight
+        self._cleanups: list[Future[None]] = []
+        self._lock: _directory.DirectoryLock | None = None
+        if not read_only:
+            os.makedirs(self._dir, exist_ok=True)
+            self._lock = _directory.DirectoryLock(self._dir)
+            try:
+                self._remove_leftovers()
+            except BaseException:
+                self._lock.release()
+                raise
+        elif not os.path.isdir(self._dir):
+            raise CheckpointNotFoundError(
+                f"no checkpoint directory at {self._dir} (read_only=True does not create it)")
+        self._ckptr = AsyncCheckpointer(max_workers=max_workers,
+                                        reuse_host_memory=reuse_host_memory,
+                                        max_inflight_bytes=max_inflight_bytes)
+        self._watch = PreemptionWatch(save_on_preemption and not read_only)
+        self._closed = False
+        self.reload()
+
+    @property
+    def directory(self) -> str:
+        return self._dir
+
+    # -- what exists ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the step list from disk (a read-only manager does this on every query)."""
+        steps = _directory.committed_steps(self._dir)
+        with self._mutex:
+            self._infos = {s: self._infos.get(s) for s in steps}
+
+    def all_steps(self) -> list[int]:
+        """The committed steps, ascending. A step being saved appears once it is committed."""
+        if self._read_only:
+            self.reload()
+        with self._mutex:
+            return sorted(self._infos)
+
+    def latest_step(self) -> int | None:
+        """The highest committed step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_info(self, step: int) -> StepInfo:
+        """Step number, save time (seconds since the epoch) and metrics of a committed step."""
+        step = self._existing(step)
+        with self._mutex:
+            info = self._infos.get(step)
+        if info is None:
+            info = self._read_info(step)
+            with self._mutex:
+                if step in self._infos:
+                    self._infos[step] = info
+        return info
+
+    def metrics(self, step: int) -> Any:
+        """The metrics saved with `step` (NaN and infinities come back as floats), or None."""
+        return self.step_info(step).metrics
+
+    def metadata(self, step: int) -> Any:
+        """The user `metadata` saved with `step`."""
+        return _restore.read_root(self._path(self._existing(step))).metadata
+
+    def best_step(self) -> int | None:
+        """The committed step with the best finite `best_metric`, or None (no `best_metric`, or
+        no step has a finite value of it)."""
+        if self._best is None:
+            return None
+        ranked = self._best.ranked([self.step_info(s) for s in self.all_steps()])
+        return ranked[0] if ranked else None
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write: on the interval, after preemption, or the first
+        save into an empty directory; never for a step at or below the newest saved one."""
+        step = _check_step(step)
+        last = self._last_step()
+        if last is not None and step <= last:
+            return False
+        return self.reached_preemption(step) or last is None or step % self._interval == 0
+
+    def save(self, step: int, tree: Any, *, metrics: Any = None, metadata: Any = None,
+             force: bool = False) -> bool:
+        """Snapshot `tree` as `step` and write it in the background; False if skipped.
+
+        Skipped when `should_save(step)` is false, unless preemption was reached or `force=True`.
+        An existing step raises `CheckpointExistsError`; `force=True` replaces it atomically.
+        `metrics`: JSON-like numbers for `best_metric` and `metrics(step)` (JAX and numpy scalars
+        are fine; NaN and infinities are kept). `metadata`: any JSON value.
+        """
+        self._check_writable("save")
+        step = _check_step(step)
+        self._check_cleanups()
+        if (step in self._committed() or step == self._in_flight()) and not force:
+            raise CheckpointExistsError(
+                f"step {step} already exists in {self._dir}; pass force=True to replace it")
+        if not force and not self.should_save(step):
+            last = self._last_step()
+            if last is not None and step < last:
+                log.warning("asyncckpt: step %d not saved: it is older than step %d, already "
+                            "saved in %s (pass force=True to save it anyway)",
+                            step, last, self._dir)
+            return False
+        where = f"while saving step {step} to {self._dir}"
+        encoded = None if metrics is None else _format.encode_metrics(metrics, where)
+        decoded = _format.decode_metrics(encoded)
+        extra = {"step": step, "metrics": encoded}
+        after = functools.partial(self._after_commit, step, decoded)
+        future = self._ckptr._save(self._path(step), tree, metadata=metadata, force=force,
+                                   extra=extra, after_commit=after)
+        self._pending = (step, future)
+        return True
+
+    def _after_commit(self, step: int, metrics: Any, created: float) -> None:
+        """On the job thread, once `step` is durable: record it, then apply retention."""
+        with self._mutex:
+            self._infos[step] = StepInfo(step, created, metrics)
+        try:
+            infos = [self.step_info(s) for s in self._committed()]
+            for old in steps_to_delete(infos, self._policies, protect=[step]):
+                self._delete_now(old)
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno, f"step {step} was committed to {self._dir}, but retention could not "
+                f"delete an old step: {e}") from e
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Delete a committed step: it leaves the listing at once (one rename); its files are
+        removed in the background (`wait_until_finished` waits for that)."""
+        self._check_writable("delete")
+        self._existing(step)
+        self._ckptr.workers.submit_job(self._delete_now, _check_step(step)).result()
+
+    def _delete_now(self, step: int) -> None:
+        """Rename `step` out of the listing, durably; remove its files on the clean-up thread."""
+        with self._mutex:
+            if step not in self._infos:
+                return
+        trash = _directory.start_delete(self._dir, step)
+        with self._mutex:
+            self._infos.pop(step, None)
+        log.debug("asyncckpt: deleting step %d of %s", step, self._dir)
+        self._cleanups.append(self._ckptr.workers.submit_cleanup(_remove, trash, step))
+
+    def _remove_leftovers(self) -> None:
+        for path in _directory.leftovers(self._dir):
+            log.info("asyncckpt: removing %s, left by an interrupted save or deletion", path)
+            _remove(path, None)
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def restore(self, step: int | None = None, target: Any = None, *, strict: bool = True) -> Any:
+        """Restore `step` (default: the latest committed step); `target` and `strict` as for
+        `asyncckpt.restore`. A step still being saved by this manager is waited for."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFoundError(
+                    f"{self._dir} holds no committed step yet; start from scratch, or check the "
+                    "directory (steps are folders named by their number)")
+        step = _check_step(step)
+        if step == self._in_flight():
+            self._ckptr.wait_until_finished()
+        self._existing(step)
+        return self._ckptr.restore(self._path(step), target, strict=strict)
+
+    # -- preemption ----------------------------------------------------------------------------
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once SIGTERM was received (or `notify_preemption()` called): save now and exit."""
+        del step  # all processes agree on it once multi-process runs are supported
+        return self._watch.reached()
+
+    def notify_preemption(self) -> None:
+        """Act as if SIGTERM had been received (for schedulers that warn another way)."""
+        self._watch.notify()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def wait_until_finished(self) -> None:
+        """Block until the last save is committed and retention (file removal included) is done;
+        raise the first background failure."""
+        self._ckptr.wait_until_finished()
+        while self._cleanups:
+            self._cleanups.pop(0).result()
+
+    def check_for_errors(self) -> None:
+        """Raise the first failure of a finished background save or deletion, if any."""
+        self._ckptr.check_for_errors()
+        self._check_cleanups()
+
+    def _check_cleanups(self) -> None:
+        for fut in [f for f in self._cleanups if f.done()]:
+            self._cleanups.remove(fut)
+            fut.result()
+
+    def close(self) -> None:
+        """Wait for the work in flight, then release the threads, host memory, lock and handler."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait_until_finished()
+        finally:
+            self._ckptr.close()
+            self._watch.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self._dir!r}, steps={_steps_text(self.all_steps())})"
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _path(self, step: int) -> str:
+        return _directory.step_path(self._dir, step)
+
+    def _committed(self) -> list[int]:
+        with self._mutex:
+            return sorted(self._infos)
+
+    def _in_flight(self) -> int | None:
+        """The step being saved, until its save has finished (committed or failed)."""
+        if self._pending is None or self._pending[1].done():
+            return None
+        return self._pending[0]
+
+    def _last_step(self) -> int | None:
+        pending = self._in_flight()
+        candidates = self.all_steps() + ([pending] if pending is not None else [])
+        return max(candidates) if candidates else None
+
+    def _existing(self, step: int) -> int:
+        step = _check_step(step)
+        steps = self.all_steps()
+        if step not in steps:
+            raise StepNotFoundError(
+                f"step {step} is not in {self._dir}; committed steps: {_steps_text(steps)}")
+        return step
+
+    def _read_info(self, step: int) -> StepInfo:
+        try:
+            root = _restore.read_root(self._path(step))
+        except CheckpointError as e:
+            log.warning("asyncckpt: cannot read step %d for retention (treated as having no "
+                        "time or metrics): %s", step, e)
+            return StepInfo(step, math.nan, None)
+        return StepInfo(step, root.created, root.metrics)
+
+    def _check_writable(self, what: str) -> None:
+        if self._closed:
+            raise CheckpointError(
+                f"this CheckpointManager of {self._dir} is closed; open a new one")
+        if self._read_only:
+            raise CheckpointError(f"cannot {what}: this CheckpointManager of {self._dir} was "
+                                  "opened with read_only=True")
+
+
+def _remove(path: str, step: int | None) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        what = f"step {step}" if step is not None else "leftover files"
+        raise CheckpointWriteError(
+            e.errno, f"could not remove the files of {what} at {path}: {e.strerror}; the step is "
+            "no longer listed, and the next writer to open the directory retries") from e
+
+
+def _policies(max_to_keep: int | None, keep_every_n_hours: float | None,
+              keep_every_n_steps: int | None, best_metric: Any, best_mode: Any,
+              keep_best: int | None, retention: Sequence[RetentionPolicy]) -> list[RetentionPolicy]:
+    policies = list(retention)
+    if max_to_keep is not None:
+        policies.append(KeepLastN(max_to_keep))
+    if keep_every_n_hours is not None:
+        policies.append(KeepEveryNHours(keep_every_n_hours))
+    if keep_every_n_steps is not None:
+        policies.append(KeepEveryNSteps(keep_every_n_steps))
+    if keep_best is not None:
+        if best_metric is None:
+            raise ValueError("keep_best needs best_metric: the metric name (or function of the "
+                             "metrics dict) to rank steps by")
+        policies.append(KeepBest(keep_best, best_metric, best_mode))
+    elif best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    for p in policies:
+        if not callable(getattr(p, "keep", None)):
+            raise TypeError(f"retention policy {p!r} has no keep(steps) method")
+    return policies
