@@ -294,9 +294,11 @@ class CheckpointManager:
     # -- preemption ----------------------------------------------------------------------------
 
     def reached_preemption(self, step: int) -> bool:
-        """True once SIGTERM was received (or `notify_preemption()` called): save now and exit."""
-        del step  # all processes agree on it once multi-process runs are supported
-        return self._watch.reached()
+        """True once SIGTERM was received (or `notify_preemption()` called): save now and exit.
+
+        Call it every step. Under `jax.distributed` it is JAX's preemption sync point: true at
+        the same step in every process, after any of them received SIGTERM."""
+        return self._watch.reached(_check_step(step))
 
     def notify_preemption(self) -> None:
         """Act as if SIGTERM had been received (for schedulers that warn another way)."""
