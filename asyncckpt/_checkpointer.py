@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from .errors import (
 )
 
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
+log = logging.getLogger("asyncckpt")
 
 
 class AsyncCheckpointer:
@@ -84,8 +87,12 @@ class AsyncCheckpointer:
         """`save`, plus what a manager adds: `extra` root attributes, and `after_commit(created)`
         run on the job thread once the checkpoint is committed (its failure fails the future)."""
         self._check_open()
+        t0 = time.perf_counter()
         for fut in self._pending:  # one save in flight at a time bounds host memory
             fut.exception()
+        if self._pending:
+            log.debug("asyncckpt: save to %s waited %.3f s for the previous save to commit",
+                      dest, time.perf_counter() - t0)
         self.check_for_errors()
         _save.check_destination(dest, force=force)
         _format.encode_json(metadata, what="`metadata`")
