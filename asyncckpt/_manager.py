@@ -27,6 +27,7 @@ from ._retention import (
     KeepLastN,
     RetentionPolicy,
     StepInfo,
+    check_count,
     steps_to_delete,
 )
 from .errors import (
@@ -113,9 +114,7 @@ class CheckpointManager:
         self._policies = _policies(max_to_keep, keep_every_n_hours, keep_every_n_steps,
                                    best_metric, best_mode, keep_best, retention)
         self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
-        interval = save_interval_steps
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"save_interval_steps must be an int >= 1, got {interval!r}")
+        check_count(save_interval_steps, "save_interval_steps")
         self._interval = save_interval_steps
         self._read_only = read_only
         self._mutex = threading.Lock()  # guards _infos: the job thread updates it after commits

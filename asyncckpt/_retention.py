@@ -37,6 +37,11 @@ class RetentionPolicy(Protocol):
     def keep(self, steps: Sequence[StepInfo]) -> set[int]: ...
 
 
+def check_count(value: Any, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+
+
 def _positive(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{what} must be a positive number, got {value!r}")
@@ -50,8 +55,7 @@ class KeepLastN:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ValueError(f"max_to_keep / KeepLastN.n must be an int >= 1, got {self.n!r}")
+        check_count(self.n, "max_to_keep / KeepLastN.n")
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]:
         return set(sorted(s.step for s in steps)[-self.n :])
@@ -65,8 +69,7 @@ class KeepEveryNSteps:
     limits: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ValueError(f"keep_every_n_steps must be an int >= 1, got {self.n!r}")
+        check_count(self.n, "keep_every_n_steps")
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]:
         return {s.step for s in steps if s.step % self.n == 0}
@@ -88,7 +91,7 @@ class KeepEveryNHours:
         kept: set[int] = set()
         anchor = -math.inf
         for s in sorted(steps, key=lambda s: s.step):
-            if s.time >= anchor + self.hours * 3600.0:
+            if s.time - anchor >= self.hours * 3600.0:
                 kept.add(s.step)
                 anchor = s.time
         return kept
@@ -119,8 +122,7 @@ class KeepBest:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"keep_best / KeepBest.k must be an int >= 1, got {self.k!r}")
+        check_count(self.k, "keep_best / KeepBest.k")
         if self.mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.mode!r}")
         if not (callable(self.metric) or isinstance(self.metric, str)):
