@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _restore, _save, _store
+from . import _distributed, _format, _restore, _save, _store
 from ._executor import Workers
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
@@ -26,6 +27,7 @@ from .errors import (
 )
 
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
+DEFAULT_BARRIER_TIMEOUT_S = 300.0
 log = logging.getLogger("asyncckpt")
 
 
@@ -49,6 +51,8 @@ class AsyncCheckpointer:
             the same tree then skip first-touch page faults, at the cost of holding one host copy
             of the tree between saves. `close()` frees it.
         max_inflight_bytes: host memory a restore may fill before placing arrays on devices.
+        barrier_timeout_s: under `jax.distributed`, how long a save waits for the other
+            processes at each of its barriers before it fails naming the missing ones.
     """
 
     def __init__(
@@ -57,8 +61,10 @@ class AsyncCheckpointer:
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
     ) -> None:
         self._workers = Workers(max_workers)
+        self._barrier_timeout_s = barrier_timeout_s
         self._pool = ArenaPool(enabled=reuse_host_memory)
         self._pending: list[Future[str]] = []
         self._max_inflight_bytes = max_inflight_bytes
@@ -96,21 +102,27 @@ class AsyncCheckpointer:
         self.check_for_errors()
         _save.check_destination(dest, force=force)
         _format.encode_json(metadata, what="`metadata`")
-        snap = take_snapshot(tree, metadata, self._workers, self._pool)
-        future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit)
+        coord = None
+        if _distributed.is_multi_process():
+            coord = _distributed.Coordinator(_distributed.save_key(dest), self._barrier_timeout_s)
+        snap = take_snapshot(tree, metadata, self._workers, self._pool,
+                             process_index=coord.process if coord else 0)
+        future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit,
+                                          coord)
         self._pending.append(future)
         return future
 
     def _write(self, snap: Snapshot, dest: str, replace: bool, extra: dict | None,
-               after_commit: Callable[[float], None] | None) -> str:
+               after_commit: Callable[[float], None] | None,
+               coord: _distributed.Coordinator | None) -> str:
         try:
-            _save.write_snapshot(snap, dest, self._workers, replace=replace, extra=extra)
+            return _save.write_snapshot(
+                snap, dest, self._workers, replace=replace, extra=extra, coord=coord,
+                after_commit=functools.partial(after_commit, snap.created) if after_commit
+                else None)
         finally:
             if snap.arena is not None:
                 self._pool.release(snap.arena)
-        if after_commit is not None:
-            after_commit(snap.created)
-        return dest
 
     @property
     def workers(self) -> Workers:

@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
-from . import _directory, _format, _restore
-from ._checkpointer import DEFAULT_MAX_INFLIGHT_BYTES, AsyncCheckpointer
+import jax
+
+from . import _directory, _distributed, _format, _restore
+from ._checkpointer import DEFAULT_BARRIER_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_BYTES, AsyncCheckpointer
 from ._preemption import PreemptionWatch
 from ._retention import (
     KeepBest,
@@ -89,7 +91,13 @@ class CheckpointManager:
             is not terminated); then `reached_preemption()` is true and the next `save` is forced.
         read_only: open without the writer lock, e.g. to restore while another job trains; the
             step list is re-read on every query. `save` and `delete` then raise.
-        max_workers, reuse_host_memory, max_inflight_bytes: as for `AsyncCheckpointer`.
+        max_workers, reuse_host_memory, max_inflight_bytes, barrier_timeout_s: as for
+            `AsyncCheckpointer`.
+
+    Under `jax.distributed`, create the manager and call `save`, `delete` and `restore` in every
+    process alike (after `jax.distributed.initialize`); the directory must be on storage every
+    process sees. Each process writes its own shards; process 0 commits, holds the lock and
+    applies retention.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class CheckpointManager:
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
     ) -> None:
         self._dir = _restore.checkpoint_path(directory)
         self._policies = _policies(max_to_keep, keep_every_n_hours, keep_every_n_steps,
@@ -117,12 +126,16 @@ class CheckpointManager:
         check_count(save_interval_steps, "save_interval_steps")
         self._interval = save_interval_steps
         self._read_only = read_only
+        self._barrier_timeout_s = barrier_timeout_s
+        # under jax.distributed every process saves its shards; process 0 alone holds the lock,
+        # cleans up and applies retention, the others re-read the step list from disk
+        self._leader = not _distributed.is_multi_process() or jax.process_index() == 0
         self._mutex = threading.Lock()  # guards _infos: the job thread updates it after commits
         self._infos: dict[int, StepInfo | None] = {}  # None: not read from disk yet
         self._pending: tuple[int, Future[str]] | None = None  # the save in flight
         self._cleanups: list[Future[None]] = []
         self._lock: _directory.DirectoryLock | None = None
-        if not read_only:
+        if not read_only and self._leader:
             os.makedirs(self._dir, exist_ok=True)
             self._lock = _directory.DirectoryLock(self._dir)
             try:
@@ -130,12 +143,13 @@ class CheckpointManager:
             except BaseException:
                 self._lock.release()
                 raise
-        elif not os.path.isdir(self._dir):
+        elif read_only and not os.path.isdir(self._dir):
             raise CheckpointNotFoundError(
                 f"no checkpoint directory at {self._dir} (read_only=True does not create it)")
         self._ckptr = AsyncCheckpointer(max_workers=max_workers,
                                         reuse_host_memory=reuse_host_memory,
-                                        max_inflight_bytes=max_inflight_bytes)
+                                        max_inflight_bytes=max_inflight_bytes,
+                                        barrier_timeout_s=barrier_timeout_s)
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
         self._closed = False
         self.reload()
@@ -154,7 +168,7 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """The committed steps, ascending. A step being saved appears once it is committed."""
-        if self._read_only:
+        if self._read_only or not self._leader:
             self.reload()
         with self._mutex:
             return sorted(self._infos)
@@ -254,8 +268,19 @@ class CheckpointManager:
         """Delete a committed step: it leaves the listing at once (one rename); its files are
         removed in the background (`wait_until_finished` waits for that)."""
         self._check_writable("delete")
+        step = _check_step(step)
+        if step == self._in_flight():
+            self._ckptr.wait_until_finished()
         self._existing(step)
-        self._ckptr.workers.submit_job(self._delete_now, _check_step(step)).result()
+        coord = None
+        if _distributed.is_multi_process():  # everyone checked the step before it goes
+            coord = _distributed.Coordinator(_distributed.save_key(f"delete {self._dir} {step}"),
+                                             self._barrier_timeout_s)
+            coord.barrier("checked", f"deleting step {step} of {self._dir}")
+        if self._leader:
+            self._ckptr.workers.submit_job(self._delete_now, step).result()
+        if coord is not None:  # the others list the step until process 0 has renamed it
+            coord.barrier("deleted", f"deleting step {step} of {self._dir}")
 
     def _delete_now(self, step: int) -> None:
         """Rename `step` out of the listing, durably; remove its files on the clean-up thread."""

@@ -12,11 +12,12 @@ import errno
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from . import _format, _store
+from ._distributed import Coordinator
 from ._executor import Workers, batches
 from ._snapshot import HostArray, Snapshot
 from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
@@ -98,19 +99,15 @@ def _context(array: HostArray, path: str) -> Iterator[None]:
         ) from e
 
 
-def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool,
-                   extra: dict | None = None) -> str:
-    """Write `snap` under a temporary name next to `dest`, make it durable, then publish it.
+def _write_tree(tmp: str, snap: Snapshot, workers: Workers, *, documents: bool) -> None:
+    """Write the group and array documents (if `documents`) and this process's chunks.
 
     Phases, each spread over the I/O threads: group directories; array directories, documents
     and small chunks (one task touches one directory at a time, few barriers for thousands of
-    small leaves); large chunks; then the root document, one sync and the rename.
+    small leaves); large chunks. Without `documents` the directories exist already (another
+    process made them) and only chunks are written.
     """
-    parent = os.path.dirname(dest)
-    tmp = _store.temporary_sibling(dest)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(tmp)
+    if documents:
         groups = _format.group_names([a.spec.name for a in snap.arrays])
         workers.run_all([functools.partial(_write_groups, tmp, g)
                          for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)])
@@ -118,21 +115,116 @@ def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool
                                                            if _inline(d)) // 16384,
                             parts=workers.size, min_cost=64)
         workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array])
-        large = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not _inline(d)]
-        workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
-                         batches(large, lambda c: c[2].nbytes, parts=workers.size, min_cost=1)])
-        root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, snap.metadata,
-                                created=snap.created, extra=extra)
-        _store.write_file(os.path.join(tmp, _format.DOC), root)
-        _store.sync_tree(tmp)
-        _publish(tmp, dest, replace)
+    rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
+    workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
+                     batches(rest, lambda c: c[2].nbytes + 16384, parts=workers.size,
+                             min_cost=1)])
+
+
+def _commit(tmp: str, snap: Snapshot, dest: str, replace: bool, extra: dict | None) -> None:
+    """The root document (written last), one sync, the rename."""
+    root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, snap.metadata,
+                            created=snap.created, extra=extra)
+    _store.write_file(os.path.join(tmp, _format.DOC), root)
+    _store.sync_tree(tmp)
+    _publish(tmp, dest, replace)
+
+
+def _as_write_error(e: BaseException, dest: str) -> BaseException:
+    if isinstance(e, CheckpointError) or not isinstance(e, OSError):
+        return e
+    error = CheckpointWriteError(
+        e.errno, f"saving the checkpoint {dest} failed, nothing was committed: {e}")
+    error.__cause__ = e
+    return error
+
+
+def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool,
+                   extra: dict | None = None, after_commit: Callable[[], None] | None = None,
+                   coord: Coordinator | None = None) -> str:
+    """Write `snap` under a temporary name next to `dest`, make it durable, publish it, then
+    run `after_commit` (the manager's retention). With `coord`: see `_write_together`."""
+    if coord is not None:
+        return _write_together(snap, dest, workers, replace, extra, after_commit, coord)
+    tmp = _store.temporary_sibling(dest)
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.mkdir(tmp)
+        _write_tree(tmp, snap, workers, documents=True)
+        _commit(tmp, snap, dest, replace, extra)
     except BaseException as e:
         _store.remove_tree(tmp)
-        if isinstance(e, CheckpointError) or not isinstance(e, OSError):
-            raise
-        raise CheckpointWriteError(
-            e.errno, f"saving the checkpoint {dest} failed, nothing was committed: {e}"
-        ) from e
+        raise _as_write_error(e, dest) from None
+    if after_commit is not None:
+        after_commit()
+    return dest
+
+
+def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
+                    extra: dict | None, after_commit: Callable[[], None] | None,
+                    coord: Coordinator) -> str:
+    """The multi-process save, in three barriers.
+
+    1. `layout`: process 0 has created the temporary directory with every document and its own
+       chunks. 2. `written`: every other process has added its chunks and synced them. 3. `done`:
+    process 0 has written the root document, committed, and run `after_commit`. A process that
+    fails still goes to the next barrier and reports its failure in the key-value store, so the
+    others stop at once instead of at the deadline; a process that never arrives is named when
+    the deadline passes. Nothing is committed unless every process wrote its part.
+    """
+    leader = coord.process == 0
+    what = f"saving {dest} from {coord.count} processes"
+    tmp, error = None, None
+    if leader:
+        try:
+            tmp = _store.temporary_sibling(dest)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.mkdir(tmp)
+            _write_tree(tmp, snap, workers, documents=True)
+        except BaseException as e:
+            error = e
+        coord.put("layout", {"tmp": tmp, "dest": dest, "ok": error is None})
+    try:
+        coord.barrier("layout", f"{what}, nothing was committed")
+        layout = coord.get("layout")
+        if not leader and layout["dest"] != dest:
+            error = CheckpointError(f"{what}: process 0 saves to {layout['dest']} but process "
+                                    f"{coord.process} to {dest}; every process must save the "
+                                    "same paths in the same order")
+        elif not leader and layout["ok"]:
+            try:
+                _write_tree(layout["tmp"], snap, workers, documents=False)
+                _store.sync_tree(layout["tmp"])
+            except BaseException as e:
+                error = e
+        coord.put(f"written/{coord.process}", None if error is None else str(error))
+        coord.barrier("written", f"{what}, nothing was committed")
+        failed = {p: m for p, m in sorted(coord.gather("written").items()) if m is not None}
+        if failed:
+            if leader:
+                _store.remove_tree(tmp)
+            if error is not None:
+                raise error
+            p, message = next(iter(failed.items()))
+            raise CheckpointWriteError(
+                f"{what}: process {p} failed, so nothing was committed: {message}")
+        if leader:
+            try:
+                _commit(tmp, snap, dest, replace, extra)
+                if after_commit is not None:
+                    after_commit()
+            except BaseException as e:
+                error = e
+            coord.put("done", None if error is None else str(error))
+        coord.barrier("done", what)
+        if not leader and (message := coord.get("done")) is not None:
+            raise CheckpointWriteError(f"{what}: process 0 failed to commit: {message}")
+        if error is not None:
+            raise error
+    except BaseException as e:
+        if leader and tmp is not None:
+            _store.remove_tree(tmp)  # a no-op once committed: tmp was renamed
+        raise _as_write_error(e, dest) from None
     return dest
 
 

@@ -161,6 +161,11 @@ def _plan_leaf(i: int, leaf: Leaf) -> tuple[ArraySpec, list[_Piece]]:
     return spec, pieces
 
 
+def _is_local(value: Any) -> bool:
+    """A value held whole by the process (not a global array spanning processes)."""
+    return not isinstance(value, jax.Array) or value.sharding.is_fully_addressable
+
+
 def _copy(piece: _Piece, dest: np.ndarray) -> None:
     src = np.asarray(piece.source)  # device -> host (already started), or a numpy view
     src = src[piece.source_index] if piece.source_index else src
@@ -190,8 +195,12 @@ def _copy_group(group: list[tuple[_Piece, np.ndarray]]) -> None:
         _copy(piece, dest)
 
 
-def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool) -> Snapshot:
-    """Copy every leaf of `tree` that this process writes into private host memory."""
+def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *,
+                  process_index: int = 0) -> Snapshot:
+    """Copy every leaf of `tree` that this process writes into private host memory.
+
+    Under `jax.distributed` a process writes the replica-0 shards of its addressable devices;
+    values every process holds whole (numpy arrays, single-device arrays) are process 0's."""
     leaves, spec = flatten(tree)
     arrays: list[ArraySpec] = []
     pieces: list[_Piece] = []
@@ -200,7 +209,8 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool) -
             continue  # a python scalar, stored inline in the tree description
         a, p = _plan_leaf(len(arrays), leaf)
         arrays.append(a)
-        pieces.extend(p)
+        if process_index == 0 or not _is_local(leaf.value):
+            pieces.extend(p)
     for p in pieces:  # start every device -> host transfer before waiting on any
         if isinstance(p.source, jax.Array):
             p.source.copy_to_host_async()

@@ -3,13 +3,18 @@
 import os
 import re
 import sys
+import time
 
+import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from distributed import launch  # noqa: E402
+from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
+
+P = jax.sharding.PartitionSpec
 
 
 def finish(procs, timeout=180):
@@ -21,9 +26,49 @@ def finish(procs, timeout=180):
     finally:
         for p in procs:
             p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
     return outputs
+
+
+def succeed(procs):
+    outputs = finish(procs)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "ok" in out, out[-3000:]
+    return outputs
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("processes, local", [(2, 4), (4, 2)])
+def test_save_in_several_processes_restore_anywhere(tmp_path, mesh, processes, local):
+    outputs = succeed(launch("mp_child.py", processes, "save", str(tmp_path), str(local)))
+    for out in outputs:  # every process sees the same steps after retention and deletion
+        assert "steps [2, 3]" in out and "after delete [3]" in out, out[-2000:]
+    # restored in this one process (8 devices), onto other shardings
+    check_tree(ac.restore(tmp_path / "ckpt", abstract_tree(jax.make_mesh((8, 1), ("x", "y")),
+                                                           P("x", "y"))))
+    assert sorted(os.listdir(tmp_path / "run")) == [".asyncckpt.lock", "3"]
+    # ... and in several processes again
+    succeed(launch("mp_child.py", processes, "restore", str(tmp_path), str(local)))
+
+
+@pytest.mark.timeout(300)
+def test_save_in_one_process_restore_in_two(tmp_path, mesh):
+    ac.save(tmp_path / "ckpt", global_tree(mesh))
+    succeed(launch("mp_child.py", 2, "restore", str(tmp_path), "4"))
+
+
+@pytest.mark.timeout(300)
+def test_a_process_killed_mid_save_fails_the_others_in_time(tmp_path):
+    start = time.monotonic()
+    procs = launch("mp_child.py", 2, "die", str(tmp_path), "4")
+    outputs = finish(procs)
+    elapsed = time.monotonic() - start
+    assert procs[1].returncode == -9
+    error = re.search(r"error: (.*)", outputs[0])
+    assert error, outputs[0][-3000:]
+    assert "processes [1] of 2 did not arrive" in error.group(1)
+    assert "nothing was committed" in error.group(1)
+    assert "listing []" in outputs[0]  # no step, no temporary directory left
+    assert elapsed < TIMEOUT_S + 60
 
 
 @pytest.mark.timeout(240)
@@ -31,7 +76,7 @@ def test_processes_agree_on_the_preemption_step(tmp_path):
     outputs = finish(launch("preempt_child.py", 2, str(tmp_path)))
     steps = [int(re.search(r"preempted at (\d+)", out).group(1)) for out in outputs]
     assert steps[0] == steps[1] >= 20, steps
-    assert all("alive" in out for out in outputs)
-    for i in range(2):
-        with ac.CheckpointManager(tmp_path / str(i), read_only=True) as mgr:
-            assert mgr.all_steps() == [steps[0]]
+    for out in outputs:
+        assert "alive" in out and f"steps [{steps[0]}]" in out, out[-2000:]
+    with ac.CheckpointManager(tmp_path, read_only=True) as mgr:
+        assert mgr.all_steps() == [steps[0]] and mgr.restore()["step"] == steps[0]

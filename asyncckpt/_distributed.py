@@ -1,0 +1,90 @@
+"""Talking to the other processes of a `jax.distributed` run: barriers and a key-value store.
+
+Everything goes through JAX's coordination service (the client that `jax.distributed.initialize`
+creates), so asyncckpt needs no network of its own. Every barrier has a deadline; when it passes,
+the error names the processes that never arrived (each process announces its arrival in the
+key-value store before waiting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any
+
+import jax
+
+from .errors import CheckpointError
+
+
+def _client() -> Any:
+    from jax._src import distributed  # the coordination client has no public handle
+
+    return distributed.global_state.client
+
+
+_saves_per_path: dict[str, int] = {}
+_saves_lock = threading.Lock()
+
+
+def save_key(path: str) -> str:
+    """A name space for one save of `path`, the same in every process: saves of one path are
+    made in the same order everywhere, so the n-th save of a path has the same key."""
+    with _saves_lock:
+        n = _saves_per_path[path] = _saves_per_path.get(path, 0) + 1
+    return f"asyncckpt/save/{hashlib.sha256(path.encode()).hexdigest()[:24]}/{n}"
+
+
+def is_multi_process() -> bool:
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+class Coordinator:
+    """Barriers and small messages among the processes, under one name space (`prefix`)."""
+
+    def __init__(self, prefix: str, timeout_s: float) -> None:
+        self.process = jax.process_index()
+        self.count = jax.process_count()
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._client = _client()
+        if self._client is None:
+            raise CheckpointError("jax.distributed is not initialised; call "
+                                  "jax.distributed.initialize() before saving from several "
+                                  "processes")
+
+    def _ms(self) -> int:
+        return max(1, int(self.timeout_s * 1000))
+
+    def barrier(self, name: str, what: str) -> None:
+        """Wait until every process arrives at `name`, or raise naming the ones that did not."""
+        key = f"{self.prefix}/barrier/{name}"
+        self._client.key_value_set(f"{self.prefix}/arrived/{name}/{self.process}", "1")
+        try:
+            self._client.wait_at_barrier(key, self._ms())
+        except Exception as e:  # JaxRuntimeError: DEADLINE_EXCEEDED, or the service went away
+            try:
+                arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in
+                           self._client.key_value_dir_get(f"{self.prefix}/arrived/{name}/")}
+            except Exception:  # the coordinator itself (process 0) is gone
+                arrived = {self.process}
+            missing = sorted(set(range(self.count)) - arrived)
+            raise CheckpointError(
+                f"{what}: processes {missing} of {self.count} did not arrive within "
+                f"{self.timeout_s:g} s (barrier {key}); they crashed, hang, or did not call the "
+                f"same call. ({type(e).__name__}: {str(e)[:300]})"
+            ) from e
+
+    def put(self, name: str, value: Any) -> None:
+        self._client.key_value_set(f"{self.prefix}/data/{name}", json.dumps(value))
+
+    def get(self, name: str) -> Any:
+        """The value another process `put` under `name` (waits for it up to the deadline)."""
+        return json.loads(self._client.blocking_key_value_get(f"{self.prefix}/data/{name}",
+                                                              self._ms()))
+
+    def gather(self, name: str) -> dict[int, Any]:
+        """Values each process `put` under `name/<process>`, keyed by process (those present)."""
+        items = self._client.key_value_dir_get(f"{self.prefix}/data/{name}/")
+        return {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in items}

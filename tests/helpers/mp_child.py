@@ -1,0 +1,59 @@
+"""Child of test_multiprocess.py: one process of a `jax.distributed` job on CPU devices.
+
+    mp_child.py PROCESS_ID NUM_PROCESSES PORT MODE DIR LOCAL_DEVICES
+
+Modes: `save` (a tree and three manager steps), `restore` (onto another mesh, every addressable
+shard checked), `die` (process 1 SIGKILLs itself while writing its chunks)."""
+
+import os
+import signal
+import sys
+
+from distributed import initialize
+
+process_id, num_processes, port, mode, directory, local = sys.argv[1:7]
+initialize(int(process_id), int(num_processes), int(port), local_devices=int(local))
+
+import jax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
+
+import asyncckpt as ac  # noqa: E402
+
+mesh = jax.make_mesh((4, 2), ("x", "y"))
+other = jax.make_mesh((2, 4), ("x", "y"))
+ckpt = os.path.join(directory, "ckpt")
+
+if mode == "save":
+    ac.save(ckpt, global_tree(mesh))
+    with ac.CheckpointManager(os.path.join(directory, "run"), max_to_keep=2,
+                              barrier_timeout_s=TIMEOUT_S) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, global_tree(mesh, step), metrics={"loss": 1.0 / step})
+        mgr.wait_until_finished()
+        print("steps", mgr.all_steps(), flush=True)
+        check_tree(mgr.restore(target=abstract_tree(other, P("y", "x"))), 3)
+        mgr.delete(2)
+        print("after delete", mgr.all_steps(), flush=True)
+elif mode == "restore":
+    check_tree(ac.restore(ckpt, abstract_tree(other, P("y", "x"))))
+    check_tree(ac.restore(ckpt, abstract_tree(mesh, P(None, "x"))))
+elif mode == "die":
+    from asyncckpt import _store
+
+    real = _store.write_chunk
+
+    def write_then_die(path, data):
+        if jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, data)
+
+    _store.write_chunk = write_then_die
+    try:
+        with ac.AsyncCheckpointer(barrier_timeout_s=TIMEOUT_S) as ckptr:
+            ckptr.save(ckpt, global_tree(mesh))
+    except ac.CheckpointError as e:
+        print("error:", e, flush=True)
+    print("listing", sorted(os.listdir(directory)), flush=True)
+    os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
+print("ok", flush=True)

@@ -1,0 +1,38 @@
+"""Deterministic global trees for the multi-process tests, and their checks."""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+TIMEOUT_S = 10.0
+SHAPE = (16, 24)
+
+
+def global_value(step=0):
+    return np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) + step
+
+
+def global_tree(mesh, step=0):
+    """A matrix sharded over every process's devices, a replicated vector, a numpy array, ints."""
+    value = global_value(step)
+    sharding = NamedSharding(mesh, P("x", "y"))
+    matrix = jax.make_array_from_callback(SHAPE, sharding, lambda idx: value[idx])
+    replicated = NamedSharding(mesh, P())
+    vector = jax.make_array_from_callback((24,), replicated, lambda idx: value[0][idx])
+    return {"matrix": matrix, "vector": vector, "host": np.full(5, step, np.int32), "step": step}
+
+
+def abstract_tree(mesh, spec):
+    return {"matrix": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=NamedSharding(mesh, spec)),
+            "vector": jax.ShapeDtypeStruct((24,), np.float32, sharding=NamedSharding(mesh, P())),
+            "host": np.zeros(5, np.int32), "step": 0}
+
+
+def check_tree(tree, step=0):
+    value = global_value(step)
+    for name, want in (("matrix", value), ("vector", value[0])):
+        for shard in tree[name].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index], name)
+    np.testing.assert_array_equal(tree["host"], np.full(5, step, np.int32))
+    assert tree["step"] == step
