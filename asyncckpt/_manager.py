@@ -229,7 +229,7 @@ class CheckpointManager:
         self._check_writable("save")
         step = _check_step(step)
         self._check_cleanups()
-        if (step in self._committed() or step == self._in_flight()) and not force:
+        if (step in self.all_steps() or step == self._in_flight()) and not force:
             raise CheckpointExistsError(
                 f"step {step} already exists in {self._dir}; pass force=True to replace it")
         if not force and not self.should_save(step):
