@@ -25,6 +25,8 @@ DOC = "zarr.json"
 ATTR = "asyncckpt"
 MAX_NDIM = 64
 MAX_ROOT_DOC_BYTES = 1 << 30
+BAND_BYTES = 4 << 20  # target size of the row bands of large chunks
+MIN_BAND_BYTES = 1 << 20  # below this, bands cost more syscalls than they save bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,10 @@ class ArraySpec:
     """Shape of every chunk (one chunk per shard)."""
     prng_impl: str | None = None
     """For typed PRNG key arrays: the key implementation (`threefry2x32` ...)."""
+    band_rows: int | None = None
+    """Large chunks are stored as Zarr shards of row bands: inner chunks of `band_rows` rows
+    (the chunk's full extent in every other dimension), each with its own crc32c, so a reader
+    can read and verify only the rows it needs. None: a plain chunk."""
 
     @property
     def nbytes(self) -> int:
@@ -69,15 +75,49 @@ class ArraySpec:
 
 def array_doc(spec: ArraySpec) -> bytes:
     """The Zarr v3 `zarr.json` of one array, encoded (it does not depend on the name)."""
-    return _array_doc(spec.shape, spec.dtype, spec.chunk_shape, spec.prng_impl)
+    return _array_doc(spec.shape, spec.dtype, spec.chunk_shape, spec.prng_impl, spec.band_rows)
+
+
+def _data_codecs(dtype: np.dtype) -> list[dict[str, Any]]:
+    bytes_codec: dict[str, Any] = {"name": "bytes"}
+    if dtype.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    return [bytes_codec, {"name": "crc32c"}]
+
+
+_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def band_rows_for(chunk_shape: tuple[int, ...], itemsize: int) -> int | None:
+    """Rows per band for a chunk of `chunk_shape`: the most rows that divide the chunk and fit in
+    BAND_BYTES. None (a plain chunk) for chunks of one band, or whose bands would be tiny."""
+    if len(chunk_shape) == 0 or math.prod(chunk_shape) * itemsize <= BAND_BYTES:
+        return None
+    row = math.prod(chunk_shape[1:]) * itemsize
+    rows = chunk_shape[0]
+    fits = [d for k in range(1, math.isqrt(rows) + 1) if rows % k == 0 for d in (k, rows // k)
+            if d * row <= BAND_BYTES]
+    best = max(fits, default=0)
+    return best if best * row >= MIN_BAND_BYTES and best < rows else None
+
+
+def band_nbytes(spec: ArraySpec) -> int:
+    """Bytes of data in one band of `spec` (without its checksum)."""
+    assert spec.band_rows is not None
+    return spec.band_rows * math.prod(spec.chunk_shape[1:]) * spec.dtype.itemsize
 
 
 @functools.lru_cache(maxsize=4096)  # thousands of leaves share a handful of documents
 def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...],
-               prng_impl: str | None) -> bytes:
-    bytes_codec: dict[str, Any] = {"name": "bytes"}
-    if dtype.itemsize > 1:
-        bytes_codec["configuration"] = {"endian": "little"}
+               prng_impl: str | None, band_rows: int | None) -> bytes:
+    codecs = _data_codecs(dtype)
+    if band_rows is not None:
+        codecs = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [band_rows, *chunk_shape[1:]],
+            "codecs": codecs,
+            "index_codecs": _INDEX_CODECS,
+            "index_location": "end",
+        }}]
     attributes = {ATTR: {"prng_impl": prng_impl}} if prng_impl else {}
     return _compact({
         "zarr_format": 3,
@@ -87,7 +127,7 @@ def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, 
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": _dtypes.fill_value_json(dtype),
-        "codecs": [bytes_codec, {"name": "crc32c"}],
+        "codecs": codecs,
         "attributes": attributes,
         "storage_transformers": [],
     })
@@ -237,16 +277,39 @@ def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
     _check(key_enc == {"name": "default", "configuration": {"separator": "."}}, where,
            f"unsupported chunk_key_encoding {str(key_enc)[:200]}")
     codecs = doc.get("codecs")
-    names = [c.get("name") for c in codecs] if isinstance(codecs, list) else None
-    _check(names == ["bytes", "crc32c"] and all(isinstance(c, dict) for c in codecs), where,
-           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")
-    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
-    _check(endian == "little", where, f"unsupported endianness {endian!r}")
+    band_rows = None
+    if isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) \
+            and codecs[0].get("name") == "sharding_indexed":
+        band_rows = _parse_bands(codecs[0].get("configuration"), chunk, where)
+        codecs = codecs[0]["configuration"].get("codecs")
+    _check_data_codecs(codecs, where)
     attrs = doc.get("attributes")
     ours = attrs.get(ATTR) if isinstance(attrs, dict) else None
     impl = ours.get("prng_impl") if isinstance(ours, dict) else None
     _check(impl is None or isinstance(impl, str), where, "bad `prng_impl` attribute")
-    return ArraySpec(check_name(name, where), shape, dtype, chunk, impl)
+    return ArraySpec(check_name(name, where), shape, dtype, chunk, impl, band_rows)
+
+
+def _check_data_codecs(codecs: Any, where: str) -> None:
+    names = [c.get("name") if isinstance(c, dict) else None for c in codecs] \
+        if isinstance(codecs, list) else None
+    _check(names == ["bytes", "crc32c"], where,
+           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    _check(endian == "little", where, f"unsupported endianness {endian!r}")
+
+
+def _parse_bands(conf: Any, chunk: tuple[int, ...], where: str) -> int:
+    """The rows per band of a `sharding_indexed` codec as asyncckpt writes it (row bands)."""
+    _check(isinstance(conf, dict), where, "`sharding_indexed` without configuration")
+    inner = _int_list(conf.get("chunk_shape"), where, "sharding chunk_shape", positive=True)
+    _check(len(inner) == len(chunk) > 0 and inner[1:] == chunk[1:] and chunk[0] % inner[0] == 0,
+           where, f"unsupported shard layout: inner chunks {inner} in chunks {chunk} "
+           "(asyncckpt reads row bands)")
+    _check(conf.get("index_location", "end") == "end", where, "shard index must be at the end")
+    _check(conf.get("index_codecs") == _INDEX_CODECS, where,
+           f"unsupported shard index codecs {str(conf.get('index_codecs'))[:200]}")
+    return inner[0]
 
 
 def parse_root_doc(raw: bytes, where: str) -> RootInfo:

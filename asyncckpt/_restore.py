@@ -114,17 +114,50 @@ def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
                 hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
-        _guarded_read(path, req.out, where)
+        if spec.band_rows is None:
+            _guarded(_store.read_chunk_into, path, req.out, where)
+        else:
+            _read_bands(path, spec, req.out, 0, where)
         return
-    chunk = np.empty(spec.chunk_shape, spec.dtype)
-    _guarded_read(path, chunk, where)
+    if spec.band_rows is None:
+        chunk = np.empty(spec.chunk_shape, spec.dtype)
+        _guarded(_store.read_chunk_into, path, chunk, where)
+        _scatter(chunk, region, hits)
+        return
+    # a banded chunk: read only the bands that some request overlaps
+    band, start = spec.band_rows, region[0].start
+    spans = sorted(((o[0].start - start) // band, -(-(o[0].stop - start) // band))
+                   for _, o in hits)
+    merged = [list(spans[0])]
+    for lo, hi in spans[1:]:
+        if lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    for lo, hi in merged:
+        part = np.empty(((hi - lo) * band, *spec.chunk_shape[1:]), spec.dtype)
+        _read_bands(path, spec, part, lo, where)
+        rows = (slice(start + lo * band, start + hi * band), *region[1:])
+        inside = [(r, o) for r, whole in hits if (o := _overlap(whole, rows)) is not None]
+        _scatter(part, rows, inside)
+
+
+def _scatter(data: np.ndarray, origin: tuple[slice, ...],
+             hits: list[tuple[_Request, tuple[slice, ...]]]) -> None:
+    """Copy the part of `data` (the global region `origin`) that each request overlaps."""
     for req, overlap in hits:
-        req.out[_shift(overlap, req.index)] = chunk[_shift(overlap, region)]
+        req.out[_shift(overlap, req.index)] = data[_shift(overlap, origin)]
 
 
-def _guarded_read(path: str, out: np.ndarray, where: str) -> None:
+def _read_bands(path: str, spec: ArraySpec, out: np.ndarray, first: int, where: str) -> None:
+    nbands = spec.chunk_shape[0] // spec.band_rows  # type: ignore[operator]
+    _guarded(_store.read_bands_into, path, out, first, nbands, _format.band_nbytes(spec), where)
+
+
+def _guarded(read: Any, path: str, *args: Any) -> None:
+    where = args[-1]
     try:
-        _store.read_chunk_into(path, out, where)
+        read(path, *args)
     except CheckpointError:
         raise
     except OSError as e:

@@ -85,7 +85,10 @@ def _write_chunks(root: str, chunks: list[tuple[HostArray, tuple[int, ...], np.n
     for array, coords, data in chunks:
         path = os.path.join(root, array.spec.chunk_key(coords))
         with _context(array, path):
-            _store.write_chunk(path, data)
+            if array.spec.band_rows is None:
+                _store.write_chunk(path, data)
+            else:
+                _store.write_banded_chunk(path, data, _format.band_nbytes(array.spec))
 
 
 @contextlib.contextmanager

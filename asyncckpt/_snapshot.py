@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _dtypes
+from . import _dtypes, _format
 from ._executor import Workers, batches
 from ._format import ArraySpec
 from ._tree import Leaf, flatten, is_array_leaf, keystr
@@ -143,7 +143,8 @@ def _plan_leaf(i: int, leaf: Leaf) -> tuple[ArraySpec, list[_Piece]]:
     else:
         chunk = _chunk_shape(value.sharding, shape)
         shards = [(s.data, s.index) for s in value.addressable_shards if s.replica_id == 0]
-    spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl)
+    spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl,
+                     _format.band_rows_for(chunk, dtype.itemsize))
     if spec.nbytes == 0:
         return spec, []
     nbytes = spec.chunk_nbytes

@@ -34,21 +34,43 @@ def crc32c(buf: memoryview) -> int:
     return _crc32c.crc32c(buf)
 
 
+_IOV_MAX = 1024  # buffers per readv/writev call (Linux IOV_MAX)
+
+
+def _next_batch(pending: list[memoryview]) -> list[memoryview]:
+    """The first buffers of `pending`, at most _IOV_MAX of them and _MAX_IO bytes."""
+    batch, size = [], 0
+    for b in pending[:_IOV_MAX]:
+        if size >= _MAX_IO:
+            break
+        batch.append(b[: _MAX_IO - size] if size + b.nbytes > _MAX_IO else b)
+        size += batch[-1].nbytes
+    return batch
+
+
+def _advance(pending: list[memoryview], done: int) -> None:
+    while pending and done >= pending[0].nbytes:
+        done -= pending[0].nbytes
+        pending.pop(0)
+    if done:
+        pending[0] = pending[0][done:]
+
+
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
     pending = [b for b in buffers if b.nbytes]
     while pending:
-        batch, size = [], 0
-        for b in pending:  # writev at most _MAX_IO bytes at a time
-            if size >= _MAX_IO:
-                break
-            batch.append(b[: _MAX_IO - size] if size + b.nbytes > _MAX_IO else b)
-            size += batch[-1].nbytes
-        written = os.writev(fd, batch)
-        while pending and written >= pending[0].nbytes:
-            written -= pending[0].nbytes
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
+        _advance(pending, os.writev(fd, _next_batch(pending)))
+
+
+def _read_all(fd: int, buffers: list[memoryview], offset: int, path: str, where: str) -> None:
+    """Fill `buffers` from `offset` on; the file must hold that many bytes."""
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        n = os.preadv(fd, _next_batch(pending), offset)
+        if n <= 0:
+            raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+        offset += n
+        _advance(pending, n)
 
 
 def write_file(path: str, *buffers: memoryview | bytes, fsync: bool = False) -> None:
@@ -73,35 +95,87 @@ def write_chunk(path: str, data: np.ndarray) -> None:
     write_file(path, view, crc32c(view).to_bytes(4, "little"))
 
 
-def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
-    """Fill the C-contiguous array `out` from a chunk file and verify its checksum and size."""
-    view = _bytes_view(out)
+def _open_chunk(path: str, expected_size: int, where: str) -> int:
     try:
         fd = os.open(path, _O_READ)
     except FileNotFoundError:
         raise IncompleteCheckpointError(
             f"{where}: chunk file {path} is missing; the checkpoint is incomplete"
         ) from None
+    size = os.fstat(fd).st_size
+    if size != expected_size:
+        os.close(fd)
+        raise CorruptCheckpointError(
+            f"{where}: chunk file {path} has {size} bytes, expected {expected_size} "
+            "(truncated or overwritten)"
+        )
+    return fd
+
+
+def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
+    """Fill the C-contiguous array `out` from a chunk file and verify its checksum and size."""
+    view = _bytes_view(out)
+    crc = bytearray(4)
+    fd = _open_chunk(path, view.nbytes + 4, where)
     try:
-        size = os.fstat(fd).st_size
-        if size != view.nbytes + 4:
-            raise CorruptCheckpointError(
-                f"{where}: chunk file {path} has {size} bytes, expected {view.nbytes + 4} "
-                "(truncated or overwritten)"
-            )
-        crc = bytearray(4)
-        offset = 0
-        while offset < view.nbytes:
-            n = os.preadv(fd, [view[offset : offset + _MAX_IO]], offset)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
-            offset += n
-        if os.preadv(fd, [crc], offset) != 4:
-            raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+        _read_all(fd, [view, memoryview(crc)], 0, path, where)
     finally:
         os.close(fd)
     if crc32c(view) != int.from_bytes(crc, "little"):
         raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
+
+
+# A banded chunk (Zarr `sharding_indexed` with row bands as inner chunks) is
+#   band 0 | crc 0 | band 1 | crc 1 | ... | index: (offset, nbytes) as 2 x uint64 per band | crc
+# so band i starts at i * (band_nbytes + 4), and the whole chunk is its C-order bytes with a
+# checksum after every band: one writev / preadv moves it between the file and the array.
+
+
+def _band_index(nbands: int, band_nbytes: int) -> bytes:
+    index = np.empty((nbands, 2), "<u8")
+    index[:, 0] = np.arange(nbands, dtype=np.uint64) * (band_nbytes + 4)
+    index[:, 1] = band_nbytes + 4
+    return index.tobytes()
+
+
+def write_banded_chunk(path: str, data: np.ndarray, band_nbytes: int) -> None:
+    view = _bytes_view(data)
+    buffers: list[memoryview | bytes] = []
+    for start in range(0, view.nbytes, band_nbytes):
+        band = view[start : start + band_nbytes]
+        buffers += [band, crc32c(band).to_bytes(4, "little")]
+    index = _band_index(view.nbytes // band_nbytes, band_nbytes)
+    write_file(path, *buffers, index, crc32c(memoryview(index)).to_bytes(4, "little"))
+
+
+def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int,
+                    where: str) -> None:
+    """Fill the C-contiguous `out` with bands `first`, `first + 1`, ... of a banded chunk file
+    of `nbands` bands, verifying each band's checksum and the shard index."""
+    view = _bytes_view(out)
+    count = view.nbytes // band_nbytes
+    index_size = 16 * nbands + 4
+    fd = _open_chunk(path, nbands * (band_nbytes + 4) + index_size, where)
+    crcs = bytearray(4 * count)
+    index = bytearray(index_size)
+    try:
+        buffers = []
+        for j in range(count):
+            buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
+                        memoryview(crcs)[4 * j : 4 * j + 4]]
+        _read_all(fd, buffers, first * (band_nbytes + 4), path, where)
+        _read_all(fd, [memoryview(index)], nbands * (band_nbytes + 4), path, where)
+    finally:
+        os.close(fd)
+    body = memoryview(index)[:-4]
+    if crc32c(body) != int.from_bytes(index[-4:], "little") or \
+            bytes(body) != _band_index(nbands, band_nbytes):
+        raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
+    for j in range(count):
+        band = view[j * band_nbytes : (j + 1) * band_nbytes]
+        if crc32c(band) != int.from_bytes(crcs[4 * j : 4 * j + 4], "little"):
+            raise CorruptCheckpointError(
+                f"{where}: checksum mismatch in band {first + j} of chunk file {path}")
 
 
 def read_small_file(path: str, limit: int) -> bytes:

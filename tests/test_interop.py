@@ -29,6 +29,11 @@ def checkpoint(tmp_path_factory, mesh):
         "scalar": np.float64(3.5),
         "empty": np.zeros((0, 4), np.float32),
         "odd names": {"a/b": np.ones(2), "..": np.zeros(2)},
+        # large chunks are Zarr shards of row bands (sharding_indexed codec)
+        "banded": np.arange(3072 * 1024, dtype=np.float32).reshape(3072, 1024),
+        "banded_bf16": jax.device_put(
+            jnp.arange(4096 * 2048, dtype=jnp.float32).reshape(4096, 2048).astype(jnp.bfloat16),
+            NamedSharding(mesh, P("y", None))),
     }
     path = tmp_path_factory.mktemp("interop") / "ck"
     ac.save(path, tree)

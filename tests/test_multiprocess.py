@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from distributed import launch  # noqa: E402
-from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
+from values import BIG, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
 
@@ -54,6 +54,17 @@ def test_save_in_several_processes_restore_anywhere(tmp_path, mesh, processes, l
 def test_save_in_one_process_restore_in_two(tmp_path, mesh):
     ac.save(tmp_path / "ckpt", global_tree(mesh))
     succeed(launch("mp_child.py", 2, "restore", str(tmp_path), "4"))
+
+
+@pytest.mark.timeout(300)
+def test_each_process_reads_only_the_bands_its_devices_need(tmp_path):
+    """Saved as one chunk (a numpy array), restored 8 ways over 2 processes: each device needs
+    1/8 of it, so each process reads half of the data, not all of it."""
+    ac.save(tmp_path / "big", {"big": BIG})
+    outputs = succeed(launch("mp_child.py", 2, "partial", str(tmp_path), "4"))
+    for out in outputs:
+        read = int(re.search(r"read (\d+) of", out).group(1))
+        assert BIG.nbytes // 2 <= read <= BIG.nbytes // 2 + 4096, (read, BIG.nbytes)
 
 
 @pytest.mark.timeout(300)

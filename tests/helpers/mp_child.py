@@ -3,7 +3,8 @@
     mp_child.py PROCESS_ID NUM_PROCESSES PORT MODE DIR LOCAL_DEVICES
 
 Modes: `save` (a tree and three manager steps), `restore` (onto another mesh, every addressable
-shard checked), `die` (process 1 SIGKILLs itself while writing its chunks)."""
+shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes read), `die`
+(process 1 SIGKILLs itself while writing its chunks)."""
 
 import os
 import signal
@@ -15,8 +16,10 @@ process_id, num_processes, port, mode, directory, local = sys.argv[1:7]
 initialize(int(process_id), int(num_processes), int(port), local_devices=int(local))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
+from values import BIG, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
 
@@ -38,6 +41,25 @@ if mode == "save":
 elif mode == "restore":
     check_tree(ac.restore(ckpt, abstract_tree(other, P("y", "x"))))
     check_tree(ac.restore(ckpt, abstract_tree(mesh, P(None, "x"))))
+elif mode == "partial":  # each device needs 1/8 of a one-chunk array: count what is read
+    from asyncckpt import _store
+
+    counted = {"bytes": 0}
+    real_preadv = _store.os.preadv
+
+    def counting(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        counted["bytes"] += n
+        return n
+
+    _store.os.preadv = counting
+    flat = jax.make_mesh((8,), ("x",))
+    big = BIG
+    target = jax.ShapeDtypeStruct(big.shape, big.dtype, sharding=NamedSharding(flat, P("x")))
+    restored = ac.restore(os.path.join(directory, "big"), {"big": target})["big"]
+    for shard in restored.addressable_shards:
+        assert (np.asarray(shard.data) == big[shard.index]).all()
+    print("read", counted["bytes"], "of", big.nbytes, flush=True)
 elif mode == "die":
     from asyncckpt import _store
 

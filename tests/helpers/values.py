@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 TIMEOUT_S = 10.0
 SHAPE = (16, 24)
+BIG = np.arange(4096 * 2048, dtype=np.float32).reshape(4096, 2048)  # 32 MiB: 8 bands of 4 MiB
 
 
 def global_value(step=0):

@@ -1,0 +1,113 @@
+"""Large chunks are stored as Zarr shards of row bands, each band with its own crc32c, so a
+restore reads and verifies only the bands it needs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import assert_same
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import asyncckpt as ac
+from asyncckpt import _format, _store
+
+ROWS, COLS = 3072, 2048  # 24 MiB of float32: bands of 512 rows (4 MiB), 6 bands
+VALUE = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    ac.save(tmp_path / "ck", {"w": VALUE, "small": VALUE[:4, :4].copy()})
+    return tmp_path / "ck"
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Bytes read from chunk files, counted at the system call."""
+    counter = {"bytes": 0}
+    real = _store.os.preadv
+
+    def counting(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        counter["bytes"] += n
+        return n
+
+    monkeypatch.setattr(_store.os, "preadv", counting)
+    return counter
+
+
+def test_large_chunks_are_banded_small_ones_are_not(saved):
+    doc = json.loads((saved / "w" / "zarr.json").read_text())
+    (codec,) = doc["codecs"]
+    assert codec["name"] == "sharding_indexed"
+    assert codec["configuration"]["chunk_shape"] == [512, COLS]
+    assert [c["name"] for c in codec["configuration"]["codecs"]] == ["bytes", "crc32c"]
+    size = (saved / "w" / "c.0.0").stat().st_size
+    assert size == VALUE.nbytes + 6 * 4 + 6 * 16 + 4  # bands, their checksums, the index
+    small = json.loads((saved / "small" / "zarr.json").read_text())
+    assert [c["name"] for c in small["codecs"]] == ["bytes", "crc32c"]
+
+
+@pytest.mark.parametrize("mesh_shape, spec", [
+    ((8,), P("x", None)),   # 384-row shards: bands are shared between devices
+    ((3,), P("x", None)),   # 1024-row shards
+    ((8,), P(None, "x")),   # column strips: every band
+    ((2, 4), P("y", "x")),
+])
+def test_banded_chunk_restores_onto_any_sharding(saved, mesh_shape, spec):
+    n = int(np.prod(mesh_shape))
+    mesh = Mesh(np.array(jax.devices()[:n]).reshape(mesh_shape), ("x", "y")[: len(mesh_shape)])
+    target = jax.ShapeDtypeStruct(VALUE.shape, VALUE.dtype, sharding=NamedSharding(mesh, spec))
+    got = ac.restore(saved, {"w": target}, strict=False)["w"]
+    assert got.sharding == target.sharding
+    assert_same(got, VALUE)
+
+
+def test_whole_read_is_one_pass_over_the_file(saved, reads):
+    assert_same(ac.restore(saved)["w"], VALUE)
+    file_size = (saved / "w" / "c.0.0").stat().st_size
+    assert reads["bytes"] <= file_size + VALUE[:4, :4].nbytes + 8
+
+
+def test_only_the_needed_bands_are_read(saved, reads):
+    """A request for rows 600..900 reads band 1 (rows 512..1024) and the index, nothing else."""
+    from asyncckpt import _restore
+
+    spec = _restore.read_root(str(saved)).arrays["w"]
+    reads["bytes"] = 0
+    out = np.empty((300, COLS), np.float32)
+    request = _restore._Request((slice(600, 900), slice(0, COLS)), out)
+    _restore._read_chunk(str(saved / "w" / "c.0.0"), spec, spec.chunk_slices((0, 0)),
+                         [(request, request.index)], "test")
+    assert_same(out, VALUE[600:900])
+    assert reads["bytes"] == 512 * COLS * 4 + 4 + (16 * 6 + 4)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda data: data.__setitem__(2 * (512 * COLS * 4 + 4) + 10, data[2 * (512 * COLS * 4 + 4)
+                                                                        + 10] ^ 1),
+     r"checksum mismatch in band 2 of chunk file .*w/c\.0\.0"),
+    (lambda data: data.__setitem__(len(data) - 30, data[len(data) - 30] ^ 1),
+     r"shard index of chunk file .*w/c\.0\.0 is damaged"),
+    (lambda data: data.__delitem__(slice(len(data) - 1, None)),
+     r"expected \d+ \(truncated"),
+])
+def test_damaged_banded_chunk_is_corrupt(saved, damage, match):
+    path = saved / "w" / "c.0.0"
+    data = bytearray(path.read_bytes())
+    damage(data)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ac.CorruptCheckpointError, match=match):
+        ac.restore(saved)
+
+
+def test_band_rows_choice():
+    f = _format.band_rows_for
+    assert f((1024, 1024), 4) is None  # 4 MiB: one band, a plain chunk
+    assert f((3072, 2048), 4) == 512
+    assert f((4099, 2048), 4) is None  # prime rows: bands of one 8 KiB row would be tiny
+    assert f((6, 1 << 20), 4) == 1  # one 4 MiB row per band
+    assert f((6, (1 << 20) + 1), 4) is None  # a row is bigger than a band
+    assert f((100, 65536), 2) == 25  # the most rows that divide the chunk and fit in 4 MiB
