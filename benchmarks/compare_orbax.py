@@ -15,7 +15,10 @@ Save child (a training job after its first save):
     save_peak_rss_gb   peak RSS during the timed save minus the baseline taken right after
                        building the tree, i.e. before the warm-up save: host memory a system
                        keeps between saves counts. RSS is sampled with psutil every 5 ms.
-  asyncckpt uses one `AsyncCheckpointer()` for both saves; orbax uses one `CheckpointManager` with
+    train_slowdown     a fixed jitted step loop (~1.5 s when idle) run right after a third
+                       save returns, divided by the same loop on a quiet machine (the better of
+                       two idle runs): how much a save in the background slows training down
+  asyncckpt uses one `AsyncCheckpointer()` for all saves; orbax uses one `CheckpointManager` with
   asynchronous checkpointing and `args.StandardSave`. Both run with their default options (orbax's
   include zstd compression of the data; asyncckpt writes it uncompressed).
 
@@ -25,14 +28,21 @@ Restore child (a job resuming from the checkpoint):
     restore_warm_s       a second restore of the same checkpoint in the same process
     restore_peak_rss_gb  peak RSS during the first restore minus RSS just before it
                          (the restored arrays themselves are part of it)
-  after each restore every leaf's shape, dtype and sharding is checked, and the data of a few
-  leaves is compared exactly against the seeded values, so a broken restore fails loudly.
+  after each restore every leaf's shape, dtype, sharding and bytes are checked against the
+  seeded values, so a broken restore fails loudly.
   orbax: `CheckpointManager(root).restore(1, args=StandardRestore(target))` (manager built before
   timing); asyncckpt: `asyncckpt.restore(path, target)`.
+
+Workloads (workloads.py): big (~1 GiB float32, 48 sharded matrices + replicated vectors), small
+(4000 leaves of 16 KiB), llm (~1.1 GB: bfloat16 transformer params, float32 Adam moments, int32
+step). Before the runs, the driver measures this machine's limits (machine.py): memcpy, durable
+write and page-cache read bandwidth, and prints asyncckpt's throughput as a fraction of them.
+The tables mark each ratio against issue 5's targets.
 
 Without --drop-caches the restore reads come from the page cache (the save just wrote them).
 
 Usage:  python benchmarks/compare_orbax.py [--runs 3] [--scale 1.0] [--json OUT] [--drop-caches]
+        python benchmarks/compare_orbax.py --quick      # the smoke run CI makes
 """
 
 from __future__ import annotations
@@ -43,7 +53,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -56,16 +65,26 @@ import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import psutil  # noqa: E402
-from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS,
+    abstract_tree,
+    build_tree,
+    make_mesh,
+    tree_nbytes,
+    verify,
+    workload_specs,
+)
 
 import asyncckpt as ac  # noqa: E402
 
 SYSTEMS = ("asyncckpt", "orbax")
-WORKLOADS = ("big", "small", "small_replicated")
 METRICS = (
     "save_blocking_s",
     "save_commit_s",
@@ -74,97 +93,22 @@ METRICS = (
     "restore_resume_s",
     "restore_warm_s",
     "restore_peak_rss_gb",
+    "train_slowdown",
 )
+# issue 5's targets: the largest acceptable ratio asyncckpt / orbax of each metric's median
+TARGETS = {
+    "big": {"save_blocking_s": 0.75, "save_commit_s": 0.5, "restore_resume_s": 0.2,
+            "restore_warm_s": 0.3, "save_peak_rss_gb": 1.05, "restore_peak_rss_gb": 0.75,
+            "slowdown_excess": 0.5},
+    "small": {"save_blocking_s": 0.1, "save_commit_s": 0.25, "restore_resume_s": 0.2,
+              "restore_warm_s": 0.2, "slowdown_excess": 0.5},
+}
+TARGETS["llm"] = dict(TARGETS["big"])
+TRAIN_LOOP_S = 1.5
+SLOWDOWN_STEP = 2
 WARMUP_STEP, TIMED_STEP = 0, 1
 RESULT_MARK = "BENCH-RESULT "
 GIB, MIB = 1 << 30, 1 << 20
-
-
-# ----------------------------------------------------------------------------------- workloads
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafSpec:
-    """One array of a workload: its data is `standard_normal` from the seed `[seed, index]`."""
-
-    index: int
-    shape: tuple[int, ...]
-    sharding: jax.sharding.Sharding
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
-    return jax.make_mesh((4, 2), ("x", "y"))
-
-
-def big_specs(scale: float, mesh) -> dict:
-    """48 layers of a 2048x2816 float32 matrix (~1 GiB in all) and a 2816-element vector.
-
-    Matrices alternate P("x", "y") and P("x", None); vectors are replicated. `scale` scales rows.
-    """
-    rows = max(8, round(2048 * scale / 8) * 8)
-    layers = {}
-    for i in range(48):
-        spec = P("x", "y") if i % 2 == 0 else P("x", None)
-        layers[f"layer_{i:02d}"] = {
-            "w": LeafSpec(2 * i, (rows, 2816), NamedSharding(mesh, spec)),
-            "b": LeafSpec(2 * i + 1, (2816,), NamedSharding(mesh, P())),
-        }
-    return layers
-
-
-def small_specs(scale: float, mesh, replicated: bool = False) -> dict:
-    """40 groups x 100 leaves of 4096 float32 (16 KiB), on device 0, or (`small_replicated`)
-    replicated over the mesh. `scale` scales the number of groups.
-
-    `small` is the default: orbax is much slower with replicated leaves (it handles every
-    replica), so `small_replicated` flatters asyncckpt; use it for information only."""
-    sharding = NamedSharding(mesh, P()) if replicated else SingleDeviceSharding(jax.devices()[0])
-    return {
-        f"group_{g:02d}": {f"leaf_{j:03d}": LeafSpec(100 * g + j, (4096,), sharding)
-                           for j in range(100)}
-        for g in range(max(1, round(40 * scale)))
-    }
-
-
-def workload_specs(workload: str, scale: float) -> dict:
-    if workload == "small_replicated":
-        return small_specs(scale, make_mesh(), replicated=True)
-    return {"big": big_specs, "small": small_specs}[workload](scale, make_mesh())
-
-
-def leaf_values(spec: LeafSpec, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, spec.index])
-    return rng.standard_normal(spec.shape, dtype=np.float32)
-
-
-def build_tree(specs: dict, seed: int) -> dict:
-    tree = jax.tree.map(lambda s: jax.device_put(leaf_values(s, seed), s.sharding), specs)
-    return jax.block_until_ready(tree)
-
-
-def abstract_tree(specs: dict) -> dict:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=s.sharding),
-                        specs)
-
-
-def tree_nbytes(specs: dict) -> int:
-    return sum(4 * int(np.prod(s.shape)) for s in jax.tree.leaves(specs))
-
-
-def verify(restored: dict, specs: dict, seed: int) -> None:
-    """Raise unless `restored` has the specs' structure, shardings and (for 3 leaves) data."""
-    got, spec_leaves = jax.tree.leaves(restored), jax.tree.leaves(specs)
-    if jax.tree.structure(restored) != jax.tree.structure(specs):
-        raise AssertionError("restored tree structure differs from the saved one")
-    for arr, spec in zip(got, spec_leaves):
-        if arr.shape != spec.shape or arr.dtype != np.float32:
-            raise AssertionError(f"leaf {spec.index}: got {arr.shape} {arr.dtype}")
-        if not arr.sharding.is_equivalent_to(spec.sharding, len(spec.shape)):
-            raise AssertionError(f"leaf {spec.index}: sharding {arr.sharding} != {spec.sharding}")
-    for k in (0, len(spec_leaves) // 2 + 1, len(spec_leaves) - 1):
-        if not np.array_equal(np.asarray(got[k]), leaf_values(spec_leaves[k], seed)):
-            raise AssertionError(f"leaf {spec_leaves[k].index}: restored data differs")
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -271,9 +215,30 @@ def open_system(system: str, root: str):
     return {"asyncckpt": AsyncckptSystem, "orbax": OrbaxSystem}[system](root)
 
 
+def make_train_loop(mesh):
+    """A fixed jitted step loop of about TRAIN_LOOP_S seconds on an idle machine: the training
+    that a save in the background slows down. Returns `run() -> seconds`."""
+    x = jax.device_put(np.full((1024, 1024), 1e-3, np.float32), NamedSharding(mesh, P("x", None)))
+    w = jax.device_put(np.eye(1024, dtype=np.float32), NamedSharding(mesh, P()))
+    step = jax.jit(lambda v: jnp.tanh(v @ w))
+
+    def run_n(n: int) -> float:
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(n):
+            y = step(y)
+        jax.block_until_ready(y)
+        return time.perf_counter() - t0
+
+    run_n(2)  # compile
+    iters = max(3, round(TRAIN_LOOP_S / (run_n(5) / 5)))
+    return lambda: run_n(iters)
+
+
 def save_child(system: str, workload: str, root: str, scale: float, seed: int) -> dict:
     specs = workload_specs(workload, scale)
     tree = build_tree(specs, seed)
+    train = make_train_loop(make_mesh())
     baseline = rss()
     sysobj = open_system(system, root)
     try:
@@ -289,6 +254,12 @@ def save_child(system: str, workload: str, root: str, scale: float, seed: int) -
             t1 = time.perf_counter()
             sysobj.wait_until_finished()
             t2 = time.perf_counter()
+        os.sync()
+        idle_s = min(train(), train())
+        sysobj.save(SLOWDOWN_STEP, tree)  # the loop runs while this save is in the background
+        busy_s = train()
+        sysobj.wait_until_finished()
+        sysobj.delete(SLOWDOWN_STEP)
     finally:
         sysobj.close()
     disk_bytes, files = disk_usage(sysobj.step_dir(TIMED_STEP))
@@ -297,6 +268,7 @@ def save_child(system: str, workload: str, root: str, scale: float, seed: int) -
         "save_commit_s": t2 - t0,
         "save_peak_rss_gb": (mem.peak - baseline) / GIB,
         "delete_s": delete_s,
+        "train_slowdown": busy_s / idle_s,
         "tree_bytes": tree_nbytes(specs),
         "disk_bytes": disk_bytes,
         "disk_files": files,
@@ -409,21 +381,55 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "failed" if x is None else format(x, spec)
 
 
-def print_tables(records: list[dict], workloads: list[str]) -> None:
+def verdict(ratio: float | None, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f"<= {target:g} " + ("ok" if ratio is not None and ratio <= target else "MISS")
+
+
+def print_tables(records: list[dict], workloads: list[str], limits: dict | None) -> None:
     for workload in workloads:
+        targets = TARGETS.get(workload, {})
         tree = median_of(records, workload, SYSTEMS[0], "tree_bytes") or median_of(
             records, workload, SYSTEMS[1], "tree_bytes")
         print(f"\n== {workload}: tree {fmt(tree and tree / MIB, '.1f')} MiB ==")
-        print(f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}")
+        print(f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}"
+              f"{'target':>14}")
         for metric in METRICS:
             a, o = (median_of(records, workload, s, metric) for s in SYSTEMS)
             ratio = a / o if a is not None and o else None
-            print(f"{metric:<22}{fmt(a):>12}{fmt(o):>12}{fmt(ratio, '.2f'):>12}")
+            print(f"{metric:<22}{fmt(a):>12}{fmt(o):>12}{fmt(ratio, '.2f'):>12}"
+                  f"{verdict(ratio, targets.get(metric)):>14}")
+        a, o = (median_of(records, workload, s, "train_slowdown") for s in SYSTEMS)
+        excess = (a - 1) / (o - 1) if a is not None and o is not None and o > 1 else None
+        print(f"{'slowdown excess':<22}{fmt(a and a - 1):>12}{fmt(o and o - 1):>12}"
+              f"{fmt(excess, '.2f'):>12}{verdict(excess, targets.get('slowdown_excess')):>14}")
         for system in SYSTEMS:
             size = median_of(records, workload, system, "disk_bytes")
             files = median_of(records, workload, system, "disk_files")
             on_disk = "failed" if size is None else f"{size / MIB:.1f} MiB in {files:.0f} files"
             print(f"on disk, {system}: {on_disk}")
+        print_limits(records, workload, tree, limits)
+
+
+def print_limits(records: list[dict], workload: str, tree: float | None,
+                 limits: dict | None) -> None:
+    """asyncckpt's throughput against this machine's limits, for this workload."""
+    if not limits or not tree:
+        return
+    med = {m: median_of(records, workload, SYSTEMS[0], m) for m in METRICS}
+    memcpy_s = tree / (limits["memcpy_gbps"] * 1e9)
+    rss = med["save_peak_rss_gb"]
+    print(f"asyncckpt vs this machine: save blocking {fmt(med['save_blocking_s'])} s = "
+          f"{fmt(med['save_blocking_s'] and med['save_blocking_s'] / memcpy_s, '.2f')} x the "
+          f"memcpy time of the tree ({memcpy_s:.3f} s); save +RSS = "
+          f"{fmt(rss and rss * GIB / tree, '.2f')} x the tree")
+    for metric, limit, what in (("save_commit_s", "durable_write_gbps", "durable write"),
+                                ("restore_warm_s", "cached_read_gbps", "page-cache read")):
+        if med[metric]:
+            gbps = tree / med[metric] / 1e9
+            print(f"  {metric}: {gbps:.2f} GB/s = {gbps / limits[limit]:.0%} of {what} "
+                  f"({limits[limit]:.2f} GB/s)")
 
 
 def print_cache_note(records: list[dict], dropped: bool) -> None:
@@ -451,6 +457,11 @@ def driver_main(args) -> int:
           f"jax {jax.__version__}, {os.cpu_count()} CPUs; runs={args.runs} scale={args.scale} "
           f"workdir={args.workdir} drop_caches={args.drop_caches}")
     print("each save child times its 2nd save; the 1st (warm-up) save is excluded", flush=True)
+    limits = None
+    if not args.no_limits:
+        limits = machine.measure(args.workdir, 64 * MIB if args.quick else GIB)
+        print("this machine: " + ", ".join(f"{k} {v:.2f}" for k, v in limits.items()),
+              flush=True)
     records = []
     try:
         for run in range(args.runs):
@@ -461,13 +472,13 @@ def driver_main(args) -> int:
     finally:
         if own_workdir:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print_tables(records, args.workloads)
+    print_tables(records, args.workloads, limits)
     print_cache_note(records, args.drop_caches)
     print_failures(records)
     if args.json:
         with open(args.json, "w") as f:
             config = {k: v for k, v in vars(args).items() if k not in ("child", "root")}
-            json.dump({"config": config, "records": records}, f, indent=1)
+            json.dump({"config": config, "limits": limits, "records": records}, f, indent=1)
     return 1 if any("error" in r for r in records) else 0
 
 
@@ -476,13 +487,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="measurements per system and workload")
     p.add_argument("--scale", type=float, default=1.0, help="size factor (big: rows; small: "
                    "number of leaf groups); 0.05 gives a smoke run")
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small"])
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small", "llm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a new dir under /tmp)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
     p.add_argument("--drop-caches", action="store_true",
                    help="sync and drop the page cache before each restore child (needs root)")
     p.add_argument("--json", metavar="OUT", help="write every raw measurement to OUT")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 run at scale 0.02 of "
+                   "big, small and llm (what CI runs; its timings mean nothing)")
+    p.add_argument("--no-limits", action="store_true",
+                   help="skip measuring memcpy, durable write and page-cache read bandwidth")
     p.add_argument("--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"),
                    help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -491,6 +506,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.quick:
+        args.runs, args.scale = 1, 0.02
     if args.child:
         phase, system, workload = args.child
         child_main(phase, system, workload, args.root, args.scale, args.seed)
