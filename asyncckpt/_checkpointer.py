@@ -28,6 +28,7 @@ from .errors import (
 
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 DEFAULT_BARRIER_TIMEOUT_S = 300.0
+DEFAULT_BACKGROUND_NICE = 10
 log = logging.getLogger("asyncckpt")
 
 
@@ -53,6 +54,9 @@ class AsyncCheckpointer:
         max_inflight_bytes: host memory a restore may fill before placing arrays on devices.
         barrier_timeout_s: under `jax.distributed`, how long a save waits for the other
             processes at each of its barriers before it fails naming the missing ones.
+        background_nice: how much lower the CPU priority of the background writer threads is
+            (Linux niceness, 0 to 19): the training loop keeps the CPU, and a save takes longer
+            only when the CPU is busy. 0 writes at the caller's priority.
     """
 
     def __init__(
@@ -62,8 +66,9 @@ class AsyncCheckpointer:
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
-        self._workers = Workers(max_workers)
+        self._workers = Workers(max_workers, background_nice=background_nice)
         self._barrier_timeout_s = barrier_timeout_s
         self._pool = ArenaPool(enabled=reuse_host_memory)
         self._pending: list[Future[str]] = []

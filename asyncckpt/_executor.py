@@ -8,7 +8,9 @@ that fails raises its first exception in the thread that waits for it; nothing i
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -21,22 +23,43 @@ def default_workers() -> int:
     return max(4, min(32, 4 * (os.cpu_count() or 1)))
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by `nice` (Linux: priorities are per thread)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass  # not permitted here: run at normal priority
+
+
 class Workers:
-    """An I/O thread pool plus one thread that runs save jobs in submission order."""
+    """An I/O thread pool for work the caller waits on (snapshot copies, restores), and, at a
+    lower CPU priority (`background_nice`), a pool for background writes, one thread that runs
+    save jobs in submission order and one that removes deleted steps.
 
-    def __init__(self, max_workers: int | None = None) -> None:
+    Background threads yield the CPU to the training loop: a save in the background then slows
+    training less, and simply takes longer when the CPU is busy."""
+
+    def __init__(self, max_workers: int | None = None, background_nice: int = 0) -> None:
         self.size = max_workers or default_workers()
+        lower = functools.partial(_lower_priority, background_nice)
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
-        self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job")
-        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup")
+        self._background = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-write",
+                                               initializer=lower)
+        self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job", initializer=lower)
+        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup",
+                                           initializer=lower)
 
-    def run_all(self, tasks: Sequence[Callable[[], Any]]) -> None:
-        """Run `tasks` on the pool and wait; on the first failure cancel the rest and raise it."""
+    def run_all(self, tasks: Sequence[Callable[[], Any]], *, background: bool = False) -> None:
+        """Run `tasks` on a pool and wait; on the first failure cancel the rest and raise it."""
         if len(tasks) <= 1:
             for task in tasks:
                 task()
             return
-        futures = [self._pool.submit(task) for task in tasks]
+        pool = self._background if background else self._pool
+        futures = [pool.submit(task) for task in tasks]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]
         if failed:
@@ -57,6 +80,7 @@ class Workers:
         """Wait for submitted work, then stop the threads."""
         self._jobs.shutdown(wait=True)
         self._cleanup.shutdown(wait=True)
+        self._background.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 

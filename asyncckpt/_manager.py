@@ -20,7 +20,12 @@ from typing import Any, Literal
 import jax
 
 from . import _directory, _distributed, _format, _restore
-from ._checkpointer import DEFAULT_BARRIER_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_BYTES, AsyncCheckpointer
+from ._checkpointer import (
+    DEFAULT_BACKGROUND_NICE,
+    DEFAULT_BARRIER_TIMEOUT_S,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    AsyncCheckpointer,
+)
 from ._preemption import PreemptionWatch
 from ._retention import (
     KeepBest,
@@ -91,8 +96,8 @@ class CheckpointManager:
             is not terminated); then `reached_preemption()` is true and the next `save` is forced.
         read_only: open without the writer lock, e.g. to restore while another job trains; the
             step list is re-read on every query. `save` and `delete` then raise.
-        max_workers, reuse_host_memory, max_inflight_bytes, barrier_timeout_s: as for
-            `AsyncCheckpointer`.
+        max_workers, reuse_host_memory, max_inflight_bytes, barrier_timeout_s,
+            background_nice: as for `AsyncCheckpointer`.
 
     Under `jax.distributed`, create the manager and call `save`, `delete` and `restore` in every
     process alike (after `jax.distributed.initialize`); the directory must be on storage every
@@ -118,6 +123,7 @@ class CheckpointManager:
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self._dir = _restore.checkpoint_path(directory)
         self._policies = _policies(max_to_keep, keep_every_n_hours, keep_every_n_steps,
@@ -149,7 +155,8 @@ class CheckpointManager:
         self._ckptr = AsyncCheckpointer(max_workers=max_workers,
                                         reuse_host_memory=reuse_host_memory,
                                         max_inflight_bytes=max_inflight_bytes,
-                                        barrier_timeout_s=barrier_timeout_s)
+                                        barrier_timeout_s=barrier_timeout_s,
+                                        background_nice=background_nice)
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
         self._closed = False
         self.reload()

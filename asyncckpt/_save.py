@@ -113,15 +113,17 @@ def _write_tree(tmp: str, snap: Snapshot, workers: Workers, *, documents: bool) 
     if documents:
         groups = _format.group_names([a.spec.name for a in snap.arrays])
         workers.run_all([functools.partial(_write_groups, tmp, g)
-                         for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)])
+                         for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)],
+                        background=True)
         per_array = batches(snap.arrays, lambda a: 1 + sum(d.nbytes for _, d in a.chunks
                                                            if _inline(d)) // 16384,
                             parts=workers.size, min_cost=64)
-        workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array])
+        workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array],
+                        background=True)
     rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
     workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
                      batches(rest, lambda c: c[2].nbytes + 16384, parts=workers.size,
-                             min_cost=1)])
+                             min_cost=1)], background=True)
 
 
 def _commit(tmp: str, snap: Snapshot, dest: str, replace: bool, extra: dict | None) -> None:
