@@ -12,8 +12,10 @@ reused here), so a steady training loop pays them only once.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import mmap
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -122,44 +124,130 @@ class _Piece:
     nbytes: int
 
 
-def _plan_leaf(i: int, leaf: Leaf) -> tuple[ArraySpec, list[_Piece]]:
-    value = leaf.value
-    prng_impl = None
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A piece to copy, independent of the values: from shard `source` of the leaf's sources."""
+
+    coords: tuple[int, ...]
+    source: int
+    source_index: tuple[slice, ...]
+
+
+def _data_of(value: Any) -> Any:
+    """The array whose bytes are stored: key data for typed PRNG keys, numpy for host values."""
     if isinstance(value, jax.Array):
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            prng_impl = str(jax.random.key_impl(value))
-            value = jax.random.key_data(value)
-    else:
-        value = np.asarray(value)
-    dtype = _stored_dtype(np.dtype(value.dtype))
+            return jax.random.key_data(value)
+        return value
+    return np.asarray(value)
+
+
+def _whole_copy(data: Any) -> bool:
+    """Stored as one chunk copied from any local replica (host values, replicated arrays)."""
+    return not isinstance(data, jax.Array) or (
+        data.sharding.is_fully_replicated and data.sharding.is_fully_addressable)
+
+
+def _sources(data: Any) -> list[tuple[Any, tuple[slice, ...]]]:
+    """(single-device array or host array, its index in the global array) to copy from."""
+    if _whole_copy(data):
+        return [(data, ())]
+    return [(s.data, s.index) for s in data.addressable_shards if s.replica_id == 0]
+
+
+def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
+    value = leaf.value
+    prng_impl = None
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        prng_impl = str(jax.random.key_impl(value))
+    data = _data_of(value)
+    dtype = _stored_dtype(np.dtype(data.dtype))
     if not _dtypes.is_supported(dtype):
         _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))  # raises, naming the leaf
-    shape = tuple(value.shape)
+    shape = tuple(data.shape)
     whole = tuple(max(s, 1) for s in shape)
-    if not isinstance(value, jax.Array) or (
-        value.sharding.is_fully_replicated and value.sharding.is_fully_addressable
-    ):  # one chunk, copied from any local replica
-        chunk, shards = whole, [(value, ())]
-    else:
-        chunk = _chunk_shape(value.sharding, shape)
-        shards = [(s.data, s.index) for s in value.addressable_shards if s.replica_id == 0]
+    chunk = whole if _whole_copy(data) else _chunk_shape(data.sharding, shape)
     spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl,
                      _format.band_rows_for(chunk, dtype.itemsize))
     if spec.nbytes == 0:
         return spec, []
-    nbytes = spec.chunk_nbytes
+    sources = _sources(data)
     if chunk == whole:
-        return spec, [_Piece(i, (0,) * len(shape), data, (), chunk, nbytes) for data, _ in shards]
-    pieces = []
-    for data, index in shards:
+        return spec, [_Template((0,) * len(shape), k, ()) for k in range(len(sources))]
+    templates = []
+    for k, (_, index) in enumerate(sources):
         starts = [s.start or 0 for s in index]
         stops = [size if s.stop is None else s.stop for s, size in zip(index, shape)]
         ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunk)]
         for coords in np.ndindex(*[len(r) for r in ranges]):
-            cc = tuple(r[k] for r, k in zip(ranges, coords))
+            cc = tuple(r[j] for r, j in zip(ranges, coords))
             sub = tuple(slice(c * n - a, c * n - a + n) for c, n, a in zip(cc, chunk, starts))
-            pieces.append(_Piece(i, cc, data, sub, chunk, nbytes))
-    return spec, pieces
+            templates.append(_Template(cc, k, sub))
+    return spec, templates
+
+
+@dataclass(frozen=True, slots=True)
+class _LeafPlan:
+    position: int  # in the flattened leaves
+    templates: list[_Template]
+    local: bool  # held whole by this process (written by process 0 only)
+    whole: bool  # one chunk from any local replica (no shard list to ask for)
+    prng: bool
+    device_copy: bool  # the data lives on an accelerator: start its copy to host first
+
+
+@dataclass(frozen=True, slots=True)
+class _TreePlan:
+    """What a save of a tree of this structure, these shapes, dtypes and shardings writes."""
+
+    tree: dict[str, Any]  # the JSON description
+    arrays: list[ArraySpec]
+    leaves: list[_LeafPlan]
+
+
+_PLANS: dict[Any, _TreePlan] = {}
+_MAX_PLANS = 8
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, jax.Array):
+        return (jax.Array, value.shape, value.dtype, value.sharding)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return (type(value), value.shape, value.dtype)
+    return (type(value), repr(value))  # python scalars are stored in the tree description
+
+
+def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
+    """The plan for `tree` and its leaves (JAX's flatten order). A training loop saves the same
+    structure every time: the plan is cached by tree structure and leaf signatures, so a save
+    of thousands of leaves does not walk keypaths and shardings again (~70 ms per 4000 leaves)."""
+    values, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        key: Any = (treedef, tuple(_signature(v) for v in values))
+        plan = _PLANS.get(key)
+    except TypeError:  # something unhashable: plan without the cache
+        key, plan = None, None
+    if plan is not None:
+        return plan, values
+    leaves, description = flatten(tree)
+    arrays: list[ArraySpec] = []
+    per_leaf = []
+    for pos, leaf in enumerate(leaves):
+        if is_array_leaf(leaf.value):
+            spec, templates = _plan_leaf(leaf)
+            arrays.append(spec)
+            value = leaf.value
+            on_device = isinstance(value, jax.Array) and any(
+                d.platform != "cpu" for d in value.sharding.device_set)
+            per_leaf.append(_LeafPlan(pos, templates, _is_local(value),
+                                      _whole_copy(_data_of(value)), spec.prng_impl is not None,
+                                      on_device))
+    plan = _TreePlan(description, arrays, per_leaf)
+    if key is not None and [id(leaf.value) for leaf in leaves] == [id(v) for v in values]:
+        while len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan, [leaf.value for leaf in leaves]
 
 
 def _is_local(value: Any) -> bool:
@@ -202,25 +290,43 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *
 
     Under `jax.distributed` a process writes the replica-0 shards of its addressable devices;
     values every process holds whole (numpy arrays, single-device arrays) are process 0's."""
-    leaves, spec = flatten(tree)
-    arrays: list[ArraySpec] = []
+    enabled = gc.isenabled()
+    gc.disable()  # a full collection triggered by the ~10 objects per leaf made here cost 70 ms
+    try:
+        return _take_snapshot(tree, metadata, workers, pool, process_index)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
+                   process_index: int) -> Snapshot:
+    plan, values = _plan_tree(tree)
     pieces: list[_Piece] = []
-    for leaf in leaves:
-        if not is_array_leaf(leaf.value):
-            continue  # a python scalar, stored inline in the tree description
-        a, p = _plan_leaf(len(arrays), leaf)
-        arrays.append(a)
-        if process_index == 0 or not _is_local(leaf.value):
-            pieces.extend(p)
-    for p in pieces:  # start every device -> host transfer before waiting on any
-        if isinstance(p.source, jax.Array):
-            p.source.copy_to_host_async()
+    to_host: list[Any] = []
+    for i, leaf in enumerate(plan.leaves):
+        if process_index != 0 and leaf.local:
+            continue
+        spec = plan.arrays[i]
+        data = values[leaf.position]
+        if leaf.prng:
+            data = jax.random.key_data(data)
+        elif not leaf.whole or not isinstance(data, (jax.Array, np.ndarray)):
+            data = _data_of(data)
+        sources = [(data, ())] if leaf.whole else _sources(data)
+        if leaf.device_copy:
+            to_host.extend(src for src, _ in sources)
+        pieces.extend(_Piece(i, t.coords, sources[t.source][0], t.source_index, spec.chunk_shape,
+                             spec.chunk_nbytes) for t in leaf.templates)
+    for source in to_host:  # start every device -> host transfer before waiting on any
+        source.copy_to_host_async()
     total = sum(-(-p.nbytes // _ALIGN) * _ALIGN for p in pieces)
     arena = pool.acquire(total) if pieces else None
+    arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
-    workers.run_all(_copy_tasks(planned, parts=workers.size))
+    workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
     chunks: list[list[tuple[tuple[int, ...], np.ndarray]]] = [[] for _ in arrays]
     for p, dest in planned:
         chunks[p.array].append((p.coords, dest))
     host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
-    return Snapshot(host, spec, metadata, time.time(), arena)
+    return Snapshot(host, plan.tree, metadata, time.time(), arena)

@@ -227,3 +227,25 @@ def test_load_variable_reads_nothing_else(tmp_path):
     root = path / "zarr.json"
     root.write_text(root.read_text().replace('"asyncckpt"', '"garbage!"'))  # ... and the root
     assert_same(ac.load_variable(path, "want"), np.arange(6).reshape(2, 3))
+
+
+def test_repeated_saves_of_one_structure_store_each_saves_values(tmp_path, mesh):
+    """Saves of the same structure reuse a cached plan; values, scalar leaves and shardings
+    must still come from each save."""
+    sharded = NamedSharding(mesh, P("x", "y"))
+    with ac.AsyncCheckpointer() as ckptr:
+        for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
+            tree = {"w": jax.device_put(jnp.full((8, 4), i, jnp.float32), sharded),
+                    "h": np.full(3, i), "s": scalar}
+            ckptr.save(tmp_path / str(i), tree)
+        other = {"w": jax.device_put(jnp.full((8, 4), 9, jnp.float32), NamedSharding(mesh, P())),
+                 "h": np.full(3, 9), "s": 1}
+        ckptr.save(tmp_path / "other", other)
+    for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
+        got = ac.restore(tmp_path / str(i))
+        assert_same(got["w"], np.full((8, 4), i, np.float32))
+        assert_same(got["h"], np.full(3, i))
+        assert repr(got["s"]) == repr(scalar) and type(got["s"]) is type(scalar)
+    assert ac.list_variables(tmp_path / "0")["w"].chunk_shape == (2, 2)
+    assert ac.list_variables(tmp_path / "other")["w"].chunk_shape == (8, 4)
+    assert_same(ac.restore(tmp_path / "other")["w"], np.full((8, 4), 9, np.float32))
