@@ -2,6 +2,8 @@
 restore reads and verifies only the bands it needs."""
 
 import json
+import os
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +13,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _format, _store
+from asyncckpt import _format
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+from counting import count_chunk_reads  # noqa: E402
 
 ROWS, COLS = 3072, 2048  # 24 MiB of float32: bands of 512 rows (4 MiB), 6 bands
 VALUE = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
@@ -24,18 +29,11 @@ def saved(tmp_path):
 
 
 @pytest.fixture
-def reads(monkeypatch):
+def reads():
     """Bytes read from chunk files, counted at the system call."""
-    counter = {"bytes": 0}
-    real = _store.os.preadv
-
-    def counting(fd, buffers, offset):
-        n = real(fd, buffers, offset)
-        counter["bytes"] += n
-        return n
-
-    monkeypatch.setattr(_store.os, "preadv", counting)
-    return counter
+    counter, stop = count_chunk_reads()
+    yield counter
+    stop()
 
 
 def test_large_chunks_are_banded_small_ones_are_not(saved):

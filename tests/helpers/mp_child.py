@@ -42,17 +42,9 @@ elif mode == "restore":
     check_tree(ac.restore(ckpt, abstract_tree(other, P("y", "x"))))
     check_tree(ac.restore(ckpt, abstract_tree(mesh, P(None, "x"))))
 elif mode == "partial":  # each device needs 1/8 of a one-chunk array: count what is read
-    from asyncckpt import _store
+    from counting import count_chunk_reads
 
-    counted = {"bytes": 0}
-    real_preadv = _store.os.preadv
-
-    def counting(fd, buffers, offset):
-        n = real_preadv(fd, buffers, offset)
-        counted["bytes"] += n
-        return n
-
-    _store.os.preadv = counting
+    counted, _ = count_chunk_reads()
     flat = jax.make_mesh((8,), ("x",))
     big = BIG
     target = jax.ShapeDtypeStruct(big.shape, big.dtype, sharding=NamedSharding(flat, P("x")))
