@@ -13,12 +13,13 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
 
 from . import _format, _store
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWriteError
 
 _STEP = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
 _LEFTOVER = re.compile(r"\..+\.asyncckpt-(tmp|deleting)-[0-9a-f]{12}\Z")
@@ -97,3 +98,16 @@ def _read_holder(fd: int) -> str:
         return f" (pid {int(info['pid'])} on {str(info['host'])[:100]}, since {since})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def remove(path: str, step: int | None) -> None:
+    """Remove the files of a step taken out of the listing (or of a leftover)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        what = f"step {step}" if step is not None else "leftover files"
+        raise CheckpointWriteError(
+            e.errno, f"could not remove the files of {what} at {path}: {e.strerror}; the step is "
+            "no longer listed, and the next writer to open the directory retries") from e

@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import os
-import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -29,12 +28,10 @@ from ._checkpointer import (
 from ._preemption import PreemptionWatch
 from ._retention import (
     KeepBest,
-    KeepEveryNHours,
-    KeepEveryNSteps,
-    KeepLastN,
     RetentionPolicy,
     StepInfo,
     check_count,
+    policies_from,
     steps_to_delete,
 )
 from .errors import (
@@ -126,7 +123,7 @@ class CheckpointManager:
         background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self._dir = _restore.checkpoint_path(directory)
-        self._policies = _policies(max_to_keep, keep_every_n_hours, keep_every_n_steps,
+        self._policies = policies_from(max_to_keep, keep_every_n_hours, keep_every_n_steps,
                                    best_metric, best_mode, keep_best, retention)
         self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
         check_count(save_interval_steps, "save_interval_steps")
@@ -298,12 +295,12 @@ class CheckpointManager:
         with self._mutex:
             self._infos.pop(step, None)
         log.debug("asyncckpt: deleting step %d of %s", step, self._dir)
-        self._cleanups.append(self._ckptr.workers.submit_cleanup(_remove, trash, step))
+        self._cleanups.append(self._ckptr.workers.submit_cleanup(_directory.remove, trash, step))
 
     def _remove_leftovers(self) -> None:
         for path in _directory.leftovers(self._dir):
             log.info("asyncckpt: removing %s, left by an interrupted save or deletion", path)
-            _remove(path, None)
+            _directory.remove(path, None)
 
     # -- restoring -----------------------------------------------------------------------------
 
@@ -420,38 +417,3 @@ class CheckpointManager:
         if self._read_only:
             raise CheckpointError(f"cannot {what}: this CheckpointManager of {self._dir} was "
                                   "opened with read_only=True")
-
-
-def _remove(path: str, step: int | None) -> None:
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        what = f"step {step}" if step is not None else "leftover files"
-        raise CheckpointWriteError(
-            e.errno, f"could not remove the files of {what} at {path}: {e.strerror}; the step is "
-            "no longer listed, and the next writer to open the directory retries") from e
-
-
-def _policies(max_to_keep: int | None, keep_every_n_hours: float | None,
-              keep_every_n_steps: int | None, best_metric: Any, best_mode: Any,
-              keep_best: int | None, retention: Sequence[RetentionPolicy]) -> list[RetentionPolicy]:
-    policies = list(retention)
-    if max_to_keep is not None:
-        policies.append(KeepLastN(max_to_keep))
-    if keep_every_n_hours is not None:
-        policies.append(KeepEveryNHours(keep_every_n_hours))
-    if keep_every_n_steps is not None:
-        policies.append(KeepEveryNSteps(keep_every_n_steps))
-    if keep_best is not None:
-        if best_metric is None:
-            raise ValueError("keep_best needs best_metric: the metric name (or function of the "
-                             "metrics dict) to rank steps by")
-        policies.append(KeepBest(keep_best, best_metric, best_mode))
-    elif best_mode not in ("min", "max"):
-        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-    for p in policies:
-        if not callable(getattr(p, "keep", None)):
-            raise TypeError(f"retention policy {p!r} has no keep(steps) method")
-    return policies

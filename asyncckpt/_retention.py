@@ -150,3 +150,27 @@ def steps_to_delete(steps: Sequence[StepInfo], policies: Sequence[RetentionPolic
     for policy in policies:
         kept |= policy.keep(steps)
     return sorted(s.step for s in steps if s.step not in kept)
+
+
+def policies_from(max_to_keep: int | None, keep_every_n_hours: float | None,
+              keep_every_n_steps: int | None, best_metric: Any, best_mode: Any,
+              keep_best: int | None, retention: Sequence[RetentionPolicy]) -> list[RetentionPolicy]:
+    """The policies a manager's keyword arguments stand for, after `retention`."""
+    policies = list(retention)
+    if max_to_keep is not None:
+        policies.append(KeepLastN(max_to_keep))
+    if keep_every_n_hours is not None:
+        policies.append(KeepEveryNHours(keep_every_n_hours))
+    if keep_every_n_steps is not None:
+        policies.append(KeepEveryNSteps(keep_every_n_steps))
+    if keep_best is not None:
+        if best_metric is None:
+            raise ValueError("keep_best needs best_metric: the metric name (or function of the "
+                             "metrics dict) to rank steps by")
+        policies.append(KeepBest(keep_best, best_metric, best_mode))
+    elif best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    for p in policies:
+        if not callable(getattr(p, "keep", None)):
+            raise TypeError(f"retention policy {p!r} has no keep(steps) method")
+    return policies

@@ -166,13 +166,13 @@ def test_keep_every_n_hours_continues_from_saved_times_after_reopen(tmp_path, mo
 
 def test_retention_deletes_in_the_background_and_never_blocks_save(tmp_path, monkeypatch):
     gate = threading.Event()
-    real_remove = _manager._remove
+    real_remove = _manager._directory.remove
 
     def slow_remove(path, step):
         gate.wait(30)
         real_remove(path, step)
 
-    monkeypatch.setattr(_manager, "_remove", slow_remove)
+    monkeypatch.setattr(_manager._directory, "remove", slow_remove)
     mgr = ac.CheckpointManager(tmp_path, max_to_keep=1)
     mgr.save(1, state_at(1))
     mgr.save(2, state_at(2))
