@@ -1,9 +1,10 @@
 """The only module that owns threads.
 
-`Workers` holds an I/O pool (chunk writes and reads, snapshot copies), a single job thread that
-runs whole saves one after another, so commits happen in the order `save()` was called, and a
-single background thread that removes the files of deleted steps without holding up saves. Work
-that fails raises its first exception in the thread that waits for it; nothing is only logged.
+`Workers` holds a pool for work the caller waits on (snapshot copies, restore reads), a pool of
+lower-priority threads for background writes, a single job thread that runs whole saves one after
+another, so commits happen in the order `save()` was called, and a single thread that removes the
+files of deleted steps without holding up saves. Work that fails raises its first exception in the
+thread that waits for it; nothing is only logged.
 """
 
 from __future__ import annotations

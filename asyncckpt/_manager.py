@@ -216,7 +216,9 @@ class CheckpointManager:
         """Whether `save(step, ...)` would write: on the interval, after preemption, or the first
         save into an empty directory; never for a step at or below the newest saved one."""
         step = _check_step(step)
-        last = self._last_step()
+        return self._should_save(step, self._last_step(self.all_steps()))
+
+    def _should_save(self, step: int, last: int | None) -> bool:
         if last is not None and step <= last:
             return False
         return self.reached_preemption(step) or last is None or step % self._interval == 0
@@ -233,11 +235,12 @@ class CheckpointManager:
         self._check_writable("save")
         step = _check_step(step)
         self._check_cleanups()
-        if (step in self.all_steps() or step == self._in_flight()) and not force:
+        steps = self.all_steps()  # one listing per save (it is a directory scan off process 0)
+        if (step in steps or step == self._in_flight()) and not force:
             raise CheckpointExistsError(
                 f"step {step} already exists in {self._dir}; pass force=True to replace it")
-        if not force and not self.should_save(step):
-            last = self._last_step()
+        last = self._last_step(steps)
+        if not force and not self._should_save(step, last):
             if last is not None and step < last:
                 log.warning("asyncckpt: step %d not saved: it is older than step %d, already "
                             "saved in %s (pass force=True to save it anyway)",
@@ -388,9 +391,10 @@ class CheckpointManager:
             return None
         return self._pending[0]
 
-    def _last_step(self) -> int | None:
+    def _last_step(self, steps: list[int]) -> int | None:
+        """The newest of the committed `steps` and the step in flight."""
         pending = self._in_flight()
-        candidates = self.all_steps() + ([pending] if pending is not None else [])
+        candidates = steps + ([pending] if pending is not None else [])
         return max(candidates) if candidates else None
 
     def _existing(self, step: int) -> int:

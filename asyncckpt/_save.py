@@ -188,8 +188,9 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
             _write_tree(tmp, snap, workers, documents=True)
         except BaseException as e:
             error = e
-        coord.put("layout", {"tmp": tmp, "dest": dest, "ok": error is None})
     try:
+        if leader:
+            coord.put("layout", {"tmp": tmp, "dest": dest, "ok": error is None})
         coord.barrier("layout", f"{what}, nothing was committed")
         layout = coord.get("layout")
         if not leader and layout["dest"] != dest:

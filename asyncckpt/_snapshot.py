@@ -311,8 +311,8 @@ def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
         data = values[leaf.position]
         if leaf.prng:
             data = jax.random.key_data(data)
-        elif not leaf.whole or not isinstance(data, (jax.Array, np.ndarray)):
-            data = _data_of(data)
+        elif not isinstance(data, (jax.Array, np.ndarray)):
+            data = np.asarray(data)  # numpy scalars
         sources = [(data, ())] if leaf.whole else _sources(data)
         if leaf.device_copy:
             to_host.extend(src for src, _ in sources)
