@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import jax
 
-from . import _directory, _distributed, _format, _restore
+from . import _directory, _distributed, _format, _restore, _store
 from ._checkpointer import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
@@ -140,6 +140,7 @@ class CheckpointManager:
         self._lock: _directory.DirectoryLock | None = None
         if not read_only and self._leader:
             os.makedirs(self._dir, exist_ok=True)
+            _store.spread_subdirectories(self._dir)
             self._lock = _directory.DirectoryLock(self._dir)
             try:
                 self._remove_leftovers()

@@ -1,8 +1,15 @@
 """Device -> host: the only save-side code that touches the caller's arrays.
 
 `take_snapshot` plans one chunk per replica-0 addressable shard, starts every device-to-host copy,
-then copies each chunk into a private host arena. When it returns nothing refers to the caller's
-arrays any more, so they may be donated, mutated or deleted.
+then copies each chunk into a private host arena. When it returns the caller may donate, mutate or
+delete its arrays.
+
+Arrays on CPU devices are not copied: their buffers already are host memory, and a jax.Array is
+immutable. The snapshot holds read-only numpy views of them instead. XLA's CPU client keeps a
+buffer alive while such a view exists, and when the caller donates a buffer that has one, it copies
+the buffer rather than reusing it (tests/test_async.py checks both). So on CPU `save` blocks only
+until the arrays are computed and holds no second copy of them; a training step that donates its
+state while a save is being written pays one copy of that state instead.
 
 Arenas are anonymous `mmap`s reused from one save to the next (`ArenaPool`): first-touch page
 faults cost far more than the copy itself on many machines (measured ~1 GB/s fresh vs ~10 GB/s
@@ -76,7 +83,7 @@ class ArenaPool:
 
 @dataclass(frozen=True, slots=True)
 class HostArray:
-    """The host copy of the chunks of one array variable that this process writes."""
+    """The host buffers of the chunks of one array variable that this process writes."""
 
     spec: ArraySpec
     chunks: list[tuple[tuple[int, ...], np.ndarray]]
@@ -85,7 +92,7 @@ class HostArray:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything a save writes, held in host memory that the caller cannot reach."""
+    """Everything a save writes, in host memory that the caller cannot change."""
 
     arrays: list[HostArray]
     tree: dict[str, Any]
@@ -194,6 +201,7 @@ class _LeafPlan:
     whole: bool  # one chunk from any local replica (no shard list to ask for)
     prng: bool
     device_copy: bool  # the data lives on an accelerator: start its copy to host first
+    host_view: bool  # a jax.Array on CPU devices: its chunks are views of its buffers
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,11 +245,11 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
             spec, templates = _plan_leaf(leaf)
             arrays.append(spec)
             value = leaf.value
-            on_device = isinstance(value, jax.Array) and any(
-                d.platform != "cpu" for d in value.sharding.device_set)
+            is_jax = isinstance(value, jax.Array)
+            on_cpu = is_jax and all(d.platform == "cpu" for d in value.sharding.device_set)
             per_leaf.append(_LeafPlan(pos, templates, _is_local(value),
                                       _whole_copy(_data_of(value)), spec.prng_impl is not None,
-                                      on_device))
+                                      is_jax and not on_cpu, on_cpu))
     plan = _TreePlan(description, arrays, per_leaf)
     if key is not None and [id(leaf.value) for leaf in leaves] == [id(v) for v in values]:
         while len(_PLANS) >= _MAX_PLANS:
@@ -253,6 +261,14 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
 def _is_local(value: Any) -> bool:
     """A value held whole by the process (not a global array spanning processes)."""
     return not isinstance(value, jax.Array) or value.sharding.is_fully_addressable
+
+
+def _host_view(piece: _Piece, dtype: np.dtype) -> np.ndarray | None:
+    """The chunk as a read-only view of a CPU array's buffer, or None when it must be copied (not
+    C-contiguous, another dtype). np.asarray waits for the array to be computed."""
+    view = np.asarray(piece.source)
+    view = view[piece.source_index] if piece.source_index else view
+    return view if view.flags.c_contiguous and view.dtype == dtype else None
 
 
 def _copy(piece: _Piece, dest: np.ndarray) -> None:
@@ -302,7 +318,8 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *
 def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
                    process_index: int) -> Snapshot:
     plan, values = _plan_tree(tree)
-    pieces: list[_Piece] = []
+    pieces: list[_Piece] = []  # to copy into the arena
+    views: list[tuple[_Piece, np.ndarray]] = []
     to_host: list[Any] = []
     for i, leaf in enumerate(plan.leaves):
         if process_index != 0 and leaf.local:
@@ -316,8 +333,14 @@ def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
         sources = [(data, ())] if leaf.whole else _sources(data)
         if leaf.device_copy:
             to_host.extend(src for src, _ in sources)
-        pieces.extend(_Piece(i, t.coords, sources[t.source][0], t.source_index, spec.chunk_shape,
-                             spec.chunk_nbytes) for t in leaf.templates)
+        for t in leaf.templates:
+            piece = _Piece(i, t.coords, sources[t.source][0], t.source_index, spec.chunk_shape,
+                           spec.chunk_nbytes)
+            view = _host_view(piece, spec.dtype) if leaf.host_view else None
+            if view is None:
+                pieces.append(piece)
+            else:
+                views.append((piece, view))
     for source in to_host:  # start every device -> host transfer before waiting on any
         source.copy_to_host_async()
     total = sum(-(-p.nbytes // _ALIGN) * _ALIGN for p in pieces)
@@ -326,7 +349,7 @@ def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
     workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
     chunks: list[list[tuple[tuple[int, ...], np.ndarray]]] = [[] for _ in arrays]
-    for p, dest in planned:
+    for p, dest in views + planned:
         chunks[p.array].append((p.coords, dest))
     host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
     return Snapshot(host, plan.tree, metadata, time.time(), arena)

@@ -200,6 +200,41 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def spread_subdirectories(path: str) -> bool:
+    """Mark `path` as the top of directory hierarchies (`chattr +T`, ext2/3/4), so the file
+    system places each new subdirectory, and what is created inside it, in a block group of its
+    own choosing instead of next to `path`.
+
+    Why: ext4 without a journal never reuses an inode freed in the last 60 to 360 s, and every
+    inode allocation scans past all such inodes of its block group again. A manager that
+    deletes a step of thousands of files and then saves the next one next to it paid up to
+    0.8 ms of kernel time per created file on this project's machine, against ~0.05 ms in a
+    block group without such inodes (benchmarks/README.md). Elsewhere (other file systems, no
+    permission) this does nothing and returns False."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        return False
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        flags = int.from_bytes(buf[:4], sys.byteorder)
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(4, sys.byteorder)
+                        + bytes(4))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Commit: temporary directory -> durable -> atomic rename
 

@@ -18,9 +18,9 @@ Save child (a training job after its first save):
     train_slowdown     a fixed jitted step loop (~1.5 s when idle) run right after a third
                        save returns, divided by the same loop on a quiet machine (the better of
                        two idle runs): how much a save in the background slows training down
-  asyncckpt uses one `AsyncCheckpointer()` for all saves; orbax uses one `CheckpointManager` with
-  asynchronous checkpointing and `args.StandardSave`. Both run with their default options (orbax's
-  include zstd compression of the data; asyncckpt writes it uncompressed).
+  Each system uses one `CheckpointManager` for all saves (orbax's with asynchronous checkpointing
+  and `args.StandardSave`), with their default options (orbax's include zstd compression of the
+  data; asyncckpt writes it uncompressed). A delete is timed until its files are gone.
 
 Restore child (a job resuming from the checkpoint):
   builds the abstract target (`jax.ShapeDtypeStruct` with the saved shardings, no data), then
@@ -30,8 +30,8 @@ Restore child (a job resuming from the checkpoint):
                          (the restored arrays themselves are part of it)
   after each restore every leaf's shape, dtype, sharding and bytes are checked against the
   seeded values, so a broken restore fails loudly.
-  orbax: `CheckpointManager(root).restore(1, args=StandardRestore(target))` (manager built before
-  timing); asyncckpt: `asyncckpt.restore(path, target)`.
+  orbax: `CheckpointManager(root).restore(1, args=StandardRestore(target))`; asyncckpt:
+  `CheckpointManager(root).restore(1, target)` (both managers built before timing).
 
 Workloads (workloads.py): big (~1 GiB float32, 48 sharded matrices + replicated vectors), small
 (4000 leaves of 16 KiB), llm (~1.1 GB: bfloat16 transformer params, float32 Adam moments, int32
@@ -156,32 +156,30 @@ def disk_usage(path: str) -> tuple[int, int]:
 
 
 class AsyncckptSystem:
-    """Checkpoints of step N live in `root/N`."""
+    """One `CheckpointManager` over `root`, like orbax's side; step N lives in `root/N`."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._ckptr = None
+        self._mgr = ac.CheckpointManager(root)
 
     def save(self, step: int, tree) -> None:
-        if self._ckptr is None:
-            self._ckptr = ac.AsyncCheckpointer()
-        self._ckptr.save(self.step_dir(step), tree)
+        self._mgr.save(step, tree)
 
     def wait_until_finished(self) -> None:
-        self._ckptr.wait_until_finished()
+        self._mgr.wait_until_finished()
 
     def delete(self, step: int) -> None:
-        shutil.rmtree(self.step_dir(step))
+        self._mgr.delete(step)
+        self._mgr.wait_until_finished()  # its files are removed in the background: count them
 
     def restore(self, step: int, target):
-        return ac.restore(self.step_dir(step), target)
+        return self._mgr.restore(step, target)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.root, str(step))
 
     def close(self) -> None:
-        if self._ckptr is not None:
-            self._ckptr.close()
+        self._mgr.close()
 
 
 class OrbaxSystem:

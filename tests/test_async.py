@@ -14,19 +14,73 @@ from jax.sharding import PartitionSpec as P
 import asyncckpt as ac
 
 
-def test_donating_arrays_right_after_save_keeps_old_values(tmp_path, mesh):
+@pytest.fixture
+def held_writer(monkeypatch):
+    """Chunk writes wait until the test sets the returned event: what the caller does right
+    after `save` returns happens before any byte of the checkpoint is written."""
+    from asyncckpt import _store
+
+    release = threading.Event()
+    for name in ("write_chunk", "write_banded_chunk"):
+        original = getattr(_store, name)
+
+        def held(*args, _original=original):
+            assert release.wait(60), "the test never released the writer"
+            _original(*args)
+
+        monkeypatch.setattr(_store, name, held)
+    return release
+
+
+def _state(mesh):
     sharding = NamedSharding(mesh, P("x", "y"))
-    state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding), "b": jnp.ones(8)}
-    expected = jax.tree.map(np.array, state)
+    return {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding),
+            "big": jax.device_put(jnp.arange(1 << 21, dtype=jnp.float32).reshape(1024, 2048),
+                                  sharding),  # banded chunks
+            "b": jnp.ones(8), "k": jax.random.key(3)}
+
+
+def test_donating_arrays_right_after_save_keeps_old_values(tmp_path, mesh, held_writer):
+    state = _state(mesh)
+    expected = jax.tree.map(np.array, {k: v for k, v in state.items() if k != "k"})
+    expected_key = np.array(jax.random.key_data(state["k"]))
     step = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 - 1, s), donate_argnums=0)
+    numeric = {k: v for k, v in state.items() if k != "k"}
     with ac.AsyncCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ck", state)
-        new_state = step(state)
-        assert all(x.is_deleted() for x in jax.tree.leaves(state))  # really donated
-        jax.block_until_ready(new_state)
+        new_state = jax.block_until_ready(step(numeric))  # donated while nothing is written
+        del numeric, state
+        garbage = [jnp.full((1024, 2048), 7.0) + i for i in range(4)]  # reuses freed memory
+        jax.block_until_ready(garbage)
+        held_writer.set()
     back = ac.restore(tmp_path / "ck")
-    assert_same(back["w"], expected["w"])
-    assert_same(back["b"], expected["b"])
+    for name in expected:
+        assert_same(back[name], expected[name])
+    np.testing.assert_array_equal(jax.random.key_data(back["k"]), expected_key)
+    assert (np.asarray(new_state["w"]) == -1).all()
+
+
+def test_deleting_arrays_right_after_save_keeps_old_values(tmp_path, mesh, held_writer):
+    state = _state(mesh)
+    expected = np.array(state["big"])
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ck", state)
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+        jax.block_until_ready([jnp.full((1024, 2048), 7.0) + i for i in range(4)])
+        held_writer.set()
+    assert_same(ac.restore(tmp_path / "ck")["big"], expected)
+
+
+def test_a_committed_save_holds_nothing_of_the_callers_arrays(tmp_path, mesh):
+    """Once a save has committed, donating the arrays really donates them: the snapshot let go of
+    every view of their buffers."""
+    state = {k: v for k, v in _state(mesh).items() if k != "k"}
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x * 2, s), donate_argnums=0)
+    with ac.AsyncCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ck", state).result(timeout=60)
+        jax.block_until_ready(step(state))
+        assert all(x.is_deleted() for x in jax.tree.leaves(state))
 
 
 def test_mutating_numpy_leaves_after_save_does_not_change_checkpoint(tmp_path):

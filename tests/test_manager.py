@@ -316,3 +316,35 @@ def test_save_on_preemption_false_leaves_sigterm_alone(tmp_path):
         assert signal.getsignal(signal.SIGTERM) == before
         mgr.notify_preemption()
         assert mgr.reached_preemption(1)
+
+
+def _topdir_flag(path):
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, 0x80086601, buf)  # FS_IOC_GETFLAGS
+        return bool(int.from_bytes(buf[:4], "little") & 0x00020000)  # FS_TOPDIR_FL
+    finally:
+        os.close(fd)
+
+
+def test_writer_marks_its_directory_as_a_top_of_hierarchies(tmp_path):
+    """On ext2/3/4 a writing manager sets `chattr +T` on its directory, so each step lands in a
+    block group of its own (see _store.spread_subdirectories); a reader changes nothing."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    from asyncckpt import _store
+
+    if not _store.spread_subdirectories(str(probe)):
+        pytest.skip("the file system under tmp_path has no FS_TOPDIR_FL (not ext2/3/4)")
+    assert _topdir_flag(probe)
+    (tmp_path / "ro").mkdir()
+    ac.CheckpointManager(tmp_path / "ro", read_only=True).close()
+    assert not _topdir_flag(tmp_path / "ro")
+    with ac.CheckpointManager(tmp_path / "rw") as mgr:
+        mgr.save(1, {"x": np.ones(3)})
+    assert _topdir_flag(tmp_path / "rw")
+    with ac.CheckpointManager(tmp_path / "rw", read_only=True) as reader:
+        assert reader.all_steps() == [1]
