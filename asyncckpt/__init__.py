@@ -12,6 +12,7 @@ from ._checkpointer import read_metadata as read_metadata
 from ._checkpointer import restore as restore
 from ._checkpointer import save as save
 from ._manager import CheckpointManager as CheckpointManager
+from ._remote import configure_storage as configure_storage
 from ._retention import KeepBest as KeepBest
 from ._retention import KeepEveryNHours as KeepEveryNHours
 from ._retention import KeepEveryNSteps as KeepEveryNSteps

@@ -248,7 +248,7 @@ def load_variable(path: Any, name: str) -> np.ndarray:
     PRNG key arrays come back as their raw key data (`uint32`).
     """
     root = _restore.checkpoint_path(path)
-    if not os.path.exists(os.path.join(root, _format.DOC)):
+    if not _store.exists(os.path.join(root, _format.DOC)):
         _restore.read_root(root)  # raises the precise "not found" / "incomplete" error
     where = f"checkpoint {root}"
     _format.check_name(name, where)

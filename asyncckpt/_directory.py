@@ -5,6 +5,12 @@ committed once its root `zarr.json` exists, which the atomic rename of a finishe
 Hidden siblings named `.<step>.asyncckpt-tmp-<hex>` (a save in progress) and
 `.<step>.asyncckpt-deleting-<hex>` (a step being deleted) are never listed; a writer that opens the
 directory removes those left by a crashed process. `.asyncckpt.lock` is the writer lock.
+
+In an object store (`s3://...`) the same names are prefixes: a step is committed once its root
+`zarr.json` exists; a prefix without one but with the `.asyncckpt-uncommitted` marker is a
+leftover. Deleting a step marks it uncommitted, removes its root document (it leaves the listing),
+then its other objects, all before `start_delete` returns. There is no lock: an object store has
+no advisory locks, so keeping to one writer per prefix is the caller's job.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import socket
 import time
 import uuid
 
-from . import _format, _store
+from . import _format, _remote, _store
 from .errors import CheckpointError, CheckpointWriteError
 
 _STEP = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
@@ -27,11 +33,27 @@ LOCK_NAME = ".asyncckpt.lock"
 
 
 def step_path(directory: str, step: int) -> str:
-    return os.path.join(directory, str(step))
+    return os.path.join(directory, str(step))  # also joins URLs: "s3://b/run" -> "s3://b/run/7"
+
+
+def _remote_steps(directory: str) -> tuple[list[int], list[str]]:
+    """(committed steps, leftover prefixes) of a manager directory in an object store."""
+    committed, left = [], []
+    for name in _remote.list_dir(directory):
+        if not _STEP.match(name):
+            continue
+        names = _remote.list_dir(_remote.join(directory, name))
+        if _format.DOC in names:
+            committed.append(int(name))
+        elif _remote.UNCOMMITTED in names:
+            left.append(_remote.join(directory, name))
+    return sorted(committed), left
 
 
 def committed_steps(directory: str) -> list[int]:
     """The committed steps in `directory`, ascending (a missing directory has none)."""
+    if _remote.is_url(directory):
+        return _remote_steps(directory)[0]
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
@@ -43,6 +65,8 @@ def committed_steps(directory: str) -> list[int]:
 
 def leftovers(directory: str) -> list[str]:
     """Paths of interrupted saves and deletions in `directory`."""
+    if _remote.is_url(directory):
+        return _remote_steps(directory)[1]
     try:
         return sorted(e.path for e in os.scandir(directory) if _LEFTOVER.match(e.name))
     except FileNotFoundError:
@@ -51,11 +75,28 @@ def leftovers(directory: str) -> list[str]:
 
 def start_delete(directory: str, step: int) -> str:
     """Take `step` out of the directory in one atomic rename (durable), and return the hidden
-    path that still holds its files; removing those can happen later, in the background."""
+    path that still holds its files; removing those can happen later, in the background.
+    In an object store the step is removed here, in full: a save of the same step could
+    otherwise race its removal."""
+    if _remote.is_url(directory):
+        path = step_path(directory, step)
+        _remote.put(_remote.join(path, _remote.UNCOMMITTED), b"")
+        _remote.delete(_remote.join(path, _format.DOC))
+        _remote.delete_prefix(path)
+        return path
     trash = os.path.join(directory, f".{step}.asyncckpt-deleting-{uuid.uuid4().hex[:12]}")
     os.rename(step_path(directory, step), trash)
     _store.fsync_dir(directory)
     return trash
+
+
+def lock(directory: str) -> DirectoryLock | None:
+    """The writer lock of a local directory (created if missing); None in an object store."""
+    if _remote.is_url(directory):
+        return None
+    os.makedirs(directory, exist_ok=True)
+    _store.spread_subdirectories(directory)
+    return DirectoryLock(directory)
 
 
 class DirectoryLock:
@@ -102,6 +143,15 @@ def _read_holder(fd: int) -> str:
 
 def remove(path: str, step: int | None) -> None:
     """Remove the files of a step taken out of the listing (or of a leftover)."""
+    if _remote.is_url(path):
+        try:
+            return _remote.delete_prefix(path)
+        except OSError as e:
+            what = f"step {step}" if step is not None else "leftover objects"
+            raise CheckpointWriteError(
+                e.errno, f"could not remove the objects of {what} at {path}: {e.strerror}; the "
+                "step is no longer listed, and the next writer to open the directory retries"
+            ) from e
     try:
         shutil.rmtree(path)
     except FileNotFoundError:

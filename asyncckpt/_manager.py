@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import jax
 
-from . import _directory, _distributed, _format, _restore, _store
+from . import _directory, _distributed, _format, _remote, _restore
 from ._checkpointer import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
@@ -139,15 +139,14 @@ class CheckpointManager:
         self._cleanups: list[Future[None]] = []
         self._lock: _directory.DirectoryLock | None = None
         if not read_only and self._leader:
-            os.makedirs(self._dir, exist_ok=True)
-            _store.spread_subdirectories(self._dir)
-            self._lock = _directory.DirectoryLock(self._dir)
+            self._lock = _directory.lock(self._dir)
             try:
                 self._remove_leftovers()
             except BaseException:
-                self._lock.release()
+                if self._lock is not None:
+                    self._lock.release()
                 raise
-        elif read_only and not os.path.isdir(self._dir):
+        elif read_only and not _remote.is_url(self._dir) and not os.path.isdir(self._dir):
             raise CheckpointNotFoundError(
                 f"no checkpoint directory at {self._dir} (read_only=True does not create it)")
         self._ckptr = AsyncCheckpointer(max_workers=max_workers,

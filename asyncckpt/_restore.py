@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _store, _tree
+from . import _format, _remote, _store, _tree
 from ._executor import Workers, batches
 from ._format import ArraySpec, RootInfo
 from .errors import (
@@ -32,7 +32,15 @@ _ALIGN = 64  # XLA:CPU aliases (does not copy) host buffers aligned to 64 bytes
 
 
 def checkpoint_path(path: Any) -> str:
-    return os.path.abspath(os.fspath(path))
+    """An absolute local path, or a normalized object-store URL (`file://` URLs are paths)."""
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, not {path!r}")
+    if (local := _remote.local_path(path)) is not None:
+        path = local
+    elif _remote.is_url(path):
+        return _remote.normalize(path)
+    return os.path.abspath(path)
 
 
 def read_root(path: str) -> RootInfo:
@@ -50,6 +58,17 @@ def read_root(path: str) -> RootInfo:
 
 
 def _not_committed(path: str) -> CheckpointError:
+    if _remote.is_url(path):
+        try:
+            names = _remote.list_dir(path)
+        except OSError as e:
+            return CheckpointReadError(e.errno, f"cannot read {path}: {e.strerror}")
+        if not names:
+            return CheckpointNotFoundError(f"no checkpoint at {path}: nothing is stored there")
+        return IncompleteCheckpointError(
+            f"{path} is not a committed checkpoint: its root zarr.json (written last, at commit) "
+            "is missing, so a save that wrote there never finished, or this is not a "
+            "checkpoint. Restore another checkpoint.")
     if not os.path.exists(path):
         return CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
     if not os.path.isdir(path):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from . import _format, _store
+from . import _format, _remote, _store
 from ._distributed import Coordinator
 from ._executor import Workers, batches
 from ._snapshot import HostArray, Snapshot
@@ -25,6 +25,13 @@ from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 
 def check_destination(dest: str, *, force: bool) -> None:
     """Refuse, before anything is written, a destination that must not be replaced."""
+    if _remote.is_url(dest):
+        try:
+            return _check_remote_destination(dest, force=force)
+        except OSError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointWriteError(e.errno, f"cannot save to {dest}: {e.strerror}") from e
     if not os.path.lexists(dest):
         return
     if not os.path.isdir(dest) or os.path.islink(dest):
@@ -47,6 +54,23 @@ def check_destination(dest: str, *, force: bool) -> None:
             f"cannot save to {dest}: the directory is not empty and is not a checkpoint; "
             "choose another path (asyncckpt never deletes data it did not write)"
         )
+
+
+def _check_remote_destination(dest: str, *, force: bool) -> None:
+    names = _remote.list_dir(dest)
+    if _format.DOC in names:
+        if not _is_asyncckpt(dest):
+            raise CheckpointExistsError(
+                f"cannot save to {dest}: it holds a Zarr hierarchy that is not an asyncckpt "
+                "checkpoint; choose another prefix (asyncckpt never overwrites foreign data)")
+        if not force:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {dest}; pass `force=True` to replace it "
+                "(in an object store the old one is deleted before the new one is committed)")
+    elif names and _remote.UNCOMMITTED not in names:
+        raise CheckpointExistsError(
+            f"cannot save to {dest}: objects exist under this prefix and they are not a "
+            "checkpoint; choose another prefix (asyncckpt never deletes data it did not write)")
 
 
 def _is_asyncckpt(path: str) -> bool:
@@ -72,7 +96,7 @@ def _write_arrays(root: str, arrays: list[HostArray]) -> None:
     for array in arrays:
         path = os.path.join(root, array.spec.name)
         with _context(array, path):
-            os.mkdir(path)  # its parent group exists already
+            _store.mkdir(path)  # its parent group exists already
             _store.write_file(os.path.join(path, _format.DOC), _format.array_doc(array.spec))
         _write_chunks(root, [(array, c, d) for c, d in array.chunks if _inline(d)])
 
@@ -135,11 +159,15 @@ def _commit(tmp: str, snap: Snapshot, dest: str, replace: bool, extra: dict | No
     _publish(tmp, dest, replace)
 
 
-def _as_write_error(e: BaseException, dest: str) -> BaseException:
-    if isinstance(e, CheckpointError) or not isinstance(e, OSError):
+def _as_write_error(e: BaseException, dest: str, *, uncommitted: bool = False) -> BaseException:
+    """`e` as the error of a failed save; `uncommitted`: it failed before the commit, so say
+    that nothing was committed."""
+    if not isinstance(e, OSError) or (isinstance(e, CheckpointError) and not
+                                      (uncommitted and isinstance(e, CheckpointWriteError))):
         return e
     error = CheckpointWriteError(
-        e.errno, f"saving the checkpoint {dest} failed, nothing was committed: {e}")
+        e.errno, f"saving the checkpoint {dest} failed, nothing was committed: "
+        f"{e.strerror if isinstance(e, CheckpointWriteError) else e}")
     error.__cause__ = e
     return error
 
@@ -151,15 +179,15 @@ def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool
     run `after_commit` (the manager's retention). With `coord`: see `_write_together`."""
     if coord is not None:
         return _write_together(snap, dest, workers, replace, extra, after_commit, coord)
-    tmp = _store.temporary_sibling(dest)
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.mkdir(tmp)
+        tmp = _store.begin(dest, replace=replace)
         _write_tree(tmp, snap, workers, documents=True)
         _commit(tmp, snap, dest, replace, extra)
     except BaseException as e:
-        _store.remove_tree(tmp)
-        raise _as_write_error(e, dest) from None
+        if tmp is not None and not _committed_in_place(tmp, dest):
+            _store.remove_tree(tmp)
+        raise _as_write_error(e, dest, uncommitted=True) from None
     if after_commit is not None:
         after_commit()
     return dest
@@ -182,9 +210,7 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
     tmp, error = None, None
     if leader:
         try:
-            tmp = _store.temporary_sibling(dest)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.mkdir(tmp)
+            tmp = _store.begin(dest, replace=replace)
             _write_tree(tmp, snap, workers, documents=True)
         except BaseException as e:
             error = e
@@ -228,10 +254,21 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
         if error is not None:
             raise error
     except BaseException as e:
-        if leader and tmp is not None:
-            _store.remove_tree(tmp)  # a no-op once committed: tmp was renamed
+        if leader and tmp is not None and not _committed_in_place(tmp, dest):
+            _store.remove_tree(tmp)  # a no-op once committed locally: tmp was renamed
         raise _as_write_error(e, dest) from None
     return dest
+
+
+def _committed_in_place(tmp: str, dest: str) -> bool:
+    """In an object store a save writes at `dest` itself: once its root document is there the
+    checkpoint is committed, and a later failure (after_commit) must not remove it."""
+    if tmp != dest:
+        return False
+    try:
+        return _remote.exists(_remote.join(dest, _format.DOC))
+    except OSError:
+        return True  # cannot tell: keep it (still marked uncommitted if it was not committed)
 
 
 def _publish(tmp: str, dest: str, replace: bool) -> None:

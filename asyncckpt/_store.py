@@ -1,6 +1,7 @@
 """Blocking I/O of one checkpoint on a local (or network-mounted) file system.
 
-Plain functions over paths, called from worker threads; no threads of their own. Chunks are
+Plain functions over paths, called from worker threads; no threads of their own. An object-store
+URL (`s3://...`) instead of a path goes to `_remote`, whose objects hold the same bytes. Chunks are
 written with one `writev` (data + 4-byte crc32c) straight from the snapshot buffer and read with
 one `preadv` straight into the destination buffer, so the bulk bytes cross no Python object.
 Durability comes from one `syncfs` of the file system after all files are written (Linux), which
@@ -20,6 +21,7 @@ import uuid
 import crc32c as _crc32c
 import numpy as np
 
+from . import _remote
 from .errors import CorruptCheckpointError, IncompleteCheckpointError
 
 _O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -75,6 +77,8 @@ def _read_all(fd: int, buffers: list[memoryview], offset: int, path: str, where:
 
 def write_file(path: str, *buffers: memoryview | bytes, fsync: bool = False) -> None:
     """Create or replace `path` with the concatenation of `buffers`."""
+    if _remote.is_url(path):
+        return _remote.put(path, *buffers)
     fd = os.open(path, _O_WRITE, 0o644)
     try:
         _write_all(fd, [memoryview(b).cast("B") for b in buffers])
@@ -95,32 +99,54 @@ def write_chunk(path: str, data: np.ndarray) -> None:
     write_file(path, view, crc32c(view).to_bytes(4, "little"))
 
 
+def _missing(path: str, where: str) -> IncompleteCheckpointError:
+    return IncompleteCheckpointError(
+        f"{where}: chunk file {path} is missing; the checkpoint is incomplete")
+
+
+def _wrong_size(path: str, size: int, expected: int, where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: chunk file {path} has {size} bytes, expected {expected} "
+        "(truncated or overwritten)")
+
+
 def _open_chunk(path: str, expected_size: int, where: str) -> int:
     try:
         fd = os.open(path, _O_READ)
     except FileNotFoundError:
-        raise IncompleteCheckpointError(
-            f"{where}: chunk file {path} is missing; the checkpoint is incomplete"
-        ) from None
+        raise _missing(path, where) from None
     size = os.fstat(fd).st_size
     if size != expected_size:
         os.close(fd)
-        raise CorruptCheckpointError(
-            f"{where}: chunk file {path} has {size} bytes, expected {expected_size} "
-            "(truncated or overwritten)"
-        )
+        raise _wrong_size(path, size, expected_size, where)
     return fd
+
+
+def _get(path: str, where: str, expected: int | None = None, **request: int) -> np.ndarray:
+    """An object (or part of one) of an object-store checkpoint, of `expected` bytes."""
+    try:
+        data = _remote.get(path, **request)
+    except FileNotFoundError:
+        raise _missing(path, where) from None
+    if expected is not None and data.nbytes != expected:
+        raise _wrong_size(path, data.nbytes, expected, where)
+    return data
 
 
 def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
     """Fill the C-contiguous array `out` from a chunk file and verify its checksum and size."""
     view = _bytes_view(out)
     crc = bytearray(4)
-    fd = _open_chunk(path, view.nbytes + 4, where)
-    try:
-        _read_all(fd, [view, memoryview(crc)], 0, path, where)
-    finally:
-        os.close(fd)
+    if _remote.is_url(path):
+        data = _get(path, where, view.nbytes + 4)
+        np.frombuffer(view, np.uint8)[:] = data[:-4]
+        crc[:] = data[-4:].tobytes()
+    else:
+        fd = _open_chunk(path, view.nbytes + 4, where)
+        try:
+            _read_all(fd, [view, memoryview(crc)], 0, path, where)
+        finally:
+            os.close(fd)
     if crc32c(view) != int.from_bytes(crc, "little"):
         raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
 
@@ -155,18 +181,28 @@ def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nb
     view = _bytes_view(out)
     count = view.nbytes // band_nbytes
     index_size = 16 * nbands + 4
-    fd = _open_chunk(path, nbands * (band_nbytes + 4) + index_size, where)
     crcs = bytearray(4 * count)
     index = bytearray(index_size)
-    try:
-        buffers = []
-        for j in range(count):
-            buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
-                        memoryview(crcs)[4 * j : 4 * j + 4]]
-        _read_all(fd, buffers, first * (band_nbytes + 4), path, where)
-        _read_all(fd, [memoryview(index)], nbands * (band_nbytes + 4), path, where)
-    finally:
-        os.close(fd)
+    buffers = []
+    for j in range(count):
+        buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
+                    memoryview(crcs)[4 * j : 4 * j + 4]]
+    if _remote.is_url(path):  # the index as a suffix: an object of the wrong size fails its check
+        start = first * (band_nbytes + 4)
+        data = _get(path, where, count * (band_nbytes + 4), start=start,
+                    end=start + count * (band_nbytes + 4))
+        offset = 0
+        for b in buffers:
+            np.frombuffer(b, np.uint8)[:] = data[offset : offset + b.nbytes]
+            offset += b.nbytes
+        index[:] = _get(path, where, index_size, suffix=index_size).tobytes()
+    else:
+        fd = _open_chunk(path, nbands * (band_nbytes + 4) + index_size, where)
+        try:
+            _read_all(fd, buffers, first * (band_nbytes + 4), path, where)
+            _read_all(fd, [memoryview(index)], nbands * (band_nbytes + 4), path, where)
+        finally:
+            os.close(fd)
     body = memoryview(index)[:-4]
     if crc32c(body) != int.from_bytes(index[-4:], "little") or \
             bytes(body) != _band_index(nbands, band_nbytes):
@@ -180,6 +216,12 @@ def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nb
 
 def read_small_file(path: str, limit: int) -> bytes:
     """Read a metadata document, refusing anything larger than `limit` bytes."""
+    if _remote.is_url(path):
+        data = _remote.get(path, start=0, end=limit + 1)
+        if data.nbytes > limit:
+            raise CorruptCheckpointError(
+                f"{path} is {data.nbytes} bytes, more than the {limit} allowed")
+        return data.tobytes()
     fd = os.open(path, _O_READ)
     try:
         size = os.fstat(fd).st_size
@@ -196,8 +238,19 @@ def read_small_file(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
+def exists(path: str) -> bool:
+    """A file (or object) exists at `path`."""
+    return _remote.exists(path) if _remote.is_url(path) else os.path.exists(path)
+
+
 def makedirs(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
+    if not _remote.is_url(path):  # an object store has no directories
+        os.makedirs(path, exist_ok=True)
+
+
+def mkdir(path: str) -> None:
+    if not _remote.is_url(path):
+        os.mkdir(path)
 
 
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
@@ -236,7 +289,27 @@ def spread_subdirectories(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Commit: temporary directory -> durable -> atomic rename
+# Commit: temporary directory -> durable -> atomic rename (local); in place, root document last
+# (object stores)
+
+
+def begin(dest: str, *, replace: bool) -> str:
+    """Where a save to `dest` writes before `publish`: a fresh hidden sibling directory, or, in
+    an object store, `dest` itself, marked uncommitted. Leftovers of an interrupted save there
+    are removed first, and with `replace` an existing checkpoint too: an object store cannot
+    swap prefixes, so its old checkpoint is gone before the new one is committed."""
+    if _remote.is_url(dest):
+        marker = _remote.join(dest, _remote.UNCOMMITTED)
+        if _remote.list_dir(dest):
+            _remote.put(marker, b"")
+            _remote.delete(_remote.join(dest, "zarr.json"))  # uncommitted from here on
+            _remote.delete_prefix(dest)
+        _remote.put(marker, b"")
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = temporary_sibling(dest)
+    os.mkdir(tmp)
+    return tmp
 
 
 def temporary_sibling(dest: str) -> str:
@@ -249,8 +322,11 @@ def sync_tree(root: str) -> None:
     """Make every file and directory written under `root` durable.
 
     Linux: one `syncfs` of the file system holding `root` (one call instead of thousands of
-    fsyncs). Elsewhere: `fsync` of every file and directory under `root`.
+    fsyncs). Elsewhere: `fsync` of every file and directory under `root`. In an object store
+    every acknowledged write is durable already.
     """
+    if _remote.is_url(root):
+        return
     fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         if _libc is not None and _libc.syncfs(fd) == 0:
@@ -292,8 +368,15 @@ def publish(tmp: str, dest: str, *, replace: bool) -> None:
     """Make the finished directory `tmp` visible at `dest` in one step, durably.
 
     With `replace`, an existing checkpoint at `dest` is swapped out atomically where the OS allows
-    (there is never a moment without a checkpoint at `dest`) and then deleted.
+    (there is never a moment without a checkpoint at `dest`) and then deleted. In an object store
+    the root document written last committed the checkpoint: only the marker goes.
     """
+    if _remote.is_url(dest):
+        try:
+            _remote.delete(_remote.join(dest, _remote.UNCOMMITTED))
+        except OSError:
+            pass  # committed all the same; the marker is ignored where a root document exists
+        return
     parent = os.path.dirname(dest)
     if replace and os.path.isdir(dest) and _exchange(tmp, dest):
         fsync_dir(parent)
@@ -311,4 +394,10 @@ def publish(tmp: str, dest: str, *, replace: bool) -> None:
 
 
 def remove_tree(path: str) -> None:
+    if _remote.is_url(path):
+        try:
+            _remote.delete_prefix(path)
+        except OSError:
+            pass  # still marked uncommitted: the next writer removes it
+        return
     shutil.rmtree(path, ignore_errors=True)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_same
+from conftest import assert_same, remove_file
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,43 +51,43 @@ CASES = [
 
 
 @pytest.mark.parametrize("saved, target", CASES, ids=lambda c: f"{c[0]}{c[1]}")
-def test_reshard(tmp_path, saved, target):
+def test_reshard(root, saved, target):
     (save_shape, save_spec), (load_shape, load_spec) = saved, target
     names = ("x", "y")[: len(save_shape)]
     save_mesh = make_mesh(save_shape, names)
     tree = {"w": sharded(VALUE, save_mesh, save_spec), "v": sharded(VALUE[0], save_mesh, P())}
-    ac.save(tmp_path / "ckpt", tree)
+    ac.save(root / "ckpt", tree)
     load_mesh = make_mesh(load_shape, ("x", "y")[: len(load_shape)])
-    got = ac.restore(tmp_path / "ckpt", {"w": abstract(VALUE, load_mesh, load_spec),
+    got = ac.restore(root / "ckpt", {"w": abstract(VALUE, load_mesh, load_spec),
                                          "v": abstract(VALUE[0], load_mesh, P())})
     check(got["w"], VALUE, load_mesh, load_spec)
     check(got["v"], VALUE[0], load_mesh, P())
 
 
-def test_unsharded_numpy_save_restored_sharded_onto_other_devices(tmp_path):
-    ac.save(tmp_path / "ckpt", {"w": VALUE})
+def test_unsharded_numpy_save_restored_sharded_onto_other_devices(root):
+    ac.save(root / "ckpt", {"w": VALUE})
     mesh = make_mesh((2, 2), ("x", "y"), first=4)  # devices 4..7 only
-    got = ac.restore(tmp_path / "ckpt", {"w": abstract(VALUE, mesh, P("y", "x"))})
+    got = ac.restore(root / "ckpt", {"w": abstract(VALUE, mesh, P("y", "x"))})
     check(got["w"], VALUE, mesh, P("y", "x"))
 
 
-def test_restore_onto_real_arrays_and_with_a_cast(tmp_path):
+def test_restore_onto_real_arrays_and_with_a_cast(root):
     mesh = make_mesh((4, 2), ("x", "y"))
-    ac.save(tmp_path / "ckpt", {"w": sharded(VALUE, mesh, P("x", "y"))})
+    ac.save(root / "ckpt", {"w": sharded(VALUE, mesh, P("x", "y"))})
     other = make_mesh((2, 4), ("x", "y"))
     like = sharded(jnp.zeros(VALUE.shape, jnp.bfloat16), other, P(None, "y"))
-    got = ac.restore(tmp_path / "ckpt", {"w": like})["w"]
+    got = ac.restore(root / "ckpt", {"w": like})["w"]
     assert got.dtype == jnp.bfloat16
     check(got, VALUE.astype(ml_dtypes.bfloat16), other, P(None, "y"))
     with pytest.raises(ac.TreeMismatchError, match=r"'w'.*float32.*int32.*refuses"):
-        ac.restore(tmp_path / "ckpt", {"w": abstract(VALUE, other, P(), dtype=jnp.int32)})
+        ac.restore(root / "ckpt", {"w": abstract(VALUE, other, P(), dtype=jnp.int32)})
 
 
-def test_partial_restore_reads_only_the_requested_leaves(tmp_path):
-    ac.save(tmp_path / "ckpt", {"keep": VALUE, "skip": VALUE + 1})
-    (tmp_path / "ckpt" / "skip" / "c.0.0").unlink()  # never read, so its absence is fine
+def test_partial_restore_reads_only_the_requested_leaves(root):
+    ac.save(root / "ckpt", {"keep": VALUE, "skip": VALUE + 1})
+    remove_file(root / "ckpt" / "skip" / "c.0.0")  # never read, so its absence is fine
     mesh = make_mesh((8,), ("x",))
-    got = ac.restore(tmp_path / "ckpt", {"keep": abstract(VALUE, mesh, P("x"))}, strict=False)
+    got = ac.restore(root / "ckpt", {"keep": abstract(VALUE, mesh, P("x"))}, strict=False)
     check(got["keep"], VALUE, mesh, P("x"))
     with pytest.raises(ac.TreeMismatchError, match="skip"):
-        ac.restore(tmp_path / "ckpt", {"keep": abstract(VALUE, mesh, P("x"))})
+        ac.restore(root / "ckpt", {"keep": abstract(VALUE, mesh, P("x"))})

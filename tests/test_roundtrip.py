@@ -1,7 +1,6 @@
 """Round trips: every dtype, shardings, tree shapes, python leaves, metadata."""
 
 import dataclasses
-import os
 from typing import NamedTuple
 
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_same
+from conftest import assert_same, names, read_file, remove_file, write_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,11 +43,11 @@ def _values(dtype, shape, seed=0):
 
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES + ML_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (7,), (4, 6)], ids=str)
-def test_numpy_dtypes_and_shapes_round_trip(tmp_path, dtype, shape):
+def test_numpy_dtypes_and_shapes_round_trip(root, dtype, shape):
     x = _values(dtype, shape)
-    ac.save(tmp_path / "ck", {"x": x})
-    assert_same(ac.restore(tmp_path / "ck")["x"], x)
-    assert_same(ac.load_variable(tmp_path / "ck", "x"), x)
+    ac.save(root / "ck", {"x": x})
+    assert_same(ac.restore(root / "ck")["x"], x)
+    assert_same(ac.load_variable(root / "ck", "x"), x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.bool_,
@@ -56,68 +55,68 @@ def test_numpy_dtypes_and_shapes_round_trip(tmp_path, dtype, shape):
 @pytest.mark.parametrize(
     "spec", [P("x", "y"), P("x", None), P(None, "y"), P(), P(("x", "y"))], ids=str
 )
-def test_sharded_jax_arrays_round_trip_with_shardings(tmp_path, mesh, dtype, spec):
+def test_sharded_jax_arrays_round_trip_with_shardings(root, mesh, dtype, spec):
     host = _values(np.dtype(dtype), (16, 8))
     x = jax.device_put(host, NamedSharding(mesh, spec))
-    ac.save(tmp_path / "ck", {"w": x})
-    back = ac.restore(tmp_path / "ck", {"w": x})["w"]
+    ac.save(root / "ck", {"w": x})
+    back = ac.restore(root / "ck", {"w": x})["w"]
     assert isinstance(back, jax.Array)
     assert back.sharding == x.sharding
     assert back.dtype == x.dtype
     for a, b in zip(back.addressable_shards, x.addressable_shards):
         assert a.device == b.device and a.index == b.index
         assert_same(a.data, b.data)
-    assert_same(ac.restore(tmp_path / "ck")["w"], host)  # no target: numpy
+    assert_same(ac.restore(root / "ck")["w"], host)  # no target: numpy
 
 
-def test_one_chunk_per_shard(tmp_path, mesh):
+def test_one_chunk_per_shard(root, mesh):
     x = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", "y")))
-    ac.save(tmp_path / "ck", {"w": x, "v": np.arange(5)})
-    info = ac.list_variables(tmp_path / "ck")
+    ac.save(root / "ck", {"w": x, "v": np.arange(5)})
+    info = ac.list_variables(root / "ck")
     assert info["w"].chunk_shape == (4, 4)
-    assert sorted(p.name for p in (tmp_path / "ck" / "w").iterdir() if p.name != "zarr.json") == [
+    assert [n for n in names(root / "ck" / "w") if n != "zarr.json"] == [
         f"c.{i}.{j}" for i in range(4) for j in range(2)
     ]
     assert info["v"].chunk_shape == (5,)  # unsharded: a single chunk
 
 
-def test_replicated_array_written_once(tmp_path, mesh):
+def test_replicated_array_written_once(root, mesh):
     x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P()))
-    ac.save(tmp_path / "ck", {"b": x})
-    assert sorted(p.name for p in (tmp_path / "ck" / "b").iterdir()) == ["c.0", "zarr.json"]
-    back = ac.restore(tmp_path / "ck", {"b": x})["b"]
+    ac.save(root / "ck", {"b": x})
+    assert names(root / "ck" / "b") == ["c.0", "zarr.json"]
+    back = ac.restore(root / "ck", {"b": x})["b"]
     assert back.sharding == x.sharding and len(back.addressable_shards) == 8
     for shard in back.addressable_shards:
         assert_same(shard.data, np.arange(8.0, dtype=np.float32))
 
 
-def test_restore_onto_shape_dtype_structs(tmp_path, mesh):
+def test_restore_onto_shape_dtype_structs(root, mesh):
     x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x")))
-    ac.save(tmp_path / "ck", {"w": x})
+    ac.save(root / "ck", {"w": x})
     sharding = NamedSharding(mesh, P(None, "y"))
     target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding)}
-    back = ac.restore(tmp_path / "ck", target)["w"]
+    back = ac.restore(root / "ck", target)["w"]
     assert back.sharding == sharding
     assert_same(back, np.arange(32.0, dtype=np.float32).reshape(8, 4))
 
 
-def test_prng_keys_round_trip(tmp_path, mesh):
+def test_prng_keys_round_trip(root, mesh):
     keys = {
         "one": jax.random.key(7),
         "many": jax.random.split(jax.random.key(3), 8),
         "rbg": jax.random.key(5, impl="rbg"),
     }
     keys["sharded"] = jax.device_put(keys["many"], NamedSharding(mesh, P("x")))
-    ac.save(tmp_path / "ck", keys)
-    for back in (ac.restore(tmp_path / "ck"), ac.restore(tmp_path / "ck", keys)):
+    ac.save(root / "ck", keys)
+    for back in (ac.restore(root / "ck"), ac.restore(root / "ck", keys)):
         for name, k in keys.items():
             assert back[name].dtype == k.dtype
             assert jax.random.key_impl(back[name]) == jax.random.key_impl(k)
             assert_same(jax.random.key_data(back[name]), jax.random.key_data(k))
-    assert ac.restore(tmp_path / "ck", keys)["sharded"].sharding == keys["sharded"].sharding
-    info = ac.list_variables(tmp_path / "ck")["many"]
+    assert ac.restore(root / "ck", keys)["sharded"].sharding == keys["sharded"].sharding
+    info = ac.list_variables(root / "ck")["many"]
     assert (info.shape, info.dtype, info.prng_impl) == ((8, 2), np.uint32, "threefry2x32")
-    assert_same(ac.load_variable(tmp_path / "ck", "one"), jax.random.key_data(keys["one"]))
+    assert_same(ac.load_variable(root / "ck", "one"), jax.random.key_data(keys["one"]))
 
 
 class Pair(NamedTuple):
@@ -135,7 +134,7 @@ class Layer:
 jax.tree_util.register_dataclass(Layer, data_fields=["w", "b"], meta_fields=["name"])
 
 
-def test_tree_structure_round_trips_without_target(tmp_path):
+def test_tree_structure_round_trips_without_target(root):
     tree = {
         "list": [np.ones(2), (np.zeros(1), None)],
         "pair": Pair(np.arange(3), [1, 2.5, True, "text", -7]),
@@ -146,7 +145,7 @@ def test_tree_structure_round_trips_without_target(tmp_path):
         "nan": float("nan"),
         "big": 2**80,
     }
-    back = ac.restore(ac_save(tmp_path, tree))
+    back = ac.restore(ac_save(root, tree))
     assert isinstance(back["pair"], Pair) and isinstance(back["layer"], Layer)
     assert back["layer"].name == "proj"
     assert back["list"][1][1] is None and back["none"] is None and back["empty"] == {}
@@ -166,15 +165,15 @@ def _same_scalar(a, b):
     assert a == b or (a != a and b != b)
 
 
-def ac_save(tmp_path, tree, **kw):
-    path = tmp_path / "ck"
+def ac_save(root, tree, **kw):
+    path = root / "ck"
     ac.save(path, tree, **kw)
     return path
 
 
-def test_restore_with_target_keeps_target_structure(tmp_path):
+def test_restore_with_target_keeps_target_structure(root):
     saved = {"layer": {"w": np.ones((2, 2)), "b": np.zeros(2)}, "step": 4}
-    path = ac_save(tmp_path, saved)
+    path = ac_save(root, saved)
     target = {"layer": Layer(w=np.empty((2, 2)), b=np.empty(2), name="x"), "step": 0}
     back = ac.restore(path, target)
     assert isinstance(back["layer"], Layer) and back["layer"].name == "x"
@@ -182,15 +181,15 @@ def test_restore_with_target_keeps_target_structure(tmp_path):
     assert back["step"] == 4
 
 
-def test_metadata_round_trips(tmp_path):
+def test_metadata_round_trips(root):
     meta = {"lr": 0.1, "tags": ["a", "b"], "nested": {"n": 3}}
-    path = ac_save(tmp_path, {"x": np.ones(1)}, metadata=meta)
+    path = ac_save(root, {"x": np.ones(1)}, metadata=meta)
     assert ac.read_metadata(path) == meta
 
 
-def test_list_variables_describes_arrays(tmp_path, mesh):
+def test_list_variables_describes_arrays(root, mesh):
     x = jax.device_put(jnp.ones((8, 4), jnp.bfloat16), NamedSharding(mesh, P("x")))
-    path = ac_save(tmp_path, {"params": {"w": x, "b": np.zeros(3, np.int64)}, "step": 1})
+    path = ac_save(root, {"params": {"w": x, "b": np.zeros(3, np.int64)}, "step": 1})
     info = ac.list_variables(path)
     assert set(info) == {"params/w", "params/b"}
     w = info["params/w"]
@@ -198,14 +197,14 @@ def test_list_variables_describes_arrays(tmp_path, mesh):
     assert info["params/b"].nbytes == 24
 
 
-def test_restore_casts_within_a_kind(tmp_path):
-    path = ac_save(tmp_path, {"w": np.linspace(0, 1, 5, dtype=np.float32)})
+def test_restore_casts_within_a_kind(root):
+    path = ac_save(root, {"w": np.linspace(0, 1, 5, dtype=np.float32)})
     back = ac.restore(path, {"w": jax.ShapeDtypeStruct((5,), jnp.bfloat16)})["w"]
     assert back.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(back, np.float32), np.linspace(0, 1, 5), atol=1e-2)
 
 
-def test_large_leaves_copied_in_parallel_parts_round_trip(tmp_path, mesh):
+def test_large_leaves_copied_in_parallel_parts_round_trip(root, mesh):
     """Leaves over the copy-split size (32 MiB) are copied by several threads in row blocks."""
     host = np.arange(9 * 2**20, dtype=np.float32).reshape(3 * 2**10, 3 * 2**10)  # 36 MiB
     tree = {
@@ -214,22 +213,22 @@ def test_large_leaves_copied_in_parallel_parts_round_trip(tmp_path, mesh):
         "sharded": jax.device_put(host, NamedSharding(mesh, P(None, "y"))),  # 18 MiB shards
     }
     with ac.AsyncCheckpointer() as ckptr:
-        ckptr.save(tmp_path / "ck", tree)
+        ckptr.save(root / "ck", tree)
         tree["numpy"] = None  # the caller may drop its arrays right away
-    back = ac.restore(tmp_path / "ck")
+    back = ac.restore(root / "ck")
     for name in ("numpy", "replicated", "sharded"):
         assert_same(back[name], host)
 
 
-def test_load_variable_reads_nothing_else(tmp_path):
-    path = ac_save(tmp_path, {"want": np.arange(6).reshape(2, 3), "other": np.ones(4)})
-    os.remove(path / "other" / "c.0")  # another variable's data ...
-    root = path / "zarr.json"
-    root.write_text(root.read_text().replace('"asyncckpt"', '"garbage!"'))  # ... and the root
+def test_load_variable_reads_nothing_else(root):
+    path = ac_save(root, {"want": np.arange(6).reshape(2, 3), "other": np.ones(4)})
+    remove_file(path / "other" / "c.0")  # another variable's data ...
+    doc = path / "zarr.json"
+    write_file(doc, read_file(doc).replace(b'"asyncckpt"', b'"garbage!"'))  # ... and the root
     assert_same(ac.load_variable(path, "want"), np.arange(6).reshape(2, 3))
 
 
-def test_repeated_saves_of_one_structure_store_each_saves_values(tmp_path, mesh):
+def test_repeated_saves_of_one_structure_store_each_saves_values(root, mesh):
     """Saves of the same structure reuse a cached plan; values, scalar leaves and shardings
     must still come from each save."""
     sharded = NamedSharding(mesh, P("x", "y"))
@@ -237,15 +236,15 @@ def test_repeated_saves_of_one_structure_store_each_saves_values(tmp_path, mesh)
         for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
             tree = {"w": jax.device_put(jnp.full((8, 4), i, jnp.float32), sharded),
                     "h": np.full(3, i), "s": scalar}
-            ckptr.save(tmp_path / str(i), tree)
+            ckptr.save(root / str(i), tree)
         other = {"w": jax.device_put(jnp.full((8, 4), 9, jnp.float32), NamedSharding(mesh, P())),
                  "h": np.full(3, 9), "s": 1}
-        ckptr.save(tmp_path / "other", other)
+        ckptr.save(root / "other", other)
     for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
-        got = ac.restore(tmp_path / str(i))
+        got = ac.restore(root / str(i))
         assert_same(got["w"], np.full((8, 4), i, np.float32))
         assert_same(got["h"], np.full(3, i))
         assert repr(got["s"]) == repr(scalar) and type(got["s"]) is type(scalar)
-    assert ac.list_variables(tmp_path / "0")["w"].chunk_shape == (2, 2)
-    assert ac.list_variables(tmp_path / "other")["w"].chunk_shape == (8, 4)
-    assert_same(ac.restore(tmp_path / "other")["w"], np.full((8, 4), 9, np.float32))
+    assert ac.list_variables(root / "0")["w"].chunk_shape == (2, 2)
+    assert ac.list_variables(root / "other")["w"].chunk_shape == (8, 4)
+    assert_same(ac.restore(root / "other")["w"], np.full((8, 4), 9, np.float32))
