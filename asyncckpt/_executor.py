@@ -1,7 +1,8 @@
 """The only module that owns threads.
 
 `Workers` holds a pool for work the caller waits on (snapshot copies, restore reads), a pool of
-lower-priority threads for background writes, a single job thread that runs whole saves one after
+lower-priority threads for background writes, a larger pool for object-store requests (threads
+that mostly wait on the network), a single job thread that runs whole saves one after
 another, so commits happen in the order `save()` was called, and a single thread that removes the
 files of deleted steps without holding up saves. Work that fails raises its first exception in the
 thread that waits for it; nothing is only logged.
@@ -24,6 +25,11 @@ def default_workers() -> int:
     return max(4, min(32, 4 * (os.cpu_count() or 1)))
 
 
+NETWORK_WORKERS = 64
+"""Requests in flight to an object store: each costs a thread waiting on the network, and
+per-request latency (tens of ms) bounds throughput unless many are in flight."""
+
+
 def _lower_priority(nice: int) -> None:
     """Raise the calling thread's niceness by `nice` (Linux: priorities are per thread)."""
     if nice <= 0 or not hasattr(os, "setpriority"):
@@ -43,9 +49,13 @@ class Workers:
     Background threads yield the CPU to the training loop: a save in the background then slows
     training less, and simply takes longer when the CPU is busy."""
 
-    def __init__(self, max_workers: int | None = None, background_nice: int = 0) -> None:
+    def __init__(self, max_workers: int | None = None, background_nice: int = 0,
+                 network_workers: int = NETWORK_WORKERS) -> None:
         self.size = max_workers or default_workers()
+        self.network_size = network_workers
         lower = functools.partial(_lower_priority, background_nice)
+        self._network = ThreadPoolExecutor(network_workers, thread_name_prefix="asyncckpt-net",
+                                           initializer=lower)
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
         self._background = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-write",
                                                initializer=lower)
@@ -53,13 +63,19 @@ class Workers:
         self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup",
                                            initializer=lower)
 
-    def run_all(self, tasks: Sequence[Callable[[], Any]], *, background: bool = False) -> None:
-        """Run `tasks` on a pool and wait; on the first failure cancel the rest and raise it."""
+    def parts(self, network: bool) -> int:
+        """How many tasks keep the pool that `run_all(network=...)` uses busy."""
+        return self.network_size if network else self.size
+
+    def run_all(self, tasks: Sequence[Callable[[], Any]], *, background: bool = False,
+                network: bool = False) -> None:
+        """Run `tasks` on a pool and wait; on the first failure cancel the rest and raise it.
+        `network`: the tasks make object-store requests (the larger, lower-priority pool)."""
         if len(tasks) <= 1:
             for task in tasks:
                 task()
             return
-        pool = self._background if background else self._pool
+        pool = self._network if network else self._background if background else self._pool
         futures = [pool.submit(task) for task in tasks]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]
@@ -82,6 +98,7 @@ class Workers:
         self._jobs.shutdown(wait=True)
         self._cleanup.shutdown(wait=True)
         self._background.shutdown(wait=True)
+        self._network.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 

@@ -312,8 +312,10 @@ def read_arrays(
             spec, target = items[i]
             plans[i] = _plan(spec, target, f"while restoring {spec.name!r} from {root}")
         tasks = [t for p in plans.values() for t in _chunk_tasks(root, p.spec, p.requests, p.where)]
-        groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.size, min_cost=1 << 20)
-        workers.run_all([functools.partial(_run_group, g) for g in groups])
+        net = _remote.is_url(root)
+        groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
+                         min_cost=1 if net else 1 << 20)
+        workers.run_all([functools.partial(_run_group, g) for g in groups], network=net)
         for i, value in zip(plans, _place(list(plans.values()))):
             results[i] = value
     return results

@@ -132,22 +132,25 @@ def _write_tree(tmp: str, snap: Snapshot, workers: Workers, *, documents: bool) 
     Phases, each spread over the I/O threads: group directories; array directories, documents
     and small chunks (one task touches one directory at a time, few barriers for thousands of
     small leaves); large chunks. Without `documents` the directories exist already (another
-    process made them) and only chunks are written.
+    process made them) and only chunks are written. In an object store the same phases run on
+    the network pool, with many more requests in flight.
     """
+    net = _remote.is_url(tmp)
+    parts = workers.parts(net)
     if documents:
         groups = _format.group_names([a.spec.name for a in snap.arrays])
         workers.run_all([functools.partial(_write_groups, tmp, g)
-                         for g in batches(groups, lambda g: 1, parts=workers.size, min_cost=32)],
-                        background=True)
+                         for g in batches(groups, lambda g: 1, parts=parts, min_cost=32)],
+                        background=True, network=net)
         per_array = batches(snap.arrays, lambda a: 1 + sum(d.nbytes for _, d in a.chunks
                                                            if _inline(d)) // 16384,
-                            parts=workers.size, min_cost=64)
+                            parts=parts, min_cost=1 if net else 64)
         workers.run_all([functools.partial(_write_arrays, tmp, g) for g in per_array],
-                        background=True)
+                        background=True, network=net)
     rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
     workers.run_all([functools.partial(_write_chunks, tmp, g) for g in
-                     batches(rest, lambda c: c[2].nbytes + 16384, parts=workers.size,
-                             min_cost=1)], background=True)
+                     batches(rest, lambda c: c[2].nbytes + 16384, parts=parts, min_cost=1)],
+                    background=True, network=net)
 
 
 def _commit(tmp: str, snap: Snapshot, dest: str, replace: bool, extra: dict | None) -> None:

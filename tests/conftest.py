@@ -103,7 +103,11 @@ def s3_server():
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     """A fresh directory for checkpoints: a local path, or a prefix in an S3 bucket."""
-    if request.param == "local":
+    return make_root(request, request.param, tmp_path)
+
+
+def make_root(request, backend, tmp_path):
+    if backend == "local":
         return tmp_path
     request.getfixturevalue("s3_server")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same
+from conftest import UrlPath, assert_same, read_file, write_file
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,6 +26,13 @@ VALUE = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
 def saved(tmp_path):
     ac.save(tmp_path / "ck", {"w": VALUE, "small": VALUE[:4, :4].copy()})
     return tmp_path / "ck"
+
+
+@pytest.fixture
+def saved_anywhere(root):
+    """The same checkpoint, on each backend."""
+    ac.save(root / "ck", {"w": VALUE, "small": VALUE[:4, :4].copy()})
+    return root / "ck"
 
 
 @pytest.fixture
@@ -54,11 +61,11 @@ def test_large_chunks_are_banded_small_ones_are_not(saved):
     ((8,), P(None, "x")),   # column strips: every band
     ((2, 4), P("y", "x")),
 ])
-def test_banded_chunk_restores_onto_any_sharding(saved, mesh_shape, spec):
+def test_banded_chunk_restores_onto_any_sharding(saved_anywhere, mesh_shape, spec):
     n = int(np.prod(mesh_shape))
     mesh = Mesh(np.array(jax.devices()[:n]).reshape(mesh_shape), ("x", "y")[: len(mesh_shape)])
     target = jax.ShapeDtypeStruct(VALUE.shape, VALUE.dtype, sharding=NamedSharding(mesh, spec))
-    got = ac.restore(saved, {"w": target}, strict=False)["w"]
+    got = ac.restore(saved_anywhere, {"w": target}, strict=False)["w"]
     assert got.sharding == target.sharding
     assert_same(got, VALUE)
 
@@ -92,13 +99,16 @@ def test_only_the_needed_bands_are_read(saved, reads):
     (lambda data: data.__delitem__(slice(len(data) - 1, None)),
      r"expected \d+ \(truncated"),
 ])
-def test_damaged_banded_chunk_is_corrupt(saved, damage, match):
-    path = saved / "w" / "c.0.0"
-    data = bytearray(path.read_bytes())
+def test_damaged_banded_chunk_is_corrupt(saved_anywhere, damage, match):
+    path = saved_anywhere / "w" / "c.0.0"
+    data = bytearray(read_file(path))
     damage(data)
-    path.write_bytes(bytes(data))
+    write_file(path, bytes(data))
+    if isinstance(saved_anywhere, UrlPath) and "truncated" in match:
+        # the index is read as the object's last bytes: a shorter object shifts it
+        match = r"shard index of chunk file .*w/c\.0\.0 is damaged"
     with pytest.raises(ac.CorruptCheckpointError, match=match):
-        ac.restore(saved)
+        ac.restore(saved_anywhere)
 
 
 def test_band_rows_choice():

@@ -28,7 +28,8 @@ def initialize(process_id: int, num_processes: int, port: int, local_devices: in
 def launch(script: str, num_processes: int, *args: str) -> list[subprocess.Popen]:
     """Start `helpers/<script>` once per process with `process_id num_processes port *args`."""
     port = str(free_port())
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=HELPERS)
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (HELPERS, os.environ.get("PYTHONPATH")) if p))
     env.pop("XLA_FLAGS", None)
     return [subprocess.Popen([sys.executable, os.path.join(HELPERS, script), str(i),
                               str(num_processes), port, *args],
