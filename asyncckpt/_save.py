@@ -136,7 +136,7 @@ def _write_tree(tmp: str, snap: Snapshot, workers: Workers, *, documents: bool) 
     the network pool, with many more requests in flight.
     """
     net = _remote.is_url(tmp)
-    parts = workers.parts(net)
+    parts = workers.parts(net, background=True)
     if documents:
         groups = _format.group_names([a.spec.name for a in snap.arrays])
         workers.run_all([functools.partial(_write_groups, tmp, g)

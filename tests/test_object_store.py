@@ -165,3 +165,9 @@ def test_memory_urls_round_trip(mesh):
     url = f"memory://scratch/{os.urandom(4).hex()}"
     ac.save(url, tree)
     assert_same(ac.restore(url, tree)["w"], tree["w"])
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    ac.save(f"file://{tmp_path}/ck", {"x": np.arange(3)})
+    assert_same(ac.restore(tmp_path / "ck")["x"], np.arange(3))
+    assert_same(ac.restore(f"file://{tmp_path}/ck")["x"], np.arange(3))
