@@ -150,7 +150,8 @@ def _hint(e: Exception) -> str:
                                "permission", "forbidden")):
         return (f"{text.splitlines()[0]} (check the credentials: AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, or your cloud's profile)")
-    if any(s in low for s in ("connect", "dns", "timed out", "timeout")):
+    if any(s in low for s in ("connect", "dns", "timed out", "timeout", "error sending request",
+                               "broken pipe", "reset by peer", "incomplete")):
         return (f"{text.splitlines()[0]} (cannot reach the object store: check AWS_ENDPOINT_URL "
                 "and the network)")
     return text.splitlines()[0] if text else type(e).__name__
