@@ -142,18 +142,12 @@ def _read_holder(fd: int) -> str:
 
 
 def remove(path: str, step: int | None) -> None:
-    """Remove the files of a step taken out of the listing (or of a leftover)."""
-    if _remote.is_url(path):
-        try:
-            return _remote.delete_prefix(path)
-        except OSError as e:
-            what = f"step {step}" if step is not None else "leftover objects"
-            raise CheckpointWriteError(
-                e.errno, f"could not remove the objects of {what} at {path}: {e.strerror}; the "
-                "step is no longer listed, and the next writer to open the directory retries"
-            ) from e
+    """Remove the files (or objects) of a step taken out of the listing, or of a leftover."""
     try:
-        shutil.rmtree(path)
+        if _remote.is_url(path):
+            _remote.delete_prefix(path)
+        else:
+            shutil.rmtree(path)
     except FileNotFoundError:
         pass
     except OSError as e:

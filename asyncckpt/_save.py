@@ -24,14 +24,11 @@ from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 
 
 def check_destination(dest: str, *, force: bool) -> None:
-    """Refuse, before anything is written, a destination that must not be replaced."""
+    """Refuse, before anything is written, a destination that must not be replaced. An
+    object-store destination is checked by `_begin` on the job thread instead: a listing is a
+    network round trip, which `save()` should not wait for."""
     if _remote.is_url(dest):
-        try:
-            return _check_remote_destination(dest, force=force)
-        except OSError as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointWriteError(e.errno, f"cannot save to {dest}: {e.strerror}") from e
+        return
     if not os.path.lexists(dest):
         return
     if not os.path.isdir(dest) or os.path.islink(dest):
@@ -54,6 +51,18 @@ def check_destination(dest: str, *, force: bool) -> None:
             f"cannot save to {dest}: the directory is not empty and is not a checkpoint; "
             "choose another path (asyncckpt never deletes data it did not write)"
         )
+
+
+def _begin(dest: str, replace: bool) -> str:
+    """Where the save writes (`_store.begin`), after checking an object-store destination."""
+    if _remote.is_url(dest):
+        try:
+            _check_remote_destination(dest, force=replace)
+        except OSError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointWriteError(e.errno, f"cannot save to {dest}: {e.strerror}") from e
+    return _store.begin(dest, replace=replace)
 
 
 def _check_remote_destination(dest: str, *, force: bool) -> None:
@@ -184,7 +193,7 @@ def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool
         return _write_together(snap, dest, workers, replace, extra, after_commit, coord)
     tmp = None
     try:
-        tmp = _store.begin(dest, replace=replace)
+        tmp = _begin(dest, replace)
         _write_tree(tmp, snap, workers, documents=True)
         _commit(tmp, snap, dest, replace, extra)
     except BaseException as e:
@@ -213,7 +222,7 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
     tmp, error = None, None
     if leader:
         try:
-            tmp = _store.begin(dest, replace=replace)
+            tmp = _begin(dest, replace)
             _write_tree(tmp, snap, workers, documents=True)
         except BaseException as e:
             error = e
