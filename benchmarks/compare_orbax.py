@@ -15,9 +15,12 @@ Save child (a training job after its first save):
     save_peak_rss_gb   peak RSS during the timed save minus the baseline taken right after
                        building the tree, i.e. before the warm-up save: host memory a system
                        keeps between saves counts. RSS is sampled with psutil every 5 ms.
-    train_slowdown     a fixed jitted step loop (~1.5 s when idle) run right after a third
-                       save returns, divided by the same loop on a quiet machine (the better of
-                       two idle runs): how much a save in the background slows training down
+    train_slowdown     a fixed jitted step loop (~1.5 s when idle) run right after a save
+                       returns, divided by the same loop on a quiet machine: how much a save in
+                       the background slows training down. Measured over SLOWDOWN_REPS further
+                       saves, each followed (once committed and deleted) by an idle loop; the
+                       median busy loop over the median of the idle loops (one more idle loop
+                       runs before the first save)
   Each system uses one `CheckpointManager` for all saves (orbax's with asynchronous checkpointing
   and `args.StandardSave`), with their default options (orbax's include zstd compression of the
   data; asyncckpt writes it uncompressed). A delete is timed until its files are gone.
@@ -105,7 +108,8 @@ TARGETS = {
 }
 TARGETS["llm"] = dict(TARGETS["big"])
 TRAIN_LOOP_S = 1.5
-SLOWDOWN_STEP = 2
+SLOWDOWN_STEP = 2  # and the steps after it, one per repetition
+SLOWDOWN_REPS = 3
 WARMUP_STEP, TIMED_STEP = 0, 1
 RESULT_MARK = "BENCH-RESULT "
 GIB, MIB = 1 << 30, 1 << 20
@@ -233,7 +237,8 @@ def make_train_loop(mesh):
     return lambda: run_n(iters)
 
 
-def save_child(system: str, workload: str, root: str, scale: float, seed: int) -> dict:
+def save_child(system: str, workload: str, root: str, scale: float, seed: int,
+               slowdown_reps: int) -> dict:
     specs = workload_specs(workload, scale)
     tree = build_tree(specs, seed)
     train = make_train_loop(make_mesh())
@@ -253,11 +258,16 @@ def save_child(system: str, workload: str, root: str, scale: float, seed: int) -
             sysobj.wait_until_finished()
             t2 = time.perf_counter()
         os.sync()
-        idle_s = min(train(), train())
-        sysobj.save(SLOWDOWN_STEP, tree)  # the loop runs while this save is in the background
-        busy_s = train()
-        sysobj.wait_until_finished()
-        sysobj.delete(SLOWDOWN_STEP)
+        idle, busy = [train()], []
+        for rep in range(slowdown_reps):
+            step = SLOWDOWN_STEP + rep
+            sysobj.save(step, tree)  # the loop runs while this save is in the background
+            busy.append(train())
+            sysobj.wait_until_finished()
+            sysobj.delete(step)
+            sysobj.wait_until_finished()
+            os.sync()
+            idle.append(train())
     finally:
         sysobj.close()
     disk_bytes, files = disk_usage(sysobj.step_dir(TIMED_STEP))
@@ -266,7 +276,9 @@ def save_child(system: str, workload: str, root: str, scale: float, seed: int) -
         "save_commit_s": t2 - t0,
         "save_peak_rss_gb": (mem.peak - baseline) / GIB,
         "delete_s": delete_s,
-        "train_slowdown": busy_s / idle_s,
+        "train_slowdown": statistics.median(busy) / statistics.median(idle),
+        "train_busy_s": busy,
+        "train_idle_s": idle,
         "tree_bytes": tree_nbytes(specs),
         "disk_bytes": disk_bytes,
         "disk_files": files,
@@ -301,9 +313,12 @@ def restore_child(system: str, workload: str, root: str, scale: float, seed: int
     }
 
 
-def child_main(phase: str, system: str, workload: str, root: str, scale: float, seed: int) -> None:
-    fn = {"save": save_child, "restore": restore_child}[phase]
-    result = fn(system, workload, root, scale, seed)
+def child_main(args) -> None:
+    phase, system, workload = args.child
+    if phase == "save":
+        result = save_child(system, workload, args.root, args.scale, args.seed, args.slowdown_reps)
+    else:
+        result = restore_child(system, workload, args.root, args.scale, args.seed)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -316,7 +331,8 @@ class ChildFailed(Exception):
 
 def run_child(args, phase: str, system: str, workload: str, root: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, system, workload,
-           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed)]
+           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed),
+           "--slowdown-reps", str(args.slowdown_reps)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
@@ -494,6 +510,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="OUT", help="write every raw measurement to OUT")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 run at scale 0.02 of "
                    "big, small and llm (what CI runs; its timings mean nothing)")
+    p.add_argument("--slowdown-reps", type=int, default=SLOWDOWN_REPS,
+                   help="saves per save child that a training loop runs behind (default "
+                   f"{SLOWDOWN_REPS}; --quick: 1)")
     p.add_argument("--no-limits", action="store_true",
                    help="skip measuring memcpy, durable write and page-cache read bandwidth")
     p.add_argument("--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"),
@@ -505,10 +524,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     if args.quick:
-        args.runs, args.scale = 1, 0.02
+        args.runs, args.scale, args.slowdown_reps = 1, 0.02, 1
     if args.child:
-        phase, system, workload = args.child
-        child_main(phase, system, workload, args.root, args.scale, args.seed)
+        child_main(args)
         return 0
     return driver_main(args)
 
