@@ -19,6 +19,8 @@ from ._retention import KeepEveryNSteps as KeepEveryNSteps
 from ._retention import KeepLastN as KeepLastN
 from ._retention import RetentionPolicy as RetentionPolicy
 from ._retention import StepInfo as StepInfo
+from ._telemetry import RestoreStats as RestoreStats
+from ._telemetry import SaveStats as SaveStats
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _distributed, _format, _restore, _save, _store
+from . import _distributed, _format, _restore, _save, _store, _telemetry
 from ._executor import Workers
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
@@ -74,6 +74,8 @@ class AsyncCheckpointer:
         self._pending: list[Future[str]] = []
         self._max_inflight_bytes = max_inflight_bytes
         self._closed = False
+        self._last_save: _telemetry.SaveStats | None = None
+        self._last_restore: _telemetry.RestoreStats | None = None
 
     def save(
         self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False
@@ -101,33 +103,52 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         for fut in self._pending:  # one save in flight at a time bounds host memory
             fut.exception()
-        if self._pending:
-            log.debug("asyncckpt: save to %s waited %.3f s for the previous save to commit",
-                      dest, time.perf_counter() - t0)
+        phases = _telemetry.Phases()
+        phases.add("wait_previous", time.perf_counter() - t0)
         self.check_for_errors()
         _save.check_destination(dest, force=force)
         _format.encode_json(metadata, what="`metadata`")
         coord = None
         if _distributed.is_multi_process():
             coord = _distributed.Coordinator(_distributed.save_key(dest), self._barrier_timeout_s)
-        snap = take_snapshot(tree, metadata, self._workers, self._pool,
-                             process_index=coord.process if coord else 0)
+        with phases("snapshot"):
+            snap = take_snapshot(tree, metadata, self._workers, self._pool,
+                                 process_index=coord.process if coord else 0)
+        phases.add("blocking", time.perf_counter() - t0)
         future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit,
-                                          coord)
+                                          coord, phases, t0)
         self._pending.append(future)
         return future
 
     def _write(self, snap: Snapshot, dest: str, replace: bool, extra: dict | None,
                after_commit: Callable[[float], None] | None,
-               coord: _distributed.Coordinator | None) -> str:
+               coord: _distributed.Coordinator | None, phases: _telemetry.Phases,
+               t0: float) -> str:
         try:
-            return _save.write_snapshot(
+            _save.write_snapshot(
                 snap, dest, self._workers, replace=replace, extra=extra, coord=coord,
                 after_commit=functools.partial(after_commit, snap.created) if after_commit
-                else None)
+                else None, phases=phases)
         finally:
             if snap.arena is not None:
                 self._pool.release(snap.arena)
+        stats = _telemetry.SaveStats(
+            path=dest, step=(extra or {}).get("step"), arrays=len(snap.arrays),
+            bytes=sum(d.nbytes for a in snap.arrays for _, d in a.chunks),
+            blocking_s=phases["blocking"], wait_previous_s=phases["wait_previous"],
+            snapshot_s=phases["snapshot"], write_s=phases["write"], commit_s=phases["commit"],
+            retention_s=phases["retention"], total_s=time.perf_counter() - t0)
+        self._last_save = stats
+        _telemetry.report("save", stats)
+        return dest
+
+    def last_save_stats(self) -> _telemetry.SaveStats | None:
+        """Timings by phase and bytes of the last committed save (None before the first)."""
+        return self._last_save
+
+    def last_restore_stats(self) -> _telemetry.RestoreStats | None:
+        """Timings by phase and bytes of the last restore (None before the first)."""
+        return self._last_restore
 
     @property
     def workers(self) -> Workers:
@@ -136,9 +157,12 @@ class AsyncCheckpointer:
     def restore(self, path: Any, target: Any = None, *, strict: bool = True) -> Any:
         """Like `asyncckpt.restore`, using this checkpointer's threads."""
         self._check_open()
-        return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
-                                     workers=self._workers,
-                                     max_inflight_bytes=self._max_inflight_bytes)
+        return self._restore(_restore.checkpoint_path(path), target, strict=strict)
+
+    def _restore(self, path: str, target: Any, *, strict: bool, step: int | None = None) -> Any:
+        value, self._last_restore = _timed_restore(path, target, strict, self._workers,
+                                                   self._max_inflight_bytes, step)
+        return value
 
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished background save (once), if any."""
@@ -202,10 +226,25 @@ def restore(
     """
     workers = Workers()
     try:
-        return _restore.restore_tree(_restore.checkpoint_path(path), target, strict=strict,
-                                     workers=workers, max_inflight_bytes=max_inflight_bytes)
+        return _timed_restore(_restore.checkpoint_path(path), target, strict, workers,
+                              max_inflight_bytes, None)[0]
     finally:
         workers.close()
+
+
+def _timed_restore(path: str, target: Any, strict: bool, workers: Workers,
+                   max_inflight_bytes: int, step: int | None
+                   ) -> tuple[Any, _telemetry.RestoreStats]:
+    """`restore_tree`, timed by phase and reported (`_telemetry.report`)."""
+    phases = _telemetry.Phases()
+    t0 = time.perf_counter()
+    value = _restore.restore_tree(path, target, strict=strict, workers=workers,
+                                  max_inflight_bytes=max_inflight_bytes, phases=phases)
+    stats = _telemetry.RestoreStats(
+        path=path, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
+        read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)
+    _telemetry.report("restore", stats)
+    return value, stats
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from ._retention import (
     policies_from,
     steps_to_delete,
 )
+from ._telemetry import RestoreStats, SaveStats
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -250,6 +251,8 @@ class CheckpointManager:
         encoded = None if metrics is None else _format.encode_metrics(metrics, where)
         decoded = _format.decode_metrics(encoded)
         extra = {"step": step, "metrics": encoded}
+        if self._best is not None and isinstance(self._best.metric, str):
+            extra["best"] = {"metric": self._best.metric, "mode": self._best.mode}
         after = functools.partial(self._after_commit, step, decoded)
         future = self._ckptr._save(self._path(step), tree, metadata=metadata, force=force,
                                    extra=extra, after_commit=after)
@@ -320,7 +323,18 @@ class CheckpointManager:
         if step == self._in_flight():
             self._ckptr.wait_until_finished()
         self._existing(step)
-        return self._ckptr.restore(self._path(step), target, strict=strict)
+        return self._ckptr._restore(self._path(step), target, strict=strict, step=step)
+
+    def last_save_stats(self) -> SaveStats | None:
+        """Timings by phase (blocking, snapshot, write, commit, retention) and bytes of the last
+        committed save; None before the first. Also logged at debug level and reported as
+        `jax.monitoring` events (`/asyncckpt/save/...`)."""
+        return self._ckptr.last_save_stats()
+
+    def last_restore_stats(self) -> RestoreStats | None:
+        """Timings by phase (plan, read, place) and bytes of the last restore; None before the
+        first."""
+        return self._ckptr.last_restore_stats()
 
     # -- preemption ----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import numpy as np
 from . import _format, _remote, _store, _tree
 from ._executor import Workers, batches
 from ._format import ArraySpec, RootInfo
+from ._telemetry import Phases
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -321,23 +322,31 @@ def read_arrays(
     workers: Workers,
     *,
     max_inflight_bytes: int,
+    phases: Phases | None = None,
 ) -> list[Any]:
     """Restore `(spec, target leaf or None)` pairs, at most `max_inflight_bytes` at a time."""
+    phases = phases if phases is not None else Phases()
+    phases.arrays += len(items)
     results: list[Any] = [None] * len(items)
     order = list(range(len(items)))
     for batch in batches(order, lambda i: items[i][0].nbytes + 1, parts=1,
                          min_cost=max_inflight_bytes):
-        plans = {}
-        for i in batch:
-            spec, target = items[i]
-            plans[i] = _plan(spec, target, f"while restoring {spec.name!r} from {root}")
-        tasks = [t for p in plans.values() for t in _chunk_tasks(root, p.spec, p.requests, p.where)]
-        net = _remote.is_url(root)
-        groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
-                         min_cost=1 if net else 1 << 20)
-        workers.run_all([functools.partial(_run_group, g) for g in groups], network=net)
-        for i, value in zip(plans, _place(list(plans.values()))):
-            results[i] = value
+        with phases("plan"):
+            plans = {}
+            for i in batch:
+                spec, target = items[i]
+                plans[i] = _plan(spec, target, f"while restoring {spec.name!r} from {root}")
+            tasks = [t for p in plans.values()
+                     for t in _chunk_tasks(root, p.spec, p.requests, p.where)]
+            net = _remote.is_url(root)
+            groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
+                             min_cost=1 if net else 1 << 20)
+        with phases("read"):
+            workers.run_all([functools.partial(_run_group, g) for g in groups], network=net)
+        phases.bytes += sum(cost for cost, _ in tasks)
+        with phases("place"):
+            for i, value in zip(plans, _place(list(plans.values()))):
+                results[i] = value
     return results
 
 
@@ -351,8 +360,10 @@ def _run_group(group: list[tuple[int, Any]]) -> None:
 
 
 def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
-                 max_inflight_bytes: int) -> Any:
-    info = read_root(path)
+                 max_inflight_bytes: int, phases: Phases | None = None) -> Any:
+    phases = phases if phases is not None else Phases()
+    with phases("plan"):
+        info = read_root(path)
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
     if target is None:
@@ -362,16 +373,17 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
             raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
                                             f"{missing[:10]}")
         arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers,
-                             max_inflight_bytes=max_inflight_bytes)
+                             max_inflight_bytes=max_inflight_bytes, phases=phases)
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
-    saved_shapes: dict[str, tuple[int, ...] | None] = {n: None for n in values}
-    saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
-    _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
+    with phases("plan"):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+        target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
+        saved_shapes: dict[str, tuple[int, ...] | None] = {n: None for n in values}
+        saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
+        _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
     arrays = read_arrays(path, [(info.arrays[leaf.name], leaf.value) for _, leaf in wanted],
-                         workers, max_inflight_bytes=max_inflight_bytes)
+                         workers, max_inflight_bytes=max_inflight_bytes, phases=phases)
     out = [values.get(leaf.name) for leaf in target_leaves]
     for (i, _), value in zip(wanted, arrays):
         out[i] = value

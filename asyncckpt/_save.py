@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,12 +21,13 @@ from . import _format, _remote, _store
 from ._distributed import Coordinator
 from ._executor import Workers, batches
 from ._snapshot import HostArray, Snapshot
+from ._telemetry import Phases
 from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 
 
 def check_destination(dest: str, *, force: bool) -> None:
     """Refuse, before anything is written, a destination that must not be replaced. An
-    object-store destination is checked by `_begin` on the job thread instead: a listing is a
+    object-store destination is checked by `begin_write` on the job thread instead: a listing is a
     network round trip, which `save()` should not wait for."""
     if _remote.is_url(dest):
         return
@@ -53,7 +55,7 @@ def check_destination(dest: str, *, force: bool) -> None:
         )
 
 
-def _begin(dest: str, replace: bool) -> str:
+def begin_write(dest: str, replace: bool) -> str:
     """Where the save writes (`_store.begin`), after checking an object-store destination."""
     if _remote.is_url(dest):
         try:
@@ -186,28 +188,33 @@ def _as_write_error(e: BaseException, dest: str, *, uncommitted: bool = False) -
 
 def write_snapshot(snap: Snapshot, dest: str, workers: Workers, *, replace: bool,
                    extra: dict | None = None, after_commit: Callable[[], None] | None = None,
-                   coord: Coordinator | None = None) -> str:
+                   coord: Coordinator | None = None, phases: Phases | None = None) -> str:
     """Write `snap` under a temporary name next to `dest`, make it durable, publish it, then
-    run `after_commit` (the manager's retention). With `coord`: see `_write_together`."""
+    run `after_commit` (the manager's retention). With `coord`: see `_write_together`.
+    `phases` receives the time spent in `write`, `commit` and `retention`."""
+    phases = phases if phases is not None else Phases()
     if coord is not None:
-        return _write_together(snap, dest, workers, replace, extra, after_commit, coord)
+        return _write_together(snap, dest, workers, replace, extra, after_commit, coord, phases)
     tmp = None
     try:
-        tmp = _begin(dest, replace)
-        _write_tree(tmp, snap, workers, documents=True)
-        _commit(tmp, snap, dest, replace, extra)
+        with phases("write"):
+            tmp = begin_write(dest, replace)
+            _write_tree(tmp, snap, workers, documents=True)
+        with phases("commit"):
+            _commit(tmp, snap, dest, replace, extra)
     except BaseException as e:
         if tmp is not None and not _committed_in_place(tmp, dest):
             _store.remove_tree(tmp)
         raise _as_write_error(e, dest, uncommitted=True) from None
     if after_commit is not None:
-        after_commit()
+        with phases("retention"):
+            after_commit()
     return dest
 
 
 def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
                     extra: dict | None, after_commit: Callable[[], None] | None,
-                    coord: Coordinator) -> str:
+                    coord: Coordinator, phases: Phases) -> str:
     """The multi-process save, in three barriers.
 
     1. `layout`: process 0 has created the temporary directory with every document and its own
@@ -220,9 +227,10 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
     leader = coord.process == 0
     what = f"saving {dest} from {coord.count} processes"
     tmp, error = None, None
+    t_write = time.perf_counter()
     if leader:
         try:
-            tmp = _begin(dest, replace)
+            tmp = begin_write(dest, replace)
             _write_tree(tmp, snap, workers, documents=True)
         except BaseException as e:
             error = e
@@ -252,11 +260,14 @@ def _write_together(snap: Snapshot, dest: str, workers: Workers, replace: bool,
             p, message = next(iter(failed.items()))
             raise CheckpointWriteError(
                 f"{what}: process {p} failed, so nothing was committed: {message}")
+        phases.add("write", time.perf_counter() - t_write)
         if leader:
             try:
-                _commit(tmp, snap, dest, replace, extra)
+                with phases("commit"):
+                    _commit(tmp, snap, dest, replace, extra)
                 if after_commit is not None:
-                    after_commit()
+                    with phases("retention"):
+                        after_commit()
             except BaseException as e:
                 error = e
             coord.put("done", None if error is None else str(error))
