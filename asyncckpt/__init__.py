@@ -12,6 +12,7 @@ from ._checkpointer import read_metadata as read_metadata
 from ._checkpointer import restore as restore
 from ._checkpointer import save as save
 from ._manager import CheckpointManager as CheckpointManager
+from ._orbax import import_orbax as import_orbax
 from ._remote import configure_storage as configure_storage
 from ._retention import KeepBest as KeepBest
 from ._retention import KeepEveryNHours as KeepEveryNHours
@@ -21,6 +22,7 @@ from ._retention import RetentionPolicy as RetentionPolicy
 from ._retention import StepInfo as StepInfo
 from ._telemetry import RestoreStats as RestoreStats
 from ._telemetry import SaveStats as SaveStats
+from ._verify import verify as verify
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError

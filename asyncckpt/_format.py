@@ -233,6 +233,8 @@ class RootInfo:
     """The step, for checkpoints written by a `CheckpointManager`."""
     metrics: Any = None
     """The metrics given to `CheckpointManager.save` (non-finite floats restored)."""
+    best: tuple[str, str] | None = None
+    """The manager's `(best_metric, best_mode)` when it ranked steps by a named metric."""
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -347,4 +349,12 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
         arrays=arrays,
         step=step if isinstance(step := ours.get("step"), int) else None,
         metrics=decode_metrics(ours.get("metrics")),
+        best=_best(ours.get("best")),
     )
+
+
+def _best(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, dict) and isinstance(value.get("metric"), str) \
+            and value.get("mode") in ("min", "max"):
+        return value["metric"], value["mode"]
+    return None

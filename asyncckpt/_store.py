@@ -197,21 +197,69 @@ def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nb
             offset += b.nbytes
         index[:] = _get(path, where, index_size, suffix=index_size).tobytes()
     else:
-        fd = _open_chunk(path, nbands * (band_nbytes + 4) + index_size, where)
+        fd = _open_chunk(path, chunk_file_size(nbands * band_nbytes, band_nbytes), where)
         try:
             _read_all(fd, buffers, first * (band_nbytes + 4), path, where)
             _read_all(fd, [memoryview(index)], nbands * (band_nbytes + 4), path, where)
         finally:
             os.close(fd)
-    body = memoryview(index)[:-4]
+    _check_index(memoryview(index), nbands, band_nbytes, path, where)
+    for j in range(count):
+        _check_band(view[j * band_nbytes : (j + 1) * band_nbytes], crcs[4 * j : 4 * j + 4],
+                    first + j, path, where)
+
+
+def _check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, where: str) -> None:
+    body = index[:-4]
     if crc32c(body) != int.from_bytes(index[-4:], "little") or \
             bytes(body) != _band_index(nbands, band_nbytes):
         raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
-    for j in range(count):
-        band = view[j * band_nbytes : (j + 1) * band_nbytes]
-        if crc32c(band) != int.from_bytes(crcs[4 * j : 4 * j + 4], "little"):
-            raise CorruptCheckpointError(
-                f"{where}: checksum mismatch in band {first + j} of chunk file {path}")
+
+
+def _check_band(band: memoryview, crc: bytes | bytearray | memoryview, number: int, path: str,
+                where: str) -> None:
+    if crc32c(band) != int.from_bytes(crc, "little"):
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch in band {number} of chunk file {path}")
+
+
+def chunk_file_size(nbytes: int, band_nbytes: int | None) -> int:
+    """The size of a chunk file holding `nbytes` of data (banded when `band_nbytes` is set)."""
+    if band_nbytes is None:
+        return nbytes + 4
+    nbands = nbytes // band_nbytes
+    return nbands * (band_nbytes + 4) + 16 * nbands + 4
+
+
+def check_chunk_file(data: memoryview, nbytes: int, band_nbytes: int | None, path: str,
+                     where: str) -> None:
+    """Verify the size and every checksum of a whole chunk file's bytes, as read back."""
+    expected = chunk_file_size(nbytes, band_nbytes)
+    if data.nbytes != expected:
+        raise _wrong_size(path, data.nbytes, expected, where)
+    if band_nbytes is None:
+        if crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
+        return
+    nbands = nbytes // band_nbytes
+    _check_index(data[nbands * (band_nbytes + 4) :], nbands, band_nbytes, path, where)
+    for j in range(nbands):
+        start = j * (band_nbytes + 4)
+        _check_band(data[start : start + band_nbytes],
+                    data[start + band_nbytes : start + band_nbytes + 4], j, path, where)
+
+
+def read_file(path: str, size: int, where: str) -> memoryview:
+    """The whole of a chunk file (or object) that must hold exactly `size` bytes."""
+    if _remote.is_url(path):
+        return memoryview(_get(path, where, size)).cast("B")
+    fd = _open_chunk(path, size, where)
+    try:
+        out = bytearray(size)
+        _read_all(fd, [memoryview(out)], 0, path, where)
+        return memoryview(out)
+    finally:
+        os.close(fd)
 
 
 def read_small_file(path: str, limit: int) -> bytes:

@@ -1,0 +1,7 @@
+"""`python -m asyncckpt`: the `asyncckpt` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

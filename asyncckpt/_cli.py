@@ -1,0 +1,442 @@
+"""The `asyncckpt` command: look inside checkpoints, check, copy, delete, export and import them.
+
+    asyncckpt ls DIR                       the steps of a manager directory
+    asyncckpt show PATH [--step N]         the variables of one checkpoint
+    asyncckpt verify PATH|DIR              read every chunk and check it
+    asyncckpt rm DIR --step N              delete steps
+    asyncckpt cp SRC DST                   copy a checkpoint (disk <-> object store)
+    asyncckpt export PATH OUT.safetensors  hand the weights to other tools (or OUT.npz)
+    asyncckpt import-orbax SRC DST         convert an Orbax checkpoint
+
+Errors are one line on stderr and exit status 1 (`--debug` shows the traceback); usage errors
+exit with 2. Tables and progress bars go through rich; `--json` prints plain JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.tree import Tree
+
+from . import _copy, _directory, _export, _format, _remote, _restore, _store, _verify
+from ._checkpointer import DEFAULT_MAX_INFLIGHT_BYTES
+from ._executor import Workers
+from ._format import ArraySpec, RootInfo
+from ._retention import KeepBest, StepInfo
+from .errors import CheckpointError, CheckpointExistsError, StepNotFoundError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return ", ".join(map(str, steps[:20])) + (f" ... ({len(steps)} in all)" if len(steps) > 20
+                                             else "")
+
+
+def _is_checkpoint(path: str) -> bool:
+    return _store.exists(os.path.join(path, _format.DOC))
+
+
+def _resolve(path: str, step: int | None) -> str:
+    """The checkpoint that PATH [--step N] names: PATH itself, step N of the manager directory
+    PATH, or (no --step) its latest step."""
+    path = _restore.checkpoint_path(path)
+    if step is None and _is_checkpoint(path):
+        return path
+    steps = _directory.committed_steps(path)
+    if step is None:
+        if not steps:
+            _restore.read_root(path)  # raises the precise error (missing, not a checkpoint ...)
+        return _directory.step_path(path, steps[-1])
+    if step not in steps:
+        raise StepNotFoundError(f"step {step} is not in {path}; committed steps: "
+                                f"{_steps_text(steps)}")
+    return _directory.step_path(path, step)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _when(created: float) -> str:
+    if not created:
+        return "?"
+    return _dt.datetime.fromtimestamp(created).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _data_bytes(info: RootInfo) -> int:
+    return sum(a.nbytes for a in info.arrays.values())
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str, allow_nan=True))
+
+
+@contextmanager
+def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bytes progress bar on stderr (only on a terminal); yields a thread-safe `advance(n)`."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    lock = threading.Lock()
+    with Progress(*columns, console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task(what, total=total)
+
+        def advance(n: int) -> None:
+            with lock:
+                bar.advance(task, n)
+
+        yield advance
+
+
+@contextmanager
+def _workers() -> Iterator[Workers]:
+    workers = Workers()
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(package_name="asyncckpt", prog_name="asyncckpt")
+def cli(debug: bool) -> None:
+    """Look inside, check, copy and convert asyncckpt checkpoints.
+
+    PATH is a checkpoint, or a manager directory (then --step picks the step; default: the
+    latest). Paths may be object-store URLs (s3://bucket/prefix ...).
+    """
+
+
+@cli.command("ls")
+@click.argument("directory")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--best-metric", help="Mark the best step by this metric (default: the metric "
+              "the manager ranked steps by, if any).")
+@click.option("--best-mode", type=click.Choice(["min", "max"]), help="Whether lower or higher "
+              "is better (default: the manager's, else min).")
+def ls_command(directory: str, as_json: bool, best_metric: str | None,
+               best_mode: str | None) -> None:
+    """List the steps of a manager directory: time, size, metrics, the best one, and any
+    uncommitted leftovers of interrupted saves."""
+    path = _restore.checkpoint_path(directory)
+    if _is_checkpoint(path):
+        raise CheckpointError(f"{path} is a single checkpoint, not a manager directory; "
+                              f"use `asyncckpt show {directory}`")
+    if not _remote.is_url(path) and not os.path.isdir(path):
+        raise CheckpointError(f"no directory at {path}")
+    steps = _directory.committed_steps(path)
+    infos: dict[int, RootInfo | CheckpointError] = {}
+    for step in steps:
+        try:
+            infos[step] = _restore.read_root(_directory.step_path(path, step))
+        except CheckpointError as e:
+            infos[step] = e
+    good = [i for i in infos.values() if isinstance(i, RootInfo)]
+    saved_best = next((i.best for i in reversed(good) if i.best is not None), None)
+    metric = best_metric or (saved_best[0] if saved_best else None)
+    mode = best_mode or (saved_best[1] if saved_best and saved_best[0] == metric else "min")
+    best = _best_step(good, metric, mode) if metric else None
+    leftovers = _directory.leftovers(path)
+    if as_json:
+        _print_json({
+            "directory": path, "best_metric": metric, "best_mode": mode if metric else None,
+            "steps": [_step_json(s, infos[s], s == best) for s in steps],
+            "uncommitted": leftovers,
+        })
+        return
+    table = Table(title=f"{path}: {len(steps)} step{'s' * (len(steps) != 1)}", title_justify="left")
+    for name, justify in (("step", "right"), ("saved", "left"), ("size", "right"),
+                          ("metrics", "left"), ("", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for step in steps:
+        info = infos[step]
+        if isinstance(info, CheckpointError):
+            table.add_row(str(step), "?", "?", f"[red]unreadable: {info}[/]", "")
+            continue
+        metrics = json.dumps(info.metrics, default=str) if info.metrics is not None else ""
+        table.add_row(str(step), _when(info.created), _human(_data_bytes(info)), metrics,
+                      f"best {metric}" if step == best else "")
+    for left in leftovers:
+        table.add_row("-", "", "", f"[yellow]uncommitted leftover {os.path.basename(left)}[/]",
+                      "removed when a writer opens the directory")
+    out.print(table)
+
+
+def _best_step(infos: list[RootInfo], metric: str, mode: str) -> int | None:
+    ranked = KeepBest(1, metric, mode).ranked(  # type: ignore[arg-type]
+        [StepInfo(i.step if i.step is not None else -1, i.created, i.metrics) for i in infos])
+    return ranked[0] if ranked else None
+
+
+def _step_json(step: int, info: RootInfo | CheckpointError, best: bool) -> dict:
+    if isinstance(info, CheckpointError):
+        return {"step": step, "error": str(info)}
+    return {"step": step, "time": info.created, "bytes": _data_bytes(info),
+            "arrays": len(info.arrays), "metrics": info.metrics, "best": best}
+
+
+@cli.command("show")
+@click.argument("path")
+@click.option("--step", type=int, help="The step of a manager directory (default: latest).")
+@click.option("--filter", "pattern", default="*", show_default=True,
+              help="Only variables whose name matches this glob (e.g. 'params/*').")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a tree.")
+def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> None:
+    """Show the variables of one checkpoint: shape, dtype, bytes, chunk grid; totals; metadata."""
+    ckpt = _resolve(path, step)
+    info = _restore.read_root(ckpt)
+    arrays = [a for name, a in sorted(info.arrays.items()) if fnmatch.fnmatchcase(name, pattern)]
+    total = sum(a.nbytes for a in arrays)
+    if as_json:
+        _print_json({
+            "path": ckpt, "step": info.step, "time": info.created, "metrics": info.metrics,
+            "metadata": info.metadata, "bytes": total, "arrays": len(arrays),
+            "variables": [_array_json(a) for a in arrays],
+        })
+        return
+    head = f"[bold]{ckpt}[/]"
+    if info.step is not None:
+        head += f"  step {info.step}"
+    root = Tree(f"{head}  saved {_when(info.created)}")
+    nodes: dict[str, Tree] = {}
+    for a in arrays:
+        parent = root
+        parts = a.name.split("/")
+        for depth in range(1, len(parts)):
+            key = "/".join(parts[:depth])
+            if key not in nodes:
+                nodes[key] = parent.add(f"[bold]{parts[depth - 1]}[/]")
+            parent = nodes[key]
+        parent.add(_array_line(parts[-1], a))
+    out.print(root)
+    out.print(f"{len(arrays)} of {len(info.arrays)} arrays, {_human(total)} "
+              f"({total} bytes)" + (f", filter {pattern!r}" if pattern != "*" else ""))
+    if info.metrics is not None:
+        out.print(f"metrics: {json.dumps(info.metrics, default=str)}")
+    if info.metadata is not None:
+        out.print("metadata: " + json.dumps(info.metadata, indent=2, default=str))
+
+
+def _array_line(leaf: str, a: ArraySpec) -> str:
+    shape = "x".join(map(str, a.shape)) or "scalar"
+    grid = "x".join(map(str, a.grid)) or "1"
+    key = f", key {a.prng_impl}" if a.prng_impl else ""
+    bands = f", {a.band_rows}-row bands" if a.band_rows else ""
+    return (f"{leaf}  [cyan]{shape}[/] {a.dtype.name}{key}  {_human(a.nbytes)}  "
+            f"[dim]chunks {grid}{bands}[/]")
+
+
+def _array_json(a: ArraySpec) -> dict:
+    return {"name": a.name, "shape": list(a.shape), "dtype": a.dtype.name, "bytes": a.nbytes,
+            "chunk_shape": list(a.chunk_shape), "chunk_grid": list(a.grid),
+            "prng_impl": a.prng_impl, "band_rows": a.band_rows}
+
+
+@cli.command("verify")
+@click.argument("path")
+@click.option("--step", type=int, help="Only this step of a manager directory (default: all).")
+def verify_command(path: str, step: int | None) -> None:
+    """Read every chunk of a checkpoint (or of every step of a manager directory) and check
+    sizes, checksums and documents. Exits with 1 and names every bad variable on failure."""
+    root = _restore.checkpoint_path(path)
+    if step is not None or _is_checkpoint(root):
+        targets = [_resolve(path, step)]
+    else:
+        steps = _directory.committed_steps(root)
+        if not steps:
+            _restore.read_root(root)  # raises the precise error
+        targets = [_directory.step_path(root, s) for s in steps]
+    bad = 0
+    with _workers() as workers:
+        for ckpt in targets:
+            try:
+                total = _data_bytes(_restore.read_root(ckpt))
+                with _progress(f"verify {os.path.basename(ckpt) or ckpt}", total) as advance:
+                    problems = _verify.check(ckpt, workers, progress=advance)
+            except CheckpointError as e:
+                problems = [_verify.Problem(None, e)]
+            if not problems:
+                out.print(f"[green]ok[/]  {ckpt}  ({_human(total)})")
+                continue
+            bad += 1
+            variables = sorted({p.variable or "(checkpoint)" for p in problems})
+            err.print(f"[red]BAD[/] {ckpt}: {len(variables)} damaged: {', '.join(variables)}")
+            for p in problems:
+                err.print(f"  {type(p.error).__name__}: {p.error}", markup=False)
+    if bad:
+        raise SystemExit(1)
+
+
+@cli.command("rm")
+@click.argument("directory")
+@click.option("--step", "steps", type=int, multiple=True, required=True,
+              help="A step to delete (repeat for several).")
+def rm_command(directory: str, steps: tuple[int, ...]) -> None:
+    """Delete steps of a manager directory (takes the directory's writer lock)."""
+    from ._manager import CheckpointManager
+
+    path = _restore.checkpoint_path(directory)
+    if not _remote.is_url(path) and not os.path.isdir(path):
+        raise CheckpointError(f"no directory at {path}")
+    with CheckpointManager(path, save_on_preemption=False) as mgr:
+        missing = [s for s in steps if s not in mgr.all_steps()]
+        if missing:
+            raise StepNotFoundError(f"step {missing[0]} is not in {path}; committed steps: "
+                                    f"{_steps_text(mgr.all_steps())}")
+        for s in steps:
+            mgr.delete(s)
+            out.print(f"deleted step {s} of {path}")
+
+
+@cli.command("cp")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--step", type=int, help="Copy only this step of a manager directory SRC to DST.")
+def cp_command(src: str, dst: str, step: int | None) -> None:
+    """Copy a checkpoint, or every step of a manager directory, between disk and object stores.
+
+    The copy is checked chunk by chunk against its checksums and committed atomically."""
+    root, dest = _restore.checkpoint_path(src), _restore.checkpoint_path(dst)
+    if step is not None or _is_checkpoint(root):
+        pairs = [(_resolve(src, step), dest)]
+    else:
+        steps = _directory.committed_steps(root)
+        if not steps:
+            _restore.read_root(root)  # raises the precise error
+        pairs = [(_directory.step_path(root, s), _directory.step_path(dest, s)) for s in steps]
+    with _workers() as workers:
+        for a, b in pairs:
+            total = _data_bytes(_restore.read_root(a))
+            with _progress(f"copy {os.path.basename(a)}", total) as advance:
+                _copy.copy(a, b, workers, progress=advance)
+            out.print(f"copied {a} -> {b} ({_human(total)})")
+
+
+@cli.command("export")
+@click.argument("path")
+@click.argument("output")
+@click.option("--step", type=int, help="The step of a manager directory (default: latest).")
+@click.option("--filter", "pattern", default="*", show_default=True,
+              help="Only variables whose name matches this glob (e.g. 'params/*').")
+@click.option("--cast", help="Convert floating-point arrays to this dtype (e.g. float32).")
+def export_command(path: str, output: str, step: int | None, pattern: str,
+                   cast: str | None) -> None:
+    """Write the arrays of a checkpoint to OUTPUT (.safetensors or .npz), keyed by variable
+    name. safetensors keeps bfloat16 and float8; .npz needs --cast for them."""
+    ckpt = _resolve(path, step)
+    info = _restore.read_root(ckpt)
+    names = sorted(n for n in info.arrays if fnmatch.fnmatchcase(n, pattern))
+    if not names:
+        raise CheckpointError(f"no variable of {ckpt} matches {pattern!r}")
+    dtype = None
+    if cast is not None:
+        try:
+            dtype = _dtype(cast)
+        except TypeError:
+            raise click.BadParameter(f"unknown dtype {cast!r}", param_hint="--cast") from None
+    with _workers() as workers:
+        n = _export.export(ckpt, output, names, workers, cast=dtype,
+                           max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)
+    out.print(f"wrote {len(names)} arrays ({_human(n)}) to {output}")
+
+
+def _dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+@cli.command("import-orbax")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint at DST.")
+def import_orbax_command(src: str, dst: str, force: bool) -> None:
+    """Convert the Orbax PyTree checkpoint SRC (a step directory, or its item directory) into
+    an asyncckpt checkpoint at DST, keeping names, dtypes and values."""
+    from ._orbax import import_orbax
+
+    dest = _restore.checkpoint_path(dst)
+    if not force and _is_checkpoint(dest):
+        raise CheckpointExistsError(f"a checkpoint already exists at {dest}; pass --force to "
+                                    "replace it")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes are not errors
+    info = import_orbax(src, dest, force=force)
+    out.print(f"imported {info[0]} arrays ({_human(info[1])}) from {src} to {dst}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return the exit status (errors: one line on stderr, status 1)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    jax.config.update("jax_platforms", "cpu")  # nothing here needs an accelerator
+    try:
+        cli.main(args=args, prog_name="asyncckpt", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (CheckpointError, OSError)):
+            message += " (unexpected: run again with --debug for the traceback)"
+        err.print(f"asyncckpt: error: {message}", markup=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Checking a committed checkpoint end to end: every document, every chunk, every checksum.
+
+Unlike a restore, which stops at the first bad chunk, a verification reads everything and
+collects every problem, so one pass names all the damaged variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _format, _store, _tree
+from ._executor import Workers, batches
+from ._format import ArraySpec
+from ._restore import checkpoint_path, read_root
+from .errors import (
+    CheckpointError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+
+_PIECE_BYTES = 64 << 20  # a banded chunk is checked this many bytes at a time
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One damaged or missing part of a checkpoint."""
+
+    variable: str | None
+    """The variable it belongs to; None for the checkpoint's own documents."""
+    error: CheckpointError
+
+
+def check(path: str, workers: Workers, *,
+          progress: Callable[[int], None] | None = None) -> list[Problem]:
+    """Every problem of the committed checkpoint at `path` (empty: it is sound).
+
+    Reads every chunk and checks its size and checksums, and checks that each array's own
+    `zarr.json` (what zarr-python and TensorStore read) describes the same array as the root
+    document. `progress(n)` is called from worker threads as `n` more data bytes are checked.
+    An unreadable or damaged root document raises instead: nothing else can be checked then.
+    """
+    info = read_root(path)
+    problems: list[Problem] = []
+    lock = threading.Lock()
+
+    def guarded(name: str, fn: Callable[[], int]) -> None:
+        try:
+            n = fn()
+        except CheckpointError as e:
+            with lock:
+                problems.append(Problem(name, e))
+            return
+        except OSError as e:
+            with lock:
+                problems.append(Problem(name, CheckpointReadError(
+                    e.errno, f"variable {name!r} of {path}: {e.strerror or e}")))
+            return
+        if progress is not None:
+            progress(n)
+
+    tasks = []
+    try:
+        names = _tree.spec_leaf_names(info.tree)
+    except CheckpointError as e:
+        problems.append(Problem(None, e))
+        names = []
+    for name in names:
+        if name not in info.arrays:
+            problems.append(Problem(name, CorruptCheckpointError(
+                f"{path}: the tree lists variable {name!r}, but the root zarr.json has no "
+                "array of that name")))
+    for spec in info.arrays.values():
+        where = f"variable {spec.name!r} of {path}"
+        tasks.append((256, functools.partial(guarded, spec.name,
+                                             functools.partial(_check_doc, path, spec, where))))
+        for coords in spec.chunk_coords():
+            key = os.path.join(path, spec.chunk_key(coords))
+            tasks.append((spec.chunk_nbytes, functools.partial(
+                guarded, spec.name, functools.partial(_check_chunk, key, spec, where))))
+    groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(False), min_cost=1 << 20)
+    workers.run_all([functools.partial(_run, g) for g in groups])
+    return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
+
+
+def _run(group: list[tuple[int, Callable[[], None]]]) -> None:
+    for _, task in group:
+        task()
+
+
+def _check_doc(root: str, spec: ArraySpec, where: str) -> int:
+    """The array's own zarr.json must parse and describe the same array as the root document."""
+    doc = os.path.join(root, spec.name, _format.DOC)
+    try:
+        raw = _store.read_small_file(doc, 1 << 20)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{where}: {doc} is missing") from None
+    try:
+        parsed_doc = json.loads(raw)
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{where}: {doc} is not valid JSON ({e})") from None
+    parsed = _format.parse_array_doc(spec.name, parsed_doc, doc)
+    if parsed != spec:
+        raise CorruptCheckpointError(
+            f"{where}: {doc} describes {parsed.shape} {parsed.dtype} in chunks of "
+            f"{parsed.chunk_shape}, the root zarr.json {spec.shape} {spec.dtype} in chunks of "
+            f"{spec.chunk_shape}")
+    return 0
+
+
+def _check_chunk(path: str, spec: ArraySpec, where: str) -> int:
+    if spec.band_rows is None:
+        _store.read_chunk_into(path, np.empty(spec.chunk_shape, spec.dtype), where)
+        return spec.chunk_nbytes
+    band = _format.band_nbytes(spec)
+    nbands = spec.chunk_nbytes // band
+    step = max(1, _PIECE_BYTES // band)
+    for first in range(0, nbands, step):
+        count = min(step, nbands - first)
+        out = np.empty((count * spec.band_rows, *spec.chunk_shape[1:]), spec.dtype)
+        _store.read_bands_into(path, out, first, nbands, band, where)
+    return spec.chunk_nbytes
+
+
+def verify(path: Any) -> None:
+    """Read every chunk of the checkpoint at `path` and check its size and checksums, and check
+    each array's own `zarr.json`.
+
+    Raises `IncompleteCheckpointError` when parts are only missing, else
+    `CorruptCheckpointError`, naming every damaged variable and file (not just the first).
+    """
+    path = checkpoint_path(path)
+    workers = Workers()
+    try:
+        problems = check(path, workers)
+    finally:
+        workers.close()
+    if not problems:
+        return
+    missing = all(isinstance(p.error, IncompleteCheckpointError) for p in problems)
+    names = sorted({p.variable or "(checkpoint)" for p in problems})
+    details = "; ".join(str(p.error) for p in problems[:20])
+    more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+    kind = IncompleteCheckpointError if missing else CorruptCheckpointError
+    raise kind(f"checkpoint {path} is {'incomplete' if missing else 'damaged'}: "
+               f"{len(names)} variable(s) {names[:20]}: {details}{more}. Restore another "
+               "checkpoint (e.g. an earlier step)")

@@ -1,0 +1,288 @@
+"""The `asyncckpt` command, driven as a real subprocess (`python -m asyncckpt`)."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_same, make_root, names
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import asyncckpt as ac
+
+
+def run(*args, ok=True):
+    """Run the command; return (exit status, stdout, stderr)."""
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "asyncckpt", *map(str, args)],
+                          capture_output=True, text=True, timeout=240, env=env)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def steps(path):
+    with ac.CheckpointManager(path, read_only=True) as mgr:
+        return mgr.all_steps()
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("asyncckpt: error: ")
+    return lines[0]
+
+
+def state(mesh):
+    w = np.arange(64 * 16, dtype=np.float32).reshape(64, 16).astype(ml_dtypes.bfloat16)
+    return {
+        "params": {"w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
+                   "b": jnp.linspace(0, 1, 16, dtype=jnp.float32)},
+        "opt": [jnp.full((8, 4), 2.5, jnp.float32), jnp.arange(5, dtype=jnp.int32)],
+        "key": jax.random.key(3),
+        "count": 7,
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A manager directory with steps 1-3 (best loss: step 2) and an interrupted save."""
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    path = tmp_path_factory.mktemp("cli") / "run"
+    with ac.CheckpointManager(path, best_metric="loss") as mgr:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            mgr.save(step, state(mesh), metrics={"loss": loss}, metadata={"lr": 0.1 * step})
+    leftover = path / ".4.asyncckpt-tmp-0123456789ab"
+    leftover.mkdir()
+    (leftover / "junk").write_bytes(b"x")
+    return path
+
+
+def test_help_and_console_script():
+    _, out, _ = run("--help")
+    for command in ("ls", "show", "verify", "rm", "cp", "export", "import-orbax"):
+        assert command in out
+    script = os.path.join(os.path.dirname(sys.executable), "asyncckpt")
+    if os.path.exists(script):  # installed with pip: the console script is the same command
+        proc = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and ac.__version__ in proc.stdout
+
+
+def test_ls_table_and_json(run_dir):
+    _, out, _ = run("ls", run_dir)
+    rows = {ln.split()[1]: ln for ln in out.splitlines()
+            if ln.split()[1:2] in (["1"], ["2"], ["3"])}
+    assert set(rows) == {"1", "2", "3"}
+    assert "best loss" in rows["2"] and "best" not in rows["1"] + rows["3"]
+    assert '{"loss": 1.0}' in rows["2"]
+    assert "uncommitted leftover .4.asyncckpt-tmp-0123456789ab" in out
+
+    _, out, _ = run("ls", run_dir, "--json")
+    doc = json.loads(out)
+    assert [s["step"] for s in doc["steps"]] == [1, 2, 3]
+    assert [s["best"] for s in doc["steps"]] == [False, True, False]
+    assert doc["best_metric"] == "loss" and doc["best_mode"] == "min"
+    assert doc["steps"][0]["metrics"] == {"loss": 3.0}
+    tree_bytes = 64 * 16 * 2 + 16 * 4 + 8 * 4 * 4 + 5 * 4 + 2 * 4
+    assert doc["steps"][0]["bytes"] == tree_bytes
+    assert [os.path.basename(p) for p in doc["uncommitted"]] == [".4.asyncckpt-tmp-0123456789ab"]
+
+    _, out, _ = run("ls", run_dir, "--json", "--best-metric", "loss", "--best-mode", "max")
+    assert [s["best"] for s in json.loads(out)["steps"]] == [True, False, False]
+
+
+def test_show(run_dir):
+    _, out, _ = run("show", run_dir, "--json")  # the latest step
+    doc = json.loads(out)
+    assert doc["step"] == 3 and doc["metadata"] == {"lr": pytest.approx(0.3)}
+    variables = {v["name"]: v for v in doc["variables"]}
+    assert set(variables) == {"params/w", "params/b", "opt/0", "opt/1", "key"}
+    w = variables["params/w"]
+    assert (w["shape"], w["dtype"], w["bytes"], w["chunk_grid"]) == ([64, 16], "bfloat16", 2048,
+                                                                     [4, 2])
+    assert variables["key"]["prng_impl"] == "threefry2x32"
+
+    _, out, _ = run("show", run_dir, "--step", "1", "--filter", "params/*")
+    assert "step 1" in out and "64x16 bfloat16" in out and "chunks 4x2" in out
+    assert "opt" not in out
+    assert "2 of 5 arrays" in out and '"lr": 0.1' in out
+
+
+def damage(ckpt):
+    """Flip a byte of one chunk of params/w, delete a chunk of opt/0."""
+    chunk = ckpt / "params" / "w" / "c.1.1"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    (ckpt / "opt" / "0" / "c.0.0").unlink()
+
+
+def test_verify_names_every_damaged_variable(run_dir, tmp_path):
+    run("verify", run_dir)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    damage(copy / "2")
+    status, out, err = run("verify", copy, ok=False)
+    assert status == 1
+    assert f"ok  {copy / '1'}" in out and f"ok  {copy / '3'}" in out
+    assert f"BAD {copy / '2'}: 2 damaged: opt/0, params/w" in err
+    assert f"checksum mismatch in chunk file {copy / '2' / 'params' / 'w' / 'c.1.1'}" in err
+    assert f"chunk file {copy / '2' / 'opt' / '0' / 'c.0.0'} is missing" in err
+    run("verify", copy, "--step", "3")
+    with pytest.raises(ac.CorruptCheckpointError, match=r"2 variable\(s\) \['opt/0', 'params/w'\]"):
+        ac.verify(copy / "2")
+
+
+def test_rm(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    _, out, _ = run("rm", copy, "--step", "1", "--step", "3")
+    assert "deleted step 1" in out and "deleted step 3" in out
+    assert steps(copy) == [2]
+    status, _, err = run("rm", copy, "--step", "7", ok=False)
+    assert status == 1
+    assert one_error_line(err).endswith(f"step 7 is not in {copy}; committed steps: 2")
+    with ac.CheckpointManager(copy):  # a training job holds the writer lock
+        status, _, err = run("rm", copy, "--step", "2", ok=False)
+    assert status == 1 and "another CheckpointManager (pid" in one_error_line(err)
+    assert steps(copy) == [2]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_cp_round_trip(run_dir, tmp_path, request, backend, mesh):
+    dest = make_root(request, backend, tmp_path) / "copied"
+    _, out, _ = run("cp", run_dir, dest)
+    assert "copied" in out
+    assert steps(dest) == [1, 2, 3]
+    target = state(mesh)
+    for step in (1, 3):
+        got = ac.restore(f"{dest}/{step}", target)
+        want = ac.restore(run_dir / str(step), target)
+        jax.tree.map(assert_same, jax.random.key_data(got.pop("key")),
+                     jax.random.key_data(want.pop("key")))
+        jax.tree.map(assert_same, got, want)
+        assert got["params"]["w"].sharding == target["params"]["w"].sharding
+    back = tmp_path / "back"
+    run("cp", dest, back, "--step", "2")  # one step of a directory, out of the bucket
+    ac.verify(back)
+    assert ac.read_metadata(back) == {"lr": pytest.approx(0.2)}
+
+
+def test_cp_refuses_a_damaged_source(run_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(run_dir / "2", src)
+    damage(src)
+    status, _, err = run("cp", src, tmp_path / "dst", ok=False)
+    assert status == 1
+    assert "is missing" in one_error_line(err) or "checksum mismatch" in err
+    assert not (tmp_path / "dst").exists()
+    assert [n for n in os.listdir(tmp_path) if "asyncckpt-tmp" in n] == []
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    body = raw[8 + n :]
+    return {k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def test_export(run_dir, tmp_path):
+    saved = ac.restore(run_dir / "3")
+    out = tmp_path / "w.safetensors"
+    run("export", run_dir, out)
+    tensors = read_safetensors(out)
+    assert set(tensors) == {"params/w", "params/b", "opt/0", "opt/1", "key"}
+    dtype, shape, data = tensors["params/w"]
+    assert (dtype, shape) == ("BF16", [64, 16])
+    assert data == np.asarray(saved["params"]["w"]).tobytes()
+    assert tensors["key"][0] == "U32"
+    assert tensors["key"][2] == np.asarray(jax.random.key_data(saved["key"])).tobytes()
+
+    status, _, err = run("export", run_dir, tmp_path / "w.npz", ok=False)
+    assert status == 1 and "--cast float32" in one_error_line(err)
+    run("export", run_dir, tmp_path / "w.npz", "--cast", "float32", "--filter", "params/*")
+    with np.load(tmp_path / "w.npz") as npz:
+        assert sorted(npz.files) == ["params/b", "params/w"]
+        assert_same(npz["params/w"], np.asarray(saved["params"]["w"]).astype(np.float32))
+        assert_same(npz["params/b"], saved["params"]["b"])
+    status, _, err = run("export", run_dir, tmp_path / "w.txt", ok=False)
+    assert status == 1 and ".safetensors or .npz" in one_error_line(err)
+
+
+def orbax_checkpoint(root, mesh):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tree = {
+        "params": {"dense": {"kernel": jax.device_put(
+            np.arange(32, dtype=np.float32).reshape(8, 4).astype(ml_dtypes.bfloat16),
+            NamedSharding(mesh, P("x", "y"))), "bias": jnp.ones(4, jnp.float32)}},
+        "layers": [jnp.full((3,), 1.5), jnp.arange(6, dtype=jnp.int32).reshape(2, 3)],
+        "step": jnp.int32(42),
+    }
+    with ocp.CheckpointManager(root) as mgr:
+        mgr.save(5, args=ocp.args.StandardSave(tree))
+        mgr.wait_until_finished()
+    return tree
+
+
+def test_import_orbax(tmp_path, mesh):
+    tree = orbax_checkpoint(tmp_path / "orbax", mesh)
+    _, out, err = run("import-orbax", tmp_path / "orbax" / "5", tmp_path / "imported")
+    assert "imported 5 arrays" in out and err.strip() == ""
+    ac.import_orbax(tmp_path / "orbax" / "5" / "default", tmp_path / "api")
+    for dest in ("imported", "api"):
+        variables = ac.list_variables(tmp_path / dest)
+        assert sorted(variables) == ["layers/0", "layers/1", "params/dense/bias",
+                                     "params/dense/kernel", "step"]
+        got = ac.restore(tmp_path / dest)
+        jax.tree.map(lambda a, b: assert_same(a, np.asarray(b)), got, tree)
+    status, _, err = run("import-orbax", tmp_path / "orbax" / "5", tmp_path / "imported", ok=False)
+    assert status == 1 and "pass --force" in one_error_line(err)
+    run("import-orbax", tmp_path / "orbax" / "5", tmp_path / "imported", "--force")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "{tmp}/nothing"], "no checkpoint at {tmp}/nothing: the path does not exist"),
+    (["show", "{run}", "--step", "9"], "step 9 is not in {run}; committed steps: 1, 2, 3"),
+    (["ls", "{run}/1"], "{run}/1 is a single checkpoint, not a manager directory"),
+    (["verify", "{tmp}/empty"], "{tmp}/empty is not a checkpoint: it has no zarr.json"),
+    (["import-orbax", "{run}", "{tmp}/x"], "{run} is not an Orbax PyTree checkpoint"),
+    (["show", "{tmp}/broken"], "{tmp}/broken: root zarr.json is not valid JSON"),
+])
+def test_bad_input_is_one_line(run_dir, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "zarr.json").write_text("{not json")
+    fill = {"tmp": tmp_path, "run": run_dir}
+    status, out, err = run(*[a.format(**fill) for a in args], ok=False)
+    assert status == 1 and out == ""
+    assert message.format(**fill) in one_error_line(err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    status, _, err = run("--debug", "show", tmp_path / "nothing", ok=False)
+    assert status == 1 and "Traceback" in err and "CheckpointNotFoundError" in err
+
+
+def test_usage_errors_exit_2(run_dir):
+    status, _, err = run("rm", run_dir, ok=False)
+    assert status == 2 and "Missing option '--step'" in err
+
+
+def test_verify_on_object_store(run_dir, request, tmp_path):
+    dest = make_root(request, "s3", tmp_path) / "one"
+    run("cp", run_dir, dest, "--step", "1")
+    assert "zarr.json" in names(dest)
+    _, out, _ = run("verify", dest)
+    assert out.startswith(f"ok  {dest}")
