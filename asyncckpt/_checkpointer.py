@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -22,7 +21,6 @@ from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
     CheckpointError,
     CheckpointReadError,
-    CorruptCheckpointError,
     VariableNotFoundError,
 )
 
@@ -293,7 +291,7 @@ def load_variable(path: Any, name: str) -> np.ndarray:
     _format.check_name(name, where)
     doc_path = os.path.join(root, name, _format.DOC)
     try:
-        raw = _store.read_small_file(doc_path, 1 << 20)
+        raw = _store.read_small_file(doc_path, _format.MAX_ARRAY_DOC_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         known = list(list_variables(root))
         raise VariableNotFoundError(
@@ -302,11 +300,7 @@ def load_variable(path: Any, name: str) -> np.ndarray:
         ) from None
     except OSError as e:
         raise CheckpointReadError(e.errno, f"cannot read {doc_path}: {e.strerror}") from e
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise CorruptCheckpointError(f"{where}: {doc_path} is not valid JSON") from None
-    spec = _format.parse_array_doc(name, doc, where)
+    spec = _format.parse_array_doc(name, _format.parse_json(raw, where, doc_path), where)
     raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
     workers = Workers(max_workers=4)
     try:

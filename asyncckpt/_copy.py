@@ -31,7 +31,10 @@ def copy(src: str, dst: str, workers: Workers, *,
             _store.makedirs(os.path.join(tmp, group))
             _store.write_file(os.path.join(tmp, group, _format.DOC), _format.GROUP_DOC)
         tasks = []
+        seen: set[str] = set()
         for spec in info.arrays.values():
+            _store.check_no_links(src, spec.name, f"copying variable {spec.name!r} of {src}",
+                                  seen)
             _store.makedirs(os.path.join(tmp, spec.name))
             tasks.append((256, functools.partial(_copy_doc, src, tmp, spec)))
             tasks += [(spec.chunk_nbytes, functools.partial(_copy_chunk, src, tmp, spec, c,
@@ -57,7 +60,7 @@ def _run(group: list[tuple[int, Callable[[], None]]]) -> None:
 def _copy_doc(src: str, dst: str, spec: ArraySpec) -> None:
     name = os.path.join(spec.name, _format.DOC)
     _store.write_file(os.path.join(dst, name),
-                      _store.read_small_file(os.path.join(src, name), 1 << 20))
+                      _store.read_small_file(os.path.join(src, name), _format.MAX_ARRAY_DOC_BYTES))
 
 
 def _copy_chunk(src: str, dst: str, spec: ArraySpec, coords: tuple[int, ...],

@@ -24,7 +24,9 @@ FORMAT_VERSION = 1
 DOC = "zarr.json"
 ATTR = "asyncckpt"
 MAX_NDIM = 64
-MAX_ROOT_DOC_BYTES = 1 << 30
+MAX_ROOT_DOC_BYTES = 256 << 20  # ~500 bytes per variable: half a million variables
+MAX_ARRAY_DOC_BYTES = 1 << 20
+MAX_CHUNKS = 1 << 20  # per array; asyncckpt writes one chunk per shard
 BAND_BYTES = 4 << 20  # target size of the row bands of large chunks
 MIN_BAND_BYTES = 1 << 20  # below this, bands cost more syscalls than they save bytes
 
@@ -275,6 +277,11 @@ def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
     chunk = _int_list(conf.get("chunk_shape") if isinstance(conf, dict) else None, where,
                       "chunk_shape", positive=True)
     _check(len(chunk) == len(shape), where, f"chunk shape {chunk} does not match shape {shape}")
+    _check(all(c <= max(n, 1) for c, n in zip(chunk, shape)), where,
+           f"chunk shape {chunk} is larger than the array {shape}")
+    nchunks = math.prod(-(-n // c) for n, c in zip(shape, chunk))
+    _check(nchunks <= MAX_CHUNKS, where, f"{nchunks} chunks of {chunk} in an array of {shape}: "
+           f"more than the {MAX_CHUNKS} asyncckpt reads (it writes one chunk per shard)")
     key_enc = doc.get("chunk_key_encoding")
     _check(key_enc == {"name": "default", "configuration": {"separator": "."}}, where,
            f"unsupported chunk_key_encoding {str(key_enc)[:200]}")
@@ -297,7 +304,9 @@ def _check_data_codecs(codecs: Any, where: str) -> None:
         if isinstance(codecs, list) else None
     _check(names == ["bytes", "crc32c"], where,
            f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")
-    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    conf = codecs[0].get("configuration")
+    _check(conf is None or isinstance(conf, dict), where, "bad `bytes` codec configuration")
+    endian = (conf or {}).get("endian", "little")
     _check(endian == "little", where, f"unsupported endianness {endian!r}")
 
 
@@ -314,12 +323,19 @@ def _parse_bands(conf: Any, chunk: tuple[int, ...], where: str) -> int:
     return inner[0]
 
 
+def parse_json(raw: bytes, where: str, what: str) -> Any:
+    """Decode a JSON document read from a checkpoint (untrusted: any bytes at all)."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where}: {what} is nested too deeply") from None
+
+
 def parse_root_doc(raw: bytes, where: str) -> RootInfo:
     """Validate the root `zarr.json` of a checkpoint."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptCheckpointError(f"{where}: root zarr.json is not valid JSON ({e})") from None
+    doc = parse_json(raw, where, "root zarr.json")
     _check(isinstance(doc, dict) and doc.get("node_type") == "group", where,
            "root zarr.json is not a Zarr v3 group document")
     attrs = doc.get("attributes")

@@ -8,6 +8,7 @@ Arrays are restored in batches of at most `max_inflight_bytes` of host buffers.
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import mmap
@@ -26,6 +27,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReadError,
+    CorruptCheckpointError,
     IncompleteCheckpointError,
     TreeMismatchError,
 )
@@ -134,8 +136,11 @@ def _shift(region: tuple[slice, ...], origin: tuple[slice, ...]) -> tuple[slice,
     return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, origin))
 
 
-def _chunk_tasks(root: str, spec: ArraySpec, requests: list[_Request], where: str) -> list[Any]:
-    """One (cost, task) per chunk that some request needs; chunks nobody needs are never read."""
+def _chunk_tasks(root: str, spec: ArraySpec, requests: list[_Request], where: str,
+                 seen: set[str]) -> list[Any]:
+    """One (cost, task) per chunk that some request needs; chunks nobody needs are never read.
+    `seen`: directories already checked not to be symbolic links."""
+    _store.check_no_links(root, spec.name, where, seen)
     tasks = []
     for coords in spec.chunk_coords():
         region = spec.chunk_slices(coords)
@@ -328,6 +333,7 @@ def read_arrays(
     phases = phases if phases is not None else Phases()
     phases.arrays += len(items)
     results: list[Any] = [None] * len(items)
+    seen: set[str] = set()
     order = list(range(len(items)))
     for batch in batches(order, lambda i: items[i][0].nbytes + 1, parts=1,
                          min_cost=max_inflight_bytes):
@@ -335,9 +341,15 @@ def read_arrays(
             plans = {}
             for i in batch:
                 spec, target = items[i]
-                plans[i] = _plan(spec, target, f"while restoring {spec.name!r} from {root}")
+                where = f"while restoring {spec.name!r} from {root}"
+                try:
+                    plans[i] = _plan(spec, target, where)
+                except (MemoryError, OSError) as e:  # e.g. an absurd shape in a hostile document
+                    raise CheckpointReadError(
+                        errno.ENOMEM, f"{where}: cannot allocate host memory for "
+                        f"{spec.shape} {spec.dtype} ({spec.nbytes} bytes): {e}") from None
             tasks = [t for p in plans.values()
-                     for t in _chunk_tasks(root, p.spec, p.requests, p.where)]
+                     for t in _chunk_tasks(root, p.spec, p.requests, p.where, seen)]
             net = _remote.is_url(root)
             groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
                              min_cost=1 if net else 1 << 20)
@@ -361,9 +373,39 @@ def _run_group(group: list[tuple[int, Any]]) -> None:
 
 def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
                  max_inflight_bytes: int, phases: Phases | None = None) -> Any:
+    """Restore the checkpoint at `path` (see `asyncckpt.restore`).
+
+    A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
+    fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
+    be the same one (same inode) with its root document after every chunk was read."""
     phases = phases if phases is not None else Phases()
+    identity = _store.identity(path)
     with phases("plan"):
         info = read_root(path)
+    try:
+        value = _restore_tree(path, info, target, strict, workers, max_inflight_bytes, phases)
+    except (IncompleteCheckpointError, CorruptCheckpointError) as e:
+        if _changed(path, identity):
+            raise _gone(path) from e
+        raise
+    if _changed(path, identity):
+        raise _gone(path)
+    return value
+
+
+def _changed(path: str, identity: tuple[int, int] | None) -> bool:
+    return _store.identity(path) != identity or not _store.exists(os.path.join(path, _format.DOC))
+
+
+def _gone(path: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"{path} was deleted or replaced while it was being restored (by retention, `delete` "
+        "or a save with force=True); nothing torn was returned. Restore another step, or this "
+        "one again if it was replaced")
+
+
+def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers: Workers,
+                  max_inflight_bytes: int, phases: Phases) -> Any:
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
     if target is None:

@@ -89,7 +89,7 @@ def _is_asyncckpt(path: str) -> bool:
         raw = _store.read_small_file(os.path.join(path, _format.DOC), _format.MAX_ROOT_DOC_BYTES)
         attrs = json.loads(raw).get("attributes", {})
         return isinstance(attrs, dict) and _format.ATTR in attrs
-    except (OSError, ValueError, AttributeError, CheckpointError):
+    except (OSError, ValueError, AttributeError, RecursionError, CheckpointError):
         return False
 
 

@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 import sys
 import uuid
 
@@ -115,6 +116,10 @@ def _open_chunk(path: str, expected_size: int, where: str) -> int:
         fd = os.open(path, _O_READ)
     except FileNotFoundError:
         raise _missing(path, where) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link(path, where) from None
+        raise
     size = os.fstat(fd).st_size
     if size != expected_size:
         os.close(fd)
@@ -131,6 +136,31 @@ def _get(path: str, where: str, expected: int | None = None, **request: int) -> 
     if expected is not None and data.nbytes != expected:
         raise _wrong_size(path, data.nbytes, expected, where)
     return data
+
+
+def _link(path: str, where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: {path} is a symbolic link; asyncckpt reads nothing outside a checkpoint, so "
+        "a checkpoint must hold its files themselves (copy it with links resolved)")
+
+
+def check_no_links(root: str, name: str, where: str, seen: set[str]) -> None:
+    """Refuse a variable whose directory inside the checkpoint `root` is, or passes through, a
+    symbolic link (which could point anywhere). `seen`: directories already checked."""
+    if _remote.is_url(root):
+        return
+    path = root
+    for part in name.split("/"):
+        path = os.path.join(path, part)
+        if path in seen:
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # the read reports what is missing
+        if stat.S_ISLNK(st.st_mode):
+            raise _link(path, where)
+        seen.add(path)
 
 
 def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
@@ -270,7 +300,12 @@ def read_small_file(path: str, limit: int) -> bytes:
             raise CorruptCheckpointError(
                 f"{path} is {data.nbytes} bytes, more than the {limit} allowed")
         return data.tobytes()
-    fd = os.open(path, _O_READ)
+    try:
+        fd = os.open(path, _O_READ)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link(path, "refusing a metadata document") from None
+        raise
     try:
         size = os.fstat(fd).st_size
         if size > limit:
@@ -289,6 +324,18 @@ def read_small_file(path: str, limit: int) -> bytes:
 def exists(path: str) -> bool:
     """A file (or object) exists at `path`."""
     return _remote.exists(path) if _remote.is_url(path) else os.path.exists(path)
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a local directory, to tell whether it was replaced; None for object
+    stores (there the root document tells) and for a path that does not exist."""
+    if _remote.is_url(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def makedirs(path: str) -> None:

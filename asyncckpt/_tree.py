@@ -183,7 +183,9 @@ def _bad(msg: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"the tree description in the root zarr.json is invalid: {msg}")
 
 
-def decode_value(spec: dict[str, Any]) -> Any:
+def decode_value(spec: Any) -> Any:
+    if not isinstance(spec, dict):
+        raise _bad(f"bad value leaf {str(spec)[:100]}")
     t, v = spec.get("t"), spec.get("v")
     if t == "bool" and isinstance(v, bool):
         return v
@@ -224,19 +226,17 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
         raise _bad(f"node {str(spec)[:100]} is not an object")
     t = spec.get("t")
     if t == "array":
-        return arrays[spec.get("v")]
+        return arrays[_array_name(spec)]
     if t in ("bool", "int", "float", "str", "none"):
         return decode_value(spec)
-    kids = spec.get("c")
-    if not isinstance(kids, list):
-        raise _bad(f"node of type {t!r} has no child list")
-    children = [unflatten(c, arrays, depth + 1) for c in kids]
+    children = [unflatten(c, arrays, depth + 1) for c in _spec_children(spec)]
     if t == "list":
         return children
     if t == "tuple":
         return tuple(children)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
-    if not isinstance(keys, list) or len(keys) != len(children):
+    if not isinstance(keys, list) or len(keys) != len(children) or not all(
+            isinstance(k, (str, int, float, bool)) or k is None for k in keys):
         raise _bad(f"node of type {t!r} has {len(children)} children but keys {str(keys)[:100]}")
     if t in ("dict", "odict"):
         return dict(zip(keys, children))
@@ -246,6 +246,8 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
         return cls(*children)
     if t == "dataclass" and cls is not None and dataclasses.is_dataclass(cls):
         meta = spec.get("meta") if isinstance(spec.get("meta"), dict) else {}
+        if not all(isinstance(k, str) for k in meta):
+            raise _bad(f"bad dataclass fields {str(meta)[:100]}")
         values = {**{k: decode_value(v) for k, v in meta.items()}, **fields}
         if set(values) == {f.name for f in dataclasses.fields(cls) if f.init}:
             return cls(**values)
@@ -259,11 +261,28 @@ def spec_leaf_names(spec: Any, depth: int = 0) -> list[str]:
     if depth > MAX_TREE_DEPTH or not isinstance(spec, dict):
         raise _bad("malformed or too deeply nested")
     if spec.get("t") == "array":
-        return [spec.get("v")]
+        return [_array_name(spec)]
     names: list[str] = []
-    for child in spec.get("c") or ():
+    for child in _spec_children(spec, leaf_ok=True):
         names.extend(spec_leaf_names(child, depth + 1))
     return names
+
+
+def _array_name(spec: dict[str, Any]) -> str:
+    name = spec.get("v")
+    if not isinstance(name, str):
+        raise _bad(f"array leaf without a variable name: {str(spec)[:100]}")
+    return name
+
+
+def _spec_children(spec: dict[str, Any], leaf_ok: bool = False) -> list[Any]:
+    """The child list of a container node (`leaf_ok`: none for a scalar or `None` leaf)."""
+    kids = spec.get("c")
+    if kids is None and leaf_ok:
+        return []
+    if not isinstance(kids, list):
+        raise _bad(f"node of type {str(spec.get('t'))[:50]!r} has no child list")
+    return kids
 
 
 def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dict[str, Any]:
@@ -275,7 +294,7 @@ def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dic
         name = "/".join(escape_part(p) for p in keypath) if keypath else ROOT_LEAF_NAME
         return {name: decode_value(spec)}
     out: dict[str, Any] = {}
-    kids = spec.get("c") or ()
+    kids = _spec_children(spec, leaf_ok=True)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
     for i, child in enumerate(kids):
         part = str(keys[i]) if isinstance(keys, list) and i < len(keys) else str(i)

@@ -7,7 +7,6 @@ collects every problem, so one pass names all the damaged variables.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -78,8 +77,14 @@ def check(path: str, workers: Workers, *,
             problems.append(Problem(name, CorruptCheckpointError(
                 f"{path}: the tree lists variable {name!r}, but the root zarr.json has no "
                 "array of that name")))
+    seen: set[str] = set()
     for spec in info.arrays.values():
         where = f"variable {spec.name!r} of {path}"
+        try:
+            _store.check_no_links(path, spec.name, where, seen)
+        except CheckpointError as e:
+            problems.append(Problem(spec.name, e))
+            continue
         tasks.append((256, functools.partial(guarded, spec.name,
                                              functools.partial(_check_doc, path, spec, where))))
         for coords in spec.chunk_coords():
@@ -100,14 +105,10 @@ def _check_doc(root: str, spec: ArraySpec, where: str) -> int:
     """The array's own zarr.json must parse and describe the same array as the root document."""
     doc = os.path.join(root, spec.name, _format.DOC)
     try:
-        raw = _store.read_small_file(doc, 1 << 20)
+        raw = _store.read_small_file(doc, _format.MAX_ARRAY_DOC_BYTES)
     except FileNotFoundError:
         raise IncompleteCheckpointError(f"{where}: {doc} is missing") from None
-    try:
-        parsed_doc = json.loads(raw)
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{where}: {doc} is not valid JSON ({e})") from None
-    parsed = _format.parse_array_doc(spec.name, parsed_doc, doc)
+    parsed = _format.parse_array_doc(spec.name, _format.parse_json(raw, where, doc), doc)
     if parsed != spec:
         raise CorruptCheckpointError(
             f"{where}: {doc} describes {parsed.shape} {parsed.dtype} in chunks of "

@@ -1,0 +1,250 @@
+"""Checkpoints from elsewhere are untrusted input: hostile metadata gives a clear error, never an
+absurd allocation, a read outside the checkpoint, or an exception of another kind."""
+
+import ast
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncckpt as ac
+from asyncckpt import _format
+
+
+def saved(tmp_path):
+    path = tmp_path / "ck"
+    ac.save(path, {"w": np.arange(12, dtype=np.float32).reshape(3, 4),
+                   "nested": {"v": np.arange(3, dtype=np.int64)}})
+    return path
+
+
+def edit_root(path, fn):
+    """Apply `fn` to the root document's JSON and write it back."""
+    doc = json.loads((path / "zarr.json").read_text())
+    fn(doc)
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+def node(doc, name):
+    return doc["consolidated_metadata"]["metadata"][name]
+
+
+def set_shape(name, shape, chunk):
+    def fn(doc):
+        node(doc, name)["shape"] = shape
+        node(doc, name)["chunk_grid"]["configuration"]["chunk_shape"] = chunk
+    return fn
+
+
+def test_absurd_shape_is_not_allocated(tmp_path):
+    path = saved(tmp_path)
+    edit_root(path, set_shape("w", [10**12], [10**12]))
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(ac.CheckpointError, match="'w'") as info:
+        ac.restore(path)
+    # refused by the allocator (cannot allocate ...) or, where memory is overcommitted, by the
+    # chunk file's size; either way nothing near 4 TB was touched
+    assert "cannot allocate host memory" in str(info.value) or "expected 4000000000004" in str(
+        info.value)
+    assert psutil.Process().memory_info().rss - rss < 256 << 20
+    with pytest.raises(ac.TreeMismatchError):
+        ac.restore(path, {"w": np.zeros((3, 4), np.float32),
+                          "nested": {"v": np.zeros(3, np.int64)}})
+
+
+@pytest.mark.parametrize("shape, chunk, message", [
+    ([3, 4], [30, 4], r"chunk shape \(30, 4\) is larger than the array \(3, 4\)"),
+    ([10**7], [1], "10000000 chunks of"),
+    ([3, -4], [3, 4], "`shape` must be a list of non-negative integers"),
+    ([3, 4], [0, 4], "`chunk_shape` must be a list of positive integers"),
+    ([3, 4], [3], r"chunk shape \(3,\) does not match shape \(3, 4\)"),
+    ([3, 4.5], [3, 4], "`shape` must be a list"),
+    ([[3], 4], [3, 4], "`shape` must be a list"),
+    ("3,4", [3, 4], "`shape` must be a list"),
+    ([1] * 65, [1] * 65, "`shape` must be a list"),
+])
+def test_bad_shapes_and_chunks(tmp_path, shape, chunk, message):
+    path = saved(tmp_path)
+    edit_root(path, set_shape("w", shape, chunk))
+    with pytest.raises(ac.CorruptCheckpointError, match=message):
+        ac.restore(path)
+    with pytest.raises(ac.CorruptCheckpointError, match=message):
+        ac.list_variables(path)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside", "a/../../b", "a//b", "a\\..\\b",
+                                  "__proto__/x", ""])
+def test_names_that_would_leave_the_checkpoint(tmp_path, name):
+    path = saved(tmp_path)
+
+    def rename(doc):
+        nodes = doc["consolidated_metadata"]["metadata"]
+        nodes[name] = nodes.pop("w")
+    edit_root(path, rename)
+    with pytest.raises(ac.CorruptCheckpointError, match="invalid variable name"):
+        ac.restore(path)
+
+
+def test_symlinked_directory_out_of_the_checkpoint(tmp_path):
+    path = saved(tmp_path)
+    outside = tmp_path / "outside"
+    shutil.move(path / "nested", outside)  # valid chunks, but outside the checkpoint
+    os.symlink(outside, path / "nested")
+    with pytest.raises(ac.CorruptCheckpointError,
+                       match=f"{path / 'nested'} is a symbolic link; asyncckpt reads nothing"):
+        ac.restore(path)
+    with pytest.raises(ac.CorruptCheckpointError, match="is a symbolic link"):
+        ac.verify(path)
+    with pytest.raises(ac.CorruptCheckpointError, match="is a symbolic link"):
+        ac.load_variable(path, "nested/v")
+
+
+def test_symlinked_chunk_and_document(tmp_path):
+    path = saved(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\0" * 52)  # the size of w's chunk: only the link gives it away
+    (path / "w" / "c.0.0").unlink()
+    os.symlink(secret, path / "w" / "c.0.0")
+    with pytest.raises(ac.CorruptCheckpointError, match="c.0.0 is a symbolic link"):
+        ac.restore(path)
+    other = saved(tmp_path / "b")
+    (other / "zarr.json").rename(tmp_path / "root.json")
+    os.symlink(tmp_path / "root.json", other / "zarr.json")
+    with pytest.raises(ac.CorruptCheckpointError, match="zarr.json is a symbolic link"):
+        ac.restore(other)
+
+
+def nest(depth):
+    tree = {"t": "array", "v": "w"}
+    for _ in range(depth):
+        tree = {"t": "dict", "k": ["x"], "c": [tree]}
+    return tree
+
+
+def test_deeply_nested_tree_and_json(tmp_path):
+    path = saved(tmp_path)
+    edit_root(path, lambda doc: doc["attributes"]["asyncckpt"].update(tree=nest(300)))
+    with pytest.raises(ac.CorruptCheckpointError, match="nested"):
+        ac.restore(path)
+    (path / "zarr.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ac.CorruptCheckpointError, match="nested too deeply"):
+        ac.restore(path)
+
+
+def test_huge_root_document_is_not_read(tmp_path):
+    path = saved(tmp_path)
+    with open(path / "zarr.json", "r+b") as f:  # sparse: costs no disk
+        f.truncate(_format.MAX_ROOT_DOC_BYTES + 1)
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(ac.CorruptCheckpointError, match="more than the 268435456 allowed"):
+        ac.restore(path)
+    assert psutil.Process().memory_info().rss - rss < 64 << 20
+
+
+def test_no_pickle_or_eval_in_the_package():
+    """Loading never unpickles or evaluates anything read from a checkpoint."""
+    banned_modules = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle",
+                      "joblib"}
+    banned_calls = {"eval", "exec", "compile", "__import__", "load", "loads"}
+    package = pathlib.Path(ac.__file__).parent
+    for source in sorted(package.glob("*.py")):
+        tree = ast.parse(source.read_text(), str(source))
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                assert not {a.name.split(".")[0] for a in n.names} & banned_modules, source
+            elif isinstance(n, ast.ImportFrom):
+                assert (n.module or "").split(".")[0] not in banned_modules, source
+            elif isinstance(n, ast.Call):
+                f = n.func
+                if isinstance(f, ast.Name):
+                    assert f.id not in banned_calls, (source, n.lineno)
+                if isinstance(f, ast.Attribute) and f.attr in ("load", "loads"):
+                    # only json.loads; never np.load / pickle.load / yaml.load
+                    assert isinstance(f.value, ast.Name) and f.value.id == "json" and \
+                        f.attr == "loads", (source, n.lineno, ast.unparse(n))
+            elif isinstance(n, ast.keyword) and n.arg == "allow_pickle":
+                raise AssertionError(f"{source}:{n.value.lineno}: allow_pickle")
+
+
+# --------------------------------------------------------------------------- fuzzing the parser
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+
+
+def paths_of(value, prefix=()):
+    """Every location inside a JSON value, as a tuple of keys and indices."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from paths_of(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from paths_of(v, (*prefix, i))
+
+
+def replaced(value, path, new):
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+VALID = None
+
+
+def valid_root_doc():
+    global VALID
+    if VALID is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            ac.save(os.path.join(d, "ck"), {"w": np.zeros((4, 4), np.float32),
+                                             "l": [np.ones(3, np.int8), 2.5], "s": "x"})
+            with open(os.path.join(d, "ck", "zarr.json"), "rb") as f:
+                VALID = json.loads(f.read())
+    return VALID
+
+
+def parse(raw: bytes):
+    info = _format.parse_root_doc(raw, "fuzz")
+    from asyncckpt import _tree
+
+    _tree.spec_values(info.tree)
+    names = _tree.spec_leaf_names(info.tree)
+    _tree.unflatten(info.tree, dict.fromkeys(names))
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), new=json_values)
+def test_fuzz_mutated_root_document(data, new):
+    """Any one value of a valid root document replaced by any JSON value: the parser accepts it
+    or raises a CheckpointError, nothing else."""
+    doc = valid_root_doc()
+    locations = list(paths_of(doc))
+    path = data.draw(st.sampled_from(locations))
+    try:
+        parse(json.dumps(replaced(doc, path, new)).encode())
+    except ac.CheckpointError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_fuzz_arbitrary_bytes(raw):
+    try:
+        parse(raw)
+    except ac.CheckpointError:
+        pass
