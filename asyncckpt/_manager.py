@@ -40,6 +40,8 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
     StepNotFoundError,
 )
 
@@ -310,9 +312,14 @@ class CheckpointManager:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore(self, step: int | None = None, target: Any = None, *, strict: bool = True) -> Any:
+    def restore(self, step: int | None = None, target: Any = None, *, strict: bool = True,
+                fall_back: bool = False) -> Any:
         """Restore `step` (default: the latest committed step); `target` and `strict` as for
-        `asyncckpt.restore`. A step still being saved by this manager is waited for."""
+        `asyncckpt.restore`. A step still being saved by this manager is waited for.
+
+        A damaged step raises `CorruptCheckpointError` / `IncompleteCheckpointError` naming it
+        and the earlier steps. With `fall_back=True` a warning names the damaged step instead,
+        and the newest earlier step that restores cleanly is returned."""
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -323,7 +330,19 @@ class CheckpointManager:
         if step == self._in_flight():
             self._ckptr.wait_until_finished()
         self._existing(step)
-        return self._ckptr._restore(self._path(step), target, strict=strict, step=step)
+        while True:
+            try:
+                return self._ckptr._restore(self._path(step), target, strict=strict, step=step)
+            except (CorruptCheckpointError, IncompleteCheckpointError) as e:
+                earlier = [s for s in self.all_steps() if s < step]
+                if not fall_back or not earlier:
+                    hint = (f"earlier steps: {_steps_text(earlier)}; restore one with "
+                            "`restore(step=...)`, or pass fall_back=True" if earlier
+                            else "there is no earlier step")
+                    raise type(e)(f"step {step} of {self._dir} is damaged ({hint}): {e}") from e
+                log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
+                            "(fall_back=True): %s", step, self._dir, earlier[-1], e)
+                step = earlier[-1]
 
     def last_save_stats(self) -> SaveStats | None:
         """Timings by phase (blocking, snapshot, write, commit, retention) and bytes of the last
