@@ -323,7 +323,9 @@ def rm_command(directory: str, steps: tuple[int, ...]) -> None:
             raise StepNotFoundError(f"step {missing[0]} is not in {path}; committed steps: "
                                     f"{_steps_text(mgr.all_steps())}")
         for s in steps:
-            mgr.delete(s)
+            with err.status(f"deleting step {s} of {path}", spinner="dots"):
+                mgr.delete(s)
+                mgr.wait_until_finished()  # its files (or objects) are gone
             out.print(f"deleted step {s} of {path}")
 
 

@@ -248,3 +248,43 @@ def test_fuzz_arbitrary_bytes(raw):
         parse(raw)
     except ac.CheckpointError:
         pass
+
+
+FUZZ_SECONDS = float(os.environ.get("ASYNCCKPT_FUZZ_SECONDS", "5"))
+
+
+def test_fuzz_raw_mutations_for_a_fixed_time():
+    """Byte-level mutations of a valid root document (flips, cuts, splices, duplicated spans)
+    for a fixed time budget (ASYNCCKPT_FUZZ_SECONDS, default 5 s): only CheckpointErrors."""
+    import random
+    import time
+
+    raw = json.dumps(valid_root_doc()).encode()
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    deadline = time.monotonic() + FUZZ_SECONDS
+    cases = 0
+    while time.monotonic() < deadline:
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            j = min(len(data), i + rng.randint(1, 40))
+            kind = rng.randrange(4)
+            if kind == 0:
+                data[i] = rng.randrange(256)
+            elif kind == 1:
+                del data[i:j]
+            elif kind == 2:
+                data[i:i] = data[rng.randrange(len(data)):][: rng.randint(1, 40)]
+            else:
+                data[i:j] = rng.choice([b"[", b"]", b"{", b"}", b'"', b"-1", b"1e999", b"null",
+                                        b"0", b"99999999999999999999", b'"..\\/x"'])
+        try:
+            parse(bytes(data))
+        except ac.CheckpointError:
+            pass
+        except Exception as e:
+            raise AssertionError(f"seed {seed}, case {cases}: {type(e).__name__}: {e}\n"
+                                 f"{bytes(data)[:2000]!r}") from e
+        cases += 1
+    assert cases > 100
