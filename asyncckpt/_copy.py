@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 
 from . import _format, _remote, _save, _store
-from ._executor import Workers, batches
+from ._executor import Workers
 from ._format import ArraySpec
 from ._restore import read_root
 
@@ -40,21 +40,13 @@ def copy(src: str, dst: str, workers: Workers, *,
             tasks += [(spec.chunk_nbytes, functools.partial(_copy_chunk, src, tmp, spec, c,
                                                             progress))
                       for c in spec.chunk_coords()]
-        net = _remote.is_url(src) or _remote.is_url(dst)
-        groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
-                         min_cost=1 if net else 1 << 20)
-        workers.run_all([functools.partial(_run, g) for g in groups], network=net)
+        workers.run_reads(tasks, network=_remote.is_url(src) or _remote.is_url(dst))
         _store.write_file(os.path.join(tmp, _format.DOC), root)
         _store.sync_tree(tmp)
         _store.publish(tmp, dst, replace=False)
     except BaseException:
         _store.remove_tree(tmp)
         raise
-
-
-def _run(group: list[tuple[int, Callable[[], None]]]) -> None:
-    for _, task in group:
-        task()
 
 
 def _copy_doc(src: str, dst: str, spec: ArraySpec) -> None:

@@ -91,6 +91,15 @@ class Workers:
             wait(pending)  # let running tasks finish before the caller cleans up
             raise failed[0].exception()  # type: ignore[misc]
 
+    def run_reads(self, tasks: Sequence[tuple[int, Callable[[], Any]]], *,
+                  network: bool = False) -> None:
+        """Run `(cost in bytes, task)` pairs, grouped into about one batch per thread of the
+        pool (each task also costs 8 KiB of overhead; on disk a group holds at least 1 MiB, so
+        thousands of small chunks do not each pay the pool's per-task cost)."""
+        groups = batches(tasks, lambda t: t[0] + 8192, parts=self.parts(network),
+                         min_cost=1 if network else 1 << 20)
+        self.run_all([functools.partial(_run_group, g) for g in groups], network=network)
+
     def submit_job(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the job thread, after every job submitted before it."""
         return self._jobs.submit(fn, *args)
@@ -106,6 +115,11 @@ class Workers:
         self._background.shutdown(wait=True)
         self._network.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+
+
+def _run_group(group: Sequence[tuple[int, Callable[[], Any]]]) -> None:
+    for _, task in group:
+        task()
 
 
 def batches(

@@ -350,21 +350,13 @@ def read_arrays(
                         f"{spec.shape} {spec.dtype} ({spec.nbytes} bytes): {e}") from None
             tasks = [t for p in plans.values()
                      for t in _chunk_tasks(root, p.spec, p.requests, p.where, seen)]
-            net = _remote.is_url(root)
-            groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(net),
-                             min_cost=1 if net else 1 << 20)
         with phases("read"):
-            workers.run_all([functools.partial(_run_group, g) for g in groups], network=net)
+            workers.run_reads(tasks, network=_remote.is_url(root))
         phases.bytes += sum(cost for cost, _ in tasks)
         with phases("place"):
             for i, value in zip(plans, _place(list(plans.values()))):
                 results[i] = value
     return results
-
-
-def _run_group(group: list[tuple[int, Any]]) -> None:
-    for _, task in group:
-        task()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _store, _tree
-from ._executor import Workers, batches
+from . import _format, _remote, _store, _tree
+from ._executor import Workers
 from ._format import ArraySpec
 from ._restore import checkpoint_path, read_root
 from .errors import (
@@ -91,14 +91,8 @@ def check(path: str, workers: Workers, *,
             key = os.path.join(path, spec.chunk_key(coords))
             tasks.append((spec.chunk_nbytes, functools.partial(
                 guarded, spec.name, functools.partial(_check_chunk, key, spec, where))))
-    groups = batches(tasks, lambda t: t[0] + 8192, parts=workers.parts(False), min_cost=1 << 20)
-    workers.run_all([functools.partial(_run, g) for g in groups])
+    workers.run_reads(tasks, network=_remote.is_url(path))
     return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
-
-
-def _run(group: list[tuple[int, Callable[[], None]]]) -> None:
-    for _, task in group:
-        task()
 
 
 def _check_doc(root: str, spec: ArraySpec, where: str) -> int:

@@ -121,17 +121,17 @@ def test_manager_names_a_damaged_latest_step(tmp_path, caplog):
 
 def reading_hook(monkeypatch, action):
     """Run `action()` once, when the restore has read its first chunks."""
-    original = _restore._run_group
+    original = _restore._read_chunk
     done = threading.Event()
     lock = threading.Lock()
 
-    def run_group(group):
-        original(group)
+    def read_chunk(*args):
+        original(*args)
         with lock:
             if not done.is_set():
                 done.set()
                 action()
-    monkeypatch.setattr(_restore, "_run_group", run_group)
+    monkeypatch.setattr(_restore, "_read_chunk", read_chunk)
 
 
 def test_restore_of_a_step_deleted_meanwhile_fails_clearly(tmp_path, monkeypatch):
