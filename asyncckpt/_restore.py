@@ -8,11 +8,13 @@ Arrays are restored in batches of at most `max_inflight_bytes` of host buffers.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,24 +92,27 @@ _SMALL_PAGES_FROM = 2 << 20
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array at a 64-byte aligned address.
-
-    Buffers of 2 MiB and more are private anonymous mappings that refuse transparent huge pages.
-    numpy asks for huge pages above 4 MiB, and on this project's machine filling such memory
-    cost anything from 0.6 to 1.7 s of kernel time per GiB from one process to the next (a
-    resumed 1 GiB restore took 0.45-1.10 s); with small pages 0.8-0.9 s every time (0.52-0.82 s).
-    """
+    """An uninitialised array at a 64-byte aligned address, on small pages."""
     n = math.prod(shape) * dtype.itemsize
-    if n >= _SMALL_PAGES_FROM and hasattr(mmap, "MAP_ANONYMOUS"):
-        block = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            block.madvise(mmap.MADV_NOHUGEPAGE)
-        except (AttributeError, OSError):
-            pass  # no transparent huge pages here: small pages already
-        return np.frombuffer(block, np.uint8, n).view(dtype).reshape(shape)
     raw = np.empty(n + _ALIGN, np.uint8)
+    if n >= _SMALL_PAGES_FROM:
+        _no_huge_pages(raw.ctypes.data, raw.nbytes)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start : start + n].view(dtype).reshape(shape)
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_MADV_NOHUGEPAGE = 15
+_PAGE = mmap.PAGESIZE
+
+
+def _no_huge_pages(address: int, size: int) -> None:
+    if _libc is None:
+        return
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + size) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_NOHUGEPAGE)
 
 
 @dataclass(frozen=True, slots=True)
