@@ -8,13 +8,10 @@ Arrays are restored in batches of at most `max_inflight_bytes` of host buffers.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import math
-import mmap
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,23 +98,9 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     n = math.prod(shape) * dtype.itemsize
     raw = np.empty(n + _ALIGN, np.uint8)
     if n >= _SMALL_PAGES_FROM:
-        _no_huge_pages(raw.ctypes.data, raw.nbytes)
+        _store.refuse_huge_pages(raw)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start : start + n].view(dtype).reshape(shape)
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_MADV_NOHUGEPAGE = 15
-_PAGE = mmap.PAGESIZE
-
-
-def _no_huge_pages(address: int, size: int) -> None:
-    if _libc is None:
-        return
-    start = -(-address // _PAGE) * _PAGE
-    end = (address + size) // _PAGE * _PAGE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_NOHUGEPAGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,32 +243,34 @@ class _Plan:
     spec: ArraySpec
     dtype: np.dtype  # the dtype to return
     sharding: jax.sharding.Sharding | None  # None: return numpy
-    requests: list[_Request]
-    devices: list[list[Any]]  # per request: the devices that receive it
+    requests: list[_Request]  # one per distinct shard this process's devices hold
     where: str
 
 
 def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
-        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], [[]], where)
+        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
         _check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        by_index: dict[tuple[tuple[int, int], ...], list[Any]] = {}
-        for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
-            idx = _concrete(index, spec.shape)
-            by_index.setdefault(tuple((s.start, s.stop) for s in idx), []).append(device)
+        shards = dict.fromkeys(_index_key(index, spec.shape) for index in
+                               sharding.addressable_devices_indices_map(spec.shape).values())
         requests = [
             _Request(idx := tuple(slice(a, b) for a, b in key),
                      _aligned_empty(tuple(s.stop - s.start for s in idx), spec.dtype))
-            for key in by_index
+            for key in shards
         ]
-        return _Plan(spec, dtype, sharding, requests, list(by_index.values()), where)
+        return _Plan(spec, dtype, sharding, requests, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
-    return _Plan(spec, dtype, None, [_whole(spec)], [[]], where)
+    return _Plan(spec, dtype, None, [_whole(spec)], where)
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A device's index into the global array, as a hashable ((start, stop), ...)."""
+    return tuple((s.start, s.stop) for s in _concrete(index, shape))
 
 
 def _whole(spec: ArraySpec) -> _Request:
@@ -310,7 +295,7 @@ def _place(plans: list[_Plan]) -> list[Any]:
             keys = jax.random.wrap_key_data(plan.requests[0].out, impl=plan.spec.prng_impl)
             out[i] = jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
             continue
-        bufs = {tuple((s.start, s.stop) for s in r.index):
+        bufs = {_index_key(r.index, plan.spec.shape):
                 r.out if r.out.dtype == plan.dtype else r.out.astype(plan.dtype)
                 for r in plan.requests}
         if plan.sharding is None:
@@ -321,8 +306,7 @@ def _place(plans: list[_Plan]) -> list[Any]:
             shape = plan.spec.shape
             out[i] = jax.make_array_from_callback(
                 shape, plan.sharding,
-                lambda index, bufs=bufs, shape=shape: bufs[
-                    tuple((s.start, s.stop) for s in _concrete(index, shape))],
+                lambda index, bufs=bufs, shape=shape: bufs[_index_key(index, shape)],
                 dtype=plan.dtype)
     if whole:
         placed = jax.device_put([b for _, b, _ in whole], [s for _, _, s in whole])

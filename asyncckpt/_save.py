@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -87,9 +86,9 @@ def _check_remote_destination(dest: str, *, force: bool) -> None:
 def _is_asyncckpt(path: str) -> bool:
     try:
         raw = _store.read_small_file(os.path.join(path, _format.DOC), _format.MAX_ROOT_DOC_BYTES)
-        attrs = json.loads(raw).get("attributes", {})
+        attrs = _format.parse_json(raw, path, "root zarr.json").get("attributes", {})
         return isinstance(attrs, dict) and _format.ATTR in attrs
-    except (OSError, ValueError, AttributeError, RecursionError, CheckpointError):
+    except (OSError, AttributeError, CheckpointError):
         return False
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import shutil
 import stat
@@ -31,6 +32,20 @@ _MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
 _libc = (
     ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 )
+
+
+_MADV_NOHUGEPAGE = 15
+
+
+def refuse_huge_pages(array: np.ndarray) -> None:
+    """Ask the kernel to back the whole pages inside `array` with small pages (Linux)."""
+    if _libc is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-array.ctypes.data // page) * page
+    end = (array.ctypes.data + array.nbytes) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_NOHUGEPAGE)
 
 
 def crc32c(buf: memoryview) -> int:
@@ -111,15 +126,21 @@ def _wrong_size(path: str, size: int, expected: int, where: str) -> CorruptCheck
         "(truncated or overwritten)")
 
 
-def _open_chunk(path: str, expected_size: int, where: str) -> int:
+def _open(path: str, where: str) -> int:
+    """Open a file of a checkpoint for reading; a symbolic link is refused (`O_NOFOLLOW`)."""
     try:
-        fd = os.open(path, _O_READ)
-    except FileNotFoundError:
-        raise _missing(path, where) from None
+        return os.open(path, _O_READ)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link(path, where) from None
         raise
+
+
+def _open_chunk(path: str, expected_size: int, where: str) -> int:
+    try:
+        fd = _open(path, where)
+    except FileNotFoundError:
+        raise _missing(path, where) from None
     size = os.fstat(fd).st_size
     if size != expected_size:
         os.close(fd)
@@ -300,12 +321,7 @@ def read_small_file(path: str, limit: int) -> bytes:
             raise CorruptCheckpointError(
                 f"{path} is {data.nbytes} bytes, more than the {limit} allowed")
         return data.tobytes()
-    try:
-        fd = os.open(path, _O_READ)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _link(path, "refusing a metadata document") from None
-        raise
+    fd = _open(path, "refusing a metadata document")
     try:
         size = os.fstat(fd).st_size
         if size > limit:
