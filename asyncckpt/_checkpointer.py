@@ -50,6 +50,9 @@ class AsyncCheckpointer:
             the same tree then skip first-touch page faults, at the cost of holding one host copy
             of the tree between saves. `close()` frees it.
         max_inflight_bytes: host memory a restore may fill before placing arrays on devices.
+        map_files: restore each chunk of a local checkpoint that is exactly one device's shard by
+            mapping the file's pages copy-on-write instead of copying them into new memory
+            (`restore` docs). False reads every chunk into memory of its own.
         barrier_timeout_s: under `jax.distributed`, how long a save waits for the other
             processes at each of its barriers before it fails naming the missing ones.
         background_nice: how much lower the CPU priority of the background writer threads is
@@ -63,6 +66,7 @@ class AsyncCheckpointer:
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
@@ -71,6 +75,7 @@ class AsyncCheckpointer:
         self._pool = ArenaPool(enabled=reuse_host_memory)
         self._pending: list[Future[str]] = []
         self._max_inflight_bytes = max_inflight_bytes
+        self._map_files = map_files
         self._closed = False
         self._last_save: _telemetry.SaveStats | None = None
         self._last_restore: _telemetry.RestoreStats | None = None
@@ -159,7 +164,7 @@ class AsyncCheckpointer:
 
     def _restore(self, path: str, target: Any, *, strict: bool, step: int | None = None) -> Any:
         value, self._last_restore = _timed_restore(path, target, strict, self._workers,
-                                                   self._max_inflight_bytes, step)
+                                                   self._max_inflight_bytes, self._map_files, step)
         return value
 
     def check_for_errors(self) -> None:
@@ -214,6 +219,7 @@ def restore(
     *,
     strict: bool = True,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    map_files: bool = True,
 ) -> Any:
     """Read the checkpoint at `path`.
 
@@ -221,23 +227,34 @@ def restore(
     With `target` (a pytree of `jax.Array`, `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` or
     numpy arrays): exactly its structure, dtypes and shardings; each process reads only the chunks
     its devices need. `strict=False` lets the target hold a subset of the saved leaves.
+
+    `max_inflight_bytes`: host memory filled before arrays are placed on devices.
+    `map_files` (default True): a chunk of a local checkpoint that is exactly one device's shard
+    (the usual resume) is mapped copy-on-write, not copied: its checksums are verified through the
+    mapping and the pages stay the page cache's, so a resume neither fills fresh memory nor
+    copies. On accelerators the mapping is released once the shard is on the device; CPU arrays
+    keep it, and writes to them (donation) copy the pages they touch, never reaching the file.
+    asyncckpt never changes a committed file (saves write new files and rename them), but a file
+    truncated in place by something else while mapped would end the process with SIGBUS: pass
+    False if anything may do that.
     """
     workers = Workers()
     try:
         return _timed_restore(_restore.checkpoint_path(path), target, strict, workers,
-                              max_inflight_bytes, None)[0]
+                              max_inflight_bytes, map_files, None)[0]
     finally:
         workers.close()
 
 
 def _timed_restore(path: str, target: Any, strict: bool, workers: Workers,
-                   max_inflight_bytes: int, step: int | None
+                   max_inflight_bytes: int, map_files: bool, step: int | None
                    ) -> tuple[Any, _telemetry.RestoreStats]:
     """`restore_tree`, timed by phase and reported (`_telemetry.report`)."""
     phases = _telemetry.Phases()
     t0 = time.perf_counter()
     value = _restore.restore_tree(path, target, strict=strict, workers=workers,
-                                  max_inflight_bytes=max_inflight_bytes, phases=phases)
+                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                                  phases=phases)
     stats = _telemetry.RestoreStats(
         path=path, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
         read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)

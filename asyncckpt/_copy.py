@@ -61,7 +61,7 @@ def _copy_chunk(src: str, dst: str, spec: ArraySpec, coords: tuple[int, ...],
     where = f"copying variable {spec.name!r} of {src}"
     band = _format.band_nbytes(spec) if spec.band_rows is not None else None
     path = os.path.join(src, key)
-    data = _store.read_file(path, _store.chunk_file_size(spec.chunk_nbytes, band), where)
+    data = _store.read_file(path, _store.chunk_file_sizes(spec.chunk_nbytes, band), where)
     _store.check_chunk_file(data, spec.chunk_nbytes, band, path, where)
     _store.write_file(os.path.join(dst, key), data)
     if progress is not None:

@@ -96,7 +96,7 @@ class CheckpointManager:
             is not terminated); then `reached_preemption()` is true and the next `save` is forced.
         read_only: open without the writer lock, e.g. to restore while another job trains; the
             step list is re-read on every query. `save` and `delete` then raise.
-        max_workers, reuse_host_memory, max_inflight_bytes, barrier_timeout_s,
+        max_workers, reuse_host_memory, max_inflight_bytes, map_files, barrier_timeout_s,
             background_nice: as for `AsyncCheckpointer`.
 
     Under `jax.distributed`, create the manager and call `save`, `delete` and `restore` in every
@@ -122,6 +122,7 @@ class CheckpointManager:
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
@@ -155,6 +156,7 @@ class CheckpointManager:
         self._ckptr = AsyncCheckpointer(max_workers=max_workers,
                                         reuse_host_memory=reuse_host_memory,
                                         max_inflight_bytes=max_inflight_bytes,
+                                        map_files=map_files,
                                         barrier_timeout_s=barrier_timeout_s,
                                         background_nice=background_nice)
         self._watch = PreemptionWatch(save_on_preemption and not read_only)

@@ -188,6 +188,12 @@ def get(url: str, start: int | None = None, end: int | None = None,
     return buf.as_numpy_array()
 
 
+def size(url: str) -> int:
+    """The size of the object `url` in bytes. A missing object raises FileNotFoundError."""
+    store, key = _resolve(url)
+    return int(_run(store.getsize(key), url, "looking at"))
+
+
 def exists(url: str) -> bool:
     store, key = _resolve(url)
     return bool(_run(store.exists(key), url, "looking for"))

@@ -103,12 +103,29 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + n].view(dtype).reshape(shape)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Request:
-    """A region of the global array (concrete slices) and the buffer that receives it."""
+    """A region of the global array (concrete slices) and the buffer that receives it. `out` is
+    None until read when the region is exactly one chunk of a local checkpoint, which may be
+    mapped instead of read (`_store.map_chunk`)."""
 
     index: tuple[slice, ...]
-    out: np.ndarray
+    out: np.ndarray | None
+
+
+def _is_chunk(spec: ArraySpec, index: tuple[slice, ...]) -> bool:
+    """Whether the concrete region `index` is exactly one chunk of `spec`."""
+    return all(s.start % c == 0 and s.stop - s.start == c
+               for s, c in zip(index, spec.chunk_shape))
+
+
+_MAP_FROM = 256 << 10  # smaller chunks are read: a mapping costs two system calls and a VMA
+
+
+def _request(spec: ArraySpec, index: tuple[slice, ...], mapping: bool) -> _Request:
+    if mapping and spec.chunk_nbytes >= _MAP_FROM and _is_chunk(spec, index):
+        return _Request(index, None)
+    return _Request(index, _aligned_empty(tuple(s.stop - s.start for s in index), spec.dtype))
 
 
 def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -150,14 +167,21 @@ def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
                 hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
-        if spec.band_rows is None:
-            _guarded(_store.read_chunk_into, path, req.out, where)
+        band = _format.band_nbytes(spec) if spec.band_rows is not None else None
+        if req.out is None:
+            mapped = _guarded(path, where, _store.map_chunk, path, spec.chunk_nbytes, band, where)
+            if mapped is not None:
+                req.out = mapped.view(spec.dtype).reshape(spec.chunk_shape)
+                return
+            req.out = _guarded(path, where, _aligned_empty, spec.chunk_shape, spec.dtype)
+        if band is None:
+            _guarded(path, where, _store.read_chunk_into, path, req.out, where)
         else:
             _read_bands(path, spec, req.out, 0, where)
         return
     if spec.band_rows is None:
         chunk = np.empty(spec.chunk_shape, spec.dtype)
-        _guarded(_store.read_chunk_into, path, chunk, where)
+        _guarded(path, where, _store.read_chunk_into, path, chunk, where)
         _scatter(chunk, region, hits)
         return
     # a banded chunk: read only the bands that some request overlaps
@@ -187,15 +211,19 @@ def _scatter(data: np.ndarray, origin: tuple[slice, ...],
 
 def _read_bands(path: str, spec: ArraySpec, out: np.ndarray, first: int, where: str) -> None:
     nbands = spec.chunk_shape[0] // spec.band_rows  # type: ignore[operator]
-    _guarded(_store.read_bands_into, path, out, first, nbands, _format.band_nbytes(spec), where)
+    _guarded(path, where, _store.read_bands_into, path, out, first, nbands,
+             _format.band_nbytes(spec), where)
 
 
-def _guarded(read: Any, path: str, *args: Any) -> None:
-    where = args[-1]
+def _guarded(path: str, where: str, call: Any, *args: Any) -> Any:
+    """`call(*args)`, its OS and allocation failures as checkpoint errors naming `path`."""
     try:
-        read(path, *args)
+        return call(*args)
     except CheckpointError:
         raise
+    except MemoryError as e:
+        raise CheckpointReadError(errno.ENOMEM, f"{where}: cannot allocate host memory for "
+                                  f"{path}: {e}") from None
     except OSError as e:
         raise CheckpointReadError(e.errno, f"{where}: cannot read {path}: {e.strerror}") from e
 
@@ -247,25 +275,23 @@ class _Plan:
     where: str
 
 
-def _plan(spec: ArraySpec, target: Any, where: str) -> _Plan:
+def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
+    """`mapping`: chunks that are exactly one request may be mapped instead of read."""
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
-        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], where)
+        return _Plan(spec, spec.dtype, sharding, [_whole(spec, False)], where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
         _check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shards = dict.fromkeys(_index_key(index, spec.shape) for index in
                                sharding.addressable_devices_indices_map(spec.shape).values())
-        requests = [
-            _Request(idx := tuple(slice(a, b) for a, b in key),
-                     _aligned_empty(tuple(s.stop - s.start for s in idx), spec.dtype))
-            for key in shards
-        ]
+        requests = [_request(spec, tuple(slice(a, b) for a, b in key), mapping)
+                    for key in shards]
         return _Plan(spec, dtype, sharding, requests, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
-    return _Plan(spec, dtype, None, [_whole(spec)], where)
+    return _Plan(spec, dtype, None, [_whole(spec, mapping)], where)
 
 
 def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -273,10 +299,9 @@ def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[
     return tuple((s.start, s.stop) for s in _concrete(index, shape))
 
 
-def _whole(spec: ArraySpec) -> _Request:
+def _whole(spec: ArraySpec, mapping: bool) -> _Request:
     """A request for the entire array."""
-    index = tuple(slice(0, n) for n in spec.shape)
-    return _Request(index, _aligned_empty(spec.shape, spec.dtype))
+    return _request(spec, tuple(slice(0, n) for n in spec.shape), mapping)
 
 
 def _place(plans: list[_Plan]) -> list[Any]:
@@ -321,9 +346,12 @@ def read_arrays(
     workers: Workers,
     *,
     max_inflight_bytes: int,
+    map_files: bool = True,
     phases: Phases | None = None,
 ) -> list[Any]:
-    """Restore `(spec, target leaf or None)` pairs, at most `max_inflight_bytes` at a time."""
+    """Restore `(spec, target leaf or None)` pairs, at most `max_inflight_bytes` at a time.
+    `map_files`: a local chunk that is exactly one shard is mapped copy-on-write, not read."""
+    mapping = map_files and not _remote.is_url(root)
     phases = phases if phases is not None else Phases()
     phases.arrays += len(items)
     results: list[Any] = [None] * len(items)
@@ -337,7 +365,7 @@ def read_arrays(
                 spec, target = items[i]
                 where = f"while restoring {spec.name!r} from {root}"
                 try:
-                    plans[i] = _plan(spec, target, where)
+                    plans[i] = _plan(spec, target, where, mapping)
                 except (MemoryError, OSError) as e:  # e.g. an absurd shape in a hostile document
                     raise CheckpointReadError(
                         errno.ENOMEM, f"{where}: cannot allocate host memory for "
@@ -358,7 +386,8 @@ def read_arrays(
 
 
 def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
-                 max_inflight_bytes: int, phases: Phases | None = None) -> Any:
+                 max_inflight_bytes: int, map_files: bool = True,
+                 phases: Phases | None = None) -> Any:
     """Restore the checkpoint at `path` (see `asyncckpt.restore`).
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
@@ -369,7 +398,9 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
     with phases("plan"):
         info = read_root(path)
     try:
-        value = _restore_tree(path, info, target, strict, workers, max_inflight_bytes, phases)
+        value = _restore_tree(path, info, target, strict, workers,
+                              dict(max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                                   phases=phases))
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
         if _changed(path, identity):
             raise _gone(path) from e
@@ -391,7 +422,9 @@ def _gone(path: str) -> CheckpointNotFoundError:
 
 
 def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers: Workers,
-                  max_inflight_bytes: int, phases: Phases) -> Any:
+                  options: dict[str, Any]) -> Any:
+    """`options`: keyword arguments of `read_arrays`."""
+    phases = options["phases"]
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
     if target is None:
@@ -400,8 +433,7 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers:
         if missing:
             raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
                                             f"{missing[:10]}")
-        arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers,
-                             max_inflight_bytes=max_inflight_bytes, phases=phases)
+        arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers, **options)
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
     with phases("plan"):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
@@ -411,7 +443,7 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers:
         _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
     arrays = read_arrays(path, [(info.arrays[leaf.name], leaf.value) for _, leaf in wanted],
-                         workers, max_inflight_bytes=max_inflight_bytes, phases=phases)
+                         workers, **options)
     out = [values.get(leaf.name) for leaf in target_leaves]
     for (i, _), value in zip(wanted, arrays):
         out[i] = value

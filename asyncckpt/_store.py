@@ -18,7 +18,9 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import uuid
+import weakref
 
 import crc32c as _crc32c
 import numpy as np
@@ -136,16 +138,17 @@ def _open(path: str, where: str) -> int:
         raise
 
 
-def _open_chunk(path: str, expected_size: int, where: str) -> int:
+def _open_chunk(path: str, sizes: tuple[int, ...], where: str) -> tuple[int, int]:
+    """Open a chunk file that must have one of `sizes` bytes: (descriptor, size)."""
     try:
         fd = _open(path, where)
     except FileNotFoundError:
         raise _missing(path, where) from None
     size = os.fstat(fd).st_size
-    if size != expected_size:
+    if size not in sizes:
         os.close(fd)
-        raise _wrong_size(path, size, expected_size, where)
-    return fd
+        raise _wrong_size(path, size, sizes[0], where)
+    return fd, size
 
 
 def _get(path: str, where: str, expected: int | None = None, **request: int) -> np.ndarray:
@@ -193,7 +196,7 @@ def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
         np.frombuffer(view, np.uint8)[:] = data[:-4]
         crc[:] = data[-4:].tobytes()
     else:
-        fd = _open_chunk(path, view.nbytes + 4, where)
+        fd, _ = _open_chunk(path, (view.nbytes + 4,), where)
         try:
             _read_all(fd, [view, memoryview(crc)], 0, path, where)
         finally:
@@ -203,26 +206,66 @@ def read_chunk_into(path: str, out: np.ndarray, where: str) -> None:
 
 
 # A banded chunk (Zarr `sharding_indexed` with row bands as inner chunks) is
-#   band 0 | crc 0 | band 1 | crc 1 | ... | index: (offset, nbytes) as 2 x uint64 per band | crc
-# so band i starts at i * (band_nbytes + 4), and the whole chunk is its C-order bytes with a
-# checksum after every band: one writev / preadv moves it between the file and the array.
+#   band 0 | crc 0 | pad | band 1 | crc 1 | pad | ... | index | index crc
+# with the index holding (offset, nbytes) as 2 x uint64 per band. Band i starts at i * stride.
+# When a band is a whole number of 4 KiB pages, stride is band + 4 rounded up to 4 KiB ("aligned":
+# every band starts on a page, so a restore can map the bands next to each other in memory instead
+# of copying them); otherwise stride is band + 4 and there is no padding ("packed", also what
+# asyncckpt wrote before aligned bands). The file size tells the two apart.
+
+BAND_ALIGN = 4096
 
 
-def _band_index(nbands: int, band_nbytes: int) -> bytes:
+def band_stride(band_nbytes: int) -> int:
+    """The distance between the starts of two bands in the files asyncckpt writes."""
+    if band_nbytes % BAND_ALIGN:
+        return band_nbytes + 4
+    return -(-(band_nbytes + 4) // BAND_ALIGN) * BAND_ALIGN
+
+
+def _band_index(nbands: int, band_nbytes: int, stride: int) -> bytes:
     index = np.empty((nbands, 2), "<u8")
-    index[:, 0] = np.arange(nbands, dtype=np.uint64) * (band_nbytes + 4)
+    index[:, 0] = np.arange(nbands, dtype=np.uint64) * stride
     index[:, 1] = band_nbytes + 4
     return index.tobytes()
 
 
+def _strides(band_nbytes: int) -> tuple[int, ...]:
+    """The strides a reader accepts: the one asyncckpt writes now, and the packed one."""
+    return tuple(dict.fromkeys((band_stride(band_nbytes), band_nbytes + 4)))
+
+
+def _stride_of_size(size: int, nbytes: int, band_nbytes: int, path: str, where: str) -> int:
+    """The stride of a banded chunk file of `size` bytes (it must be one of the known layouts)."""
+    nbands = nbytes // band_nbytes
+    for stride in _strides(band_nbytes):
+        if size == nbands * stride + 16 * nbands + 4:
+            return stride
+    raise _wrong_size(path, size, chunk_file_size(nbytes, band_nbytes), where)
+
+
 def write_banded_chunk(path: str, data: np.ndarray, band_nbytes: int) -> None:
     view = _bytes_view(data)
+    stride = band_stride(band_nbytes)
+    pad = bytes(stride - band_nbytes - 4)
     buffers: list[memoryview | bytes] = []
     for start in range(0, view.nbytes, band_nbytes):
         band = view[start : start + band_nbytes]
-        buffers += [band, crc32c(band).to_bytes(4, "little")]
-    index = _band_index(view.nbytes // band_nbytes, band_nbytes)
+        buffers += [band, crc32c(band).to_bytes(4, "little"), pad]
+    index = _band_index(view.nbytes // band_nbytes, band_nbytes, stride)
     write_file(path, *buffers, index, crc32c(memoryview(index)).to_bytes(4, "little"))
+
+
+def _band_buffers(view: memoryview, crcs: bytearray, pads: bytearray, stride: int,
+                  band_nbytes: int) -> list[memoryview]:
+    """The buffers one `preadv` fills from consecutive bands: data, checksum, padding, ..."""
+    buffers = []
+    for j in range(view.nbytes // band_nbytes):
+        buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
+                    memoryview(crcs)[4 * j : 4 * j + 4]]
+        if stride > band_nbytes + 4 and (j + 1) * band_nbytes < view.nbytes:
+            buffers.append(memoryview(pads))
+    return buffers
 
 
 def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int,
@@ -234,37 +277,48 @@ def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nb
     index_size = 16 * nbands + 4
     crcs = bytearray(4 * count)
     index = bytearray(index_size)
-    buffers = []
-    for j in range(count):
-        buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
-                    memoryview(crcs)[4 * j : 4 * j + 4]]
-    if _remote.is_url(path):  # the index as a suffix: an object of the wrong size fails its check
-        start = first * (band_nbytes + 4)
-        data = _get(path, where, count * (band_nbytes + 4), start=start,
-                    end=start + count * (band_nbytes + 4))
+    if _remote.is_url(path):  # the index first (as a suffix): it says where the bands are
+        index[:] = _get(path, where, index_size, suffix=index_size).tobytes()
+        try:
+            stride = _check_index(memoryview(index), nbands, band_nbytes, path, where)
+        except CorruptCheckpointError:  # say so if the object is simply too short or long
+            _stride_of_size(_remote.size(path), nbands * band_nbytes, band_nbytes, path, where)
+            raise
+        pads = bytearray(stride - band_nbytes - 4)
+        buffers = _band_buffers(view, crcs, pads, stride, band_nbytes)
+        start = first * stride
+        length = sum(b.nbytes for b in buffers)
+        data = _get(path, where, length, start=start, end=start + length)
         offset = 0
         for b in buffers:
             np.frombuffer(b, np.uint8)[:] = data[offset : offset + b.nbytes]
             offset += b.nbytes
-        index[:] = _get(path, where, index_size, suffix=index_size).tobytes()
     else:
-        fd = _open_chunk(path, chunk_file_size(nbands * band_nbytes, band_nbytes), where)
+        fd = _open(path, where)
         try:
-            _read_all(fd, buffers, first * (band_nbytes + 4), path, where)
-            _read_all(fd, [memoryview(index)], nbands * (band_nbytes + 4), path, where)
+            size = os.fstat(fd).st_size
+            stride = _stride_of_size(size, nbands * band_nbytes, band_nbytes, path, where)
+            pads = bytearray(stride - band_nbytes - 4)
+            _read_all(fd, _band_buffers(view, crcs, pads, stride, band_nbytes), first * stride,
+                      path, where)
+            _read_all(fd, [memoryview(index)], nbands * stride, path, where)
         finally:
             os.close(fd)
-    _check_index(memoryview(index), nbands, band_nbytes, path, where)
+        _check_index(memoryview(index), nbands, band_nbytes, path, where, stride)
     for j in range(count):
         _check_band(view[j * band_nbytes : (j + 1) * band_nbytes], crcs[4 * j : 4 * j + 4],
                     first + j, path, where)
 
 
-def _check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, where: str) -> None:
-    body = index[:-4]
-    if crc32c(body) != int.from_bytes(index[-4:], "little") or \
-            bytes(body) != _band_index(nbands, band_nbytes):
-        raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
+def _check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, where: str,
+                 stride: int | None = None) -> int:
+    """Check a shard index (and its checksum) against the layouts asyncckpt reads; its stride."""
+    body = bytes(index[:-4])
+    if crc32c(memoryview(body)) == int.from_bytes(index[-4:], "little"):
+        for s in _strides(band_nbytes) if stride is None else (stride,):
+            if body == _band_index(nbands, band_nbytes, s):
+                return s
+    raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
 
 
 def _check_band(band: memoryview, crc: bytes | bytearray | memoryview, number: int, path: str,
@@ -275,36 +329,166 @@ def _check_band(band: memoryview, crc: bytes | bytearray | memoryview, number: i
 
 
 def chunk_file_size(nbytes: int, band_nbytes: int | None) -> int:
-    """The size of a chunk file holding `nbytes` of data (banded when `band_nbytes` is set)."""
+    """The size of a chunk file holding `nbytes` of data, as asyncckpt writes it (banded when
+    `band_nbytes` is set)."""
     if band_nbytes is None:
         return nbytes + 4
     nbands = nbytes // band_nbytes
-    return nbands * (band_nbytes + 4) + 16 * nbands + 4
+    return nbands * band_stride(band_nbytes) + 16 * nbands + 4
+
+
+def chunk_file_sizes(nbytes: int, band_nbytes: int | None) -> tuple[int, ...]:
+    """Every size a readable chunk file holding `nbytes` of data may have."""
+    if band_nbytes is None:
+        return (nbytes + 4,)
+    nbands = nbytes // band_nbytes
+    return tuple(nbands * s + 16 * nbands + 4 for s in _strides(band_nbytes))
 
 
 def check_chunk_file(data: memoryview, nbytes: int, band_nbytes: int | None, path: str,
                      where: str) -> None:
     """Verify the size and every checksum of a whole chunk file's bytes, as read back."""
-    expected = chunk_file_size(nbytes, band_nbytes)
-    if data.nbytes != expected:
-        raise _wrong_size(path, data.nbytes, expected, where)
     if band_nbytes is None:
+        if data.nbytes != nbytes + 4:
+            raise _wrong_size(path, data.nbytes, nbytes + 4, where)
         if crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
             raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
         return
+    stride = _stride_of_size(data.nbytes, nbytes, band_nbytes, path, where)
     nbands = nbytes // band_nbytes
-    _check_index(data[nbands * (band_nbytes + 4) :], nbands, band_nbytes, path, where)
+    _check_index(data[nbands * stride :], nbands, band_nbytes, path, where, stride)
     for j in range(nbands):
-        start = j * (band_nbytes + 4)
+        start = j * stride
         _check_band(data[start : start + band_nbytes],
                     data[start + band_nbytes : start + band_nbytes + 4], j, path, where)
 
 
-def read_file(path: str, size: int, where: str) -> memoryview:
-    """The whole of a chunk file (or object) that must hold exactly `size` bytes."""
+# ---------------------------------------------------------------------------------------------
+# Restoring by mapping: a chunk's pages are mapped copy-on-write instead of copied
+
+
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10  # Linux
+if _libc is not None:
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_long]
+
+
+class _MappingBudget:
+    """Counts the mappings restored arrays hold, so that a process stays far below the kernel's
+    limit on mappings (`vm.max_map_count`, 65530 by default): beyond a quarter of it, chunks are
+    read instead of mapped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live = 0
+        self._limit: int | None = None
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self._limit is None:
+                try:
+                    with open("/proc/sys/vm/max_map_count") as f:
+                        self._limit = int(f.read()) // 4
+                except (OSError, ValueError):
+                    self._limit = 16384
+            if self._live + n > self._limit:
+                return False
+            self._live += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._live -= n
+
+
+_mappings = _MappingBudget()
+
+
+def map_chunk(path: str, nbytes: int, band_nbytes: int | None, where: str) -> np.ndarray | None:
+    """The `nbytes` of data of a local chunk file as a private copy-on-write mapping of its pages
+    (a uint8 array), every checksum verified; None where the file cannot be mapped (a packed
+    banded chunk, a file system without mmap, too many mappings): the caller reads it instead.
+
+    Reading a chunk copies it from the page cache into fresh memory, and on a VM filling fresh
+    memory costs more than the copy; a mapping does neither (the pages are the page cache's
+    until someone writes to them). The array keeps the mapping; it goes with the array."""
+    if _libc is None or _remote.is_url(path) or nbytes == 0:
+        return None
+    fd, size = _open_chunk(path, chunk_file_sizes(nbytes, band_nbytes), where)
+    try:
+        if band_nbytes is None:
+            return _map_plain(fd, nbytes, path, where)
+        stride = _stride_of_size(size, nbytes, band_nbytes, path, where)
+        if band_nbytes % mmap.ALLOCATIONGRANULARITY or stride % mmap.ALLOCATIONGRANULARITY:
+            return None  # packed bands, or pages larger than the 4 KiB bands are aligned to
+        return _map_bands(fd, nbytes, band_nbytes, stride, path, where)
+    finally:
+        os.close(fd)
+
+
+def _new_mapping(n: int, fd: int, length: int) -> mmap.mmap | None:
+    """A private writable mapping of `length` bytes (of `fd`, or anonymous when `fd` is -1)
+    counted as `n` mappings, or None."""
+    if not _mappings.take(n):
+        return None
+    try:
+        m = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | (mmap.MAP_ANONYMOUS if fd < 0 else 0),
+                      prot=_PROT_RW)
+    except (OSError, ValueError):
+        _mappings.give(n)
+        return None
+    weakref.finalize(m, _mappings.give, n)
+    return m
+
+
+def _map_plain(fd: int, nbytes: int, path: str, where: str) -> np.ndarray | None:
+    m = _new_mapping(1, fd, nbytes)
+    if m is None:
+        return None
+    m.madvise(mmap.MADV_WILLNEED)  # from disk: read ahead the whole chunk, not page by page
+    data = np.frombuffer(m, np.uint8)
+    if crc32c(data) != int.from_bytes(os.pread(fd, 4, nbytes), "little"):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
+    return data
+
+
+def _map_bands(fd: int, nbytes: int, band_nbytes: int, stride: int, path: str,
+               where: str) -> np.ndarray | None:
+    """Map each band of an aligned banded chunk file over its place in one reserved range."""
+    nbands = nbytes // band_nbytes
+    m = _new_mapping(nbands + 1, -1, nbytes)
+    if m is None:
+        return None
+    holder = (ctypes.c_char * nbytes).from_buffer(m)
+    base = ctypes.addressof(holder)
+    del holder
+    for j in range(nbands):
+        want = base + j * band_nbytes
+        got = _libc.mmap(want, band_nbytes, _PROT_RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd,
+                         j * stride)
+        if got != want:
+            return None  # the reserved range, with what was mapped over it, goes with `m`
+    m.madvise(mmap.MADV_WILLNEED)
+    data = np.frombuffer(m, np.uint8)
+    index_size = 16 * nbands + 4
+    _check_index(memoryview(os.pread(fd, index_size, nbands * stride)), nbands, band_nbytes,
+                 path, where, stride)
+    for j in range(nbands):
+        _check_band(memoryview(data[j * band_nbytes : (j + 1) * band_nbytes]),
+                    os.pread(fd, 4, j * stride + band_nbytes), j, path, where)
+    return data
+
+
+def read_file(path: str, sizes: tuple[int, ...], where: str) -> memoryview:
+    """The whole of a chunk file (or object) that must hold one of `sizes` bytes."""
     if _remote.is_url(path):
-        return memoryview(_get(path, where, size)).cast("B")
-    fd = _open_chunk(path, size, where)
+        data = _get(path, where)
+        if data.nbytes not in sizes:
+            raise _wrong_size(path, data.nbytes, sizes[0], where)
+        return memoryview(data).cast("B")
+    fd, size = _open_chunk(path, sizes, where)
     try:
         out = bytearray(size)
         _read_all(fd, [memoryview(out)], 0, path, where)

@@ -2,6 +2,7 @@
 readers racing a writer. Nothing committed is lost, and every failure says what and where."""
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import asyncckpt as ac
@@ -48,7 +49,7 @@ def truncate(path, keep):
 DAMAGE = {
     "flipped chunk byte": (lambda ck: flip(ck / "a" / "c.0.0", 100), ac.CorruptCheckpointError,
                            r"'a'.*checksum mismatch in chunk file .*a/c\.0\.0"),
-    "flipped band byte": (lambda ck: flip(ck / "big" / "c.0.0", (4 << 20) + 8),
+    "flipped band byte": (lambda ck: flip(ck / "big" / "c.0.0", (4 << 20) + 4096 + 8),
                           ac.CorruptCheckpointError,
                           r"'big'.*checksum mismatch in band 1 of chunk file .*big/c\.0\.0"),
     "flipped shard index": (lambda ck: flip(ck / "big" / "c.0.0",
@@ -319,6 +320,21 @@ def pristine(tmp_path_factory):
     return path, chunks
 
 
+def padding(chunk) -> list[range]:
+    """The byte ranges of a banded chunk file that hold no data: the padding that starts each
+    band on a 4 KiB page. Readers skip it (it is not data), so a flip there changes nothing."""
+    doc = json.loads((chunk.parent / "zarr.json").read_text())
+    if doc["codecs"][0]["name"] != "sharding_indexed":
+        return []
+    raw = chunk.read_bytes()
+    rows, cols = doc["codecs"][0]["configuration"]["chunk_shape"]
+    n = doc["shape"][0] // rows
+    index = np.frombuffer(raw[-16 * n - 4 : -4], "<u8").reshape(n, 2).tolist()
+    ends = [offset + size for offset, size in index]
+    starts = [offset for offset, _ in index[1:]] + [len(raw) - 16 * n - 4]
+    return [range(e, s) for e, s in zip(ends, starts) if s > e]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -327,6 +343,7 @@ def test_any_flipped_byte_in_any_chunk_is_caught(pristine, tmp_path, data):
     src, chunks = pristine
     chunk = data.draw(st.sampled_from(chunks))
     offset = data.draw(st.integers(0, chunk.stat().st_size - 1))
+    assume(not any(offset in r for r in padding(chunk)))
     bit = data.draw(st.integers(0, 7))
     ck = tmp_path / f"ck{os.urandom(4).hex()}"
     shutil.copytree(src, ck)

@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -48,10 +49,9 @@ def test_absurd_shape_is_not_allocated(tmp_path):
     rss = psutil.Process().memory_info().rss
     with pytest.raises(ac.CheckpointError, match="'w'") as info:
         ac.restore(path)
-    # refused by the allocator (cannot allocate ...) or, where memory is overcommitted, by the
-    # chunk file's size; either way nothing near 4 TB was touched
-    assert "cannot allocate host memory" in str(info.value) or "expected 4000000000004" in str(
-        info.value)
+    # refused by the chunk file's size or absence (a whole chunk is only allocated once its file
+    # is found to be mappable or not); nothing near 4 TB was touched
+    assert re.search(r"w/c\.0 is missing|expected 4000000000004", str(info.value))
     assert psutil.Process().memory_info().rss - rss < 256 << 20
     with pytest.raises(ac.TreeMismatchError):
         ac.restore(path, {"w": np.zeros((3, 4), np.float32),
