@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _distributed, _format, _restore, _save, _store, _telemetry
-from ._executor import Workers
+from ._executor import Priority, Workers
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
     CheckpointError,
@@ -26,7 +26,7 @@ from .errors import (
 
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 DEFAULT_BARRIER_TIMEOUT_S = 300.0
-DEFAULT_BACKGROUND_NICE = 10
+DEFAULT_BACKGROUND_NICE: Priority = "idle"
 log = logging.getLogger("asyncckpt")
 
 
@@ -55,9 +55,11 @@ class AsyncCheckpointer:
             (`restore` docs). False reads every chunk into memory of its own.
         barrier_timeout_s: under `jax.distributed`, how long a save waits for the other
             processes at each of its barriers before it fails naming the missing ones.
-        background_nice: how much lower the CPU priority of the background writer threads is
-            (Linux niceness, 0 to 19): the training loop keeps the CPU, and a save takes longer
-            only when the CPU is busy. 0 writes at the caller's priority.
+        background_nice: how much the background writer threads yield the CPU to training:
+            "idle" (the default; Linux `SCHED_IDLE`, else niceness 19): they run only on CPU time
+            nothing else wants; or a niceness to add, 0 to 19 (0: the caller's priority). A save
+            then takes longer only while the CPU is busy, and a caller that has to wait for one
+            (the next `save`, `wait_until_finished`, `close`) writes on its own thread too.
     """
 
     def __init__(
@@ -68,7 +70,7 @@ class AsyncCheckpointer:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
-        background_nice: int = DEFAULT_BACKGROUND_NICE,
+        background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self._workers = Workers(max_workers, background_nice=background_nice)
         self._barrier_timeout_s = barrier_timeout_s
@@ -105,7 +107,7 @@ class AsyncCheckpointer:
         self._check_open()
         t0 = time.perf_counter()
         for fut in self._pending:  # one save in flight at a time bounds host memory
-            fut.exception()
+            self._workers.help_until(fut)  # waiting: write on this thread too
         phases = _telemetry.Phases()
         phases.add("wait_previous", time.perf_counter() - t0)
         self.check_for_errors()
@@ -178,7 +180,7 @@ class AsyncCheckpointer:
     def wait_until_finished(self) -> None:
         """Block until every save made so far has committed; raise the first failure."""
         while self._pending:
-            self._pending[0].exception()
+            self._workers.help_until(self._pending[0])
             self.check_for_errors()
 
     def close(self) -> None:

@@ -14,8 +14,8 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -30,15 +30,82 @@ NETWORK_WORKERS = 64
 per-request latency (tens of ms) bounds throughput unless many are in flight."""
 
 
-def _lower_priority(nice: int) -> None:
-    """Raise the calling thread's niceness by `nice` (Linux: priorities are per thread)."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
+Priority = int | Literal["idle"]
+"""How much background threads yield the CPU: "idle" (Linux `SCHED_IDLE`: they run only on CPU
+time no other thread wants), or a niceness to add (0 to 19; 0 keeps the caller's priority)."""
+
+
+def check_priority(priority: Any) -> Priority:
+    if priority == "idle" or (isinstance(priority, int) and not isinstance(priority, bool)
+                              and 0 <= priority <= 19):
+        return priority
+    raise ValueError(f"background_nice must be 'idle' or a niceness from 0 to 19, not "
+                     f"{priority!r}")
+
+
+def _lower_priority(priority: Priority) -> None:
+    """Lower the calling thread's CPU priority (Linux: priorities are per thread). Where the
+    idle policy is not available or not allowed, niceness 19 stands in for it."""
+    if priority == "idle":
+        if hasattr(os, "SCHED_IDLE"):
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                return
+            except OSError:
+                pass
+        priority = 19
+    if priority <= 0 or not hasattr(os, "setpriority"):
         return
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority))
     except OSError:
         pass  # not permitted here: run at normal priority
+
+
+class _Batch:
+    """Tasks that the threads of a pool, and callers that wait for them, take one at a time.
+    After a failure no further task starts; `wait` returns once the started ones have ended."""
+
+    def __init__(self, tasks: Sequence[Callable[[], Any]]) -> None:
+        self._tasks = list(tasks)
+        self._next = 0
+        self._running = 0
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return self.error is None and self._next < len(self._tasks)
+
+    def run(self) -> None:
+        """Run tasks until none is left. An exception that is not an `Exception` (a
+        KeyboardInterrupt in a helping caller) is also raised here, after being recorded."""
+        while True:
+            with self._cond:
+                if self.error is not None or self._next >= len(self._tasks):
+                    return
+                task = self._tasks[self._next]
+                self._next += 1
+                self._running += 1
+            try:
+                task()
+            except BaseException as e:
+                with self._cond:
+                    if self.error is None:
+                        self.error = e
+                if not isinstance(e, Exception):
+                    raise
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._running == 0 and (
+                self.error is not None or self._next >= len(self._tasks)))
 
 
 class Workers:
@@ -47,13 +114,15 @@ class Workers:
     save jobs in submission order and one that removes deleted steps.
 
     Background threads yield the CPU to the training loop: a save in the background then slows
-    training less, and simply takes longer when the CPU is busy."""
+    training less, and simply takes longer when the CPU is busy. A caller that has to wait for
+    a save (`help_until`) writes too, on its own thread at its own priority, so a save never
+    waits on the CPU time of a busy machine while the caller does nothing."""
 
-    def __init__(self, max_workers: int | None = None, background_nice: int = 0,
+    def __init__(self, max_workers: int | None = None, background_nice: Priority = 0,
                  network_workers: int = NETWORK_WORKERS) -> None:
         self.size = max_workers or default_workers()
         self.network_size = network_workers
-        lower = functools.partial(_lower_priority, background_nice)
+        lower = functools.partial(_lower_priority, check_priority(background_nice))
         self._network = ThreadPoolExecutor(network_workers, thread_name_prefix="asyncckpt-net",
                                            initializer=lower)
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
@@ -67,29 +136,62 @@ class Workers:
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job", initializer=lower)
         self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup",
                                            initializer=lower)
+        self._batches: list[_Batch] = []  # background batches in flight, open to helpers
+        self._changed = threading.Condition()
 
-    def parts(self, network: bool, background: bool = False) -> int:
-        """How many tasks keep the pool that `run_all(network=..., background=...)` uses busy."""
+    def _threads(self, network: bool, background: bool) -> int:
         return (self.network_size if network else self.background_size if background
                 else self.size)
 
+    def parts(self, network: bool, background: bool = False) -> int:
+        """How many tasks to split work for `run_all(network=..., background=...)` into: enough
+        to keep its pool busy, and for background writes 4 per thread, so that a caller who
+        starts waiting for a save finds work left to take (`help_until`)."""
+        threads = self._threads(network, background)
+        return 4 * threads if background and not network else threads
+
     def run_all(self, tasks: Sequence[Callable[[], Any]], *, background: bool = False,
                 network: bool = False) -> None:
-        """Run `tasks` on a pool and wait; on the first failure cancel the rest and raise it.
-        `network`: the tasks make object-store requests (the larger, lower-priority pool)."""
-        if len(tasks) <= 1:
+        """Run `tasks` on a pool and wait; on the first failure start no more and raise it.
+        `network`: the tasks make object-store requests (the larger, lower-priority pool).
+        `background`: a save's writes, which a caller in `help_until` also runs."""
+        if len(tasks) <= 1 and not background:
             for task in tasks:
                 task()
             return
         pool = self._network if network else self._background if background else self._pool
-        futures = [pool.submit(task) for task in tasks]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
-        if failed:
-            for f in pending:
-                f.cancel()
-            wait(pending)  # let running tasks finish before the caller cleans up
-            raise failed[0].exception()  # type: ignore[misc]
+        batch = _Batch(tasks)
+        if background:
+            with self._changed:
+                self._batches.append(batch)
+                self._changed.notify_all()
+        try:
+            for _ in range(min(len(tasks), self._threads(network, background))):
+                pool.submit(batch.run)
+            batch.wait()
+        finally:
+            if background:
+                with self._changed:
+                    self._batches.remove(batch)
+        if batch.error is not None:
+            raise batch.error
+
+    def help_until(self, future: Future[Any]) -> None:
+        """Run the background writes of the saves in flight on the calling thread until `future`
+        is done: the caller waits for a save, so it lends its thread (and priority) to it."""
+        future.add_done_callback(lambda _: self._notify())
+        while not future.done():
+            with self._changed:
+                batch = next((b for b in self._batches if b.has_work()), None)
+                if batch is None:
+                    self._changed.wait_for(lambda: future.done() or any(
+                        b.has_work() for b in self._batches))
+                    continue
+            batch.run()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def run_reads(self, tasks: Sequence[tuple[int, Callable[[], Any]]], *,
                   network: bool = False) -> None:

@@ -25,6 +25,7 @@ from ._checkpointer import (
     DEFAULT_MAX_INFLIGHT_BYTES,
     AsyncCheckpointer,
 )
+from ._executor import Priority
 from ._preemption import PreemptionWatch
 from ._retention import (
     KeepBest,
@@ -124,7 +125,7 @@ class CheckpointManager:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
-        background_nice: int = DEFAULT_BACKGROUND_NICE,
+        background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self._dir = _restore.checkpoint_path(directory)
         self._policies = policies_from(max_to_keep, keep_every_n_hours, keep_every_n_steps,

@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -98,20 +99,59 @@ def test_save_returns_a_future_of_the_committed_path(tmp_path):
         assert (tmp_path / "ck" / "zarr.json").exists()
 
 
-def test_writing_happens_off_the_callers_thread(tmp_path, monkeypatch):
+def _spy_writes(monkeypatch, delay_on_writers=0.0):
+    """Record the thread of every chunk write; writes on the background writer threads take
+    `delay_on_writers` seconds longer (a machine whose CPU training keeps busy)."""
     from asyncckpt import _store
 
-    writer_threads = set()
+    threads = []
     original = _store.write_chunk
 
     def spy(path, data):
-        writer_threads.add(threading.current_thread().name)
+        name = threading.current_thread().name
+        threads.append(name)
+        if name.startswith("asyncckpt-write"):
+            time.sleep(delay_on_writers)
         original(path, data)
 
     monkeypatch.setattr(_store, "write_chunk", spy)
+    return threads
+
+
+def test_writing_happens_off_the_callers_thread(tmp_path, monkeypatch):
+    threads = _spy_writes(monkeypatch)
     with ac.AsyncCheckpointer() as ckptr:
-        ckptr.save(tmp_path / "ck", {f"x{i}": np.ones(1000) for i in range(50)})
-    assert writer_threads and threading.current_thread().name not in writer_threads
+        future = ckptr.save(tmp_path / "ck", {f"x{i}": np.ones(1000) for i in range(50)})
+        while not future.done():  # the caller goes on without waiting for the save
+            time.sleep(0.01)
+    assert len(threads) == 50 and all(t.startswith("asyncckpt-write") for t in threads)
+
+
+@pytest.mark.parametrize("wait", ["wait_until_finished", "save", "close"])
+def test_a_caller_that_waits_for_a_save_writes_too(tmp_path, monkeypatch, wait):
+    """Background writers run at idle priority; when the caller has to wait for their save it
+    takes the writes left on its own thread instead of waiting on a busy CPU."""
+    threads = _spy_writes(monkeypatch, delay_on_writers=0.1)
+    tree = {f"x{i}": np.full(16384, i, np.float32) for i in range(64)}  # 5 tasks of 13
+    ckptr = ac.AsyncCheckpointer()
+    try:
+        ckptr.save(tmp_path / "a", tree)
+        if wait == "save":
+            ckptr.save(tmp_path / "b", {"y": np.ones(3)})
+        getattr(ckptr, "wait_until_finished" if wait != "close" else "close")()
+    finally:
+        ckptr.close()
+    assert threading.current_thread().name in threads
+    assert sum(t == threading.current_thread().name for t in threads) > len(threads) // 2
+    back = ac.restore(tmp_path / "a")
+    for name, value in tree.items():
+        assert_same(back[name], value)
+
+
+def test_background_priority_is_checked():
+    for bad in (-1, 20, "low", True, 2.5):
+        with pytest.raises(ValueError, match="background_nice must be 'idle' or a niceness"):
+            ac.AsyncCheckpointer(background_nice=bad)
 
 
 def _fail_writes(monkeypatch):
