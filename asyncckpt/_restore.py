@@ -12,6 +12,7 @@ import errno
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,9 +399,10 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
     with phases("plan"):
         info = read_root(path)
     try:
-        value = _restore_tree(path, info, target, strict, workers,
-                              dict(max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                   phases=phases))
+        read = functools.partial(read_arrays, path, workers=workers,
+                                 max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                                 phases=phases)
+        value = _restore_tree(path, info, target, strict, read, phases)
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
         if _changed(path, identity):
             raise _gone(path) from e
@@ -421,10 +423,10 @@ def _gone(path: str) -> CheckpointNotFoundError:
         "one again if it was replaced")
 
 
-def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers: Workers,
-                  options: dict[str, Any]) -> Any:
-    """`options`: keyword arguments of `read_arrays`."""
-    phases = options["phases"]
+def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool,
+                  read: Callable[[list[tuple[ArraySpec, Any]]], list[Any]],
+                  phases: Phases) -> Any:
+    """`read`: `read_arrays` of this checkpoint with the restore's options."""
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
     if target is None:
@@ -433,7 +435,7 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers:
         if missing:
             raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
                                             f"{missing[:10]}")
-        arrays = read_arrays(path, [(info.arrays[n], None) for n in names], workers, **options)
+        arrays = read([(info.arrays[n], None) for n in names])
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
     with phases("plan"):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
@@ -442,8 +444,7 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool, workers:
         saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
         _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
-    arrays = read_arrays(path, [(info.arrays[leaf.name], leaf.value) for _, leaf in wanted],
-                         workers, **options)
+    arrays = read([(info.arrays[leaf.name], leaf.value) for _, leaf in wanted])
     out = [values.get(leaf.name) for leaf in target_leaves]
     for (i, _), value in zip(wanted, arrays):
         out[i] = value

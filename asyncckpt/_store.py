@@ -241,7 +241,7 @@ def _stride_of_size(size: int, nbytes: int, band_nbytes: int, path: str, where: 
     for stride in _strides(band_nbytes):
         if size == nbands * stride + 16 * nbands + 4:
             return stride
-    raise _wrong_size(path, size, chunk_file_size(nbytes, band_nbytes), where)
+    raise _wrong_size(path, size, chunk_file_sizes(nbytes, band_nbytes)[0], where)
 
 
 def write_banded_chunk(path: str, data: np.ndarray, band_nbytes: int) -> None:
@@ -294,9 +294,8 @@ def read_bands_into(path: str, out: np.ndarray, first: int, nbands: int, band_nb
             np.frombuffer(b, np.uint8)[:] = data[offset : offset + b.nbytes]
             offset += b.nbytes
     else:
-        fd = _open(path, where)
+        fd, size = _open_chunk(path, chunk_file_sizes(nbands * band_nbytes, band_nbytes), where)
         try:
-            size = os.fstat(fd).st_size
             stride = _stride_of_size(size, nbands * band_nbytes, band_nbytes, path, where)
             pads = bytearray(stride - band_nbytes - 4)
             _read_all(fd, _band_buffers(view, crcs, pads, stride, band_nbytes), first * stride,
@@ -328,17 +327,9 @@ def _check_band(band: memoryview, crc: bytes | bytearray | memoryview, number: i
             f"{where}: checksum mismatch in band {number} of chunk file {path}")
 
 
-def chunk_file_size(nbytes: int, band_nbytes: int | None) -> int:
-    """The size of a chunk file holding `nbytes` of data, as asyncckpt writes it (banded when
-    `band_nbytes` is set)."""
-    if band_nbytes is None:
-        return nbytes + 4
-    nbands = nbytes // band_nbytes
-    return nbands * band_stride(band_nbytes) + 16 * nbands + 4
-
-
 def chunk_file_sizes(nbytes: int, band_nbytes: int | None) -> tuple[int, ...]:
-    """Every size a readable chunk file holding `nbytes` of data may have."""
+    """Every size a readable chunk file holding `nbytes` of data may have; the first is the
+    layout asyncckpt writes now."""
     if band_nbytes is None:
         return (nbytes + 4,)
     nbands = nbytes // band_nbytes
