@@ -1,42 +1,22 @@
 """asyncckpt: asynchronous checkpointing of JAX pytrees into plain Zarr v3.
 
-The public API is stated here once; everything else is private.
+The public API is stated once, in `__init__.pyi`; everything else is private. Each name is
+imported from its module on first use (scientific-python's SPEC 1, `lazy_loader`), so `import
+asyncckpt` does no work, and zarr-python loading asyncckpt's data types (`_zarr_dtypes`, through
+entry points) does not import JAX.
 """
 
-from . import _dtypes
-from ._checkpointer import AsyncCheckpointer as AsyncCheckpointer
-from ._checkpointer import VariableInfo as VariableInfo
-from ._checkpointer import list_variables as list_variables
-from ._checkpointer import load_variable as load_variable
-from ._checkpointer import read_metadata as read_metadata
-from ._checkpointer import restore as restore
-from ._checkpointer import save as save
-from ._manager import CheckpointManager as CheckpointManager
-from ._orbax import import_orbax as import_orbax
-from ._remote import configure_storage as configure_storage
-from ._retention import KeepBest as KeepBest
-from ._retention import KeepEveryNHours as KeepEveryNHours
-from ._retention import KeepEveryNSteps as KeepEveryNSteps
-from ._retention import KeepLastN as KeepLastN
-from ._retention import RetentionPolicy as RetentionPolicy
-from ._retention import StepInfo as StepInfo
-from ._telemetry import RestoreStats as RestoreStats
-from ._telemetry import SaveStats as SaveStats
-from ._verify import verify as verify
-from .errors import CheckpointError as CheckpointError
-from .errors import CheckpointExistsError as CheckpointExistsError
-from .errors import CheckpointNotFoundError as CheckpointNotFoundError
-from .errors import CheckpointReadError as CheckpointReadError
-from .errors import CheckpointWriteError as CheckpointWriteError
-from .errors import CorruptCheckpointError as CorruptCheckpointError
-from .errors import IncompleteCheckpointError as IncompleteCheckpointError
-from .errors import StepNotFoundError as StepNotFoundError
-from .errors import TreeMismatchError as TreeMismatchError
-from .errors import UnsupportedTypeError as UnsupportedTypeError
-from .errors import VariableNotFoundError as VariableNotFoundError
+from typing import Any
 
-__version__ = "0.1.0"
+import lazy_loader as _lazy
 
-# Teach zarr-python the ml_dtypes data types (bfloat16, float8_*, int4 ...) so that plain
-# `zarr.open_group` reads every checkpoint. This only fills zarr's data-type table.
-_dtypes.register_with_zarr()
+_getattr, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)
+__all__ = [*__all__, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":  # one version: the installed package's metadata
+        from importlib.metadata import version
+
+        return version("asyncckpt")
+    return _getattr(name)

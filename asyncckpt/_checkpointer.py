@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _distributed, _format, _restore, _save, _store, _telemetry
+from . import _distributed, _format, _restore, _save, _store, _telemetry, _tree
 from ._executor import Priority, Workers
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
@@ -290,7 +290,9 @@ def _info(spec: _format.ArraySpec) -> VariableInfo:
 def list_variables(path: Any) -> dict[str, VariableInfo]:
     """Every array variable of the checkpoint at `path`, in tree order (reads one file)."""
     info = _restore.read_root(_restore.checkpoint_path(path))
-    return {name: _info(spec) for name, spec in info.arrays.items()}
+    order = {name: i for i, name in enumerate(_tree.spec_leaf_names(info.tree))}
+    names = sorted(info.arrays, key=lambda n: order.get(n, len(order)))
+    return {name: _info(info.arrays[name]) for name in names}
 
 
 def read_metadata(path: Any) -> Any:

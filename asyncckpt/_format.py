@@ -142,10 +142,18 @@ def _compact(doc: Any) -> bytes:
 GROUP_DOC = _compact({"zarr_format": 3, "node_type": "group", "attributes": {}})
 
 
+def node_order(name: str) -> tuple[int, str]:
+    """The order of the nodes in consolidated metadata: by depth, then by name. zarr-python up to
+    3.1 rebuilds the hierarchy with `itertools.groupby` over the keys sorted by depth only, so
+    the children of one group must be adjacent; this order makes them so (zarr-python itself
+    writes it since 3.1.2)."""
+    return name.count("/"), name
+
+
 def group_names(array_names: list[str]) -> list[str]:
     """Every intermediate group implied by the array names, parents first."""
     groups = {n.rsplit("/", i)[0] for n in array_names for i in range(1, n.count("/") + 1)}
-    return sorted(groups, key=lambda g: (g.count("/"), g))
+    return sorted(groups, key=node_order)
 
 
 def encode_json(doc: Any, *, what: str) -> bytes:
@@ -209,6 +217,7 @@ def root_doc(
                          "tree": tree, "metadata": metadata}}
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
+    nodes.sort(key=lambda node: node_order(node[0]))
     return b"".join([
         b'{"zarr_format":3,"node_type":"group","attributes":',
         encode_json(attributes, what="the tree description or `metadata`"),

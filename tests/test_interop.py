@@ -1,5 +1,11 @@
 """Committed checkpoints are plain Zarr v3: zarr-python and TensorStore read every array."""
 
+import hashlib
+import json
+import subprocess
+import sys
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from test_roundtrip import ML_DTYPES, NUMPY_DTYPES, _values
 
 import asyncckpt as ac
+from asyncckpt import _dtypes
 
 # TensorStore 0.1.x has no uint4, uint2 or float6 data types (it reads all the others).
 TS_MISSING = {"uint4", "uint2", "float6_e2m3fn", "float6_e3m2fn", "float8_e4m3"}
@@ -92,3 +99,55 @@ def _flat(tree):
     from asyncckpt import _tree
 
     return [(_tree.variable_name(kp), np.asarray(v)) for kp, v in leaves if hasattr(v, "shape")]
+
+
+class Point(NamedTuple):
+    x: np.ndarray
+    y: np.ndarray
+
+
+# Run as a script in a fresh process: no asyncckpt import, zarr's defaults only.
+PLAIN_READER = r"""
+import hashlib, json, sys
+import zarr
+
+group = zarr.open_group(sys.argv[1], mode="r")
+arrays = {}
+for name, node in group.members(max_depth=None):
+    if isinstance(node, zarr.Array):
+        data = node[...]
+        digest = hashlib.sha256(data.tobytes()).hexdigest()
+        arrays[name] = [data.dtype.name, list(data.shape), digest]
+print(json.dumps({"arrays": arrays, "jax imported": "jax" in sys.modules}))
+"""
+
+
+def _digest(value):
+    value = np.asarray(value)
+    return [value.dtype.name, list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]
+
+
+def test_plain_zarr_python_opens_any_tree_in_a_process_without_asyncckpt(tmp_path, mesh):
+    """zarr.open_group with its defaults, in a process that never imports asyncckpt, reads a
+    tree of lists, tuples and namedtuples with escaped names and every ml_dtypes leaf. (zarr 3.1
+    needs the consolidated metadata ordered by depth then name; zarr-python finds the data
+    types through asyncckpt's entry points, without importing JAX.)"""
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tree = {
+        "arrays": {"w": a, "b": a[0] + 1},
+        "seq": [a * 2, (a * 3, Point(a * 4, a * 5))],
+        "names": {"a/b": a * 6, "..": a * 7, "ünï cödé": a * 8, "": a * 9},
+        "dtypes": {name: _values(_dtypes.ml_dtype(name), (3, 4), seed=i)
+                   for i, name in enumerate(_dtypes.ML_DTYPE_NAMES)},
+        "sharded": jax.device_put(jnp.arange(64.0).reshape(16, 4).astype(jnp.bfloat16),
+                                  NamedSharding(mesh, P("x", None))),
+    }
+    ac.save(tmp_path / "ck", tree)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_READER, str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert not got["jax imported"]
+    expected = {name: _digest(value) for name, value in _flat(tree)}
+    assert len(expected) == 11 + len(_dtypes.ML_DTYPE_NAMES)
+    assert got["arrays"] == expected
