@@ -7,7 +7,9 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _distributed, _format, _restore, _save, _store, _telemetry, _tree
-from ._executor import Priority, Workers
+from ._executor import Priority, Workers, at_interpreter_exit
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from .errors import (
     CheckpointError,
@@ -75,7 +77,7 @@ class AsyncCheckpointer:
         self._workers = Workers(max_workers, background_nice=background_nice)
         self._barrier_timeout_s = barrier_timeout_s
         self._pool = ArenaPool(enabled=reuse_host_memory)
-        self._pending: list[Future[str]] = []
+        self._pending: list[tuple[str, Future[str]]] = []  # (destination, its save)
         self._max_inflight_bytes = max_inflight_bytes
         self._map_files = map_files
         self._closed = False
@@ -106,7 +108,7 @@ class AsyncCheckpointer:
         run on the job thread once the checkpoint is committed (its failure fails the future)."""
         self._check_open()
         t0 = time.perf_counter()
-        for fut in self._pending:  # one save in flight at a time bounds host memory
+        for _, fut in self._pending:  # one save in flight at a time bounds host memory
             self._workers.help_until(fut)  # waiting: write on this thread too
         phases = _telemetry.Phases()
         phases.add("wait_previous", time.perf_counter() - t0)
@@ -122,7 +124,8 @@ class AsyncCheckpointer:
         phases.add("blocking", time.perf_counter() - t0)
         future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit,
                                           coord, phases, t0)
-        self._pending.append(future)
+        self._pending.append((dest, future))
+        _finish_at_exit(self)
         return future
 
     def _write(self, snap: Snapshot, dest: str, replace: bool, extra: dict | None,
@@ -171,16 +174,16 @@ class AsyncCheckpointer:
 
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished background save (once), if any."""
-        for fut in list(self._pending):
-            if fut.done():
-                self._pending.remove(fut)
-                if fut.exception() is not None:
-                    raise fut.exception()  # type: ignore[misc]
+        for item in list(self._pending):
+            if item[1].done():
+                self._pending.remove(item)
+                if (error := item[1].exception()) is not None:
+                    raise error
 
     def wait_until_finished(self) -> None:
         """Block until every save made so far has committed; raise the first failure."""
         while self._pending:
-            self._workers.help_until(self._pending[0])
+            self._workers.help_until(self._pending[0][1])
             self.check_for_errors()
 
     def close(self) -> None:
@@ -194,6 +197,21 @@ class AsyncCheckpointer:
             self._workers.close()
             self._pool.clear()
 
+    def _finish_before_exit(self) -> None:
+        """At interpreter exit: wait for the saves still in flight, saying so, and log (never
+        drop) a failure, since nobody is left to raise it to."""
+        if self._closed or not self._pending:
+            return
+        running = [dest for dest, fut in self._pending if not fut.done()]
+        if running:
+            log.warning("asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
+                        "(call close() or use `with` to wait explicitly)", len(running),
+                        ", ".join(running))
+        try:
+            self.close()
+        except BaseException as e:  # at exit there is no caller to raise to
+            log.error("asyncckpt: a save was not committed before the program exited: %s", e)
+
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
@@ -203,6 +221,25 @@ class AsyncCheckpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_unfinished: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
+_unfinished_lock = threading.Lock()
+
+
+def _finish_at_exit(ckptr: AsyncCheckpointer) -> None:
+    """Make sure the saves of `ckptr` are committed (or their failure logged) before the
+    interpreter exits, even if the program never calls `close()`."""
+    with _unfinished_lock:
+        if not _unfinished:
+            at_interpreter_exit(_finish_all)
+        _unfinished.add(ckptr)
+
+
+def _finish_all() -> None:
+    for ckptr in list(_unfinished):
+        ckptr._finish_before_exit()
+    _unfinished.clear()
 
 
 def save(path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> None:

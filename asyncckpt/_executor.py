@@ -219,6 +219,22 @@ class Workers:
         self._pool.shutdown(wait=True)
 
 
+def at_interpreter_exit(callback: Callable[[], None]) -> None:
+    """Call `callback` when the interpreter exits normally, while thread pools still take work.
+
+    `atexit` is too late for that: before its handlers run, `concurrent.futures` has stopped
+    every pool from taking new work, so a save still in flight would fail. Python's own pools
+    use `threading._register_atexit` for this moment; it exists in every Python asyncckpt
+    supports, and `atexit` stands in where it does not."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        import atexit
+
+        atexit.register(callback)
+    else:
+        register(callback)
+
+
 def _run_group(group: Sequence[tuple[int, Callable[[], Any]]]) -> None:
     for _, task in group:
         task()
