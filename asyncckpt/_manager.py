@@ -138,7 +138,8 @@ class CheckpointManager:
         # under jax.distributed every process saves its shards; process 0 alone holds the lock,
         # cleans up and applies retention, the others re-read the step list from disk
         self._leader = not _distributed.is_multi_process() or jax.process_index() == 0
-        self._mutex = threading.Lock()  # guards _infos: the job thread updates it after commits
+        # guards _infos and _cleanups: the job thread updates them after commits
+        self._mutex = threading.Lock()
         self._infos: dict[int, StepInfo | None] = {}  # None: not read from disk yet
         self._pending: tuple[int, Future[str]] | None = None  # the save in flight
         self._cleanups: list[Future[None]] = []
@@ -222,6 +223,8 @@ class CheckpointManager:
         """Whether `save(step, ...)` would write: on the interval, after preemption, or the first
         save into an empty directory; never for a step at or below the newest saved one."""
         step = _check_step(step)
+        if self._read_only:
+            return False
         return self._should_save(step, self._last_step(self.all_steps()))
 
     def _should_save(self, step: int, last: int | None) -> bool:
@@ -265,10 +268,12 @@ class CheckpointManager:
         return True
 
     def _after_commit(self, step: int, metrics: Any, created: float) -> None:
-        """On the job thread, once `step` is durable: record it, then apply retention."""
-        with self._mutex:
-            self._infos[step] = StepInfo(step, created, metrics)
+        """On the job thread, once `step` is durable: record it, then apply retention to the
+        steps on disk (the truth: a step deleted by something else is gone)."""
         try:
+            self.reload()
+            with self._mutex:
+                self._infos[step] = StepInfo(step, created, metrics)
             infos = [self.step_info(s) for s in self._committed()]
             for old in steps_to_delete(infos, self._policies, protect=[step]):
                 self._delete_now(old)
@@ -292,21 +297,41 @@ class CheckpointManager:
             coord = _distributed.Coordinator(_distributed.save_key(f"delete {self._dir} {step}"),
                                              self._barrier_timeout_s)
             coord.barrier("checked", f"deleting step {step} of {self._dir}")
+        deleted = True
         if self._leader:
-            self._ckptr.workers.submit_job(self._delete_now, step).result()
+            deleted = self._ckptr.workers.submit_job(self._delete_now, step).result()
         if coord is not None:  # the others list the step until process 0 has renamed it
             coord.barrier("deleted", f"deleting step {step} of {self._dir}")
+        if not deleted:
+            self._existing(step)  # it was gone already: raises StepNotFoundError
 
-    def _delete_now(self, step: int) -> None:
-        """Rename `step` out of the listing, durably; remove its files on the clean-up thread."""
+    def _delete_now(self, step: int) -> bool:
+        """Rename `step` out of the listing, durably; remove its files on the clean-up thread.
+        False if the step was gone already (removed by something else: it is dropped)."""
         with self._mutex:
             if step not in self._infos:
-                return
-        trash = _directory.start_delete(self._dir, step)
+                return False
+        try:
+            trash = _directory.start_delete(self._dir, step)
+        except FileNotFoundError:
+            log.warning("asyncckpt: step %d of %s was removed by something other than this "
+                        "manager; it is no longer listed", step, self._dir)
+            with self._mutex:
+                self._infos.pop(step, None)
+            return False
+        log.debug("asyncckpt: deleting step %d of %s", step, self._dir)
+        cleanup = self._ckptr.workers.submit_cleanup(_directory.remove, trash, step)
         with self._mutex:
             self._infos.pop(step, None)
-        log.debug("asyncckpt: deleting step %d of %s", step, self._dir)
-        self._cleanups.append(self._ckptr.workers.submit_cleanup(_directory.remove, trash, step))
+            self._cleanups.append(cleanup)
+        return True
+
+    def _set_aside(self, step: int) -> str:
+        """Move the damaged `step` out of the listing, kept whole for inspection (job thread)."""
+        path = _directory.set_aside(self._dir, step)
+        with self._mutex:
+            self._infos.pop(step, None)
+        return path
 
     def _remove_leftovers(self) -> None:
         for path in _directory.leftovers(self._dir):
@@ -343,8 +368,12 @@ class CheckpointManager:
                             "`restore(step=...)`, or pass fall_back=True" if earlier
                             else "there is no earlier step")
                     raise type(e)(f"step {step} of {self._dir} is damaged ({hint}): {e}") from e
+                kept = ""
+                if not self._read_only and self._leader:  # it must stop being the latest step
+                    moved = self._ckptr.workers.submit_job(self._set_aside, step).result()
+                    kept = f"; it is kept for inspection as {os.path.basename(moved)}"
                 log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
-                            "(fall_back=True): %s", step, self._dir, earlier[-1], e)
+                            "(fall_back=True)%s: %s", step, self._dir, earlier[-1], kept, e)
                 step = earlier[-1]
 
     def last_save_stats(self) -> SaveStats | None:
@@ -377,8 +406,8 @@ class CheckpointManager:
         """Block until the last save is committed and retention (file removal included) is done;
         raise the first background failure."""
         self._ckptr.wait_until_finished()
-        while self._cleanups:
-            self._cleanups.pop(0).result()
+        while cleanup := self._next_cleanup(done_only=False):
+            cleanup.result()
 
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished background save or deletion, if any."""
@@ -386,9 +415,16 @@ class CheckpointManager:
         self._check_cleanups()
 
     def _check_cleanups(self) -> None:
-        for fut in [f for f in self._cleanups if f.done()]:
-            self._cleanups.remove(fut)
-            fut.result()
+        while cleanup := self._next_cleanup(done_only=True):
+            cleanup.result()
+
+    def _next_cleanup(self, *, done_only: bool) -> Future[None] | None:
+        """Take the oldest file removal (finished, with `done_only`) off the list."""
+        with self._mutex:
+            for i, cleanup in enumerate(self._cleanups):
+                if cleanup.done() or not done_only:
+                    return self._cleanups.pop(i)
+        return None
 
     def close(self) -> None:
         """Wait for the work in flight, then release the threads, host memory, lock and handler."""

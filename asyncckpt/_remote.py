@@ -201,17 +201,54 @@ def exists(url: str) -> bool:
 
 def list_dir(url: str) -> list[str]:
     """The names directly under the prefix `url` (objects and sub-prefixes)."""
-    store, key = _resolve(url)
+    return list_dirs([url])[0]
 
-    async def collect() -> list[str]:
-        return [name async for name in store.list_dir(key.rstrip("/") + "/" if key else "")]
 
-    return sorted({n.rstrip("/") for n in _run(collect(), url, "listing")})
+def list_dirs(urls: list[str]) -> list[list[str]]:
+    """`list_dir` of each of `urls` (prefixes of one bucket), the requests in flight together."""
+    if not urls:
+        return []
+    resolved = [_resolve(url) for url in urls]
+    limit = asyncio.Semaphore(_CONCURRENCY)
+
+    async def collect(store: Any, key: str) -> list[str]:
+        async with limit:
+            names = [n async for n in store.list_dir(key.rstrip("/") + "/" if key else "")]
+        return sorted({n.rstrip("/") for n in names})
+
+    async def collect_all() -> list[list[str]]:
+        return list(await asyncio.gather(*(collect(store, key) for store, key in resolved)))
+
+    return _run(collect_all(), urls[0] if len(urls) == 1 else f"{urls[0]} ...", "listing")
 
 
 def delete(url: str) -> None:
     store, key = _resolve(url)
     _run(store.delete(key), url, "deleting")
+
+
+def copy_prefix(src: str, dst: str) -> None:
+    """Copy every object under the prefix `src` to the same key under `dst`, inside the bucket
+    (server-side: no byte passes through this process)."""
+    import obstore
+
+    store, key = _resolve(src)
+    dst_store, dst_key = _resolve(dst)
+    if dst_store is not store:
+        raise ValueError(f"cannot copy {src} to {dst}: not in the same bucket")
+    prefix, target = key.rstrip("/") + "/", dst_key.rstrip("/") + "/"
+
+    async def copy() -> None:
+        keys = [k async for k in store.list_prefix(prefix)]
+        limit = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(k: str) -> None:
+            async with limit:
+                await obstore.copy_async(store.store, k, target + k[len(prefix):])
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+    _run(copy(), src, "copying")
 
 
 def delete_prefix(url: str) -> None:

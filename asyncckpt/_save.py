@@ -8,7 +8,6 @@ removes the temporary directory; nothing partial ever appears at the destination
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import time
@@ -37,7 +36,7 @@ def check_destination(dest: str, *, force: bool) -> None:
             f"cannot save to {dest}: it exists and is not a directory; choose another path"
         )
     if os.path.exists(os.path.join(dest, _format.DOC)):
-        if not _is_asyncckpt(dest):
+        if not _store.is_asyncckpt(dest):
             raise CheckpointExistsError(
                 f"cannot save to {dest}: it holds a Zarr hierarchy that is not an asyncckpt "
                 "checkpoint; choose another path (asyncckpt never overwrites foreign data)"
@@ -55,41 +54,13 @@ def check_destination(dest: str, *, force: bool) -> None:
 
 
 def begin_write(dest: str, replace: bool) -> str:
-    """Where the save writes (`_store.begin`), after checking an object-store destination."""
-    if _remote.is_url(dest):
-        try:
-            _check_remote_destination(dest, force=replace)
-        except OSError as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointWriteError(e.errno, f"cannot save to {dest}: {e.strerror}") from e
-    return _store.begin(dest, replace=replace)
-
-
-def _check_remote_destination(dest: str, *, force: bool) -> None:
-    names = _remote.list_dir(dest)
-    if _format.DOC in names:
-        if not _is_asyncckpt(dest):
-            raise CheckpointExistsError(
-                f"cannot save to {dest}: it holds a Zarr hierarchy that is not an asyncckpt "
-                "checkpoint; choose another prefix (asyncckpt never overwrites foreign data)")
-        if not force:
-            raise CheckpointExistsError(
-                f"a checkpoint already exists at {dest}; pass `force=True` to replace it "
-                "(in an object store the old one is deleted before the new one is committed)")
-    elif names and _remote.UNCOMMITTED not in names:
-        raise CheckpointExistsError(
-            f"cannot save to {dest}: objects exist under this prefix and they are not a "
-            "checkpoint; choose another prefix (asyncckpt never deletes data it did not write)")
-
-
-def _is_asyncckpt(path: str) -> bool:
+    """Where the save writes (`_store.begin`, which refuses a destination it must not replace)."""
     try:
-        raw = _store.read_small_file(os.path.join(path, _format.DOC), _format.MAX_ROOT_DOC_BYTES)
-        attrs = _format.parse_json(raw, path, "root zarr.json").get("attributes", {})
-        return isinstance(attrs, dict) and _format.ATTR in attrs
-    except (OSError, AttributeError, CheckpointError):
-        return False
+        return _store.begin(dest, replace=replace)
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointWriteError(e.errno, f"cannot save to {dest}: {e.strerror}") from e
 
 
 _INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their array's document
@@ -169,7 +140,7 @@ def _commit(tmp: str, snap: Snapshot, dest: str, replace: bool, extra: dict | No
                             created=snap.created, extra=extra)
     _store.write_file(os.path.join(tmp, _format.DOC), root)
     _store.sync_tree(tmp)
-    _publish(tmp, dest, replace)
+    _store.publish(tmp, dest, replace=replace)
 
 
 def _as_write_error(e: BaseException, dest: str, *, uncommitted: bool = False) -> BaseException:
@@ -291,15 +262,3 @@ def _committed_in_place(tmp: str, dest: str) -> bool:
         return _remote.exists(_remote.join(dest, _format.DOC))
     except OSError:
         return True  # cannot tell: keep it (still marked uncommitted if it was not committed)
-
-
-def _publish(tmp: str, dest: str, replace: bool) -> None:
-    try:
-        _store.publish(tmp, dest, replace=replace)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise CheckpointExistsError(
-                f"could not commit the checkpoint: {dest} appeared while saving; "
-                "two writers must not share a path"
-            ) from e
-        raise

@@ -25,8 +25,13 @@ import weakref
 import crc32c as _crc32c
 import numpy as np
 
-from . import _remote
-from .errors import CorruptCheckpointError, IncompleteCheckpointError
+from . import _format, _remote
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
 
 _O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -579,16 +584,48 @@ def spread_subdirectories(path: str) -> bool:
 # (object stores)
 
 
+def is_asyncckpt(path: str) -> bool:
+    """Whether `path` holds a committed asyncckpt checkpoint (its root document says so)."""
+    try:
+        raw = read_small_file(os.path.join(path, _format.DOC), _format.MAX_ROOT_DOC_BYTES)
+        attrs = _format.parse_json(raw, path, "root zarr.json").get("attributes", {})
+        return isinstance(attrs, dict) and _format.ATTR in attrs
+    except (OSError, AttributeError, CheckpointError):
+        return False
+
+
+def _check_replaceable(dest: str, names: list[str], replace: bool) -> None:
+    """Refuse to write over what is at the prefix `dest` (its `names`) unless it is nothing, an
+    uncommitted leftover of asyncckpt, or (with `replace`) an asyncckpt checkpoint."""
+    if _format.DOC in names:
+        if not is_asyncckpt(dest):
+            raise CheckpointExistsError(
+                f"cannot save to {dest}: it holds a Zarr hierarchy that is not an asyncckpt "
+                "checkpoint; choose another path (asyncckpt never overwrites foreign data)")
+        if not replace:
+            raise CheckpointExistsError(
+                f"a checkpoint already exists at {dest}; pass `force=True` to replace it "
+                "(in an object store the old one is deleted before the new one is committed)")
+    elif names and _remote.UNCOMMITTED not in names:
+        raise CheckpointExistsError(
+            f"cannot save to {dest}: it holds files or objects that are not a checkpoint; "
+            "choose another path (asyncckpt never deletes data it did not write)")
+
+
 def begin(dest: str, *, replace: bool) -> str:
     """Where a save to `dest` writes before `publish`: a fresh hidden sibling directory, or, in
-    an object store, `dest` itself, marked uncommitted. Leftovers of an interrupted save there
-    are removed first, and with `replace` an existing checkpoint too: an object store cannot
-    swap prefixes, so its old checkpoint is gone before the new one is committed."""
+    an object store, `dest` itself, marked uncommitted. There the leftovers of an interrupted
+    save are removed first, and with `replace` an existing checkpoint too (an object store
+    cannot swap prefixes, so its old checkpoint is gone before the new one is committed);
+    anything else at `dest` is refused with `CheckpointExistsError`. On disk the same check
+    happens when `publish` swaps the directories."""
     if _remote.is_url(dest):
         marker = _remote.join(dest, _remote.UNCOMMITTED)
-        if _remote.list_dir(dest):
+        names = _remote.list_dir(dest)
+        _check_replaceable(dest, names, replace)
+        if names:
             _remote.put(marker, b"")
-            _remote.delete(_remote.join(dest, "zarr.json"))  # uncommitted from here on
+            _remote.delete(_remote.join(dest, _format.DOC))  # uncommitted from here on
             _remote.delete_prefix(dest)
         _remote.put(marker, b"")
         return dest
@@ -664,6 +701,8 @@ def publish(tmp: str, dest: str, *, replace: bool) -> None:
             pass  # committed all the same; the marker is ignored where a root document exists
         return
     parent = os.path.dirname(dest)
+    if replace and os.path.isdir(dest) and os.listdir(dest):
+        _check_replaceable(dest, os.listdir(dest), replace)  # what goes must be a checkpoint
     if replace and os.path.isdir(dest) and _exchange(tmp, dest):
         fsync_dir(parent)
         shutil.rmtree(tmp, ignore_errors=True)  # `tmp` now holds the old checkpoint
@@ -675,7 +714,15 @@ def publish(tmp: str, dest: str, *, replace: bool) -> None:
         fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
         return
-    os.rename(tmp, dest)  # fails unless `dest` is absent or an empty directory
+    try:
+        os.rename(tmp, dest)  # fails unless `dest` is absent or an empty directory
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise CheckpointExistsError(
+                f"could not commit the checkpoint: {dest} already exists (it appeared while "
+                "saving: two writers must not share a path; pass `force=True` to replace a "
+                "checkpoint)") from e
+        raise
     fsync_dir(parent)
 
 

@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same
+from conftest import UrlPath, assert_same, names, write_file
 
 import asyncckpt as ac
 
@@ -203,3 +203,27 @@ def test_unknown_variable(tmp_path):
     with pytest.raises(ac.VariableNotFoundError, match="no variable 'zz'; it has: a, b") as e:
         ac.load_variable(tmp_path / "ck", "zz")
     assert isinstance(e.value, KeyError)
+
+
+def test_the_commit_refuses_to_replace_foreign_data_whatever_it_is_told(root):
+    """The guard sits next to the deletion it guards: `begin` (object stores) and `publish`
+    (disk) refuse to replace anything but an asyncckpt checkpoint, even with replace=True."""
+    import zarr
+
+    from asyncckpt import _restore, _store
+
+    foreign = _restore.checkpoint_path(root / "z")
+    if isinstance(root, UrlPath):
+        write_file(root / "z" / "table.csv", b"a,b\n")
+    else:
+        zarr.open_group(foreign, mode="w").create_array("a", shape=(2,), dtype="f4")
+    before = names(root / "z")
+    with pytest.raises(ac.CheckpointExistsError, match="(not a checkpoint|not an asyncckpt)"):
+        tmp = _store.begin(foreign, replace=True)
+        _store.publish(tmp, foreign, replace=True)
+    assert names(root / "z") == before
+    ac.save(root / "ck", {"x": np.zeros(2)})
+    with pytest.raises(ac.CheckpointExistsError, match="already exists"):
+        tmp = _store.begin(_restore.checkpoint_path(root / "ck"), replace=False)
+        _store.publish(tmp, _restore.checkpoint_path(root / "ck"), replace=False)
+    assert_same(ac.restore(root / "ck")["x"], np.zeros(2))

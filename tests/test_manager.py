@@ -1,7 +1,9 @@
 """CheckpointManager: steps, interval, retention, reopening, locking, preemption."""
 
+import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -10,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same, names
+from conftest import UrlPath, assert_same, names, read_file, write_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _manager, _snapshot
+from asyncckpt import _manager, _remote, _snapshot
 
 
 def state_at(step, mesh=None):
@@ -352,3 +354,116 @@ def test_writer_marks_its_directory_as_a_top_of_hierarchies(tmp_path):
     assert _topdir_flag(tmp_path / "rw")
     with ac.CheckpointManager(tmp_path / "rw", read_only=True) as reader:
         assert reader.all_steps() == [1]
+
+
+# ------------------------------------------------------------ what outside test suites found
+
+
+def _damage(path):
+    """Flip one byte of a file or object."""
+    data = bytearray(read_file(path))
+    data[7] ^= 0x40
+    write_file(path, bytes(data))
+
+
+def _remove_step(directory, step):
+    """Delete a step the way a user would, behind the manager's back."""
+    path = directory / str(step)
+    if isinstance(directory, UrlPath):
+        _remote.delete_prefix(str(path))
+    else:
+        shutil.rmtree(path)
+
+
+def test_fall_back_moves_the_damaged_step_aside_and_the_run_goes_on(root, caplog):
+    with ac.CheckpointManager(root) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": np.full(8, float(step)), "step": step})
+    _damage(root / "3" / "w" / "c.0")
+    with ac.CheckpointManager(root) as mgr:
+        with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+            back = mgr.restore(fall_back=True)
+        assert back["step"] == 2
+        moved = [n for n in names(root) if n.startswith("3.damaged-")]
+        assert len(moved) == 1 and f"kept for inspection as {moved[0]}" in caplog.text
+        # the damaged step is no longer a step: the run saves 3 again, then goes on
+        assert mgr.all_steps() == [1, 2] and mgr.latest_step() == 2 and mgr.should_save(3)
+        assert mgr.save(3, {"w": np.full(8, 30.0), "step": 3})
+        assert mgr.save(4, {"w": np.full(8, 40.0), "step": 4})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 2, 3, 4]
+        assert_same(mgr.restore(3)["w"], np.full(8, 30.0))
+    with ac.CheckpointManager(root, max_to_keep=1) as mgr:  # never listed, counted or deleted
+        assert mgr.all_steps() == [1, 2, 3, 4]
+        mgr.save(5, {"w": np.full(8, 50.0), "step": 5})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [5]
+    assert moved[0] in names(root)  # still there for a look: asyncckpt verify/show read it
+    with pytest.raises(ac.CorruptCheckpointError, match="checksum mismatch"):
+        ac.verify(root / moved[0])
+
+
+def test_a_read_only_manager_falls_back_without_moving_anything(root):
+    with ac.CheckpointManager(root) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": np.full(8, float(step)), "step": step})
+    _damage(root / "2" / "w" / "c.0")
+    with ac.CheckpointManager(root, read_only=True) as reader:
+        assert reader.restore(fall_back=True)["step"] == 1
+        assert reader.all_steps() == [1, 2]
+    assert [n for n in names(root) if not n.startswith(".")] == ["1", "2"]
+
+
+def test_a_step_deleted_behind_the_managers_back_is_dropped(root, caplog):
+    with ac.CheckpointManager(root, max_to_keep=2) as mgr:
+        mgr.save(1, {"s": 1})
+        mgr.save(2, {"s": 2})
+        mgr.wait_until_finished()
+        _remove_step(root, 1)
+        with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+            for step in (3, 4, 5):
+                mgr.save(step, {"s": step})
+            mgr.wait_until_finished()
+        assert mgr.all_steps() == [4, 5] and saved_steps(root) == [4, 5]
+        _remove_step(root, 4)
+        with pytest.raises(ac.StepNotFoundError, match=r"step 4 is not in .*steps: 5$"):
+            mgr.delete(4)
+        assert mgr.all_steps() == [5]
+        with pytest.raises(ac.StepNotFoundError, match="step 1 is not in"):
+            mgr.delete(1)
+
+
+def test_should_save_is_false_on_a_read_only_manager(root):
+    with ac.CheckpointManager(root) as mgr:
+        mgr.save(1, {"s": 1})
+    with ac.CheckpointManager(root, read_only=True) as reader:
+        assert not reader.should_save(2) and not reader.should_save(1000)
+
+
+def test_threads_checking_for_errors_while_retention_deletes(tmp_path):
+    """The manager's list of file removals in flight is shared by the job thread (retention
+    adds to it) and every caller thread (which take finished ones off): it is changed under the
+    manager's lock (three polling threads hit `list.remove` of a removed entry before)."""
+    errors = []
+    with ac.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        stop = threading.Event()
+
+        def poll():
+            try:
+                while not stop.is_set():
+                    mgr.check_for_errors()
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=poll) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for step in range(1, 150):
+                mgr.save(step, {"x": np.full(4, step)})
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    assert errors == []
+    assert saved_steps(tmp_path) == [149]

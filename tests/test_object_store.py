@@ -88,7 +88,7 @@ def test_manager_removes_its_leftovers_and_nothing_else(bucket):
 
 def test_save_refuses_a_prefix_holding_other_objects(bucket):
     _remote.put(f"{bucket}/data/table.csv", b"a,b\n")
-    with pytest.raises(ac.CheckpointExistsError, match="not a checkpoint; choose another prefix"):
+    with pytest.raises(ac.CheckpointExistsError, match="not a checkpoint; choose another path"):
         ac.save(f"{bucket}/data", {"x": np.ones(2)})
     assert names(f"{bucket}/data") == ["table.csv"]
 
