@@ -51,7 +51,8 @@ class AsyncCheckpointer:
         reuse_host_memory: keep the host buffers of a finished save for the next one. Saves of
             the same tree then skip first-touch page faults, at the cost of holding one host copy
             of the tree between saves. `close()` frees it.
-        max_inflight_bytes: host memory a restore may fill before placing arrays on devices.
+        max_inflight_bytes: host memory that a restore's shards may take between being read and
+            being placed on devices (one array's shards, if they take more).
         map_files: restore each chunk of a local checkpoint that is exactly one device's shard by
             mapping the file's pages copy-on-write instead of copying them into new memory
             (`restore` docs). False reads every chunk into memory of its own.
@@ -74,6 +75,7 @@ class AsyncCheckpointer:
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
+        _check_inflight(max_inflight_bytes)
         self._workers = Workers(max_workers, background_nice=background_nice)
         self._barrier_timeout_s = barrier_timeout_s
         self._pool = ArenaPool(enabled=reuse_host_memory)
@@ -117,7 +119,8 @@ class AsyncCheckpointer:
         _format.encode_json(metadata, what="`metadata`")
         coord = None
         if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(_distributed.save_key(dest), self._barrier_timeout_s)
+            coord = _distributed.Coordinator(_distributed.call_key(f"save {dest}"),
+                                             self._barrier_timeout_s)
         with phases("snapshot"):
             snap = take_snapshot(tree, metadata, self._workers, self._pool,
                                  process_index=coord.process if coord else 0)
@@ -169,7 +172,8 @@ class AsyncCheckpointer:
 
     def _restore(self, path: str, target: Any, *, strict: bool, step: int | None = None) -> Any:
         value, self._last_restore = _timed_restore(path, target, strict, self._workers,
-                                                   self._max_inflight_bytes, self._map_files, step)
+                                                   self._max_inflight_bytes, self._map_files, step,
+                                                   self._barrier_timeout_s)
         return value
 
     def check_for_errors(self) -> None:
@@ -267,7 +271,9 @@ def restore(
     numpy arrays): exactly its structure, dtypes and shardings; each process reads only the chunks
     its devices need. `strict=False` lets the target hold a subset of the saved leaves.
 
-    `max_inflight_bytes`: host memory filled before arrays are placed on devices.
+    `max_inflight_bytes`: host memory that shards may take between being read and being placed
+    on devices: arrays are read and placed in groups of at most that many bytes (a larger array
+    alone), so on accelerators a restore needs that much host memory, not the whole tree.
     `map_files` (default True): a chunk of a local checkpoint that is exactly one device's shard
     (the usual resume) is mapped copy-on-write, not copied: its checksums are verified through the
     mapping and the pages stay the page cache's, so a resume neither fills fresh memory nor
@@ -277,23 +283,29 @@ def restore(
     truncated in place by something else while mapped would end the process with SIGBUS: pass
     False if anything may do that.
     """
+    _check_inflight(max_inflight_bytes)
     workers = Workers()
     try:
         return _timed_restore(_restore.checkpoint_path(path), target, strict, workers,
-                              max_inflight_bytes, map_files, None)[0]
+                              max_inflight_bytes, map_files, None, DEFAULT_BARRIER_TIMEOUT_S)[0]
     finally:
         workers.close()
 
 
+def _check_inflight(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_inflight_bytes must be a positive number of bytes, got {value!r}")
+
+
 def _timed_restore(path: str, target: Any, strict: bool, workers: Workers,
-                   max_inflight_bytes: int, map_files: bool, step: int | None
-                   ) -> tuple[Any, _telemetry.RestoreStats]:
+                   max_inflight_bytes: int, map_files: bool, step: int | None,
+                   barrier_timeout_s: float) -> tuple[Any, _telemetry.RestoreStats]:
     """`restore_tree`, timed by phase and reported (`_telemetry.report`)."""
     phases = _telemetry.Phases()
     t0 = time.perf_counter()
     value = _restore.restore_tree(path, target, strict=strict, workers=workers,
                                   max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                  phases=phases)
+                                  phases=phases, barrier_timeout_s=barrier_timeout_s)
     stats = _telemetry.RestoreStats(
         path=path, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
         read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)

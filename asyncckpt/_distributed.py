@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 
 
 def _client() -> Any:
@@ -24,16 +24,17 @@ def _client() -> Any:
     return distributed.global_state.client
 
 
-_saves_per_path: dict[str, int] = {}
-_saves_lock = threading.Lock()
+_calls: dict[str, int] = {}
+_calls_lock = threading.Lock()
 
 
-def save_key(path: str) -> str:
-    """A name space for one save of `path`, the same in every process: saves of one path are
-    made in the same order everywhere, so the n-th save of a path has the same key."""
-    with _saves_lock:
-        n = _saves_per_path[path] = _saves_per_path.get(path, 0) + 1
-    return f"asyncckpt/save/{hashlib.sha256(path.encode()).hexdigest()[:24]}/{n}"
+def call_key(call: str) -> str:
+    """A name space for one collective call (`save <path>`, `restore <path>` ...), the same in
+    every process: every process makes these calls in the same order, so the n-th call of a
+    kind has the same key everywhere. Take a key only for a call every process makes."""
+    with _calls_lock:
+        n = _calls[call] = _calls.get(call, 0) + 1
+    return f"asyncckpt/call/{hashlib.sha256(call.encode()).hexdigest()[:24]}/{n}"
 
 
 def is_multi_process() -> bool:
@@ -84,7 +85,26 @@ class Coordinator:
         return json.loads(self._client.blocking_key_value_get(f"{self.prefix}/data/{name}",
                                                               self._ms()))
 
+    def agree(self, name: str, error: Exception | None, what: str) -> Exception | None:
+        """Tell every process whether this one failed at `what`, and learn whether any did: the
+        error to raise here (this process's own, or one naming the first process that failed),
+        or None when all succeeded. Damage found by another process comes back as a
+        `CorruptCheckpointError`, so that every process reacts to it alike (e.g. falls back)."""
+        damaged = isinstance(error, (CorruptCheckpointError, IncompleteCheckpointError))
+        self.put(f"{name}/{self.process}",
+                 None if error is None else {"damaged": damaged, "message": str(error)[:2000]})
+        self.barrier(name, what)
+        if error is not None:
+            return error
+        failed = sorted((p, m) for p, m in self.gather(name).items() if m is not None)
+        if not failed:
+            return None
+        p, message = failed[0]
+        kind = CorruptCheckpointError if message["damaged"] else CheckpointError
+        return kind(f"{what}: process {p} of {self.count} failed: {message['message']}")
+
     def gather(self, name: str) -> dict[int, Any]:
         """Values each process `put` under `name/<process>`, keyed by process (those present)."""
         items = self._client.key_value_dir_get(f"{self.prefix}/data/{name}/")
         return {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in items}
+

@@ -294,7 +294,7 @@ class CheckpointManager:
         self._existing(step)
         coord = None
         if _distributed.is_multi_process():  # everyone checked the step before it goes
-            coord = _distributed.Coordinator(_distributed.save_key(f"delete {self._dir} {step}"),
+            coord = _distributed.Coordinator(_distributed.call_key(f"delete {self._dir} {step}"),
                                              self._barrier_timeout_s)
             coord.barrier("checked", f"deleting step {step} of {self._dir}")
         deleted = True
@@ -372,6 +372,10 @@ class CheckpointManager:
                 if not self._read_only and self._leader:  # it must stop being the latest step
                     moved = self._ckptr.workers.submit_job(self._set_aside, step).result()
                     kept = f"; it is kept for inspection as {os.path.basename(moved)}"
+                if not self._read_only and _distributed.is_multi_process():
+                    _distributed.Coordinator(  # the others list steps after it was moved
+                        _distributed.call_key(f"set aside {self._dir} {step}"),
+                        self._barrier_timeout_s).barrier("moved", f"setting aside step {step}")
                 log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
                             "(fall_back=True)%s: %s", step, self._dir, earlier[-1], kept, e)
                 step = earlier[-1]

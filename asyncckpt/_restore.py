@@ -19,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _remote, _store, _tree
-from ._executor import Workers, batches
+from . import _distributed, _format, _remote, _store, _tree
+from ._distributed import Coordinator
+from ._executor import Workers
 from ._format import ArraySpec, RootInfo
 from ._telemetry import Phases
 from .errors import (
@@ -267,32 +268,54 @@ def _check_cast(saved: np.dtype, target: np.dtype, where: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """How one array variable is restored."""
+    """How one array variable is restored: nothing allocated yet (`_stage` does that)."""
 
     spec: ArraySpec
     dtype: np.dtype  # the dtype to return
     sharding: jax.sharding.Sharding | None  # None: return numpy
-    requests: list[_Request]  # one per distinct shard this process's devices hold
+    regions: list[tuple[slice, ...]]  # one per distinct shard this process's devices hold
+    mapping: bool  # a region that is exactly one chunk may be mapped instead of read
     where: str
+
+    @property
+    def staged_bytes(self) -> int:
+        """Host memory its shards take while they are read and placed."""
+        size = self.spec.dtype.itemsize
+        return sum(math.prod(s.stop - s.start for s in r) * size for r in self.regions)
+
+    @property
+    def spans_processes(self) -> bool:
+        """Its sharding has devices of other processes (every process restores it together)."""
+        return self.sharding is not None and not self.sharding.is_fully_addressable
 
 
 def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
     """`mapping`: chunks that are exactly one request may be mapped instead of read."""
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
-        return _Plan(spec, spec.dtype, sharding, [_whole(spec, False)], where)
+        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], False, where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
         _check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shards = dict.fromkeys(_index_key(index, spec.shape) for index in
                                sharding.addressable_devices_indices_map(spec.shape).values())
-        requests = [_request(spec, tuple(slice(a, b) for a, b in key), mapping)
-                    for key in shards]
-        return _Plan(spec, dtype, sharding, requests, where)
+        regions = [tuple(slice(a, b) for a, b in key) for key in shards]
+        return _Plan(spec, dtype, sharding, regions, mapping, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
-    return _Plan(spec, dtype, None, [_whole(spec, mapping)], where)
+    return _Plan(spec, dtype, None, [_whole(spec)], mapping, where)
+
+
+def _stage(plan: _Plan) -> list[_Request]:
+    """The host buffers that receive the shards of `plan` (allocated here)."""
+    try:
+        return [_request(plan.spec, region, plan.mapping) for region in plan.regions]
+    except (MemoryError, OSError) as e:  # e.g. an absurd shape in a hostile document
+        spec = plan.spec
+        raise CheckpointReadError(
+            errno.ENOMEM, f"{plan.where}: cannot allocate host memory for {spec.shape} "
+            f"{spec.dtype} ({spec.nbytes} bytes): {e}") from None
 
 
 def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -300,13 +323,13 @@ def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[
     return tuple((s.start, s.stop) for s in _concrete(index, shape))
 
 
-def _whole(spec: ArraySpec, mapping: bool) -> _Request:
-    """A request for the entire array."""
-    return _request(spec, tuple(slice(0, n) for n in spec.shape), mapping)
+def _whole(spec: ArraySpec) -> tuple[slice, ...]:
+    """The region of the entire array."""
+    return tuple(slice(0, n) for n in spec.shape)
 
 
-def _place(plans: list[_Plan]) -> list[Any]:
-    """Turn the filled host buffers of `plans` into the values the caller asked for.
+def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
+    """Turn the filled host buffers `staged` of `plans` into the values the caller asked for.
 
     Each sharded leaf is one `jax.make_array_from_callback` call, which hands all of its shards
     to the runtime at once (CPU devices alias aligned host buffers, no copy): a third of the
@@ -316,29 +339,46 @@ def _place(plans: list[_Plan]) -> list[Any]:
     """
     out: list[Any] = [None] * len(plans)
     whole = []
-    for i, plan in enumerate(plans):
+    for i, (plan, requests) in enumerate(zip(plans, staged)):
+        filled = [(r.index, r.out) for r in requests if r.out is not None]
         if plan.spec.prng_impl is not None:
-            keys = jax.random.wrap_key_data(plan.requests[0].out, impl=plan.spec.prng_impl)
+            keys = jax.random.wrap_key_data(filled[0][1], impl=plan.spec.prng_impl)
             out[i] = jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
             continue
-        bufs = {_index_key(r.index, plan.spec.shape):
-                r.out if r.out.dtype == plan.dtype else r.out.astype(plan.dtype)
-                for r in plan.requests}
+        bufs = {_index_key(index, plan.spec.shape):
+                buf if buf.dtype == plan.dtype else buf.astype(plan.dtype)
+                for index, buf in filled}
         if plan.sharding is None:
             out[i] = next(iter(bufs.values()))
-        elif len(bufs) == 1 and plan.requests[0].out.shape == plan.spec.shape:  # held whole
+        elif len(bufs) == 1 and filled[0][1].shape == plan.spec.shape:  # held whole
             whole.append((i, next(iter(bufs.values())), plan.sharding))
         else:
-            shape = plan.spec.shape
-            out[i] = jax.make_array_from_callback(
-                shape, plan.sharding,
-                lambda index, bufs=bufs, shape=shape: bufs[_index_key(index, shape)],
-                dtype=plan.dtype)
+            out[i] = _from_shards(plan.spec.shape, plan.sharding, plan.dtype, bufs)
     if whole:
         placed = jax.device_put([b for _, b, _ in whole], [s for _, _, s in whole])
         for (i, _, _), value in zip(whole, placed):
             out[i] = value
     return out
+
+
+def _from_shards(shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype: np.dtype,
+                 bufs: dict[tuple[tuple[int, int], ...], np.ndarray]) -> jax.Array:
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: bufs[_index_key(index, shape)], dtype=dtype)
+
+
+def _groups(plans: list[_Plan], limit: int) -> list[list[int]]:
+    """Consecutive plans whose shards take at most `limit` bytes of host memory together (a plan
+    larger than that on its own)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, plan in enumerate(plans):
+        if not groups or size + plan.staged_bytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += plan.staged_bytes
+    return groups
 
 
 def read_arrays(
@@ -349,36 +389,52 @@ def read_arrays(
     max_inflight_bytes: int,
     map_files: bool = True,
     phases: Phases | None = None,
+    coordinate: Callable[[], Coordinator] | None = None,
 ) -> list[Any]:
-    """Restore `(spec, target leaf or None)` pairs, at most `max_inflight_bytes` at a time.
-    `map_files`: a local chunk that is exactly one shard is mapped copy-on-write, not read."""
+    """Restore `(spec, target leaf or None)` pairs.
+
+    They are read and placed in groups, in order, so that the shards read but not yet placed
+    take at most `max_inflight_bytes` of host memory (or one array's shards, if more); on
+    accelerators a group's host buffers are freed once it is placed. `map_files`: a local chunk
+    that is exactly one shard is mapped copy-on-write, not read.
+
+    `coordinate` (under `jax.distributed`): makes the coordinator of this restore, the first
+    time a group holds arrays that span processes (a restore of those is one that every process
+    makes alike). Before placing such a group the processes agree that all of them read their
+    shards: a process that found damage (each reads only its own shards) would otherwise raise
+    while the others wait in placement for it for ever; this way all of them raise.
+    """
     mapping = map_files and not _remote.is_url(root)
     phases = phases if phases is not None else Phases()
     phases.arrays += len(items)
-    results: list[Any] = [None] * len(items)
     seen: set[str] = set()
-    order = list(range(len(items)))
-    for batch in batches(order, lambda i: items[i][0].nbytes + 1, parts=1,
-                         min_cost=max_inflight_bytes):
-        with phases("plan"):
-            plans = {}
-            for i in batch:
-                spec, target = items[i]
-                where = f"while restoring {spec.name!r} from {root}"
-                try:
-                    plans[i] = _plan(spec, target, where, mapping)
-                except (MemoryError, OSError) as e:  # e.g. an absurd shape in a hostile document
-                    raise CheckpointReadError(
-                        errno.ENOMEM, f"{where}: cannot allocate host memory for "
-                        f"{spec.shape} {spec.dtype} ({spec.nbytes} bytes): {e}") from None
-            tasks = [t for p in plans.values()
-                     for t in _chunk_tasks(root, p.spec, p.requests, p.where, seen)]
-        with phases("read"):
-            workers.run_reads(tasks, network=_remote.is_url(root))
-        phases.bytes += sum(cost for cost, _ in tasks)
+    with phases("plan"):
+        plans = [_plan(spec, target, f"while restoring {spec.name!r} from {root}", mapping)
+                 for spec, target in items]
+    results: list[Any] = [None] * len(items)
+    coord = None
+    for number, group in enumerate(_groups(plans, max_inflight_bytes)):
+        members = [plans[i] for i in group]
+        error, staged = None, []
+        try:
+            with phases("plan"):
+                staged = [_stage(p) for p in members]
+                tasks = [t for p, reqs in zip(members, staged)
+                         for t in _chunk_tasks(root, p.spec, reqs, p.where, seen)]
+            with phases("read"):
+                workers.run_reads(tasks, network=_remote.is_url(root))
+            phases.bytes += sum(cost for cost, _ in tasks)
+        except Exception as e:
+            error = e
+        if coordinate is not None and any(p.spans_processes for p in members):
+            coord = coord or coordinate()
+            error = coord.agree(f"read/{number}", error, f"restoring {root}")
+        if error is not None:
+            raise error
         with phases("place"):
-            for i, value in zip(plans, _place(list(plans.values()))):
+            for i, value in zip(group, _place(members, staged)):
                 results[i] = value
+        del staged  # placed: on accelerators the host buffers go now
     return results
 
 
@@ -388,7 +444,7 @@ def read_arrays(
 
 def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
                  max_inflight_bytes: int, map_files: bool = True,
-                 phases: Phases | None = None) -> Any:
+                 phases: Phases | None = None, barrier_timeout_s: float = 300.0) -> Any:
     """Restore the checkpoint at `path` (see `asyncckpt.restore`).
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
@@ -399,9 +455,14 @@ def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
     with phases("plan"):
         info = read_root(path)
     try:
+        coordinate = None
+        if _distributed.is_multi_process():
+            def coordinate() -> _distributed.Coordinator:
+                return _distributed.Coordinator(_distributed.call_key(f"restore {path}"),
+                                                barrier_timeout_s)
         read = functools.partial(read_arrays, path, workers=workers,
                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                 phases=phases)
+                                 phases=phases, coordinate=coordinate)
         value = _restore_tree(path, info, target, strict, read, phases)
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
         if _changed(path, identity):

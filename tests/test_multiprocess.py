@@ -73,6 +73,16 @@ def test_each_process_reads_only_the_bands_its_devices_need(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_damage_seen_by_one_process_makes_every_process_fall_back(tmp_path):
+    """Each process reads only its own shards, so only one of them finds the damage; all of
+    them must still restore the same step (one set aside the damaged one)."""
+    outputs = succeed(launch("mp_child.py", 2, "fallback", str(tmp_path), "4"))
+    for out in outputs:
+        assert "restored step 1 steps [1]" in out, out[-3000:]
+    assert [n for n in names(tmp_path / "run") if n.startswith("2.damaged-")]
+
+
+@pytest.mark.timeout(300)
 def test_a_process_killed_mid_save_fails_the_others_in_time(tmp_path):
     start = time.monotonic()
     procs = launch("mp_child.py", 2, "die", str(tmp_path), "4")

@@ -248,3 +248,27 @@ def test_repeated_saves_of_one_structure_store_each_saves_values(root, mesh):
     assert ac.list_variables(root / "0")["w"].chunk_shape == (2, 2)
     assert ac.list_variables(root / "other")["w"].chunk_shape == (8, 4)
     assert_same(ac.restore(root / "other")["w"], np.full((8, 4), 9, np.float32))
+
+
+@pytest.mark.parametrize("limit_mib", [4, 12])
+def test_max_inflight_bytes_bounds_the_shards_staged_in_host_memory(tmp_path, limit_mib):
+    """Measured from outside, by tracemalloc (which sees numpy's allocations): restored as
+    float64 from float32, each staged buffer is freed once its array is placed, as on an
+    accelerator, so the peak beyond the results is what was staged at once. (One batch of the
+    whole tree was staged whatever the limit said.)"""
+    import tracemalloc
+
+    tree = {f"w{i:02d}": np.full((256, 1024), i, np.float32) for i in range(32)}  # 32 x 1 MiB
+    ac.save(tmp_path / "ck", tree)
+    target = {k: np.zeros((256, 1024), np.float64) for k in tree}
+    tracemalloc.start()
+    try:
+        back = ac.restore(tmp_path / "ck", target, max_inflight_bytes=limit_mib << 20,
+                          map_files=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    staged = peak - sum(v.nbytes for v in back.values())
+    assert staged <= (limit_mib << 20) + (1 << 20), staged / 2**20
+    for k, v in tree.items():
+        assert_same(back[k], v.astype(np.float64))

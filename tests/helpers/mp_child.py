@@ -4,7 +4,8 @@
 
 Modes: `save` (a tree and three manager steps), `restore` (onto another mesh, every addressable
 shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes read), `die`
-(process 1 SIGKILLs itself while writing its chunks)."""
+(process 1 SIGKILLs itself while writing its chunks), `fallback` (the latest step is damaged
+where only process 1 reads: both fall back to the step before)."""
 
 import os
 import signal
@@ -52,6 +53,25 @@ elif mode == "partial":  # each device needs 1/8 of a one-chunk array: count wha
     for shard in restored.addressable_shards:
         assert (np.asarray(shard.data) == big[shard.index]).all()
     print("read", counted["bytes"], "of", big.nbytes, flush=True)
+elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest step
+    from jax.experimental import multihost_utils
+
+    run = os.path.join(directory, "run")
+    with ac.CheckpointManager(run, barrier_timeout_s=TIMEOUT_S) as mgr:
+        for step in (1, 2):
+            mgr.save(step, global_tree(mesh, step))
+        mgr.wait_until_finished()
+        sharding = NamedSharding(mesh, P("x", "y"))
+        index = next(i for d, i in sharding.devices_indices_map((16, 24)).items()
+                     if d.process_index == 1)
+        chunk = os.path.join(run, "2", "matrix", f"c.{index[0].start // 4}.{index[1].start // 12}")
+        if jax.process_index() == 0:
+            with open(chunk, "r+b") as f:
+                f.write(b"\xff")
+        multihost_utils.sync_global_devices("damaged")
+        restored = mgr.restore(target=abstract_tree(mesh, P("x", "y")), fall_back=True)
+        check_tree(restored, 1)
+        print("restored step", restored["step"], "steps", mgr.all_steps(), flush=True)
 elif mode == "die":
     from asyncckpt import _store
 
