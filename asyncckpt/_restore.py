@@ -304,6 +304,8 @@ def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
         return _Plan(spec, dtype, sharding, regions, mapping, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     _check_cast(spec.dtype, dtype, where)
+    if _tree.is_python_scalar(target):  # returned as that python type (`_tree.python_value`)
+        _check_cast(spec.dtype, np.asarray(target).dtype, where)
     return _Plan(spec, dtype, None, [_whole(spec)], mapping, where)
 
 
@@ -501,12 +503,34 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool,
     with phases("plan"):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
-        saved_shapes: dict[str, tuple[int, ...] | None] = {n: None for n in values}
+        saved_shapes: dict[str, tuple[int, ...]] = {n: () for n in values}
         saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
         _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
     arrays = read([(info.arrays[leaf.name], leaf.value) for _, leaf in wanted])
-    out = [values.get(leaf.name) for leaf in target_leaves]
-    for (i, _), value in zip(wanted, arrays):
-        out[i] = value
+    out = [_scalar_as(values[leaf.name], leaf.value, f"while restoring {leaf.name!r} {where}")
+           if leaf.name in values else None for leaf in target_leaves]
+    for (i, leaf), value in zip(wanted, arrays):
+        out[i] = _tree.python_value(value, leaf.value) if _tree.is_python_scalar(leaf.value) \
+            else value
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _scalar_as(value: Any, target: Any, where: str) -> Any:
+    """A python scalar saved in the tree description, as the target leaf asks for it: a 0-d
+    array of its dtype for an array target (placed on its sharding for a JAX one)."""
+    if not isinstance(target, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)) \
+            or value is None or isinstance(value, str):
+        return value
+    dtype = np.dtype(target.dtype)
+    _check_cast(np.asarray(value).dtype, dtype, where)
+    try:
+        array = np.asarray(value, dtype)
+    except OverflowError:
+        raise TreeMismatchError(f"{where}: the checkpoint holds {value!r}, which does not fit "
+                                f"in the target's {dtype}") from None
+    if isinstance(target, np.ndarray):
+        return array
+    if isinstance(target, np.generic):
+        return array[()]
+    return jax.device_put(array, target.sharding or jax.local_devices()[0])

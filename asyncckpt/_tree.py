@@ -108,6 +108,17 @@ def _encode_value(value: Any) -> dict[str, Any]:
     raise TypeError(value)
 
 
+def is_python_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float))
+
+
+def python_value(array: Any, target: bool | int | float) -> Any:
+    """A 0-d array restored for a python-scalar target leaf, as that python type."""
+    if getattr(array, "shape", None) != ():
+        return array
+    return type(target)(np.asarray(array).item())
+
+
 def is_array_leaf(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
 
@@ -308,14 +319,15 @@ def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dic
 
 def check_match(
     target_leaves: list[Leaf],
-    saved_shapes: dict[str, tuple[int, ...] | None],
+    saved_shapes: dict[str, tuple[int, ...]],
     *,
     strict: bool,
     where: str,
 ) -> None:
     """Raise `TreeMismatchError` when the target's leaves and the saved ones differ.
 
-    `saved_shapes` maps every saved name to its shape (None for python-scalar leaves).
+    `saved_shapes` maps every saved name to its shape (`()` for python scalars, which also
+    stand for 0-d arrays in the target: the restore follows the target's kind).
     """
     target_names = {leaf.name for leaf in target_leaves}
     missing = [keystr(leaf.keypath) for leaf in target_leaves if leaf.name not in saved_shapes]
@@ -323,7 +335,7 @@ def check_match(
     shapes = []
     for leaf in target_leaves:
         saved = saved_shapes.get(leaf.name)
-        shape = getattr(leaf.value, "shape", None)
+        shape = () if is_python_scalar(leaf.value) else getattr(leaf.value, "shape", None)
         if saved is not None and shape is not None and tuple(shape) != saved:
             shapes.append(f"{keystr(leaf.keypath)}: target {tuple(shape)}, checkpoint {saved}")
     if not (missing or extra or shapes):

@@ -272,3 +272,29 @@ def test_max_inflight_bytes_bounds_the_shards_staged_in_host_memory(tmp_path, li
     assert staged <= (limit_mib << 20) + (1 << 20), staged / 2**20
     for k, v in tree.items():
         assert_same(back[k], v.astype(np.float64))
+
+
+def test_python_scalar_leaves_follow_the_target(tmp_path, mesh):
+    """A python scalar is stored in the tree description; restored against an array target it
+    comes back as that array (dtype, sharding), and a 0-d array restored against a python
+    scalar target comes back as that python type."""
+    ac.save(tmp_path / "ck", {"step": 7, "lr": 0.5, "flag": True, "n": np.int64(3),
+                              "big": 2**40, "vec": np.arange(3)})
+    replicated = NamedSharding(mesh, P())
+    target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+              "lr": jnp.zeros((), jnp.float32), "flag": np.bool_(False), "n": 0,
+              "big": 0, "vec": np.zeros(3, np.int64)}
+    back = ac.restore(tmp_path / "ck", target)
+    assert isinstance(back["step"], jax.Array) and back["step"].dtype == jnp.int32
+    assert back["step"].sharding == replicated and int(back["step"]) == 7
+    assert isinstance(back["lr"], jax.Array) and back["lr"].dtype == jnp.float32
+    assert float(back["lr"]) == 0.5 and back["lr"].shape == ()
+    assert type(back["flag"]) is np.bool_ and bool(back["flag"])
+    assert type(back["n"]) is int and back["n"] == 3
+    assert type(back["big"]) is int and back["big"] == 2**40
+    for bad, match in (({"step": jax.ShapeDtypeStruct((2,), jnp.int32)}, "shape differs"),
+                       ({"lr": jnp.zeros((), jnp.int32)}, "loses the kind"),
+                       ({"big": np.zeros((), np.int32)}, "does not fit in the target's int32"),
+                       ({"vec": 0}, r"vec.*shape differs|shape differs.*vec")):
+        with pytest.raises(ac.TreeMismatchError, match=match):
+            ac.restore(tmp_path / "ck", bad, strict=False)
