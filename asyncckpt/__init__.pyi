@@ -26,6 +26,7 @@ from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CheckpointReadError as CheckpointReadError
 from .errors import CheckpointWriteError as CheckpointWriteError
 from .errors import CorruptCheckpointError as CorruptCheckpointError
+from .errors import DeletedArrayError as DeletedArrayError
 from .errors import IncompleteCheckpointError as IncompleteCheckpointError
 from .errors import StepNotFoundError as StepNotFoundError
 from .errors import TreeMismatchError as TreeMismatchError

@@ -370,7 +370,15 @@ def load_variable(path: Any, name: str) -> np.ndarray:
         ) from None
     except OSError as e:
         raise CheckpointReadError(e.errno, f"cannot read {doc_path}: {e.strerror}") from e
-    spec = _format.parse_array_doc(name, _format.parse_json(raw, where, doc_path), where)
+    doc = _format.parse_json(raw, where, doc_path)
+    if isinstance(doc, dict) and doc.get("node_type") == "group":
+        under = [n for n in list_variables(root) if n.startswith(name + "/")]
+        raise VariableNotFoundError(
+            f"{name!r} in {where} is a group, not a variable; the variables under it: "
+            f"{', '.join(under[:30])}" + (f" ... ({len(under)} in all)" if len(under) > 30
+                                          else "") + " (load them one by one, or restore the "
+            "checkpoint with a target holding just them and strict=False)")
+    spec = _format.parse_array_doc(name, doc, where)
     raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
     workers = Workers(max_workers=4)
     try:

@@ -15,6 +15,7 @@ exit with 2. Tables and progress bars go through rich; `--json` prints plain JSO
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import fnmatch
 import json
 import logging
@@ -81,6 +82,19 @@ def _resolve(path: str, step: int | None) -> str:
         raise StepNotFoundError(f"step {step} is not in {path}; committed steps: "
                                 f"{_steps_text(steps)}")
     return _directory.step_path(path, step)
+
+
+def _no_match(ckpt: str, pattern: str, names: list[str]) -> str:
+    """Nothing matches `--filter PATTERN`: say so, with the names closest to it."""
+    candidates = sorted(set(names) | set(_format.group_names(names)))
+    literal = pattern.replace("*", "").replace("?", "").rstrip("/")
+    close = difflib.get_close_matches(literal, candidates, n=5, cutoff=0.3)
+    if close:
+        hint = "closest names: " + ", ".join(close)
+    else:
+        hint = "it has: " + ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
+    return (f"no variable of {ckpt} matches --filter {pattern!r} (a glob over names such as "
+            f"'params/*'); {hint}")
 
 
 def _human(n: float) -> str:
@@ -225,6 +239,8 @@ def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> No
     ckpt = _resolve(path, step)
     info = _restore.read_root(ckpt)
     arrays = [a for name, a in sorted(info.arrays.items()) if fnmatch.fnmatchcase(name, pattern)]
+    if not arrays:
+        raise CheckpointError(_no_match(ckpt, pattern, list(info.arrays)))
     total = sum(a.nbytes for a in arrays)
     if as_json:
         _print_json({
@@ -368,7 +384,7 @@ def export_command(path: str, output: str, step: int | None, pattern: str,
     info = _restore.read_root(ckpt)
     names = sorted(n for n in info.arrays if fnmatch.fnmatchcase(n, pattern))
     if not names:
-        raise CheckpointError(f"no variable of {ckpt} matches {pattern!r}")
+        raise CheckpointError(_no_match(ckpt, pattern, list(info.arrays)))
     dtype = None
     if cast is not None:
         try:

@@ -35,7 +35,7 @@ def export(path: str, out: str, names: list[str], workers: Workers, *,
                          max_inflight_bytes=max_inflight_bytes)
     tensors: dict[str, np.ndarray] = {}
     for spec, value in zip(specs, arrays):
-        value = np.ascontiguousarray(value)
+        value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
         if cast is not None and _is_float(value.dtype) and value.dtype != cast:
             value = value.astype(cast)
         tensors[spec.name] = value

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _distributed, _format, _remote, _store, _tree
+from . import _directory, _distributed, _format, _remote, _store, _tree
 from ._distributed import Coordinator
 from ._executor import Workers
 from ._format import ArraySpec, RootInfo
@@ -63,6 +63,18 @@ def read_root(path: str) -> RootInfo:
 
 
 def _not_committed(path: str) -> CheckpointError:
+    try:
+        steps = _directory.committed_steps(path)
+    except OSError:
+        steps = []
+    if steps:
+        shown = ", ".join(map(str, steps[-10:]))
+        latest = _directory.step_path(path, steps[-1])
+        return CheckpointNotFoundError(
+            f"{path} is a CheckpointManager directory, not a checkpoint: it holds steps "
+            f"{'... ' if len(steps) > 10 else ''}{shown}. Restore one of them, e.g. the latest "
+            f"with `asyncckpt.restore({latest!r})` or `asyncckpt.CheckpointManager({path!r}, "
+            "read_only=True).restore()`")
     if _remote.is_url(path):
         try:
             names = _remote.list_dir(path)

@@ -37,9 +37,15 @@ class RetentionPolicy(Protocol):
     def keep(self, steps: Sequence[StepInfo]) -> set[int]: ...
 
 
-def check_count(value: Any, what: str) -> None:
+def check_count(value: Any, what: str, zero_hint: str = "") -> None:
+    """`value` must be an int >= 1; `zero_hint` says what to write instead of 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+        hint = f"; {zero_hint}" if value == 0 and zero_hint else ""
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}{hint}")
+
+
+_ZERO_IS_AMBIGUOUS = ("0 is refused because tf.train.Saver reads it as 'keep every step' and "
+                      "Orbax as 'keep none'")
 
 
 def _positive(value: Any, what: str) -> None:
@@ -55,7 +61,9 @@ class KeepLastN:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_count(self.n, "max_to_keep / KeepLastN.n")
+        check_count(self.n, "max_to_keep / KeepLastN.n",
+                    "to keep every step, leave max_to_keep=None (the default); "
+                    + _ZERO_IS_AMBIGUOUS)
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]:
         return set(sorted(s.step for s in steps)[-self.n :])
@@ -122,7 +130,9 @@ class KeepBest:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_count(self.k, "keep_best / KeepBest.k")
+        check_count(self.k, "keep_best / KeepBest.k",
+                    "to rank steps without deleting any, give best_metric and leave "
+                    "keep_best=None (best_step() still answers); " + _ZERO_IS_AMBIGUOUS)
         if self.mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.mode!r}")
         if not (callable(self.metric) or isinstance(self.metric, str)):

@@ -34,6 +34,7 @@ from . import _dtypes, _format
 from ._executor import Workers, batches
 from ._format import ArraySpec
 from ._tree import Leaf, flatten, is_array_leaf, keystr
+from .errors import DeletedArrayError
 
 _ALIGN = 64
 _COPY_SPLIT = 32 << 20  # copies larger than this are split across threads
@@ -310,6 +311,16 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *
     gc.disable()  # a full collection triggered by the ~10 objects per leaf made here cost 70 ms
     try:
         return _take_snapshot(tree, metadata, workers, pool, process_index)
+    except RuntimeError as e:  # JAX's "Array has been deleted", which names no leaf
+        deleted = [keystr(kp) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+                   if isinstance(v, jax.Array) and v.is_deleted()]
+        if not deleted:
+            raise
+        raise DeletedArrayError(
+            f"cannot save {', '.join(deleted[:10])}{' ...' if len(deleted) > 10 else ''}: "
+            "deleted or donated (e.g. by a jax.jit with donate_argnums) before save() copied "
+            "it. Save the state before the call that donates it, or save that call's outputs"
+        ) from e
     finally:
         if enabled:
             gc.enable()

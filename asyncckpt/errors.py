@@ -40,6 +40,10 @@ class UnsupportedTypeError(CheckpointError, TypeError):
     """A leaf, dict key or dtype that asyncckpt cannot store."""
 
 
+class DeletedArrayError(CheckpointError, RuntimeError):
+    """A leaf given to `save` was deleted or donated before `save` could copy it."""
+
+
 class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed; the partial checkpoint was removed and nothing was committed."""
 

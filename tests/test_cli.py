@@ -286,3 +286,22 @@ def test_verify_on_object_store(run_dir, request, tmp_path):
     assert "zarr.json" in names(dest)
     _, out, _ = run("verify", dest)
     assert out.startswith(f"ok  {dest}")
+
+
+def test_a_filter_matching_nothing_says_so_and_suggests_names(run_dir):
+    for command in ("show", "export"):
+        extra = ["out.safetensors"] if command == "export" else []
+        status, out, err = run(command, run_dir, *extra, "--filter", "param/*", ok=False)
+        line = one_error_line(err)
+        assert status == 1 and out == ""
+        assert "matches --filter 'param/*'" in line and "closest names: params" in line, line
+
+
+def test_export_keeps_zero_dimensional_arrays(tmp_path):
+    ac.save(tmp_path / "ck", {"x": np.float32(3.5), "v": np.arange(3, dtype=np.int32)})
+    run("export", tmp_path / "ck", tmp_path / "w.safetensors")
+    tensors = read_safetensors(tmp_path / "w.safetensors")
+    assert tensors["x"][:2] == ("F32", []) and tensors["v"][:2] == ("I32", [3])
+    run("export", tmp_path / "ck", tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz") as npz:
+        assert npz["x"].shape == () and npz["x"] == np.float32(3.5)

@@ -227,3 +227,47 @@ def test_the_commit_refuses_to_replace_foreign_data_whatever_it_is_told(root):
         tmp = _store.begin(_restore.checkpoint_path(root / "ck"), replace=False)
         _store.publish(tmp, _restore.checkpoint_path(root / "ck"), replace=False)
     assert_same(ac.restore(root / "ck")["x"], np.zeros(2))
+
+
+def test_restore_of_a_manager_directory_says_how_to_restore_a_step(root):
+    with ac.CheckpointManager(root) as mgr:
+        mgr.save(1, {"x": np.zeros(2)})
+        mgr.save(2, {"x": np.ones(2)})
+    with pytest.raises(ac.CheckpointNotFoundError,
+                       match=r"is a CheckpointManager directory, not a checkpoint: it holds "
+                             r"steps 1, 2\. Restore one of them, e.g\. the latest with "
+                             r"`asyncckpt\.restore\('.*2'\)` or `asyncckpt\.CheckpointManager"):
+        ac.restore(root)
+
+
+def test_load_variable_of_a_group_lists_the_variables_under_it(root):
+    tree = {"model": {"l1": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)},
+                      "l2": {"kernel": np.ones(3)}}}
+    ac.save(root / "ck", tree)
+    with pytest.raises(ac.VariableNotFoundError,
+                       match=r"'model/l1' in checkpoint .* is a group, not a variable; the "
+                             r"variables under it: model/l1/bias, model/l1/kernel \(load them"):
+        ac.load_variable(root / "ck", "model/l1")
+    with pytest.raises(ac.VariableNotFoundError, match="is a group.*model/l2/kernel"):
+        ac.load_variable(root / "ck", "model")
+    assert_same(ac.load_variable(root / "ck", "model/l1/kernel"), np.ones((2, 2)))
+
+
+def test_saving_a_donated_or_deleted_array_names_the_leaf(tmp_path):
+    import jax.numpy as jnp
+
+    state = {"params": {"w": jnp.ones(4), "b": jnp.ones(2)}, "step": 3}
+    step = jax.jit(lambda s: jax.tree.map(lambda a: a + 1, s), donate_argnums=0)
+    step(state["params"])
+    with pytest.raises(ac.DeletedArrayError,
+                       match=r"cannot save \['params'\]\['b'\], \['params'\]\['w'\]: deleted or "
+                             r"donated .* before save\(\) copied it") as e:
+        ac.save(tmp_path / "ck", state)
+    assert isinstance(e.value, RuntimeError)  # what JAX raised: existing handlers still work
+    other = {"a": jnp.zeros(3), "gone": jnp.zeros(3)}
+    other["gone"].delete()
+    with ac.CheckpointManager(tmp_path / "run") as mgr:
+        with pytest.raises(ac.DeletedArrayError, match=r"cannot save \['gone'\]: deleted"):
+            mgr.save(1, other)
+        assert mgr.save(1, {"a": other["a"]})  # nothing was left behind
+    assert os.listdir(tmp_path) == ["run"]

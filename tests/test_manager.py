@@ -285,7 +285,12 @@ def test_background_failure_is_raised_by_the_next_save(root, monkeypatch):
     ({"keep_best": 2}, ValueError, "keep_best needs best_metric"),
     ({"best_metric": "loss", "best_mode": "lowest"}, ValueError, "best_mode"),
     ({"save_interval_steps": 0}, ValueError, "save_interval_steps"),
-    ({"max_to_keep": 0}, ValueError, "max_to_keep"),
+    ({"max_to_keep": 0}, ValueError, r"max_to_keep .* got 0; to keep every step, leave "
+                                     r"max_to_keep=None .*'keep every step' and Orbax as 'keep"),
+    ({"keep_best": 0, "best_metric": "loss"}, ValueError,
+     r"keep_best .* got 0; to rank steps without deleting any, give best_metric and leave "
+     r"keep_best=None"),
+    ({"max_to_keep": -1}, ValueError, r"max_to_keep / KeepLastN.n must be an int >= 1, got -1$"),
     ({"retention": [object()]}, TypeError, "has no keep"),
 ])
 def test_bad_arguments(root, kwargs, err, match):
