@@ -170,7 +170,7 @@ def cli(debug: bool) -> None:
 def ls_command(directory: str, as_json: bool, best_metric: str | None,
                best_mode: str | None) -> None:
     """List the steps of a manager directory: time, size, metrics, the best one, and any
-    uncommitted leftovers of interrupted saves."""
+    uncommitted leftovers of interrupted saves and the damaged steps a restore set aside."""
     path = _restore.checkpoint_path(directory)
     if _is_checkpoint(path):
         raise CheckpointError(f"{path} is a single checkpoint, not a manager directory; "
@@ -190,11 +190,12 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
     mode = best_mode or (saved_best[1] if saved_best and saved_best[0] == metric else "min")
     best = _best_step(good, metric, mode) if metric else None
     leftovers = _directory.leftovers(path)
+    damaged = _directory.damaged(path)
     if as_json:
         _print_json({
             "directory": path, "best_metric": metric, "best_mode": mode if metric else None,
             "steps": [_step_json(s, infos[s], s == best) for s in steps],
-            "uncommitted": leftovers,
+            "uncommitted": leftovers, "damaged": damaged,
         })
         return
     table = Table(title=f"{path}: {len(steps)} step{'s' * (len(steps) != 1)}", title_justify="left")
@@ -209,6 +210,9 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
         metrics = json.dumps(info.metrics, default=str) if info.metrics is not None else ""
         table.add_row(str(step), _when(info.created), _human(_data_bytes(info)), metrics,
                       f"best {metric}" if step == best else "")
+    for name in damaged:
+        table.add_row("-", "", "", f"[red]damaged step set aside as {name}[/]",
+                      "kept for inspection; never restored")
     for left in leftovers:
         table.add_row("-", "", "", f"[yellow]uncommitted leftover {os.path.basename(left)}[/]",
                       "removed when a writer opens the directory")

@@ -64,6 +64,7 @@ def run_dir(tmp_path_factory):
     leftover = path / ".4.asyncckpt-tmp-0123456789ab"
     leftover.mkdir()
     (leftover / "junk").write_bytes(b"x")
+    (path / "0.damaged-20261101T120000Z").mkdir()  # set aside by a restore that fell back
     return path
 
 
@@ -85,6 +86,7 @@ def test_ls_table_and_json(run_dir):
     assert "best loss" in rows["2"] and "best" not in rows["1"] + rows["3"]
     assert '{"loss": 1.0}' in rows["2"]
     assert "uncommitted leftover .4.asyncckpt-tmp-0123456789ab" in out
+    assert "damaged step set aside as 0.damaged-20261101T120000Z" in out
 
     _, out, _ = run("ls", run_dir, "--json")
     doc = json.loads(out)
@@ -95,6 +97,7 @@ def test_ls_table_and_json(run_dir):
     tree_bytes = 64 * 16 * 2 + 16 * 4 + 8 * 4 * 4 + 5 * 4 + 2 * 4
     assert doc["steps"][0]["bytes"] == tree_bytes
     assert [os.path.basename(p) for p in doc["uncommitted"]] == [".4.asyncckpt-tmp-0123456789ab"]
+    assert doc["damaged"] == ["0.damaged-20261101T120000Z"]
 
     _, out, _ = run("ls", run_dir, "--json", "--best-metric", "loss", "--best-mode", "max")
     assert [s["best"] for s in json.loads(out)["steps"]] == [True, False, False]
