@@ -1,35 +1,29 @@
-"""The public entry points: `AsyncCheckpointer`, `save`, `restore`, `list_variables`,
-`load_variable`."""
+"""The public entry points by path: `AsyncCheckpointer`, `save`, `restore`, `list_variables`,
+`load_variable`, `read_metadata`. They open the storage of a path and hand the work to an
+`Engine` (threads, host memory, ordered saves) or to the restore and format modules."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import os
-import threading
-import time
-import weakref
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _distributed, _format, _restore, _save, _store, _telemetry, _tree
-from ._executor import Priority, Workers, at_interpreter_exit
-from ._snapshot import ArenaPool, Snapshot, take_snapshot
-from .errors import (
-    CheckpointError,
-    CheckpointReadError,
-    VariableNotFoundError,
+from . import _format, _restore, _tree
+from ._engine import (
+    DEFAULT_BACKGROUND_NICE,
+    DEFAULT_BARRIER_TIMEOUT_S,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    Engine,
+    check_inflight,
+    timed_restore,
 )
-
-DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
-DEFAULT_BARRIER_TIMEOUT_S = 300.0
-DEFAULT_BACKGROUND_NICE: Priority = "idle"
-log = logging.getLogger("asyncckpt")
+from ._executor import Priority, Workers
+from ._storage import open_storage
+from ._telemetry import RestoreStats, SaveStats
+from .errors import CheckpointReadError, VariableNotFoundError
 
 
 class AsyncCheckpointer:
@@ -75,16 +69,11 @@ class AsyncCheckpointer:
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
-        _check_inflight(max_inflight_bytes)
-        self._workers = Workers(max_workers, background_nice=background_nice)
-        self._barrier_timeout_s = barrier_timeout_s
-        self._pool = ArenaPool(enabled=reuse_host_memory)
-        self._pending: list[tuple[str, Future[str]]] = []  # (destination, its save)
-        self._max_inflight_bytes = max_inflight_bytes
-        self._map_files = map_files
-        self._closed = False
-        self._last_save: _telemetry.SaveStats | None = None
-        self._last_restore: _telemetry.RestoreStats | None = None
+        self._engine = Engine(owner="this AsyncCheckpointer", max_workers=max_workers,
+                              reuse_host_memory=reuse_host_memory,
+                              max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                              barrier_timeout_s=barrier_timeout_s,
+                              background_nice=background_nice)
 
     def save(
         self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False
@@ -94,156 +83,40 @@ class AsyncCheckpointer:
         Returns a future whose result is the committed path. `metadata` (JSON) is stored with
         the checkpoint. An existing checkpoint at `path` is replaced only with `force=True`.
         """
-        return self._save(_restore.checkpoint_path(path), tree, metadata=metadata, force=force)
-
-    def _save(
-        self,
-        dest: str,
-        tree: Any,
-        *,
-        metadata: Any,
-        force: bool,
-        extra: dict | None = None,
-        after_commit: Callable[[float], None] | None = None,
-    ) -> Future[str]:
-        """`save`, plus what a manager adds: `extra` root attributes, and `after_commit(created)`
-        run on the job thread once the checkpoint is committed (its failure fails the future)."""
-        self._check_open()
-        t0 = time.perf_counter()
-        for _, fut in self._pending:  # one save in flight at a time bounds host memory
-            self._workers.help_until(fut)  # waiting: write on this thread too
-        phases = _telemetry.Phases()
-        phases.add("wait_previous", time.perf_counter() - t0)
-        self.check_for_errors()
-        _save.check_destination(dest, force=force)
-        _format.encode_json(metadata, what="`metadata`")
-        coord = None
-        if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(_distributed.call_key(f"save {dest}"),
-                                             self._barrier_timeout_s)
-        with phases("snapshot"):
-            snap = take_snapshot(tree, metadata, self._workers, self._pool,
-                                 process_index=coord.process if coord else 0)
-        phases.add("blocking", time.perf_counter() - t0)
-        future = self._workers.submit_job(self._write, snap, dest, force, extra, after_commit,
-                                          coord, phases, t0)
-        self._pending.append((dest, future))
-        _finish_at_exit(self)
-        return future
-
-    def _write(self, snap: Snapshot, dest: str, replace: bool, extra: dict | None,
-               after_commit: Callable[[float], None] | None,
-               coord: _distributed.Coordinator | None, phases: _telemetry.Phases,
-               t0: float) -> str:
-        try:
-            _save.write_snapshot(
-                snap, dest, self._workers, replace=replace, extra=extra, coord=coord,
-                after_commit=functools.partial(after_commit, snap.created) if after_commit
-                else None, phases=phases)
-        finally:
-            if snap.arena is not None:
-                self._pool.release(snap.arena)
-        stats = _telemetry.SaveStats(
-            path=dest, step=(extra or {}).get("step"), arrays=len(snap.arrays),
-            bytes=sum(d.nbytes for a in snap.arrays for _, d in a.chunks),
-            blocking_s=phases["blocking"], wait_previous_s=phases["wait_previous"],
-            snapshot_s=phases["snapshot"], write_s=phases["write"], commit_s=phases["commit"],
-            retention_s=phases["retention"], total_s=time.perf_counter() - t0)
-        self._last_save = stats
-        _telemetry.report("save", stats)
-        return dest
-
-    def last_save_stats(self) -> _telemetry.SaveStats | None:
-        """Timings by phase and bytes of the last committed save (None before the first)."""
-        return self._last_save
-
-    def last_restore_stats(self) -> _telemetry.RestoreStats | None:
-        """Timings by phase and bytes of the last restore (None before the first)."""
-        return self._last_restore
-
-    @property
-    def workers(self) -> Workers:
-        return self._workers
+        dest = open_storage(path)
+        fields = _format.root_fields(metadata, None, f"while saving {dest.url}")
+        return self._engine.save(dest, tree, fields=fields, force=force)
 
     def restore(self, path: Any, target: Any = None, *, strict: bool = True) -> Any:
-        """Like `asyncckpt.restore`, using this checkpointer's threads."""
-        self._check_open()
-        return self._restore(_restore.checkpoint_path(path), target, strict=strict)
+        """Like `asyncckpt.restore`, using this checkpointer's threads and options."""
+        self._engine.check_open()
+        return self._engine.restore(open_storage(path), target, strict=strict)
 
-    def _restore(self, path: str, target: Any, *, strict: bool, step: int | None = None) -> Any:
-        value, self._last_restore = _timed_restore(path, target, strict, self._workers,
-                                                   self._max_inflight_bytes, self._map_files, step,
-                                                   self._barrier_timeout_s)
-        return value
+    def last_save_stats(self) -> SaveStats | None:
+        """Timings by phase and bytes of the last committed save (None before the first)."""
+        return self._engine.last_save
+
+    def last_restore_stats(self) -> RestoreStats | None:
+        """Timings by phase and bytes of the last restore (None before the first)."""
+        return self._engine.last_restore
 
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished background save (once), if any."""
-        for item in list(self._pending):
-            if item[1].done():
-                self._pending.remove(item)
-                if (error := item[1].exception()) is not None:
-                    raise error
+        self._engine.check_for_errors()
 
     def wait_until_finished(self) -> None:
         """Block until every save made so far has committed; raise the first failure."""
-        while self._pending:
-            self._workers.help_until(self._pending[0][1])
-            self.check_for_errors()
+        self._engine.wait_until_finished()
 
     def close(self) -> None:
         """Wait for the saves in flight, stop the threads, free held host memory."""
-        if self._closed:
-            return
-        try:
-            self.wait_until_finished()
-        finally:
-            self._closed = True
-            self._workers.close()
-            self._pool.clear()
-
-    def _finish_before_exit(self) -> None:
-        """At interpreter exit: wait for the saves still in flight, saying so, and log (never
-        drop) a failure, since nobody is left to raise it to."""
-        if self._closed or not self._pending:
-            return
-        running = [dest for dest, fut in self._pending if not fut.done()]
-        if running:
-            log.warning("asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
-                        "(call close() or use `with` to wait explicitly)", len(running),
-                        ", ".join(running))
-        try:
-            self.close()
-        except BaseException as e:  # at exit there is no caller to raise to
-            log.error("asyncckpt: a save was not committed before the program exited: %s", e)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
+        self._engine.close()
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_unfinished: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
-_unfinished_lock = threading.Lock()
-
-
-def _finish_at_exit(ckptr: AsyncCheckpointer) -> None:
-    """Make sure the saves of `ckptr` are committed (or their failure logged) before the
-    interpreter exits, even if the program never calls `close()`."""
-    with _unfinished_lock:
-        if not _unfinished:
-            at_interpreter_exit(_finish_all)
-        _unfinished.add(ckptr)
-
-
-def _finish_all() -> None:
-    for ckptr in list(_unfinished):
-        ckptr._finish_before_exit()
-    _unfinished.clear()
 
 
 def save(path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> None:
@@ -283,34 +156,13 @@ def restore(
     truncated in place by something else while mapped would end the process with SIGBUS: pass
     False if anything may do that.
     """
-    _check_inflight(max_inflight_bytes)
+    check_inflight(max_inflight_bytes)
     workers = Workers()
     try:
-        return _timed_restore(_restore.checkpoint_path(path), target, strict, workers,
-                              max_inflight_bytes, map_files, None, DEFAULT_BARRIER_TIMEOUT_S)[0]
+        return timed_restore(open_storage(path), target, strict, workers, max_inflight_bytes,
+                             map_files, None, DEFAULT_BARRIER_TIMEOUT_S)[0]
     finally:
         workers.close()
-
-
-def _check_inflight(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_inflight_bytes must be a positive number of bytes, got {value!r}")
-
-
-def _timed_restore(path: str, target: Any, strict: bool, workers: Workers,
-                   max_inflight_bytes: int, map_files: bool, step: int | None,
-                   barrier_timeout_s: float) -> tuple[Any, _telemetry.RestoreStats]:
-    """`restore_tree`, timed by phase and reported (`_telemetry.report`)."""
-    phases = _telemetry.Phases()
-    t0 = time.perf_counter()
-    value = _restore.restore_tree(path, target, strict=strict, workers=workers,
-                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                  phases=phases, barrier_timeout_s=barrier_timeout_s)
-    stats = _telemetry.RestoreStats(
-        path=path, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
-        read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)
-    _telemetry.report("restore", stats)
-    return value, stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +190,7 @@ def _info(spec: _format.ArraySpec) -> VariableInfo:
 
 def list_variables(path: Any) -> dict[str, VariableInfo]:
     """Every array variable of the checkpoint at `path`, in tree order (reads one file)."""
-    info = _restore.read_root(_restore.checkpoint_path(path))
+    info = _restore.read_root(open_storage(path))
     order = {name: i for i, name in enumerate(_tree.spec_leaf_names(info.tree))}
     names = sorted(info.arrays, key=lambda n: order.get(n, len(order)))
     return {name: _info(info.arrays[name]) for name in names}
@@ -346,7 +198,7 @@ def list_variables(path: Any) -> dict[str, VariableInfo]:
 
 def read_metadata(path: Any) -> Any:
     """The user `metadata` saved with the checkpoint at `path`."""
-    return _restore.read_root(_restore.checkpoint_path(path)).metadata
+    return _restore.read_root(open_storage(path)).metadata
 
 
 def load_variable(path: Any, name: str) -> np.ndarray:
@@ -354,25 +206,26 @@ def load_variable(path: Any, name: str) -> np.ndarray:
 
     PRNG key arrays come back as their raw key data (`uint32`).
     """
-    root = _restore.checkpoint_path(path)
-    if not _store.exists(os.path.join(root, _format.DOC)):
-        _restore.read_root(root)  # raises the precise "not found" / "incomplete" error
-    where = f"checkpoint {root}"
+    ckpt = open_storage(path)
+    if not ckpt.exists(_format.DOC):
+        _restore.read_root(ckpt)  # raises the precise "not found" / "incomplete" error
+    where = f"checkpoint {ckpt.url}"
     _format.check_name(name, where)
-    doc_path = os.path.join(root, name, _format.DOC)
+    doc_key = f"{name}/{_format.DOC}"
     try:
-        raw = _store.read_small_file(doc_path, _format.MAX_ARRAY_DOC_BYTES)
+        raw = ckpt.read_small(doc_key, _format.MAX_ARRAY_DOC_BYTES)
     except (FileNotFoundError, NotADirectoryError):
-        known = list(list_variables(root))
+        known = list(list_variables(ckpt))
         raise VariableNotFoundError(
             f"{where} has no variable {name!r}; it has: {', '.join(known[:30])}"
             + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
         ) from None
     except OSError as e:
-        raise CheckpointReadError(e.errno, f"cannot read {doc_path}: {e.strerror}") from e
-    doc = _format.parse_json(raw, where, doc_path)
+        raise CheckpointReadError(
+            e.errno, f"cannot read {ckpt.path(doc_key)}: {e.strerror}") from e
+    doc = _format.parse_json(raw, where, ckpt.path(doc_key))
     if isinstance(doc, dict) and doc.get("node_type") == "group":
-        under = [n for n in list_variables(root) if n.startswith(name + "/")]
+        under = [n for n in list_variables(ckpt) if n.startswith(name + "/")]
         raise VariableNotFoundError(
             f"{name!r} in {where} is a group, not a variable; the variables under it: "
             f"{', '.join(under[:30])}" + (f" ... ({len(under)} in all)" if len(under) > 30
@@ -382,7 +235,7 @@ def load_variable(path: Any, name: str) -> np.ndarray:
     raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
     workers = Workers(max_workers=4)
     try:
-        (value,) = _restore.read_arrays(root, [(raw_spec, None)], workers,
+        (value,) = _restore.read_arrays(ckpt, [(raw_spec, None)], workers,
                                         max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)
     finally:
         workers.close()

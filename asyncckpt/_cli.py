@@ -19,7 +19,6 @@ import difflib
 import fnmatch
 import json
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -41,11 +40,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
-from . import _copy, _directory, _export, _format, _remote, _restore, _store, _verify
-from ._checkpointer import DEFAULT_MAX_INFLIGHT_BYTES
+from . import _copy, _directory, _export, _format, _restore, _verify
+from ._engine import DEFAULT_MAX_INFLIGHT_BYTES
 from ._executor import Workers
 from ._format import ArraySpec, RootInfo
 from ._retention import KeepBest, StepInfo
+from ._storage import Storage, open_storage
 from .errors import CheckpointError, CheckpointExistsError, StepNotFoundError
 
 out = Console(highlight=False, soft_wrap=True)
@@ -63,25 +63,47 @@ def _steps_text(steps: list[int]) -> str:
                                              else "")
 
 
-def _is_checkpoint(path: str) -> bool:
-    return _store.exists(os.path.join(path, _format.DOC))
+def _is_checkpoint(place: Storage) -> bool:
+    return place.exists(_format.DOC)
 
 
-def _resolve(path: str, step: int | None) -> str:
+def _resolve(path: str, step: int | None) -> Storage:
     """The checkpoint that PATH [--step N] names: PATH itself, step N of the manager directory
     PATH, or (no --step) its latest step."""
-    path = _restore.checkpoint_path(path)
-    if step is None and _is_checkpoint(path):
-        return path
-    steps = _directory.committed_steps(path)
+    place = open_storage(path)
+    if step is None and _is_checkpoint(place):
+        return place
+    steps = _directory.committed_steps(place)
     if step is None:
         if not steps:
-            _restore.read_root(path)  # raises the precise error (missing, not a checkpoint ...)
-        return _directory.step_path(path, steps[-1])
+            _restore.read_root(place)  # raises the precise error (missing, not a checkpoint ...)
+        return _directory.step_storage(place, steps[-1])
     if step not in steps:
-        raise StepNotFoundError(f"step {step} is not in {path}; committed steps: "
+        raise StepNotFoundError(f"step {step} is not in {place.url}; committed steps: "
                                 f"{_steps_text(steps)}")
-    return _directory.step_path(path, step)
+    return _directory.step_storage(place, step)
+
+
+def _checkpoints(path: str, step: int | None) -> list[Storage]:
+    """The checkpoints PATH [--step N] names: PATH, step N of it, or every step of it."""
+    place = open_storage(path)
+    if step is not None or _is_checkpoint(place):
+        return [_resolve(path, step)]
+    steps = _directory.committed_steps(place)
+    if not steps:
+        _restore.read_root(place)  # raises the precise error
+    return [_directory.step_storage(place, s) for s in steps]
+
+
+def _directory_at(path: str) -> Storage:
+    """The manager directory at `path` (an error if it is a single checkpoint or nothing)."""
+    place = open_storage(path)
+    if _is_checkpoint(place):
+        raise CheckpointError(f"{place.url} is a single checkpoint, not a manager directory; "
+                              f"use `asyncckpt show {path}`")
+    if place.has_directories and place.kind() != "directory":
+        raise CheckpointError(f"no directory at {place.url}")
+    return place
 
 
 def _no_match(ckpt: str, pattern: str, names: list[str]) -> str:
@@ -171,17 +193,12 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
                best_mode: str | None) -> None:
     """List the steps of a manager directory: time, size, metrics, the best one, and any
     uncommitted leftovers of interrupted saves and the damaged steps a restore set aside."""
-    path = _restore.checkpoint_path(directory)
-    if _is_checkpoint(path):
-        raise CheckpointError(f"{path} is a single checkpoint, not a manager directory; "
-                              f"use `asyncckpt show {directory}`")
-    if not _remote.is_url(path) and not os.path.isdir(path):
-        raise CheckpointError(f"no directory at {path}")
-    steps = _directory.committed_steps(path)
+    place = _directory_at(directory)
+    steps = _directory.committed_steps(place)
     infos: dict[int, RootInfo | CheckpointError] = {}
     for step in steps:
         try:
-            infos[step] = _restore.read_root(_directory.step_path(path, step))
+            infos[step] = _restore.read_root(_directory.step_storage(place, step))
         except CheckpointError as e:
             infos[step] = e
     good = [i for i in infos.values() if isinstance(i, RootInfo)]
@@ -189,16 +206,17 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
     metric = best_metric or (saved_best[0] if saved_best else None)
     mode = best_mode or (saved_best[1] if saved_best and saved_best[0] == metric else "min")
     best = _best_step(good, metric, mode) if metric else None
-    leftovers = _directory.leftovers(path)
-    damaged = _directory.damaged(path)
+    leftovers = _directory.leftovers(place)
+    damaged = _directory.damaged(place)
     if as_json:
         _print_json({
-            "directory": path, "best_metric": metric, "best_mode": mode if metric else None,
+            "directory": place.url, "best_metric": metric, "best_mode": mode if metric else None,
             "steps": [_step_json(s, infos[s], s == best) for s in steps],
-            "uncommitted": leftovers, "damaged": damaged,
+            "uncommitted": [p.url for p in leftovers], "damaged": damaged,
         })
         return
-    table = Table(title=f"{path}: {len(steps)} step{'s' * (len(steps) != 1)}", title_justify="left")
+    table = Table(title=f"{place.url}: {len(steps)} step{'s' * (len(steps) != 1)}",
+                  title_justify="left")
     for name, justify in (("step", "right"), ("saved", "left"), ("size", "right"),
                           ("metrics", "left"), ("", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -214,7 +232,7 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
         table.add_row("-", "", "", f"[red]damaged step set aside as {name}[/]",
                       "kept for inspection; never restored")
     for left in leftovers:
-        table.add_row("-", "", "", f"[yellow]uncommitted leftover {os.path.basename(left)}[/]",
+        table.add_row("-", "", "", f"[yellow]uncommitted leftover {left.name}[/]",
                       "removed when a writer opens the directory")
     out.print(table)
 
@@ -244,16 +262,16 @@ def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> No
     info = _restore.read_root(ckpt)
     arrays = [a for name, a in sorted(info.arrays.items()) if fnmatch.fnmatchcase(name, pattern)]
     if not arrays:
-        raise CheckpointError(_no_match(ckpt, pattern, list(info.arrays)))
+        raise CheckpointError(_no_match(ckpt.url, pattern, list(info.arrays)))
     total = sum(a.nbytes for a in arrays)
     if as_json:
         _print_json({
-            "path": ckpt, "step": info.step, "time": info.created, "metrics": info.metrics,
+            "path": ckpt.url, "step": info.step, "time": info.created, "metrics": info.metrics,
             "metadata": info.metadata, "bytes": total, "arrays": len(arrays),
             "variables": [_array_json(a) for a in arrays],
         })
         return
-    head = f"[bold]{ckpt}[/]"
+    head = f"[bold]{ckpt.url}[/]"
     if info.step is not None:
         head += f"  step {info.step}"
     root = Tree(f"{head}  saved {_when(info.created)}")
@@ -297,29 +315,22 @@ def _array_json(a: ArraySpec) -> dict:
 def verify_command(path: str, step: int | None) -> None:
     """Read every chunk of a checkpoint (or of every step of a manager directory) and check
     sizes, checksums and documents. Exits with 1 and names every bad variable on failure."""
-    root = _restore.checkpoint_path(path)
-    if step is not None or _is_checkpoint(root):
-        targets = [_resolve(path, step)]
-    else:
-        steps = _directory.committed_steps(root)
-        if not steps:
-            _restore.read_root(root)  # raises the precise error
-        targets = [_directory.step_path(root, s) for s in steps]
+    targets = _checkpoints(path, step)
     bad = 0
     with _workers() as workers:
         for ckpt in targets:
             try:
                 total = _data_bytes(_restore.read_root(ckpt))
-                with _progress(f"verify {os.path.basename(ckpt) or ckpt}", total) as advance:
+                with _progress(f"verify {ckpt.name or ckpt.url}", total) as advance:
                     problems = _verify.check(ckpt, workers, progress=advance)
             except CheckpointError as e:
                 problems = [_verify.Problem(None, e)]
             if not problems:
-                out.print(f"[green]ok[/]  {ckpt}  ({_human(total)})")
+                out.print(f"[green]ok[/]  {ckpt.url}  ({_human(total)})")
                 continue
             bad += 1
             variables = sorted({p.variable or "(checkpoint)" for p in problems})
-            err.print(f"[red]BAD[/] {ckpt}: {len(variables)} damaged: {', '.join(variables)}")
+            err.print(f"[red]BAD[/] {ckpt.url}: {len(variables)} damaged: {', '.join(variables)}")
             for p in problems:
                 err.print(f"  {type(p.error).__name__}: {p.error}", markup=False)
     if bad:
@@ -334,10 +345,11 @@ def rm_command(directory: str, steps: tuple[int, ...]) -> None:
     """Delete steps of a manager directory (takes the directory's writer lock)."""
     from ._manager import CheckpointManager
 
-    path = _restore.checkpoint_path(directory)
-    if not _remote.is_url(path) and not os.path.isdir(path):
-        raise CheckpointError(f"no directory at {path}")
-    with CheckpointManager(path, save_on_preemption=False) as mgr:
+    place = open_storage(directory)
+    if place.has_directories and place.kind() != "directory":
+        raise CheckpointError(f"no directory at {place.url}")
+    path = place.url
+    with CheckpointManager(place.url, save_on_preemption=False) as mgr:
         missing = [s for s in steps if s not in mgr.all_steps()]
         if missing:
             raise StepNotFoundError(f"step {missing[0]} is not in {path}; committed steps: "
@@ -357,20 +369,17 @@ def cp_command(src: str, dst: str, step: int | None) -> None:
     """Copy a checkpoint, or every step of a manager directory, between disk and object stores.
 
     The copy is checked chunk by chunk against its checksums and committed atomically."""
-    root, dest = _restore.checkpoint_path(src), _restore.checkpoint_path(dst)
-    if step is not None or _is_checkpoint(root):
+    dest = open_storage(dst)
+    if step is not None or _is_checkpoint(open_storage(src)):
         pairs = [(_resolve(src, step), dest)]
     else:
-        steps = _directory.committed_steps(root)
-        if not steps:
-            _restore.read_root(root)  # raises the precise error
-        pairs = [(_directory.step_path(root, s), _directory.step_path(dest, s)) for s in steps]
+        pairs = [(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)]
     with _workers() as workers:
         for a, b in pairs:
             total = _data_bytes(_restore.read_root(a))
-            with _progress(f"copy {os.path.basename(a)}", total) as advance:
+            with _progress(f"copy {a.name}", total) as advance:
                 _copy.copy(a, b, workers, progress=advance)
-            out.print(f"copied {a} -> {b} ({_human(total)})")
+            out.print(f"copied {a.url} -> {b.url} ({_human(total)})")
 
 
 @cli.command("export")
@@ -388,7 +397,7 @@ def export_command(path: str, output: str, step: int | None, pattern: str,
     info = _restore.read_root(ckpt)
     names = sorted(n for n in info.arrays if fnmatch.fnmatchcase(n, pattern))
     if not names:
-        raise CheckpointError(_no_match(ckpt, pattern, list(info.arrays)))
+        raise CheckpointError(_no_match(ckpt.url, pattern, list(info.arrays)))
     dtype = None
     if cast is not None:
         try:
@@ -416,12 +425,12 @@ def import_orbax_command(src: str, dst: str, force: bool) -> None:
     an asyncckpt checkpoint at DST, keeping names, dtypes and values."""
     from ._orbax import import_orbax
 
-    dest = _restore.checkpoint_path(dst)
+    dest = open_storage(dst)
     if not force and _is_checkpoint(dest):
-        raise CheckpointExistsError(f"a checkpoint already exists at {dest}; pass --force to "
-                                    "replace it")
+        raise CheckpointExistsError(f"a checkpoint already exists at {dest.url}; pass --force "
+                                    "to replace it")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes are not errors
-    info = import_orbax(src, dest, force=force)
+    info = import_orbax(src, dest.url, force=force)
     out.print(f"imported {info[0]} arrays ({_human(info[1])}) from {src} to {dst}")
 
 

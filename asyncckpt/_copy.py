@@ -2,67 +2,64 @@
 
 The bytes are copied as they are (same chunks, same documents), after checking each chunk's
 checksums in memory: a damaged source fails the copy instead of spreading. The destination is
-written like a save (a temporary sibling directory, or the `.asyncckpt-uncommitted` marker in an
-object store) and committed by writing its root `zarr.json` last.
+written like a save (`Storage.begin`: a temporary sibling directory, or the prefix marked
+uncommitted) and committed by writing its root `zarr.json` last.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
-from . import _format, _remote, _save, _store
+from . import _format, _save
 from ._executor import Workers
 from ._format import ArraySpec
 from ._restore import read_root
+from ._storage import Storage
 
 
-def copy(src: str, dst: str, workers: Workers, *,
+def copy(src: Storage, dst: Storage, workers: Workers, *,
          progress: Callable[[int], None] | None = None) -> None:
     """Copy the committed checkpoint `src` to `dst`, which must not exist yet.
     `progress(n)` is called from worker threads as `n` more data bytes are copied."""
     info = read_root(src)
-    root = _store.read_small_file(os.path.join(src, _format.DOC), _format.MAX_ROOT_DOC_BYTES)
-    _save.check_destination(dst, force=False)
-    tmp = _save.begin_write(dst, replace=False)
+    root = src.read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
+    dst.check_writable(replace=False)
+    staged = _save.begin_write(dst, replace=False)
     try:
         for group in _format.group_names(list(info.arrays)):
-            _store.makedirs(os.path.join(tmp, group))
-            _store.write_file(os.path.join(tmp, group, _format.DOC), _format.GROUP_DOC)
+            staged.make_dirs([group])
+            staged.write(f"{group}/{_format.DOC}", _format.GROUP_DOC)
         tasks = []
         seen: set[str] = set()
         for spec in info.arrays.values():
-            _store.check_no_links(src, spec.name, f"copying variable {spec.name!r} of {src}",
-                                  seen)
-            _store.makedirs(os.path.join(tmp, spec.name))
-            tasks.append((256, functools.partial(_copy_doc, src, tmp, spec)))
-            tasks += [(spec.chunk_nbytes, functools.partial(_copy_chunk, src, tmp, spec, c,
+            src.check_no_links(spec.name, f"copying variable {spec.name!r} of {src.url}", seen)
+            staged.make_dirs([spec.name])
+            tasks.append((256, functools.partial(_copy_doc, src, staged, spec)))
+            tasks += [(spec.chunk_nbytes, functools.partial(_copy_chunk, src, staged, spec, c,
                                                             progress))
                       for c in spec.chunk_coords()]
-        workers.run_reads(tasks, network=_remote.is_url(src) or _remote.is_url(dst))
-        _store.write_file(os.path.join(tmp, _format.DOC), root)
-        _store.sync_tree(tmp)
-        _store.publish(tmp, dst, replace=False)
+        workers.run_reads(tasks, network=src.network or dst.network)
+        staged.write(_format.DOC, root)
+        staged.sync()
+        dst.commit(staged, replace=False)
     except BaseException:
-        _store.remove_tree(tmp)
+        dst.discard(staged)
         raise
 
 
-def _copy_doc(src: str, dst: str, spec: ArraySpec) -> None:
-    name = os.path.join(spec.name, _format.DOC)
-    _store.write_file(os.path.join(dst, name),
-                      _store.read_small_file(os.path.join(src, name), _format.MAX_ARRAY_DOC_BYTES))
+def _copy_doc(src: Storage, dst: Storage, spec: ArraySpec) -> None:
+    key = f"{spec.name}/{_format.DOC}"
+    dst.write(key, src.read_small(key, _format.MAX_ARRAY_DOC_BYTES))
 
 
-def _copy_chunk(src: str, dst: str, spec: ArraySpec, coords: tuple[int, ...],
+def _copy_chunk(src: Storage, dst: Storage, spec: ArraySpec, coords: tuple[int, ...],
                 progress: Callable[[int], None] | None) -> None:
     key = spec.chunk_key(coords)
-    where = f"copying variable {spec.name!r} of {src}"
+    where = f"copying variable {spec.name!r} of {src.url}"
     band = _format.band_nbytes(spec) if spec.band_rows is not None else None
-    path = os.path.join(src, key)
-    data = _store.read_file(path, _store.chunk_file_sizes(spec.chunk_nbytes, band), where)
-    _store.check_chunk_file(data, spec.chunk_nbytes, band, path, where)
-    _store.write_file(os.path.join(dst, key), data)
+    data = src.read_chunk_file(key, _format.chunk_file_sizes(spec.chunk_nbytes, band), where)
+    _format.check_chunk_file(data, spec.chunk_nbytes, band, src.path(key), where)
+    dst.write(key, data)
     if progress is not None:
         progress(spec.chunk_nbytes)

@@ -15,7 +15,12 @@ from typing import Any
 
 import jax
 
-from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
+from .errors import (
+    BarrierTimeoutError,
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
 
 
 def _client() -> Any:
@@ -71,7 +76,7 @@ class Coordinator:
             except Exception:  # the coordinator itself (process 0) is gone
                 arrived = {self.process}
             missing = sorted(set(range(self.count)) - arrived)
-            raise CheckpointError(
+            raise BarrierTimeoutError(
                 f"{what}: processes {missing} of {self.count} did not arrive within "
                 f"{self.timeout_s:g} s (barrier {key}); they crashed, hang, or did not call the "
                 f"same call. ({type(e).__name__}: {str(e)[:300]})"

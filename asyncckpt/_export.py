@@ -15,23 +15,24 @@ import numpy as np
 
 from ._executor import Workers
 from ._restore import read_arrays, read_root
+from ._storage import Storage
 from .errors import CheckpointError, UnsupportedTypeError
 
 FORMATS = (".safetensors", ".npz")
 
 
-def export(path: str, out: str, names: list[str], workers: Workers, *,
+def export(ckpt: Storage, out: str, names: list[str], workers: Workers, *,
            cast: np.dtype | None = None, max_inflight_bytes: int) -> int:
-    """Write the variables `names` of the checkpoint at `path` to `out`; return the bytes
-    written. `cast`: convert floating-point arrays of another dtype to this one."""
+    """Write the variables `names` of the checkpoint `ckpt` to the local file `out`; return the
+    bytes written. `cast`: convert floating-point arrays of another dtype to this one."""
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in FORMATS:
         raise CheckpointError(f"cannot export to {out}: the file name must end in "
                               f"{' or '.join(FORMATS)}")
-    info = read_root(path)
+    info = read_root(ckpt)
     # typed PRNG keys go out as their raw key data (uint32)
     specs = [dataclasses.replace(info.arrays[n], prng_impl=None) for n in names]
-    arrays = read_arrays(path, [(s, None) for s in specs], workers,
+    arrays = read_arrays(ckpt, [(s, None) for s in specs], workers,
                          max_inflight_bytes=max_inflight_bytes)
     tensors: dict[str, np.ndarray] = {}
     for spec, value in zip(specs, arrays):
@@ -43,7 +44,7 @@ def export(path: str, out: str, names: list[str], workers: Workers, *,
     if suffix == ".npz":
         _write_npz(out, tensors)
     else:
-        _write_safetensors(out, tensors, {"source": path})
+        _write_safetensors(out, tensors, {"source": ckpt.url})
     return sum(v.nbytes for v in tensors.values())
 
 

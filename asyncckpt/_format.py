@@ -1,9 +1,15 @@
-"""The on-disk format: Zarr v3 documents and key names of one checkpoint (pure, no I/O).
+"""The on-disk format, all of it, as pure functions (no I/O): docs/FORMAT.md in code.
 
-See docs/FORMAT.md. A checkpoint is a Zarr v3 group; every array leaf is a Zarr array named by its
-variable name, one chunk per shard, codecs `bytes` + `crc32c`; the root `zarr.json` is written
-last, carries consolidated metadata and the `asyncckpt` attributes, and marks the commit.
-Everything parsed here comes from disk and is treated as untrusted.
+A checkpoint is a Zarr v3 group; every array leaf is a Zarr array named by its variable name, one
+chunk per shard, codecs `bytes` + `crc32c`; chunks over 4 MiB are Zarr shards of row bands; the
+root `zarr.json` is written last, carries consolidated metadata and the `asyncckpt` attributes,
+and marks the commit. Around checkpoints: the names of temporary, deleted and damaged ones, of a
+manager directory's steps, of its lock and of the object-store marker.
+
+Sections: array and group documents; chunk files (byte layouts, checksums); the root document;
+parsing (everything parsed here comes from disk and is untrusted); names. Storage backends write
+and read the bytes these functions lay out and check; changing the layout is this module and
+FORMAT.md.
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ import datetime as _dt
 import functools
 import json
 import math
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import crc32c as _crc32c
 import numpy as np
 
 from . import _dtypes
-from .errors import CorruptCheckpointError, UnsupportedTypeError
+from .errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedTypeError
 
 FORMAT_VERSION = 1
 DOC = "zarr.json"
@@ -156,6 +165,165 @@ def group_names(array_names: list[str]) -> list[str]:
     return sorted(groups, key=node_order)
 
 
+# ---------------------------------------------------------------------------------------------
+# Chunk files
+#
+# A plain chunk file is the chunk's C-order bytes, then their crc32c (4 bytes, little endian): the
+# Zarr `bytes` + `crc32c` codecs. A banded chunk (Zarr `sharding_indexed`, row bands as inner
+# chunks) is
+#   band 0 | crc 0 | pad | band 1 | crc 1 | pad | ... | index | index crc
+# with the index holding (offset, nbytes) as 2 x uint64 per band. Band i starts at i * stride.
+# When a band is a whole number of 4 KiB pages, stride is band + 4 rounded up to 4 KiB ("aligned":
+# every band starts on a page, so a restore can map the bands next to each other in memory instead
+# of copying them); otherwise stride is band + 4 and there is no padding ("packed", also what
+# asyncckpt wrote before aligned bands). The file size tells the two apart.
+
+BAND_ALIGN = 4096
+CRC_BYTES = 4
+
+
+def crc32c(buf: Any) -> int:
+    """The CRC-32C (Castagnoli) of a buffer."""
+    return int(_crc32c.crc32c(buf))
+
+
+def crc_bytes(buf: Any) -> bytes:
+    """The checksum that follows `buf` in a chunk file."""
+    return crc32c(buf).to_bytes(CRC_BYTES, "little")
+
+
+def bytes_view(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array (any dtype, bfloat16 too) without a copy."""
+    return memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+def band_stride(band_nbytes: int) -> int:
+    """The distance between the starts of two bands in the files asyncckpt writes."""
+    if band_nbytes % BAND_ALIGN:
+        return band_nbytes + CRC_BYTES
+    return -(-(band_nbytes + CRC_BYTES) // BAND_ALIGN) * BAND_ALIGN
+
+
+def band_strides(band_nbytes: int) -> tuple[int, ...]:
+    """The strides a reader accepts: the one asyncckpt writes now, and the packed one."""
+    return tuple(dict.fromkeys((band_stride(band_nbytes), band_nbytes + CRC_BYTES)))
+
+
+def band_index(nbands: int, band_nbytes: int, stride: int) -> bytes:
+    """The shard index of a banded chunk (without its checksum)."""
+    index = np.empty((nbands, 2), "<u8")
+    index[:, 0] = np.arange(nbands, dtype=np.uint64) * stride
+    index[:, 1] = band_nbytes + CRC_BYTES
+    return index.tobytes()
+
+
+def index_nbytes(nbands: int) -> int:
+    """Size of the shard index of `nbands` bands, with its checksum."""
+    return 16 * nbands + CRC_BYTES
+
+
+def chunk_file_sizes(nbytes: int, band_nbytes: int | None) -> tuple[int, ...]:
+    """Every size a readable chunk file holding `nbytes` of data may have; the first is the
+    layout asyncckpt writes now."""
+    if band_nbytes is None:
+        return (nbytes + CRC_BYTES,)
+    nbands = nbytes // band_nbytes
+    return tuple(nbands * s + index_nbytes(nbands) for s in band_strides(band_nbytes))
+
+
+def chunk_buffers(data: np.ndarray, band_nbytes: int | None) -> list[memoryview | bytes]:
+    """The buffers that, written one after another, make the chunk file of `data` (no copy of
+    the data: one `writev` writes them)."""
+    view = bytes_view(data)
+    if band_nbytes is None:
+        return [view, crc_bytes(view)]
+    stride = band_stride(band_nbytes)
+    pad = bytes(stride - band_nbytes - CRC_BYTES)
+    buffers: list[memoryview | bytes] = []
+    for start in range(0, view.nbytes, band_nbytes):
+        band = view[start : start + band_nbytes]
+        buffers += [band, crc_bytes(band), pad]
+    index = band_index(view.nbytes // band_nbytes, band_nbytes, stride)
+    return [*buffers, index, crc_bytes(index)]
+
+
+def band_read_buffers(view: memoryview, crcs: bytearray, pads: bytearray, stride: int,
+                      band_nbytes: int) -> list[memoryview]:
+    """The buffers one `preadv` fills from consecutive bands into `view`: data, checksum
+    (into `crcs`), padding (into `pads`), ..."""
+    buffers = []
+    for j in range(view.nbytes // band_nbytes):
+        buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
+                    memoryview(crcs)[CRC_BYTES * j : CRC_BYTES * (j + 1)]]
+        if stride > band_nbytes + CRC_BYTES and (j + 1) * band_nbytes < view.nbytes:
+            buffers.append(memoryview(pads))
+    return buffers
+
+
+def missing_chunk(path: str, where: str) -> IncompleteCheckpointError:
+    return IncompleteCheckpointError(
+        f"{where}: chunk file {path} is missing; the checkpoint is incomplete")
+
+
+def wrong_size(path: str, size: int, expected: int, where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: chunk file {path} has {size} bytes, expected {expected} "
+        "(truncated or overwritten)")
+
+
+def stride_of_size(size: int, nbytes: int, band_nbytes: int, path: str, where: str) -> int:
+    """The stride of a banded chunk file of `size` bytes (it must be one of the known layouts)."""
+    nbands = nbytes // band_nbytes
+    for stride in band_strides(band_nbytes):
+        if size == nbands * stride + index_nbytes(nbands):
+            return stride
+    raise wrong_size(path, size, chunk_file_sizes(nbytes, band_nbytes)[0], where)
+
+
+def check_crc(data: Any, crc: Any, path: str, where: str) -> None:
+    """A plain chunk's data against its checksum."""
+    if crc32c(data) != int.from_bytes(crc, "little"):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in chunk file {path}")
+
+
+def check_band(band: Any, crc: Any, number: int, path: str, where: str) -> None:
+    if crc32c(band) != int.from_bytes(crc, "little"):
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch in band {number} of chunk file {path}")
+
+
+def check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, where: str,
+                stride: int | None = None) -> int:
+    """Check a shard index (and its checksum) against the layouts asyncckpt reads; its stride."""
+    body = bytes(index[:-CRC_BYTES])
+    if crc32c(body) == int.from_bytes(index[-CRC_BYTES:], "little"):
+        for s in band_strides(band_nbytes) if stride is None else (stride,):
+            if body == band_index(nbands, band_nbytes, s):
+                return s
+    raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
+
+
+def check_chunk_file(data: memoryview, nbytes: int, band_nbytes: int | None, path: str,
+                     where: str) -> None:
+    """Verify the size and every checksum of a whole chunk file's bytes, as read back."""
+    if band_nbytes is None:
+        if data.nbytes != nbytes + CRC_BYTES:
+            raise wrong_size(path, data.nbytes, nbytes + CRC_BYTES, where)
+        check_crc(data[:-CRC_BYTES], data[-CRC_BYTES:], path, where)
+        return
+    stride = stride_of_size(data.nbytes, nbytes, band_nbytes, path, where)
+    nbands = nbytes // band_nbytes
+    check_index(data[nbands * stride :], nbands, band_nbytes, path, where, stride)
+    for j in range(nbands):
+        start = j * stride
+        check_band(data[start : start + band_nbytes],
+                   data[start + band_nbytes : start + band_nbytes + CRC_BYTES], j, path, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The root document
+
+
 def encode_json(doc: Any, *, what: str) -> bytes:
     try:
         return _compact(doc)
@@ -202,29 +370,79 @@ def decode_metrics(metrics: Any) -> Any:
     return metrics
 
 
-def root_doc(
-    arrays: list[ArraySpec], tree: dict[str, Any], metadata: Any, *, created: float,
-    extra: dict[str, Any] | None = None,
-) -> bytes:
-    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes
-    (`extra` adds the manager's `step` and `metrics`).
+@dataclass(frozen=True, slots=True)
+class StepFields:
+    """What a `CheckpointManager` records about a step in its root document."""
+
+    step: int
+    metrics: Any = None
+    """As given to `save`: numbers (python, numpy, 0-d JAX), strings, lists, dicts; NaN and
+    infinities allowed."""
+    best: tuple[str, str] | None = None
+    """`(best_metric, best_mode)` when the manager ranks steps by a metric name."""
+
+
+@dataclass(frozen=True, slots=True)
+class RootFields:
+    """The asyncckpt attributes of a root document known when `save` is called, encoded (so
+    checked) then: a `metadata` or metric that JSON cannot hold fails the call, not the write."""
+
+    metadata: Any
+    step: int | None = None
+    metrics: Any = None
+    """Encoded: NaN and infinities as the strings "NaN", "Infinity", "-Infinity"."""
+    best: tuple[str, str] | None = None
+
+    @property
+    def decoded_metrics(self) -> Any:
+        """The metrics as a reader gets them back (plain python numbers)."""
+        return decode_metrics(self.metrics)
+
+
+def root_fields(metadata: Any, step: StepFields | None, where: str) -> RootFields:
+    """Encode and check what `save` was given for the root document."""
+    encode_json(metadata, what="`metadata`")
+    if step is None:
+        return RootFields(metadata)
+    metrics = None if step.metrics is None else encode_metrics(step.metrics, where)
+    return RootFields(metadata, step.step, metrics, step.best)
+
+
+def root_doc(arrays: list[ArraySpec], tree: dict[str, Any], fields: RootFields, *,
+             created: float) -> bytes:
+    """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
 
     Assembled from the already-encoded node documents: re-encoding thousands of array documents
     inside one big dict cost ~0.2 s of CPU per save of 4000 leaves."""
     stamp = _dt.datetime.fromtimestamp(created, _dt.UTC).isoformat()
-    attributes = {ATTR: {"format_version": FORMAT_VERSION, "created": stamp,
-                         "created_unix": created, **(extra or {}),
-                         "tree": tree, "metadata": metadata}}
+    ours: dict[str, Any] = {"format_version": FORMAT_VERSION, "created": stamp,
+                            "created_unix": created}
+    if fields.step is not None:
+        ours.update(step=fields.step, metrics=fields.metrics)
+    if fields.best is not None:
+        ours["best"] = {"metric": fields.best[0], "mode": fields.best[1]}
+    ours.update(tree=tree, metadata=fields.metadata)
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
     nodes.sort(key=lambda node: node_order(node[0]))
     return b"".join([
         b'{"zarr_format":3,"node_type":"group","attributes":',
-        encode_json(attributes, what="the tree description or `metadata`"),
+        encode_json({ATTR: ours}, what="the tree description or `metadata`"),
         b',"consolidated_metadata":{"kind":"inline","must_understand":false,"metadata":{',
         b",".join(json.dumps(name).encode() + b":" + doc for name, doc in nodes),
         b"}}}",
     ])
+
+
+def is_asyncckpt_root(raw: bytes) -> bool:
+    """Whether the bytes of a root `zarr.json` are one that asyncckpt wrote (its attributes are
+    there); anything unreadable is not."""
+    try:
+        doc = parse_json(raw, "", "")
+    except CorruptCheckpointError:
+        return False
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return isinstance(attrs, dict) and isinstance(attrs.get(ATTR), dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,3 +601,55 @@ def _best(value: Any) -> tuple[str, str] | None:
             and value.get("mode") in ("min", "max"):
         return value["metric"], value["mode"]
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Names around checkpoints
+#
+# A save writes `.<name>.asyncckpt-tmp-<12 hex>` next to its destination and renames it into
+# place; a deletion renames the checkpoint to `.<name>.asyncckpt-deleting-<12 hex>` and then
+# removes it; both are leftovers if a crash interrupts them. In an object store a checkpoint is
+# written in place, its prefix marked with `UNCOMMITTED` until the root document is written.
+# A manager directory holds `<step>/` checkpoints, `.asyncckpt.lock`, and the damaged steps that
+# a restore set aside, `<step>.damaged-<UTC time>`.
+
+UNCOMMITTED = ".asyncckpt-uncommitted"
+LOCK_NAME = ".asyncckpt.lock"
+_STEP = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
+_LEFTOVER = re.compile(r"\..+\.asyncckpt-(tmp|deleting)-[0-9a-f]{12}\Z")
+_DAMAGED = re.compile(r"(0|[1-9][0-9]{0,18})\.damaged-[0-9]{8}T[0-9]{6}Z(-[0-9a-f]{6})?\Z")
+
+
+def step_name(step: int) -> str:
+    """The name of a step's checkpoint in a manager directory: the number, no padding."""
+    return str(step)
+
+
+def parse_step(name: str) -> int | None:
+    """The step a manager-directory entry is named for, or None."""
+    return int(name) if _STEP.match(name) else None
+
+
+def temporary_name(name: str) -> str:
+    """A fresh hidden name next to `name` for a save in progress."""
+    return f".{name}.asyncckpt-tmp-{uuid.uuid4().hex[:12]}"
+
+
+def deleting_name(name: str) -> str:
+    """A fresh hidden name next to `name` for a checkpoint being deleted."""
+    return f".{name}.asyncckpt-deleting-{uuid.uuid4().hex[:12]}"
+
+
+def is_leftover(name: str) -> bool:
+    """A save or a deletion in progress, or left by a crash."""
+    return bool(_LEFTOVER.match(name))
+
+
+def damaged_name(step: int, when: float, taken: list[str]) -> str:
+    """The name a damaged step is set aside under (not one of the names `taken`)."""
+    name = f"{step}.damaged-{_dt.datetime.fromtimestamp(when, _dt.UTC):%Y%m%dT%H%M%SZ}"
+    return name if name not in taken else f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def is_damaged(name: str) -> bool:
+    return bool(_DAMAGED.match(name))

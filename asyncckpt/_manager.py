@@ -1,29 +1,36 @@
 """`CheckpointManager`: numbered steps in one directory, retention, preemption saves.
 
 Orchestration only: whether to save, snapshot -> background write -> retention, which steps exist.
-The steps on disk are the truth; the manager's list is a cache of them that only this writer
-changes (the directory lock keeps other writers out).
+It stands on an `Engine` (threads, host memory, the saves in order), like `AsyncCheckpointer`,
+and on the storage of its directory. The steps on disk are the truth; the manager's list is a
+cache of them that only this writer changes (the directory lock keeps other writers out).
+
+Threads: the caller's thread snapshots and asks; the job thread writes each save and then runs
+the retention job submitted right after it (so retention always sees its step committed), as
+well as deletions and setting damaged steps aside; the clean-up thread removes the files of
+deleted steps. Everything they share (`_infos`, `_saving`, `_jobs`, `_cleanups`,
+`_last_save`) is changed under `_mutex`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import math
-import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
 import jax
 
-from . import _directory, _distributed, _format, _remote, _restore
-from ._checkpointer import (
+from . import _directory, _distributed, _format, _restore, _telemetry
+from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
-    AsyncCheckpointer,
+    Engine,
 )
 from ._executor import Priority
 from ._preemption import PreemptionWatch
@@ -35,14 +42,17 @@ from ._retention import (
     policies_from,
     steps_to_delete,
 )
+from ._storage import Storage, open_storage
 from ._telemetry import RestoreStats, SaveStats
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    ClosedError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    ReadOnlyError,
     StepNotFoundError,
 )
 
@@ -86,8 +96,9 @@ class CheckpointManager:
     Retention: `max_to_keep`, `keep_best` (with `best_metric` and `best_mode`) bound the number of
     steps; `keep_every_n_hours` and `keep_every_n_steps` protect some from deletion. A step kept
     by any policy stays, and so does the newest one. Policies can also be given as objects
-    (`retention=[ac.KeepLastN(3), ...]`). Retention runs after each commit; deleted steps leave
-    the listing at once and their files are removed in the background.
+    (`retention=[ac.KeepLastN(3), ...]`). Retention runs on the job thread, as the job after each
+    save, over the steps on disk; deleted steps leave the listing at once and their files are
+    removed in the background.
 
     Args:
         directory: where the steps live (created if missing).
@@ -127,9 +138,9 @@ class CheckpointManager:
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
-        self._dir = _restore.checkpoint_path(directory)
+        self._dir: Storage = open_storage(directory)
         self._policies = policies_from(max_to_keep, keep_every_n_hours, keep_every_n_steps,
-                                   best_metric, best_mode, keep_best, retention)
+                                       best_metric, best_mode, keep_best, retention)
         self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
         check_count(save_interval_steps, "save_interval_steps")
         self._interval = save_interval_steps
@@ -138,12 +149,13 @@ class CheckpointManager:
         # under jax.distributed every process saves its shards; process 0 alone holds the lock,
         # cleans up and applies retention, the others re-read the step list from disk
         self._leader = not _distributed.is_multi_process() or jax.process_index() == 0
-        # guards _infos and _cleanups: the job thread updates them after commits
         self._mutex = threading.Lock()
         self._infos: dict[int, StepInfo | None] = {}  # None: not read from disk yet
-        self._pending: tuple[int, Future[str]] | None = None  # the save in flight
-        self._cleanups: list[Future[None]] = []
-        self._lock: _directory.DirectoryLock | None = None
+        self._saving: tuple[int, Future[None]] | None = None  # a step until it is recorded
+        self._jobs: list[Future[None]] = []  # retention jobs not yet checked
+        self._cleanups: list[Future[None]] = []  # file removals not yet checked
+        self._last_save: SaveStats | None = None
+        self._lock = None
         if not read_only and self._leader:
             self._lock = _directory.lock(self._dir)
             try:
@@ -152,22 +164,20 @@ class CheckpointManager:
                 if self._lock is not None:
                     self._lock.release()
                 raise
-        elif read_only and not _remote.is_url(self._dir) and not os.path.isdir(self._dir):
+        elif read_only and self._dir.has_directories and self._dir.kind() != "directory":
             raise CheckpointNotFoundError(
-                f"no checkpoint directory at {self._dir} (read_only=True does not create it)")
-        self._ckptr = AsyncCheckpointer(max_workers=max_workers,
-                                        reuse_host_memory=reuse_host_memory,
-                                        max_inflight_bytes=max_inflight_bytes,
-                                        map_files=map_files,
-                                        barrier_timeout_s=barrier_timeout_s,
-                                        background_nice=background_nice)
+                f"no checkpoint directory at {self._dir.url} (read_only=True does not create it)")
+        self._engine = Engine(owner=f"this CheckpointManager of {self._dir.url}",
+                              max_workers=max_workers, reuse_host_memory=reuse_host_memory,
+                              max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                              barrier_timeout_s=barrier_timeout_s,
+                              background_nice=background_nice)
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
-        self._closed = False
         self.reload()
 
     @property
     def directory(self) -> str:
-        return self._dir
+        return self._dir.url
 
     # -- what exists ---------------------------------------------------------------------------
 
@@ -221,7 +231,8 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write: on the interval, after preemption, or the first
-        save into an empty directory; never for a step at or below the newest saved one."""
+        save into an empty directory; never for a step at or below the newest saved one, never
+        on a read-only manager."""
         step = _check_step(step)
         if self._read_only:
             return False
@@ -243,33 +254,59 @@ class CheckpointManager:
         """
         self._check_writable("save")
         step = _check_step(step)
-        self._check_cleanups()
+        self._check_background()
         steps = self.all_steps()  # one listing per save (it is a directory scan off process 0)
         if (step in steps or step == self._in_flight()) and not force:
             raise CheckpointExistsError(
-                f"step {step} already exists in {self._dir}; pass force=True to replace it")
+                f"step {step} already exists in {self._dir.url}; pass force=True to replace it")
         last = self._last_step(steps)
         if not force and not self._should_save(step, last):
             if last is not None and step < last:
                 log.warning("asyncckpt: step %d not saved: it is older than step %d, already "
                             "saved in %s (pass force=True to save it anyway)",
-                            step, last, self._dir)
+                            step, last, self._dir.url)
             return False
-        where = f"while saving step {step} to {self._dir}"
-        encoded = None if metrics is None else _format.encode_metrics(metrics, where)
-        decoded = _format.decode_metrics(encoded)
-        extra = {"step": step, "metrics": encoded}
+        best = None
         if self._best is not None and isinstance(self._best.metric, str):
-            extra["best"] = {"metric": self._best.metric, "mode": self._best.mode}
-        after = functools.partial(self._after_commit, step, decoded)
-        future = self._ckptr._save(self._path(step), tree, metadata=metadata, force=force,
-                                   extra=extra, after_commit=after)
-        self._pending = (step, future)
+            best = (self._best.metric, self._best.mode)
+        fields = _format.root_fields(metadata, _format.StepFields(step, metrics, best),
+                                     f"while saving step {step} to {self._dir.url}")
+        saved = self._engine.save(self._path(step), tree, fields=fields, force=force)
+        retention = self._engine.submit(self._after_save, step, saved, fields.decoded_metrics)
+        with self._mutex:
+            self._saving = (step, retention)
+            self._jobs.append(retention)
         return True
 
-    def _after_commit(self, step: int, metrics: Any, created: float) -> None:
-        """On the job thread, once `step` is durable: record it, then apply retention to the
-        steps on disk (the truth: a step deleted by something else is gone)."""
+    def _after_save(self, step: int, saved: Future[str], metrics: Any) -> None:
+        """The job after the save of `step`, on the job thread of every process: once the step
+        is committed, record it and apply retention to the steps on disk (process 0; a step
+        deleted by something else is gone), then let the others list the steps again."""
+        if saved.exception() is not None:
+            return  # the save's own future raises it
+        stats = self._engine.last_save
+        assert stats is not None and stats.step == step
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            if self._leader:
+                self._apply_retention(step, stats.created, metrics)
+        except BaseException as e:
+            error = e
+        if _distributed.is_multi_process():
+            _distributed.Coordinator(
+                _distributed.call_key(f"retention {self._dir.url} {step}"),
+                self._barrier_timeout_s).barrier("retained", f"retention after step {step}")
+        retention_s = time.perf_counter() - t0
+        stats = dataclasses.replace(stats, retention_s=retention_s,
+                                    total_s=stats.total_s + retention_s)
+        with self._mutex:
+            self._last_save = stats
+        _telemetry.report("save", stats)
+        if error is not None:
+            raise error
+
+    def _apply_retention(self, step: int, created: float, metrics: Any) -> None:
         try:
             self.reload()
             with self._mutex:
@@ -279,34 +316,34 @@ class CheckpointManager:
                 self._delete_now(old)
         except OSError as e:
             raise CheckpointWriteError(
-                e.errno, f"step {step} was committed to {self._dir}, but retention could not "
+                e.errno, f"step {step} was committed to {self._dir.url}, but retention could not "
                 f"delete an old step: {e}") from e
 
     # -- deleting ------------------------------------------------------------------------------
 
     def delete(self, step: int) -> None:
         """Delete a committed step: it leaves the listing at once (one rename); its files are
-        removed in the background (`wait_until_finished` waits for that)."""
+        removed in the background (`wait_until_finished` waits for that). The saves this
+        manager has in flight are waited for first."""
         self._check_writable("delete")
         step = _check_step(step)
-        if step == self._in_flight():
-            self._ckptr.wait_until_finished()
+        self._settle()
         self._existing(step)
         coord = None
         if _distributed.is_multi_process():  # everyone checked the step before it goes
-            coord = _distributed.Coordinator(_distributed.call_key(f"delete {self._dir} {step}"),
-                                             self._barrier_timeout_s)
-            coord.barrier("checked", f"deleting step {step} of {self._dir}")
+            coord = _distributed.Coordinator(
+                _distributed.call_key(f"delete {self._dir.url} {step}"), self._barrier_timeout_s)
+            coord.barrier("checked", f"deleting step {step} of {self._dir.url}")
         deleted = True
         if self._leader:
-            deleted = self._ckptr.workers.submit_job(self._delete_now, step).result()
+            deleted = self._engine.wait_for(self._engine.submit(self._delete_now, step))
         if coord is not None:  # the others list the step until process 0 has renamed it
-            coord.barrier("deleted", f"deleting step {step} of {self._dir}")
+            coord.barrier("deleted", f"deleting step {step} of {self._dir.url}")
         if not deleted:
             self._existing(step)  # it was gone already: raises StepNotFoundError
 
     def _delete_now(self, step: int) -> bool:
-        """Rename `step` out of the listing, durably; remove its files on the clean-up thread.
+        """Take `step` out of the listing, durably; remove its files on the clean-up thread.
         False if the step was gone already (removed by something else: it is dropped)."""
         with self._mutex:
             if step not in self._infos:
@@ -315,81 +352,88 @@ class CheckpointManager:
             trash = _directory.start_delete(self._dir, step)
         except FileNotFoundError:
             log.warning("asyncckpt: step %d of %s was removed by something other than this "
-                        "manager; it is no longer listed", step, self._dir)
+                        "manager; it is no longer listed", step, self._dir.url)
             with self._mutex:
                 self._infos.pop(step, None)
             return False
-        log.debug("asyncckpt: deleting step %d of %s", step, self._dir)
-        cleanup = self._ckptr.workers.submit_cleanup(_directory.remove, trash, step)
+        log.debug("asyncckpt: deleting step %d of %s", step, self._dir.url)
+        cleanup = self._engine.submit_cleanup(_directory.remove, trash, step)
         with self._mutex:
             self._infos.pop(step, None)
             self._cleanups.append(cleanup)
         return True
 
-    def _set_aside(self, step: int) -> str:
+    def _set_aside(self, step: int) -> Storage:
         """Move the damaged `step` out of the listing, kept whole for inspection (job thread)."""
-        path = _directory.set_aside(self._dir, step)
+        moved = _directory.set_aside(self._dir, step)
         with self._mutex:
             self._infos.pop(step, None)
-        return path
+        return moved
 
     def _remove_leftovers(self) -> None:
-        for path in _directory.leftovers(self._dir):
-            log.info("asyncckpt: removing %s, left by an interrupted save or deletion", path)
-            _directory.remove(path, None)
+        for place in _directory.leftovers(self._dir):
+            log.info("asyncckpt: removing %s, left by an interrupted save or deletion", place.url)
+            _directory.remove(place, None)
 
     # -- restoring -----------------------------------------------------------------------------
 
     def restore(self, step: int | None = None, target: Any = None, *, strict: bool = True,
                 fall_back: bool = False) -> Any:
         """Restore `step` (default: the latest committed step); `target` and `strict` as for
-        `asyncckpt.restore`. A step still being saved by this manager is waited for.
+        `asyncckpt.restore`. The saves this manager has in flight are waited for first.
 
         A damaged step raises `CorruptCheckpointError` / `IncompleteCheckpointError` naming it
         and the earlier steps. With `fall_back=True` a warning names the damaged step instead,
-        and the newest earlier step that restores cleanly is returned."""
+        it is set aside (a writer moves it to `<step>.damaged-<time>`, out of the listing), and
+        the newest earlier step that restores cleanly is returned."""
+        self._engine.check_open()
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise CheckpointNotFoundError(
-                    f"{self._dir} holds no committed step yet; start from scratch, or check the "
-                    "directory (steps are folders named by their number)")
+                    f"{self._dir.url} holds no committed step yet; start from scratch, or check "
+                    "the directory (steps are folders named by their number)")
         step = _check_step(step)
-        if step == self._in_flight():
-            self._ckptr.wait_until_finished()
+        self._settle()
         self._existing(step)
         while True:
             try:
-                return self._ckptr._restore(self._path(step), target, strict=strict, step=step)
+                return self._engine.restore(self._path(step), target, strict=strict, step=step)
             except (CorruptCheckpointError, IncompleteCheckpointError) as e:
-                earlier = [s for s in self.all_steps() if s < step]
-                if not fall_back or not earlier:
-                    hint = (f"earlier steps: {_steps_text(earlier)}; restore one with "
-                            "`restore(step=...)`, or pass fall_back=True" if earlier
-                            else "there is no earlier step")
-                    raise type(e)(f"step {step} of {self._dir} is damaged ({hint}): {e}") from e
-                kept = ""
-                if not self._read_only and self._leader:  # it must stop being the latest step
-                    moved = self._ckptr.workers.submit_job(self._set_aside, step).result()
-                    kept = f"; it is kept for inspection as {os.path.basename(moved)}"
-                if not self._read_only and _distributed.is_multi_process():
-                    _distributed.Coordinator(  # the others list steps after it was moved
-                        _distributed.call_key(f"set aside {self._dir} {step}"),
-                        self._barrier_timeout_s).barrier("moved", f"setting aside step {step}")
-                log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
-                            "(fall_back=True)%s: %s", step, self._dir, earlier[-1], kept, e)
-                step = earlier[-1]
+                step = self._fall_back(step, e, fall_back)
+
+    def _fall_back(self, step: int, error: CheckpointError, fall_back: bool) -> int:
+        """The step to restore instead of the damaged `step`, or raise."""
+        earlier = [s for s in self.all_steps() if s < step]
+        if not fall_back or not earlier:
+            hint = (f"earlier steps: {_steps_text(earlier)}; restore one with "
+                    "`restore(step=...)`, or pass fall_back=True" if earlier
+                    else "there is no earlier step")
+            raise type(error)(f"step {step} of {self._dir.url} is damaged ({hint}): "
+                              f"{error}") from error
+        kept = ""
+        if not self._read_only and self._leader:  # it must stop being the latest step
+            moved = self._engine.wait_for(self._engine.submit(self._set_aside, step))
+            kept = f"; it is kept for inspection as {moved.name}"
+        if not self._read_only and _distributed.is_multi_process():
+            _distributed.Coordinator(  # the others list steps after it was moved
+                _distributed.call_key(f"set aside {self._dir.url} {step}"),
+                self._barrier_timeout_s).barrier("moved", f"setting aside step {step}")
+        log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
+                    "(fall_back=True)%s: %s", step, self._dir.url, earlier[-1], kept, error)
+        return earlier[-1]
 
     def last_save_stats(self) -> SaveStats | None:
         """Timings by phase (blocking, snapshot, write, commit, retention) and bytes of the last
         committed save; None before the first. Also logged at debug level and reported as
-        `jax.monitoring` events (`/asyncckpt/save/...`)."""
-        return self._ckptr.last_save_stats()
+        `jax.monitoring` events (`/asyncckpt/save/...`) once its retention has run."""
+        with self._mutex:
+            return self._last_save
 
     def last_restore_stats(self) -> RestoreStats | None:
         """Timings by phase (plan, read, place) and bytes of the last restore; None before the
         first."""
-        return self._ckptr.last_restore_stats()
+        return self._engine.last_restore
 
     # -- preemption ----------------------------------------------------------------------------
 
@@ -409,36 +453,38 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Block until the last save is committed and retention (file removal included) is done;
         raise the first background failure."""
-        self._ckptr.wait_until_finished()
-        while cleanup := self._next_cleanup(done_only=False):
+        self._engine.wait_until_finished()
+        while job := self._take(self._jobs, done_only=False):
+            self._engine.wait_for(job)
+        while cleanup := self._take(self._cleanups, done_only=False):
             cleanup.result()
 
     def check_for_errors(self) -> None:
-        """Raise the first failure of a finished background save or deletion, if any."""
-        self._ckptr.check_for_errors()
-        self._check_cleanups()
+        """Raise the first failure of a finished background save, retention or deletion."""
+        self._engine.check_for_errors()
+        self._check_background()
 
-    def _check_cleanups(self) -> None:
-        while cleanup := self._next_cleanup(done_only=True):
-            cleanup.result()
+    def _check_background(self) -> None:
+        for futures in (self._jobs, self._cleanups):
+            while done := self._take(futures, done_only=True):
+                done.result()
 
-    def _next_cleanup(self, *, done_only: bool) -> Future[None] | None:
-        """Take the oldest file removal (finished, with `done_only`) off the list."""
+    def _take(self, futures: list[Future[Any]], *, done_only: bool) -> Future[Any] | None:
+        """Take the oldest (finished, with `done_only`) future off one of the manager's lists."""
         with self._mutex:
-            for i, cleanup in enumerate(self._cleanups):
-                if cleanup.done() or not done_only:
-                    return self._cleanups.pop(i)
+            for i, future in enumerate(futures):
+                if future.done() or not done_only:
+                    return futures.pop(i)
         return None
 
     def close(self) -> None:
         """Wait for the work in flight, then release the threads, host memory, lock and handler."""
-        if self._closed:
+        if self._engine.closed:
             return
-        self._closed = True
         try:
             self.wait_until_finished()
         finally:
-            self._ckptr.close()
+            self._engine.close()
             self._watch.close()
             if self._lock is not None:
                 self._lock.release()
@@ -450,22 +496,33 @@ class CheckpointManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self._dir!r}, steps={_steps_text(self.all_steps())})"
+        return f"CheckpointManager({self._dir.url!r}, steps={_steps_text(self.all_steps())})"
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _path(self, step: int) -> str:
-        return _directory.step_path(self._dir, step)
+    def _path(self, step: int) -> Storage:
+        return _directory.step_storage(self._dir, step)
 
     def _committed(self) -> list[int]:
         with self._mutex:
             return sorted(self._infos)
 
     def _in_flight(self) -> int | None:
-        """The step being saved, until its save has finished (committed or failed)."""
-        if self._pending is None or self._pending[1].done():
+        """The step being saved, until it is recorded (the job after its save) or failed."""
+        with self._mutex:
+            saving = self._saving
+        if saving is None or saving[1].done():
             return None
-        return self._pending[0]
+        return saving[0]
+
+    def _settle(self) -> None:
+        """Wait until the saves made so far are committed and recorded (their retention jobs
+        done), so that the step list is current; failures are left for the next `save`,
+        `wait_until_finished` or `check_for_errors`."""
+        with self._mutex:
+            jobs = list(self._jobs)
+        for job in jobs:
+            self._engine.wait_done(job)
 
     def _last_step(self, steps: list[int]) -> int | None:
         """The newest of the committed `steps` and the step in flight."""
@@ -478,7 +535,7 @@ class CheckpointManager:
         steps = self.all_steps()
         if step not in steps:
             raise StepNotFoundError(
-                f"step {step} is not in {self._dir}; committed steps: {_steps_text(steps)}")
+                f"step {step} is not in {self._dir.url}; committed steps: {_steps_text(steps)}")
         return step
 
     def _read_info(self, step: int) -> StepInfo:
@@ -491,9 +548,9 @@ class CheckpointManager:
         return StepInfo(step, root.created, root.metrics)
 
     def _check_writable(self, what: str) -> None:
-        if self._closed:
-            raise CheckpointError(
-                f"this CheckpointManager of {self._dir} is closed; open a new one")
+        if self._engine.closed:
+            raise ClosedError(
+                f"this CheckpointManager of {self._dir.url} is closed; open a new one")
         if self._read_only:
-            raise CheckpointError(f"cannot {what}: this CheckpointManager of {self._dir} was "
-                                  "opened with read_only=True")
+            raise ReadOnlyError(f"cannot {what}: this CheckpointManager of {self._dir.url} was "
+                                "opened with read_only=True")

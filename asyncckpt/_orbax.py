@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _remote
 from ._checkpointer import save
+from ._storage import open_storage
 from .errors import CheckpointError, CheckpointNotFoundError
 
 _ITEM_MARKERS = ("_METADATA", "manifest.ocdbt")
@@ -51,11 +51,11 @@ def import_orbax(src: Any, dest: Any, *, force: bool = False) -> tuple[int, int]
     return len(leaves), sum(int(np.asarray(x).nbytes) for x in leaves)
 
 
-def _item_dir(src: str) -> str:
-    if _remote.is_url(src):
-        raise CheckpointError(f"cannot import {src}: importing Orbax checkpoints from object "
+def _item_dir(path: str) -> str:
+    src = open_storage(path).local_path
+    if src is None:
+        raise CheckpointError(f"cannot import {path}: importing Orbax checkpoints from object "
                               "stores is not supported; copy it to disk first")
-    src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise CheckpointNotFoundError(f"no Orbax checkpoint at {src}: not a directory")
     if any(os.path.exists(os.path.join(src, m)) for m in _ITEM_MARKERS):

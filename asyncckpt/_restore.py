@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _directory, _distributed, _format, _remote, _store, _tree
+from . import _directory, _distributed, _format, _libc, _tree
 from ._distributed import Coordinator
 from ._executor import Workers
 from ._format import ArraySpec, RootInfo
+from ._storage import Storage
 from ._telemetry import Phases
 from .errors import (
     CheckpointError,
@@ -36,67 +36,52 @@ from .errors import (
 _ALIGN = 64  # XLA:CPU aliases (does not copy) host buffers aligned to 64 bytes
 
 
-def checkpoint_path(path: Any) -> str:
-    """An absolute local path, or a normalized object-store URL (`file://` URLs are paths)."""
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        raise TypeError(f"a checkpoint path must be a str or os.PathLike, not {path!r}")
-    if (local := _remote.local_path(path)) is not None:
-        path = local
-    elif _remote.is_url(path):
-        return _remote.normalize(path)
-    return os.path.abspath(path)
-
-
-def read_root(path: str) -> RootInfo:
-    """The parsed root document of the committed checkpoint at `path`."""
-    doc = os.path.join(path, _format.DOC)
+def read_root(ckpt: Storage) -> RootInfo:
+    """The parsed root document of the committed checkpoint `ckpt`."""
     try:
-        raw = _store.read_small_file(doc, _format.MAX_ROOT_DOC_BYTES)
+        raw = ckpt.read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
     except FileNotFoundError:
-        raise _not_committed(path) from None
+        raise _not_committed(ckpt) from None
     except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory") from None
+        raise CheckpointNotFoundError(f"{ckpt.url} is a file, not a checkpoint directory") from None
     except OSError as e:
-        raise CheckpointReadError(e.errno, f"cannot read {doc}: {e.strerror}") from e
-    return _format.parse_root_doc(raw, f"checkpoint {path}")
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointReadError(
+            e.errno, f"cannot read {ckpt.path(_format.DOC)}: {e.strerror}") from e
+    return _format.parse_root_doc(raw, f"checkpoint {ckpt.url}")
 
 
-def _not_committed(path: str) -> CheckpointError:
+def _not_committed(ckpt: Storage) -> CheckpointError:
+    """The error for a place without a root document: nothing there, a file, a manager
+    directory, an interrupted save, or something else."""
     try:
-        steps = _directory.committed_steps(path)
-    except OSError:
-        steps = []
+        kind = ckpt.kind()
+        steps = _directory.committed_steps(ckpt) if kind == "directory" else []
+        names = ckpt.list_dir() if kind == "directory" else []
+        partial = _format.UNCOMMITTED in names or any(
+            ckpt.exists(f"{n}/{_format.DOC}") for n in names[:64])
+    except OSError as e:
+        return CheckpointReadError(e.errno, f"cannot read {ckpt.url}: {e.strerror}")
+    url = ckpt.url
+    if kind == "missing":
+        return CheckpointNotFoundError(f"no checkpoint at {url}: the path does not exist "
+                                       "(nothing is stored there)")
+    if kind == "file":
+        return CheckpointNotFoundError(f"{url} is a file, not a checkpoint directory")
     if steps:
         shown = ", ".join(map(str, steps[-10:]))
-        latest = _directory.step_path(path, steps[-1])
+        latest = _directory.step_storage(ckpt, steps[-1]).url
         return CheckpointNotFoundError(
-            f"{path} is a CheckpointManager directory, not a checkpoint: it holds steps "
+            f"{url} is a CheckpointManager directory, not a checkpoint: it holds steps "
             f"{'... ' if len(steps) > 10 else ''}{shown}. Restore one of them, e.g. the latest "
-            f"with `asyncckpt.restore({latest!r})` or `asyncckpt.CheckpointManager({path!r}, "
+            f"with `asyncckpt.restore({latest!r})` or `asyncckpt.CheckpointManager({url!r}, "
             "read_only=True).restore()`")
-    if _remote.is_url(path):
-        try:
-            names = _remote.list_dir(path)
-        except OSError as e:
-            return CheckpointReadError(e.errno, f"cannot read {path}: {e.strerror}")
-        if not names:
-            return CheckpointNotFoundError(f"no checkpoint at {path}: nothing is stored there")
-        return IncompleteCheckpointError(
-            f"{path} is not a committed checkpoint: its root zarr.json (written last, at commit) "
-            "is missing, so a save that wrote there never finished, or this is not a "
-            "checkpoint. Restore another checkpoint.")
-    if not os.path.exists(path):
-        return CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
-    if not os.path.isdir(path):
-        return CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory")
-    partial = any(os.path.exists(os.path.join(path, e, _format.DOC)) for e in os.listdir(path))
     if partial:
         return IncompleteCheckpointError(
-            f"{path} is an incomplete checkpoint: its root zarr.json (written last, at commit) "
-            "is missing, so the save that wrote it never finished. Restore another checkpoint."
-        )
-    return CheckpointNotFoundError(f"{path} is not a checkpoint: it has no zarr.json")
+            f"{url} is an incomplete checkpoint: its root zarr.json (written last, at commit) "
+            "is missing, so the save that wrote it never finished. Restore another checkpoint.")
+    return CheckpointNotFoundError(f"{url} is not a checkpoint: it has no zarr.json")
 
 
 _SMALL_PAGES_FROM = 2 << 20
@@ -112,7 +97,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     n = math.prod(shape) * dtype.itemsize
     raw = np.empty(n + _ALIGN, np.uint8)
     if n >= _SMALL_PAGES_FROM:
-        _store.refuse_huge_pages(raw)
+        _libc.refuse_huge_pages(raw)
     start = (-raw.ctypes.data) % _ALIGN
     return raw[start : start + n].view(dtype).reshape(shape)
 
@@ -121,7 +106,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class _Request:
     """A region of the global array (concrete slices) and the buffer that receives it. `out` is
     None until read when the region is exactly one chunk of a local checkpoint, which may be
-    mapped instead of read (`_store.map_chunk`)."""
+    mapped instead of read (`Storage.map_chunk`)."""
 
     index: tuple[slice, ...]
     out: np.ndarray | None
@@ -160,42 +145,43 @@ def _shift(region: tuple[slice, ...], origin: tuple[slice, ...]) -> tuple[slice,
     return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, origin))
 
 
-def _chunk_tasks(root: str, spec: ArraySpec, requests: list[_Request], where: str,
+def _chunk_tasks(ckpt: Storage, spec: ArraySpec, requests: list[_Request], where: str,
                  seen: set[str]) -> list[Any]:
     """One (cost, task) per chunk that some request needs; chunks nobody needs are never read.
     `seen`: directories already checked not to be symbolic links."""
-    _store.check_no_links(root, spec.name, where, seen)
+    ckpt.check_no_links(spec.name, where, seen)
     tasks = []
     for coords in spec.chunk_coords():
         region = spec.chunk_slices(coords)
         inside = _concrete(region, spec.shape)
         hits = [(r, o) for r in requests if (o := _overlap(inside, r.index)) is not None]
         if hits:
-            path = os.path.join(root, spec.chunk_key(coords))
-            task = functools.partial(_read_chunk, path, spec, region, hits, where)
+            task = functools.partial(_read_chunk, ckpt, spec.chunk_key(coords), spec, region,
+                                     hits, where)
             tasks.append((spec.chunk_nbytes, task))
     return tasks
 
 
-def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
+def _read_chunk(ckpt: Storage, key: str, spec: ArraySpec, region: tuple[slice, ...],
                 hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:
+    path = ckpt.path(key)
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
         band = _format.band_nbytes(spec) if spec.band_rows is not None else None
         if req.out is None:
-            mapped = _guarded(path, where, _store.map_chunk, path, spec.chunk_nbytes, band, where)
+            mapped = _guarded(path, where, ckpt.map_chunk, key, spec.chunk_nbytes, band, where)
             if mapped is not None:
                 req.out = mapped.view(spec.dtype).reshape(spec.chunk_shape)
                 return
             req.out = _guarded(path, where, _aligned_empty, spec.chunk_shape, spec.dtype)
         if band is None:
-            _guarded(path, where, _store.read_chunk_into, path, req.out, where)
+            _guarded(path, where, ckpt.read_chunk_into, key, req.out, where)
         else:
-            _read_bands(path, spec, req.out, 0, where)
+            _read_bands(ckpt, key, spec, req.out, 0, where)
         return
     if spec.band_rows is None:
         chunk = np.empty(spec.chunk_shape, spec.dtype)
-        _guarded(path, where, _store.read_chunk_into, path, chunk, where)
+        _guarded(path, where, ckpt.read_chunk_into, key, chunk, where)
         _scatter(chunk, region, hits)
         return
     # a banded chunk: read only the bands that some request overlaps
@@ -210,7 +196,7 @@ def _read_chunk(path: str, spec: ArraySpec, region: tuple[slice, ...],
             merged.append([lo, hi])
     for lo, hi in merged:
         part = np.empty(((hi - lo) * band, *spec.chunk_shape[1:]), spec.dtype)
-        _read_bands(path, spec, part, lo, where)
+        _read_bands(ckpt, key, spec, part, lo, where)
         rows = (slice(start + lo * band, start + hi * band), *region[1:])
         inside = [(r, o) for r, whole in hits if (o := _overlap(whole, rows)) is not None]
         _scatter(part, rows, inside)
@@ -223,9 +209,10 @@ def _scatter(data: np.ndarray, origin: tuple[slice, ...],
         req.out[_shift(overlap, req.index)] = data[_shift(overlap, origin)]
 
 
-def _read_bands(path: str, spec: ArraySpec, out: np.ndarray, first: int, where: str) -> None:
+def _read_bands(ckpt: Storage, key: str, spec: ArraySpec, out: np.ndarray, first: int,
+                where: str) -> None:
     nbands = spec.chunk_shape[0] // spec.band_rows  # type: ignore[operator]
-    _guarded(path, where, _store.read_bands_into, path, out, first, nbands,
+    _guarded(ckpt.path(key), where, ckpt.read_bands_into, key, out, first, nbands,
              _format.band_nbytes(spec), where)
 
 
@@ -396,7 +383,7 @@ def _groups(plans: list[_Plan], limit: int) -> list[list[int]]:
 
 
 def read_arrays(
-    root: str,
+    ckpt: Storage,
     items: list[tuple[ArraySpec, Any]],
     workers: Workers,
     *,
@@ -418,12 +405,12 @@ def read_arrays(
     shards: a process that found damage (each reads only its own shards) would otherwise raise
     while the others wait in placement for it for ever; this way all of them raise.
     """
-    mapping = map_files and not _remote.is_url(root)
+    mapping = map_files and not ckpt.network
     phases = phases if phases is not None else Phases()
     phases.arrays += len(items)
     seen: set[str] = set()
     with phases("plan"):
-        plans = [_plan(spec, target, f"while restoring {spec.name!r} from {root}", mapping)
+        plans = [_plan(spec, target, f"while restoring {spec.name!r} from {ckpt.url}", mapping)
                  for spec, target in items]
     results: list[Any] = [None] * len(items)
     coord = None
@@ -434,15 +421,15 @@ def read_arrays(
             with phases("plan"):
                 staged = [_stage(p) for p in members]
                 tasks = [t for p, reqs in zip(members, staged)
-                         for t in _chunk_tasks(root, p.spec, reqs, p.where, seen)]
+                         for t in _chunk_tasks(ckpt, p.spec, reqs, p.where, seen)]
             with phases("read"):
-                workers.run_reads(tasks, network=_remote.is_url(root))
+                workers.run_reads(tasks, network=ckpt.network)
             phases.bytes += sum(cost for cost, _ in tasks)
         except Exception as e:
             error = e
         if coordinate is not None and any(p.spans_processes for p in members):
             coord = coord or coordinate()
-            error = coord.agree(f"read/{number}", error, f"restoring {root}")
+            error = coord.agree(f"read/{number}", error, f"restoring {ckpt.url}")
         if error is not None:
             raise error
         with phases("place"):
@@ -456,44 +443,44 @@ def read_arrays(
 # Whole trees
 
 
-def restore_tree(path: str, target: Any, *, strict: bool, workers: Workers,
+def restore_tree(ckpt: Storage, target: Any, *, strict: bool, workers: Workers,
                  max_inflight_bytes: int, map_files: bool = True,
                  phases: Phases | None = None, barrier_timeout_s: float = 300.0) -> Any:
-    """Restore the checkpoint at `path` (see `asyncckpt.restore`).
+    """Restore the checkpoint `ckpt` (see `asyncckpt.restore`).
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
     fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
     be the same one (same inode) with its root document after every chunk was read."""
     phases = phases if phases is not None else Phases()
-    identity = _store.identity(path)
+    identity = ckpt.identity()
     with phases("plan"):
-        info = read_root(path)
+        info = read_root(ckpt)
     try:
         coordinate = None
         if _distributed.is_multi_process():
             def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(_distributed.call_key(f"restore {path}"),
+                return _distributed.Coordinator(_distributed.call_key(f"restore {ckpt.url}"),
                                                 barrier_timeout_s)
-        read = functools.partial(read_arrays, path, workers=workers,
+        read = functools.partial(read_arrays, ckpt, workers=workers,
                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
                                  phases=phases, coordinate=coordinate)
-        value = _restore_tree(path, info, target, strict, read, phases)
+        value = _restore_tree(ckpt.url, info, target, strict, read, phases)
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
-        if _changed(path, identity):
-            raise _gone(path) from e
+        if _changed(ckpt, identity):
+            raise _gone(ckpt) from e
         raise
-    if _changed(path, identity):
-        raise _gone(path)
+    if _changed(ckpt, identity):
+        raise _gone(ckpt)
     return value
 
 
-def _changed(path: str, identity: tuple[int, int] | None) -> bool:
-    return _store.identity(path) != identity or not _store.exists(os.path.join(path, _format.DOC))
+def _changed(ckpt: Storage, identity: Any) -> bool:
+    return ckpt.identity() != identity or not ckpt.exists(_format.DOC)
 
 
-def _gone(path: str) -> CheckpointNotFoundError:
+def _gone(ckpt: Storage) -> CheckpointNotFoundError:
     return CheckpointNotFoundError(
-        f"{path} was deleted or replaced while it was being restored (by retention, `delete` "
+        f"{ckpt.url} was deleted or replaced while it was being restored (by retention, `delete` "
         "or a save with force=True); nothing torn was returned. Restore another step, or this "
         "one again if it was replaced")
 

@@ -97,7 +97,6 @@ class Snapshot:
 
     arrays: list[HostArray]
     tree: dict[str, Any]
-    metadata: Any
     created: float
     arena: Arena | None
 
@@ -301,7 +300,7 @@ def _copy_group(group: list[tuple[_Piece, np.ndarray]]) -> None:
         _copy(piece, dest)
 
 
-def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *,
+def take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, *,
                   process_index: int = 0) -> Snapshot:
     """Copy every leaf of `tree` that this process writes into private host memory.
 
@@ -310,7 +309,7 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *
     enabled = gc.isenabled()
     gc.disable()  # a full collection triggered by the ~10 objects per leaf made here cost 70 ms
     try:
-        return _take_snapshot(tree, metadata, workers, pool, process_index)
+        return _take_snapshot(tree, workers, pool, process_index)
     except RuntimeError as e:  # JAX's "Array has been deleted", which names no leaf
         deleted = [keystr(kp) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]
                    if isinstance(v, jax.Array) and v.is_deleted()]
@@ -326,7 +325,7 @@ def take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool, *
             gc.enable()
 
 
-def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
+def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool,
                    process_index: int) -> Snapshot:
     plan, values = _plan_tree(tree)
     pieces: list[_Piece] = []  # to copy into the arena
@@ -363,4 +362,4 @@ def _take_snapshot(tree: Any, metadata: Any, workers: Workers, pool: ArenaPool,
     for p, dest in views + planned:
         chunks[p.array].append((p.coords, dest))
     host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
-    return Snapshot(host, plan.tree, metadata, time.time(), arena)
+    return Snapshot(host, plan.tree, time.time(), arena)

@@ -25,6 +25,8 @@ class SaveStats:
     path: str
     step: int | None
     """The manager's step; None for a save by path."""
+    created: float
+    """When the snapshot was taken (seconds since the epoch): the checkpoint's save time."""
     arrays: int
     bytes: int
     """Array bytes this process wrote (under `jax.distributed`: its own shards)."""

@@ -7,7 +7,6 @@ collects every problem, so one pass names all the damaged variables.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _remote, _store, _tree
+from . import _format, _tree
 from ._executor import Workers
 from ._format import ArraySpec
-from ._restore import checkpoint_path, read_root
+from ._restore import read_root
+from ._storage import Storage, open_storage
 from .errors import (
     CheckpointError,
     CheckpointReadError,
@@ -38,16 +38,17 @@ class Problem:
     error: CheckpointError
 
 
-def check(path: str, workers: Workers, *,
+def check(ckpt: Storage, workers: Workers, *,
           progress: Callable[[int], None] | None = None) -> list[Problem]:
-    """Every problem of the committed checkpoint at `path` (empty: it is sound).
+    """Every problem of the committed checkpoint `ckpt` (empty: it is sound).
 
     Reads every chunk and checks its size and checksums, and checks that each array's own
     `zarr.json` (what zarr-python and TensorStore read) describes the same array as the root
     document. `progress(n)` is called from worker threads as `n` more data bytes are checked.
     An unreadable or damaged root document raises instead: nothing else can be checked then.
     """
-    info = read_root(path)
+    path = ckpt.url
+    info = read_root(ckpt)
     problems: list[Problem] = []
     lock = threading.Lock()
 
@@ -81,25 +82,26 @@ def check(path: str, workers: Workers, *,
     for spec in info.arrays.values():
         where = f"variable {spec.name!r} of {path}"
         try:
-            _store.check_no_links(path, spec.name, where, seen)
+            ckpt.check_no_links(spec.name, where, seen)
         except CheckpointError as e:
             problems.append(Problem(spec.name, e))
             continue
         tasks.append((256, functools.partial(guarded, spec.name,
-                                             functools.partial(_check_doc, path, spec, where))))
+                                             functools.partial(_check_doc, ckpt, spec, where))))
         for coords in spec.chunk_coords():
-            key = os.path.join(path, spec.chunk_key(coords))
+            key = spec.chunk_key(coords)
             tasks.append((spec.chunk_nbytes, functools.partial(
-                guarded, spec.name, functools.partial(_check_chunk, key, spec, where))))
-    workers.run_reads(tasks, network=_remote.is_url(path))
+                guarded, spec.name, functools.partial(_check_chunk, ckpt, key, spec, where))))
+    workers.run_reads(tasks, network=ckpt.network)
     return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
 
 
-def _check_doc(root: str, spec: ArraySpec, where: str) -> int:
+def _check_doc(ckpt: Storage, spec: ArraySpec, where: str) -> int:
     """The array's own zarr.json must parse and describe the same array as the root document."""
-    doc = os.path.join(root, spec.name, _format.DOC)
+    key = f"{spec.name}/{_format.DOC}"
+    doc = ckpt.path(key)
     try:
-        raw = _store.read_small_file(doc, _format.MAX_ARRAY_DOC_BYTES)
+        raw = ckpt.read_small(key, _format.MAX_ARRAY_DOC_BYTES)
     except FileNotFoundError:
         raise IncompleteCheckpointError(f"{where}: {doc} is missing") from None
     parsed = _format.parse_array_doc(spec.name, _format.parse_json(raw, where, doc), doc)
@@ -111,9 +113,9 @@ def _check_doc(root: str, spec: ArraySpec, where: str) -> int:
     return 0
 
 
-def _check_chunk(path: str, spec: ArraySpec, where: str) -> int:
+def _check_chunk(ckpt: Storage, key: str, spec: ArraySpec, where: str) -> int:
     if spec.band_rows is None:
-        _store.read_chunk_into(path, np.empty(spec.chunk_shape, spec.dtype), where)
+        ckpt.read_chunk_into(key, np.empty(spec.chunk_shape, spec.dtype), where)
         return spec.chunk_nbytes
     band = _format.band_nbytes(spec)
     nbands = spec.chunk_nbytes // band
@@ -121,7 +123,7 @@ def _check_chunk(path: str, spec: ArraySpec, where: str) -> int:
     for first in range(0, nbands, step):
         count = min(step, nbands - first)
         out = np.empty((count * spec.band_rows, *spec.chunk_shape[1:]), spec.dtype)
-        _store.read_bands_into(path, out, first, nbands, band, where)
+        ckpt.read_bands_into(key, out, first, nbands, band, where)
     return spec.chunk_nbytes
 
 
@@ -132,10 +134,10 @@ def verify(path: Any) -> None:
     Raises `IncompleteCheckpointError` when parts are only missing, else
     `CorruptCheckpointError`, naming every damaged variable and file (not just the first).
     """
-    path = checkpoint_path(path)
+    ckpt = open_storage(path)
     workers = Workers()
     try:
-        problems = check(path, workers)
+        problems = check(ckpt, workers)
     finally:
         workers.close()
     if not problems:
@@ -145,6 +147,6 @@ def verify(path: Any) -> None:
     details = "; ".join(str(p.error) for p in problems[:20])
     more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
     kind = IncompleteCheckpointError if missing else CorruptCheckpointError
-    raise kind(f"checkpoint {path} is {'incomplete' if missing else 'damaged'}: "
+    raise kind(f"checkpoint {ckpt.url} is {'incomplete' if missing else 'damaged'}: "
                f"{len(names)} variable(s) {names[:20]}: {details}{more}. Restore another "
                "checkpoint (e.g. an earlier step)")

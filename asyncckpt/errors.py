@@ -52,6 +52,24 @@ class CheckpointReadError(CheckpointError, OSError):
     """Reading a file of a checkpoint failed for a reason other than damage (permissions, I/O)."""
 
 
+class DirectoryLockedError(CheckpointError, BlockingIOError):
+    """Another writer (a `CheckpointManager`, `asyncckpt rm`) holds the directory's writer lock;
+    the message names it (pid, host, since when)."""
+
+
+class BarrierTimeoutError(CheckpointError, TimeoutError):
+    """Under `jax.distributed`, some processes did not reach a collective step of a save,
+    restore or deletion in time (`barrier_timeout_s`); the message names them."""
+
+
+class ClosedError(CheckpointError, RuntimeError):
+    """The `CheckpointManager` or `AsyncCheckpointer` was closed; open a new one."""
+
+
+class ReadOnlyError(CheckpointError, PermissionError):
+    """A `CheckpointManager` opened with `read_only=True` was asked to save or delete."""
+
+
 class VariableNotFoundError(CheckpointError, KeyError):
     """The checkpoint has no variable of that name."""
 

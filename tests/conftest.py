@@ -114,37 +114,38 @@ def make_root(request, backend, tmp_path):
     return UrlPath(f"s3://{S3_BUCKET}/{name}-{os.urandom(4).hex()}")
 
 
+def _file(path):
+    """(storage of the parent, name) of a file or object path."""
+    import posixpath
+
+    from asyncckpt._storage import open_storage
+
+    url = open_storage(os.fspath(path)).url
+    return open_storage(posixpath.dirname(url)), posixpath.basename(url)
+
+
 def names(path):
     """The names directly under a local directory or an object-store prefix."""
-    from asyncckpt import _remote
+    from asyncckpt._storage import open_storage
 
-    path = os.fspath(path)
-    return sorted(_remote.list_dir(path) if _remote.is_url(path) else os.listdir(path))
+    return open_storage(os.fspath(path)).list_dir()
 
 
 def remove_file(path):
     """Delete one file or object."""
-    from asyncckpt import _remote
-
-    path = os.fspath(path)
-    _remote.delete(path) if _remote.is_url(path) else os.remove(path)
+    parent, name = _file(path)
+    parent.delete(name)
 
 
 def read_file(path) -> bytes:
-    from asyncckpt import _remote
-
-    path = os.fspath(path)
-    if _remote.is_url(path):
-        return _remote.get(path).tobytes()
-    with open(path, "rb") as f:
-        return f.read()
+    parent, name = _file(path)
+    return parent.get(name).tobytes()
 
 
 def write_file(path, data: bytes) -> None:
-    from asyncckpt import _remote
+    parent, name = _file(path)
+    parent.write(name, data)
 
-    path = os.fspath(path)
-    if _remote.is_url(path):
-        return _remote.put(path, data)
-    with open(path, "wb") as f:
-        f.write(data)
+
+def is_url(path) -> bool:
+    return "://" in os.fspath(path)

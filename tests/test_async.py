@@ -19,17 +19,16 @@ import asyncckpt as ac
 def held_writer(monkeypatch):
     """Chunk writes wait until the test sets the returned event: what the caller does right
     after `save` returns happens before any byte of the checkpoint is written."""
-    from asyncckpt import _store
+    from asyncckpt._storage import Storage
 
     release = threading.Event()
-    for name in ("write_chunk", "write_banded_chunk"):
-        original = getattr(_store, name)
+    original = Storage.write_chunk
 
-        def held(*args, _original=original):
-            assert release.wait(60), "the test never released the writer"
-            _original(*args)
+    def held(*args):
+        assert release.wait(60), "the test never released the writer"
+        original(*args)
 
-        monkeypatch.setattr(_store, name, held)
+    monkeypatch.setattr(Storage, "write_chunk", held)
     return release
 
 
@@ -102,19 +101,19 @@ def test_save_returns_a_future_of_the_committed_path(tmp_path):
 def _spy_writes(monkeypatch, delay_on_writers=0.0):
     """Record the thread of every chunk write; writes on the background writer threads take
     `delay_on_writers` seconds longer (a machine whose CPU training keeps busy)."""
-    from asyncckpt import _store
+    from asyncckpt._storage import Storage
 
     threads = []
-    original = _store.write_chunk
+    original = Storage.write_chunk
 
-    def spy(path, data):
+    def spy(*args):
         name = threading.current_thread().name
         threads.append(name)
         if name.startswith("asyncckpt-write"):
             time.sleep(delay_on_writers)
-        original(path, data)
+        original(*args)
 
-    monkeypatch.setattr(_store, "write_chunk", spy)
+    monkeypatch.setattr(Storage, "write_chunk", spy)
     return threads
 
 
@@ -155,12 +154,12 @@ def test_background_priority_is_checked():
 
 
 def _fail_writes(monkeypatch):
-    from asyncckpt import _store
+    from asyncckpt._storage import Storage
 
-    def broken(path, data):
+    def broken(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_store, "write_chunk", broken)
+    monkeypatch.setattr(Storage, "write_chunk", broken)
 
 
 @pytest.mark.parametrize("raised_by", ["wait_until_finished", "save", "close", "check_for_errors"])

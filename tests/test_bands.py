@@ -87,12 +87,14 @@ def test_whole_read_is_one_pass_over_the_file(saved, reads):
 def test_only_the_needed_bands_are_read(saved, reads):
     """A request for rows 600..900 reads band 1 (rows 512..1024) and the index, nothing else."""
     from asyncckpt import _restore
+    from asyncckpt._storage import open_storage
 
-    spec = _restore.read_root(str(saved)).arrays["w"]
+    ckpt = open_storage(saved)
+    spec = _restore.read_root(ckpt).arrays["w"]
     reads["bytes"] = 0
     out = np.empty((300, COLS), np.float32)
     request = _restore._Request((slice(600, 900), slice(0, COLS)), out)
-    _restore._read_chunk(str(saved / "w" / "c.0.0"), spec, spec.chunk_slices((0, 0)),
+    _restore._read_chunk(ckpt, "w/c.0.0", spec, spec.chunk_slices((0, 0)),
                          [(request, request.index)], "test")
     assert_same(out, VALUE[600:900])
     assert reads["bytes"] == 512 * COLS * 4 + 4 + (16 * 6 + 4)  # no padding: one band

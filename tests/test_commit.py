@@ -16,28 +16,28 @@ def _tree():
 
 
 def test_checkpoint_appears_only_at_commit(tmp_path, monkeypatch):
-    from asyncckpt import _store
+    from asyncckpt._storage.local import LocalStorage
 
     seen = []
-    original = _store.publish
+    original = LocalStorage.commit
 
-    def spy(tmp, dest, *, replace):
-        seen.append((os.path.exists(dest), os.path.exists(os.path.join(tmp, "zarr.json"))))
-        original(tmp, dest, replace=replace)
+    def spy(dest, staged, *, replace):
+        seen.append((os.path.exists(dest.url), os.path.exists(staged.path("zarr.json"))))
+        original(dest, staged, replace=replace)
 
-    monkeypatch.setattr(_store, "publish", spy)
+    monkeypatch.setattr(LocalStorage, "commit", spy)
     ac.save(tmp_path / "ck", _tree())
     assert seen == [(False, True)]  # invisible until the rename, complete before it
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
 def test_interrupted_save_is_never_restored(tmp_path, monkeypatch):
-    from asyncckpt import _store
+    from asyncckpt._storage.local import LocalStorage
 
-    def crash(tmp, dest, *, replace):
+    def crash(dest, staged, *, replace):
         raise KeyboardInterrupt  # the process dies right before the commit
 
-    monkeypatch.setattr(_store, "publish", crash)
+    monkeypatch.setattr(LocalStorage, "commit", crash)
     with pytest.raises(KeyboardInterrupt):
         ac.save(tmp_path / "ck", _tree())
     with pytest.raises(ac.CheckpointNotFoundError, match="does not exist"):
@@ -206,26 +206,25 @@ def test_unknown_variable(tmp_path):
 
 
 def test_the_commit_refuses_to_replace_foreign_data_whatever_it_is_told(root):
-    """The guard sits next to the deletion it guards: `begin` (object stores) and `publish`
+    """The guard sits next to the deletion it guards: `begin` (object stores) and `commit`
     (disk) refuse to replace anything but an asyncckpt checkpoint, even with replace=True."""
     import zarr
 
-    from asyncckpt import _restore, _store
+    from asyncckpt._storage import open_storage
 
-    foreign = _restore.checkpoint_path(root / "z")
+    foreign = open_storage(root / "z")
     if isinstance(root, UrlPath):
         write_file(root / "z" / "table.csv", b"a,b\n")
     else:
-        zarr.open_group(foreign, mode="w").create_array("a", shape=(2,), dtype="f4")
+        zarr.open_group(foreign.url, mode="w").create_array("a", shape=(2,), dtype="f4")
     before = names(root / "z")
     with pytest.raises(ac.CheckpointExistsError, match="(not a checkpoint|not an asyncckpt)"):
-        tmp = _store.begin(foreign, replace=True)
-        _store.publish(tmp, foreign, replace=True)
+        foreign.commit(foreign.begin(replace=True), replace=True)
     assert names(root / "z") == before
     ac.save(root / "ck", {"x": np.zeros(2)})
+    ckpt = open_storage(root / "ck")
     with pytest.raises(ac.CheckpointExistsError, match="already exists"):
-        tmp = _store.begin(_restore.checkpoint_path(root / "ck"), replace=False)
-        _store.publish(tmp, _restore.checkpoint_path(root / "ck"), replace=False)
+        ckpt.commit(ckpt.begin(replace=False), replace=False)
     assert_same(ac.restore(root / "ck")["x"], np.zeros(2))
 
 

@@ -15,10 +15,10 @@ CHILD = r"""
 import sys, time
 import numpy as np
 import asyncckpt as ac
-from asyncckpt import _store
+from asyncckpt._storage import Storage
 
 mode, path = sys.argv[1], sys.argv[2]
-original = _store.write_chunk
+original = Storage.write_chunk
 
 def slow(*args):
     time.sleep(0.3)
@@ -26,7 +26,7 @@ def slow(*args):
         raise OSError(28, "No space left on device")
     original(*args)
 
-_store.write_chunk = slow
+Storage.write_chunk = slow
 tree = {"w": np.arange(1000.0), "b": np.ones(3)}
 if mode.startswith("manager"):
     mgr = ac.CheckpointManager(path, max_to_keep=1)

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _manager, _remote, _snapshot
+from asyncckpt import _manager, _snapshot
+from asyncckpt._storage import open_storage
 
 
 def state_at(step, mesh=None):
@@ -183,7 +184,7 @@ def test_retention_deletes_in_the_background_and_never_blocks_save(tmp_path, mon
     mgr.save(1, state_at(1))
     mgr.save(2, state_at(2))
     mgr.save(3, state_at(3))  # returns while step 1's files are still being removed
-    mgr._ckptr.wait_until_finished()
+    mgr._settle()  # the saves and their retention are done, not the removal of files
     assert mgr.all_steps() == [3] and saved_steps(tmp_path) == [3]  # out of the listing at once
     assert any(".asyncckpt-deleting-" in n for n in os.listdir(tmp_path))
     gate.set()
@@ -194,7 +195,7 @@ def test_retention_deletes_in_the_background_and_never_blocks_save(tmp_path, mon
 
 def test_a_failed_deletion_is_raised_and_names_the_committed_step(root, monkeypatch):
     def refuse(directory, step):
-        raise PermissionError(13, "Permission denied", os.path.join(directory, str(step)))
+        raise PermissionError(13, "Permission denied", directory.path(str(step)))
 
     with ac.CheckpointManager(root, max_to_keep=1) as mgr:
         mgr.save(1, {"s": 1})
@@ -265,13 +266,13 @@ def test_closed_manager_refuses_saves(root):
 
 
 def test_background_failure_is_raised_by_the_next_save(root, monkeypatch):
-    from asyncckpt import _save
+    from asyncckpt._storage import Storage
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     with ac.CheckpointManager(root) as mgr:
-        monkeypatch.setattr(_save._store, "write_chunk", broken)
+        monkeypatch.setattr(Storage, "write_chunk", broken)
         mgr.save(1, {"x": np.zeros(4)})
         with pytest.raises(ac.CheckpointWriteError, match="No space left"):
             mgr.save(2, {"x": np.zeros(4)})
@@ -343,12 +344,12 @@ def _topdir_flag(path):
 
 def test_writer_marks_its_directory_as_a_top_of_hierarchies(tmp_path):
     """On ext2/3/4 a writing manager sets `chattr +T` on its directory, so each step lands in a
-    block group of its own (see _store.spread_subdirectories); a reader changes nothing."""
+    block group of its own (see _storage.local.spread_subdirectories); a reader changes nothing."""
     probe = tmp_path / "probe"
     probe.mkdir()
-    from asyncckpt import _store
+    from asyncckpt._storage.local import spread_subdirectories
 
-    if not _store.spread_subdirectories(str(probe)):
+    if not spread_subdirectories(str(probe)):
         pytest.skip("the file system under tmp_path has no FS_TOPDIR_FL (not ext2/3/4)")
     assert _topdir_flag(probe)
     (tmp_path / "ro").mkdir()
@@ -375,7 +376,7 @@ def _remove_step(directory, step):
     """Delete a step the way a user would, behind the manager's back."""
     path = directory / str(step)
     if isinstance(directory, UrlPath):
-        _remote.delete_prefix(str(path))
+        open_storage(path).remove()
     else:
         shutil.rmtree(path)
 

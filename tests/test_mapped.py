@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _store
+from asyncckpt import _format
+from asyncckpt._storage import local as _local
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux only")
 
@@ -125,7 +126,7 @@ def test_bands_written_packed_are_read(tmp_path, monkeypatch):
     import zarr
 
     with monkeypatch.context() as m:
-        m.setattr(_store, "band_stride", lambda band_nbytes: band_nbytes + 4)
+        m.setattr(_format, "band_stride", lambda band_nbytes: band_nbytes + 4)
         ac.save(tmp_path / "ck", {"banded": BANDED})
     size = (tmp_path / "ck" / "banded" / "c.0.0").stat().st_size
     assert size == BANDED.nbytes + 2 * 4 + 2 * 16 + 4
@@ -138,9 +139,9 @@ def test_bands_written_packed_are_read(tmp_path, monkeypatch):
 
 def test_too_many_mappings_fall_back_to_reading(tmp_path, mesh, monkeypatch):
     ac.save(tmp_path / "ck", tree(mesh))
-    budget = _store._MappingBudget()
+    budget = _local._MappingBudget()
     budget._limit = 2  # room for two plain shards (the banded chunk needs 3): the rest is read
-    monkeypatch.setattr(_store, "_mappings", budget)
+    monkeypatch.setattr(_local, "_mappings", budget)
     restored = ac.restore(tmp_path / "ck", target(mesh))
     check(restored)
     mapped = [s for s in restored["plain"].addressable_shards
@@ -157,8 +158,8 @@ def test_damaged_mapped_chunk_is_corrupt_and_leaks_nothing(tmp_path, mesh, monke
     data = bytearray(path.read_bytes())
     data[1000] ^= 1
     path.write_bytes(bytes(data))
-    budget = _store._MappingBudget()
-    monkeypatch.setattr(_store, "_mappings", budget)
+    budget = _local._MappingBudget()
+    monkeypatch.setattr(_local, "_mappings", budget)
     with pytest.raises(ac.CorruptCheckpointError,
                        match=r"'plain'.*checksum mismatch in chunk file .*plain/c\.2\.0"):
         ac.restore(tmp_path / "ck", target(mesh))

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import S3_BUCKET, assert_same, names
+from conftest import S3_BUCKET, assert_same, names, write_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _remote
+from asyncckpt._storage.objects import ObjectStorage
 
 
 @pytest.fixture
@@ -72,9 +72,9 @@ def test_a_checkpoint_copied_between_disk_and_bucket_is_valid_in_both(bucket, me
 
 
 def test_manager_removes_its_leftovers_and_nothing_else(bucket):
-    _remote.put(f"{bucket}/run/7/.asyncckpt-uncommitted", b"")  # a save that died ...
-    _remote.put(f"{bucket}/run/7/x/c.0", b"partial")
-    _remote.put(f"{bucket}/run/8/notes.txt", b"not ours")  # ... and someone else's objects
+    write_file(f"{bucket}/run/7/.asyncckpt-uncommitted", b"")  # a save that died ...
+    write_file(f"{bucket}/run/7/x/c.0", b"partial")
+    write_file(f"{bucket}/run/8/notes.txt", b"not ours")  # ... and someone else's objects
     with ac.CheckpointManager(f"{bucket}/run", max_to_keep=1) as mgr:
         assert mgr.all_steps() == []
         assert names(f"{bucket}/run") == ["8"]
@@ -87,15 +87,15 @@ def test_manager_removes_its_leftovers_and_nothing_else(bucket):
 
 
 def test_save_refuses_a_prefix_holding_other_objects(bucket):
-    _remote.put(f"{bucket}/data/table.csv", b"a,b\n")
+    write_file(f"{bucket}/data/table.csv", b"a,b\n")
     with pytest.raises(ac.CheckpointExistsError, match="not a checkpoint; choose another path"):
         ac.save(f"{bucket}/data", {"x": np.ones(2)})
     assert names(f"{bucket}/data") == ["table.csv"]
 
 
 def test_an_uncommitted_prefix_is_not_restored(bucket):
-    _remote.put(f"{bucket}/half/.asyncckpt-uncommitted", b"")
-    _remote.put(f"{bucket}/half/x/zarr.json", b"{}")
+    write_file(f"{bucket}/half/.asyncckpt-uncommitted", b"")
+    write_file(f"{bucket}/half/x/zarr.json", b"{}")
     with pytest.raises(ac.IncompleteCheckpointError, match="root zarr.json .* is missing"):
         ac.restore(f"{bucket}/half")
     with pytest.raises(ac.CheckpointNotFoundError, match="nothing is stored there"):
@@ -109,15 +109,15 @@ def test_server_stopped_mid_save_commits_nothing_and_loses_nothing(bucket, s3_se
     mgr.save(1, first)
     mgr.wait_until_finished()
     puts = []
-    real_put = _remote.put
+    real_put = ObjectStorage.write
 
-    def put(url, *buffers):
-        puts.append(url)
+    def put(storage, key, *buffers):
+        puts.append(key)
         if len(puts) == 4:  # the marker and a few documents are in: the server goes away
             s3_server.stop()
-        return real_put(url, *buffers)
+        return real_put(storage, key, *buffers)
 
-    monkeypatch.setattr(_remote, "put", put)
+    monkeypatch.setattr(ObjectStorage, "write", put)
     try:
         mgr.save(2, _tree(mesh, seed=2))
         with pytest.raises(ac.CheckpointWriteError,

@@ -73,16 +73,16 @@ elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest
         check_tree(restored, 1)
         print("restored step", restored["step"], "steps", mgr.all_steps(), flush=True)
 elif mode == "die":
-    from asyncckpt import _store
+    from asyncckpt._storage import Storage
 
-    real = _store.write_chunk
+    real = Storage.write_chunk
 
-    def write_then_die(path, data):
+    def write_then_die(*args):
         if jax.process_index() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        real(path, data)
+        real(*args)
 
-    _store.write_chunk = write_then_die
+    Storage.write_chunk = write_then_die
     try:
         with ac.AsyncCheckpointer(barrier_timeout_s=TIMEOUT_S) as ckptr:
             ckptr.save(ckpt, global_tree(mesh))

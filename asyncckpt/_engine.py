@@ -1,0 +1,231 @@
+"""`Engine`: what `AsyncCheckpointer` and `CheckpointManager` both stand on.
+
+It holds the threads (`Workers`), the host memory kept between saves (`ArenaPool`) and the saves
+in flight, in order. A save: on the caller's thread, wait for the previous save (lending the
+thread to it), check the destination and the root fields, take the snapshot; then one job on the
+job thread writes and commits it (`_save.write_snapshot`). Jobs run one after another in the
+order they were submitted, so a manager submits its retention as the job after its save
+(`submit`) and knows it runs once the step is committed. A background failure is raised by the
+next `save`, `check_for_errors`, `wait_until_finished` or `close`; at interpreter exit the saves
+in flight are finished (or their failure logged) even if nobody calls `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from . import _distributed, _format, _restore, _save, _telemetry
+from ._executor import Priority, Workers, at_interpreter_exit
+from ._snapshot import ArenaPool, Snapshot, take_snapshot
+from ._storage import Storage
+from .errors import ClosedError
+
+DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
+DEFAULT_BARRIER_TIMEOUT_S = 300.0
+DEFAULT_BACKGROUND_NICE: Priority = "idle"
+log = logging.getLogger("asyncckpt")
+T = TypeVar("T")
+
+
+def check_inflight(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_inflight_bytes must be a positive number of bytes, got {value!r}")
+
+
+class Engine:
+    """Threads, host memory and the ordered saves of one checkpointer or manager."""
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        max_workers: int | None = None,
+        reuse_host_memory: bool = True,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        map_files: bool = True,
+        barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
+        background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+    ) -> None:
+        check_inflight(max_inflight_bytes)
+        self.owner = owner  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
+        self.workers = Workers(max_workers, background_nice=background_nice)
+        self.barrier_timeout_s = barrier_timeout_s
+        self.max_inflight_bytes = max_inflight_bytes
+        self.map_files = map_files
+        self._pool = ArenaPool(enabled=reuse_host_memory)
+        self._pending: list[tuple[str, Future[str]]] = []  # (destination, its save)
+        self._closed = False
+        self.last_save: _telemetry.SaveStats | None = None
+        self.last_restore: _telemetry.RestoreStats | None = None
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self, dest: Storage, tree: Any, *, fields: _format.RootFields,
+             force: bool) -> Future[str]:
+        """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
+        with the root-document `fields` (`_format.root_fields`, checked by the caller); the
+        future's result is the committed location."""
+        self.check_open()
+        t0 = time.perf_counter()
+        for _, fut in list(self._pending):  # one save in flight at a time bounds host memory
+            self.workers.help_until(fut)  # waiting: write on this thread too
+        phases = _telemetry.Phases()
+        phases.add("wait_previous", time.perf_counter() - t0)
+        self.check_for_errors()
+        dest.check_writable(replace=force)
+        coord = None
+        if _distributed.is_multi_process():
+            coord = _distributed.Coordinator(_distributed.call_key(f"save {dest.url}"),
+                                             self.barrier_timeout_s)
+        with phases("snapshot"):
+            snap = take_snapshot(tree, self.workers, self._pool,
+                                 process_index=coord.process if coord else 0)
+        phases.add("blocking", time.perf_counter() - t0)
+        future = self.workers.submit_job(self._write, snap, dest, force, fields, coord, phases,
+                                         t0)
+        self._pending.append((dest.url, future))
+        _finish_at_exit(self)
+        return future
+
+    def _write(self, snap: Snapshot, dest: Storage, replace: bool,
+               fields: _format.RootFields, coord: _distributed.Coordinator | None,
+               phases: _telemetry.Phases, t0: float) -> str:
+        try:
+            _save.write_snapshot(snap, dest, self.workers, replace=replace, fields=fields,
+                                 coord=coord, phases=phases)
+        finally:
+            if snap.arena is not None:
+                self._pool.release(snap.arena)
+        stats = _telemetry.SaveStats(
+            path=dest.url, step=fields.step, created=snap.created, arrays=len(snap.arrays),
+            bytes=sum(d.nbytes for a in snap.arrays for _, d in a.chunks),
+            blocking_s=phases["blocking"], wait_previous_s=phases["wait_previous"],
+            snapshot_s=phases["snapshot"], write_s=phases["write"], commit_s=phases["commit"],
+            retention_s=0.0, total_s=time.perf_counter() - t0)
+        self.last_save = stats
+        # a manager's save is reported once its retention (the next job) has run
+        if fields.step is None:
+            _telemetry.report("save", stats)
+        return dest.url
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on the job thread, after every save and job submitted before it."""
+        self.check_open()
+        return self.workers.submit_job(fn, *args)
+
+    def submit_cleanup(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on the clean-up thread (removing files nobody waits for)."""
+        return self.workers.submit_cleanup(fn, *args)
+
+    def wait_for(self, future: Future[Any]) -> Any:
+        """The result of a save or job, writing on this thread while it is not done."""
+        self.workers.help_until(future)
+        return future.result()
+
+    def wait_done(self, future: Future[Any]) -> None:
+        """Wait until a save or job is done, writing on this thread meanwhile; its failure is
+        left for whoever checks it."""
+        self.workers.help_until(future)
+
+    # -- restoring -------------------------------------------------------------------------------
+
+    def restore(self, src: Storage, target: Any, *, strict: bool, step: int | None = None) -> Any:
+        """`asyncckpt.restore` of `src` with this engine's threads and options."""
+        value, self.last_restore = timed_restore(
+            src, target, strict, self.workers, self.max_inflight_bytes, self.map_files, step,
+            self.barrier_timeout_s)
+        return value
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def check_for_errors(self) -> None:
+        """Raise the first failure of a finished save (once), if any."""
+        for item in list(self._pending):
+            if item[1].done():
+                self._pending.remove(item)
+                if (error := item[1].exception()) is not None:
+                    raise error
+
+    def wait_until_finished(self) -> None:
+        """Block until every save made so far has committed; raise the first failure."""
+        while self._pending:
+            self.workers.help_until(self._pending[0][1])
+            self.check_for_errors()
+
+    def close(self) -> None:
+        """Wait for the saves in flight, stop the threads, free held host memory."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self.workers.close()
+            self._pool.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.owner} is closed; open a new one")
+
+    def finish_before_exit(self) -> None:
+        """At interpreter exit: wait for the saves still in flight, saying so, and log (never
+        drop) a failure, since nobody is left to raise it to."""
+        if self._closed or not self._pending:
+            return
+        running = [dest for dest, fut in self._pending if not fut.done()]
+        if running:
+            log.warning("asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
+                        "(call close() or use `with` to wait explicitly)", len(running),
+                        ", ".join(running))
+        try:
+            self.close()
+        except BaseException as e:  # at exit there is no caller to raise to
+            log.error("asyncckpt: a save was not committed before the program exited: %s", e)
+
+
+_unfinished: weakref.WeakSet[Engine] = weakref.WeakSet()
+_unfinished_lock = threading.Lock()
+_hooked = False
+
+
+def _finish_at_exit(engine: Engine) -> None:
+    """Make sure the saves of `engine` are committed (or their failure logged) before the
+    interpreter exits, even if the program never calls `close()`."""
+    global _hooked
+    with _unfinished_lock:
+        if not _hooked:
+            at_interpreter_exit(_finish_all)
+            _hooked = True
+        _unfinished.add(engine)
+
+
+def _finish_all() -> None:
+    for engine in list(_unfinished):
+        engine.finish_before_exit()
+    _unfinished.clear()
+
+
+def timed_restore(src: Storage, target: Any, strict: bool, workers: Workers,
+                  max_inflight_bytes: int, map_files: bool, step: int | None,
+                  barrier_timeout_s: float) -> tuple[Any, _telemetry.RestoreStats]:
+    """`_restore.restore_tree`, timed by phase and reported (`_telemetry.report`)."""
+    phases = _telemetry.Phases()
+    t0 = time.perf_counter()
+    value = _restore.restore_tree(src, target, strict=strict, workers=workers,
+                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
+                                  phases=phases, barrier_timeout_s=barrier_timeout_s)
+    stats = _telemetry.RestoreStats(
+        path=src.url, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
+        read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)
+    _telemetry.report("restore", stats)
+    return value, stats

@@ -1,0 +1,62 @@
+"""Where checkpoints live: one interface (`Storage`, base.py), one file per backend.
+
+`open_storage` is the only place that tells a local path from an object-store URL: every other
+module holds a `Storage` and calls its methods. A backend is one module with a `Storage`
+subclass, named in `_BACKENDS` by its URL schemes.
+
+- local.py: local and network file systems (paths, `file://` URLs);
+- objects.py: object stores through zarr's `ObjectStore` over obstore (`s3://`, `gs://`, `az://`,
+  `memory://`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .base import State, Storage, WriterLock
+from .local import LocalStorage
+from .objects import ALIASES, SCHEMES, ObjectStorage, configure
+
+__all__ = ["State", "Storage", "WriterLock", "configure_storage", "open_storage"]
+
+_BACKENDS: dict[str, type[Storage]] = {scheme: ObjectStorage for scheme in (*SCHEMES, *ALIASES)}
+
+
+def open_storage(path: Any) -> Storage:
+    """The storage at `path`: a local path (made absolute), a `file://` URL, or an object-store
+    URL (`s3://bucket/prefix`, normalized)."""
+    if isinstance(path, Storage):
+        return path
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, not {path!r}")
+    scheme, sep, rest = path.partition("://")
+    if not sep:
+        return LocalStorage(path)
+    if scheme.lower() == "file":
+        return LocalStorage("/" + rest.lstrip("/") if rest.startswith("/") else rest)
+    backend = _BACKENDS.get(scheme.lower())
+    if backend is None:
+        raise ValueError(
+            f"unknown URL scheme {scheme!r} in {path!r}: asyncckpt reads and writes local paths, "
+            "file://, s3://, gs://, az:// and memory:// URLs")
+    return backend(path)  # type: ignore[call-arg]
+
+
+def configure_storage(url: str, **options: Any) -> None:
+    """Set how asyncckpt connects to the bucket of `url` (`s3://bucket`, `gs://bucket`, ...).
+
+    `options` go to obstore's `from_url` as they are: `config` (e.g. `{"endpoint": ...,
+    "region": ..., "access_key_id": ...}`), `client_options` (timeouts, proxies),
+    `retry_config` (`{"max_retries": 3, "retry_timeout": datetime.timedelta(seconds=30)}`),
+    `credential_provider`. Without a call, the usual environment variables apply
+    (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, ...). Applies to
+    every later read and write of that bucket in this process.
+
+        ac.configure_storage("s3://my-bucket", config={"endpoint": "http://127.0.0.1:9000"})
+    """
+    if not isinstance(open_storage(url), ObjectStorage):
+        raise ValueError(f"configure_storage takes an object-store URL (s3://, gs://, az://), "
+                         f"not {url!r}")
+    configure(url, options)
