@@ -69,11 +69,15 @@ class AsyncCheckpointer:
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
-        self._engine = Engine(owner="this AsyncCheckpointer", max_workers=max_workers,
-                              reuse_host_memory=reuse_host_memory,
-                              max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                              barrier_timeout_s=barrier_timeout_s,
-                              background_nice=background_nice)
+        self._engine = Engine(
+            owner="this AsyncCheckpointer",
+            max_workers=max_workers,
+            reuse_host_memory=reuse_host_memory,
+            max_inflight_bytes=max_inflight_bytes,
+            map_files=map_files,
+            barrier_timeout_s=barrier_timeout_s,
+            background_nice=background_nice,
+        )
 
     def save(
         self, path: Any, tree: Any, *, metadata: Any = None, force: bool = False
@@ -159,8 +163,16 @@ def restore(
     check_inflight(max_inflight_bytes)
     workers = Workers()
     try:
-        return timed_restore(open_storage(path), target, strict, workers, max_inflight_bytes,
-                             map_files, None, DEFAULT_BARRIER_TIMEOUT_S)[0]
+        return timed_restore(
+            open_storage(path),
+            target,
+            strict,
+            workers,
+            max_inflight_bytes,
+            map_files,
+            None,
+            DEFAULT_BARRIER_TIMEOUT_S,
+        )[0]
     finally:
         workers.close()
 
@@ -184,8 +196,9 @@ class VariableInfo:
 
 
 def _info(spec: _format.ArraySpec) -> VariableInfo:
-    return VariableInfo(spec.name, spec.shape, spec.dtype, spec.nbytes, spec.chunk_shape,
-                        spec.prng_impl)
+    return VariableInfo(
+        spec.name, spec.shape, spec.dtype, spec.nbytes, spec.chunk_shape, spec.prng_impl
+    )
 
 
 def list_variables(path: Any) -> dict[str, VariableInfo]:
@@ -221,22 +234,24 @@ def load_variable(path: Any, name: str) -> np.ndarray:
             + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
         ) from None
     except OSError as e:
-        raise CheckpointReadError(
-            e.errno, f"cannot read {ckpt.path(doc_key)}: {e.strerror}") from e
+        raise CheckpointReadError(e.errno, f"cannot read {ckpt.path(doc_key)}: {e.strerror}") from e
     doc = _format.parse_json(raw, where, ckpt.path(doc_key))
     if isinstance(doc, dict) and doc.get("node_type") == "group":
         under = [n for n in list_variables(ckpt) if n.startswith(name + "/")]
         raise VariableNotFoundError(
             f"{name!r} in {where} is a group, not a variable; the variables under it: "
-            f"{', '.join(under[:30])}" + (f" ... ({len(under)} in all)" if len(under) > 30
-                                          else "") + " (load them one by one, or restore the "
-            "checkpoint with a target holding just them and strict=False)")
+            f"{', '.join(under[:30])}"
+            + (f" ... ({len(under)} in all)" if len(under) > 30 else "")
+            + " (load them one by one, or restore the "
+            "checkpoint with a target holding just them and strict=False)"
+        )
     spec = _format.parse_array_doc(name, doc, where)
     raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
     workers = Workers(max_workers=4)
     try:
-        (value,) = _restore.read_arrays(ckpt, [(raw_spec, None)], workers,
-                                        max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)
+        (value,) = _restore.read_arrays(
+            ckpt, [(raw_spec, None)], workers, max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES
+        )
     finally:
         workers.close()
     return value

@@ -59,8 +59,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _steps_text(steps: list[int]) -> str:
     if not steps:
         return "none"
-    return ", ".join(map(str, steps[:20])) + (f" ... ({len(steps)} in all)" if len(steps) > 20
-                                             else "")
+    return ", ".join(map(str, steps[:20])) + (
+        f" ... ({len(steps)} in all)" if len(steps) > 20 else ""
+    )
 
 
 def _is_checkpoint(place: Storage) -> bool:
@@ -79,8 +80,9 @@ def _resolve(path: str, step: int | None) -> Storage:
             _restore.read_root(place)  # raises the precise error (missing, not a checkpoint ...)
         return _directory.step_storage(place, steps[-1])
     if step not in steps:
-        raise StepNotFoundError(f"step {step} is not in {place.url}; committed steps: "
-                                f"{_steps_text(steps)}")
+        raise StepNotFoundError(
+            f"step {step} is not in {place.url}; committed steps: {_steps_text(steps)}"
+        )
     return _directory.step_storage(place, step)
 
 
@@ -99,8 +101,10 @@ def _directory_at(path: str) -> Storage:
     """The manager directory at `path` (an error if it is a single checkpoint or nothing)."""
     place = open_storage(path)
     if _is_checkpoint(place):
-        raise CheckpointError(f"{place.url} is a single checkpoint, not a manager directory; "
-                              f"use `asyncckpt show {path}`")
+        raise CheckpointError(
+            f"{place.url} is a single checkpoint, not a manager directory; "
+            f"use `asyncckpt show {path}`"
+        )
     if place.has_directories and place.kind() != "directory":
         raise CheckpointError(f"no directory at {place.url}")
     return place
@@ -115,8 +119,10 @@ def _no_match(ckpt: str, pattern: str, names: list[str]) -> str:
         hint = "closest names: " + ", ".join(close)
     else:
         hint = "it has: " + ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
-    return (f"no variable of {ckpt} matches --filter {pattern!r} (a glob over names such as "
-            f"'params/*'); {hint}")
+    return (
+        f"no variable of {ckpt} matches --filter {pattern!r} (a glob over names such as "
+        f"'params/*'); {hint}"
+    )
 
 
 def _human(n: float) -> str:
@@ -144,11 +150,15 @@ def _print_json(value: Any) -> None:
 @contextmanager
 def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
     """A bytes progress bar on stderr (only on a terminal); yields a thread-safe `advance(n)`."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     lock = threading.Lock()
-    with Progress(*columns, console=err, transient=True,
-                  disable=not err.is_terminal) as bar:
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(what, total=total)
 
         def advance(n: int) -> None:
@@ -185,12 +195,19 @@ def cli(debug: bool) -> None:
 @cli.command("ls")
 @click.argument("directory")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--best-metric", help="Mark the best step by this metric (default: the metric "
-              "the manager ranked steps by, if any).")
-@click.option("--best-mode", type=click.Choice(["min", "max"]), help="Whether lower or higher "
-              "is better (default: the manager's, else min).")
-def ls_command(directory: str, as_json: bool, best_metric: str | None,
-               best_mode: str | None) -> None:
+@click.option(
+    "--best-metric",
+    help="Mark the best step by this metric (default: the metric "
+    "the manager ranked steps by, if any).",
+)
+@click.option(
+    "--best-mode",
+    type=click.Choice(["min", "max"]),
+    help="Whether lower or higher is better (default: the manager's, else min).",
+)
+def ls_command(
+    directory: str, as_json: bool, best_metric: str | None, best_mode: str | None
+) -> None:
     """List the steps of a manager directory: time, size, metrics, the best one, and any
     uncommitted leftovers of interrupted saves and the damaged steps a restore set aside."""
     place = _directory_at(directory)
@@ -209,16 +226,27 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
     leftovers = _directory.leftovers(place)
     damaged = _directory.damaged(place)
     if as_json:
-        _print_json({
-            "directory": place.url, "best_metric": metric, "best_mode": mode if metric else None,
-            "steps": [_step_json(s, infos[s], s == best) for s in steps],
-            "uncommitted": [p.url for p in leftovers], "damaged": damaged,
-        })
+        _print_json(
+            {
+                "directory": place.url,
+                "best_metric": metric,
+                "best_mode": mode if metric else None,
+                "steps": [_step_json(s, infos[s], s == best) for s in steps],
+                "uncommitted": [p.url for p in leftovers],
+                "damaged": damaged,
+            }
+        )
         return
-    table = Table(title=f"{place.url}: {len(steps)} step{'s' * (len(steps) != 1)}",
-                  title_justify="left")
-    for name, justify in (("step", "right"), ("saved", "left"), ("size", "right"),
-                          ("metrics", "left"), ("", "left")):
+    table = Table(
+        title=f"{place.url}: {len(steps)} step{'s' * (len(steps) != 1)}", title_justify="left"
+    )
+    for name, justify in (
+        ("step", "right"),
+        ("saved", "left"),
+        ("size", "right"),
+        ("metrics", "left"),
+        ("", "left"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for step in steps:
         info = infos[step]
@@ -226,35 +254,62 @@ def ls_command(directory: str, as_json: bool, best_metric: str | None,
             table.add_row(str(step), "?", "?", f"[red]unreadable: {info}[/]", "")
             continue
         metrics = json.dumps(info.metrics, default=str) if info.metrics is not None else ""
-        table.add_row(str(step), _when(info.created), _human(_data_bytes(info)), metrics,
-                      f"best {metric}" if step == best else "")
+        table.add_row(
+            str(step),
+            _when(info.created),
+            _human(_data_bytes(info)),
+            metrics,
+            f"best {metric}" if step == best else "",
+        )
     for name in damaged:
-        table.add_row("-", "", "", f"[red]damaged step set aside as {name}[/]",
-                      "kept for inspection; never restored")
+        table.add_row(
+            "-",
+            "",
+            "",
+            f"[red]damaged step set aside as {name}[/]",
+            "kept for inspection; never restored",
+        )
     for left in leftovers:
-        table.add_row("-", "", "", f"[yellow]uncommitted leftover {left.name}[/]",
-                      "removed when a writer opens the directory")
+        table.add_row(
+            "-",
+            "",
+            "",
+            f"[yellow]uncommitted leftover {left.name}[/]",
+            "removed when a writer opens the directory",
+        )
     out.print(table)
 
 
 def _best_step(infos: list[RootInfo], metric: str, mode: str) -> int | None:
     ranked = KeepBest(1, metric, mode).ranked(  # type: ignore[arg-type]
-        [StepInfo(i.step if i.step is not None else -1, i.created, i.metrics) for i in infos])
+        [StepInfo(i.step if i.step is not None else -1, i.created, i.metrics) for i in infos]
+    )
     return ranked[0] if ranked else None
 
 
 def _step_json(step: int, info: RootInfo | CheckpointError, best: bool) -> dict:
     if isinstance(info, CheckpointError):
         return {"step": step, "error": str(info)}
-    return {"step": step, "time": info.created, "bytes": _data_bytes(info),
-            "arrays": len(info.arrays), "metrics": info.metrics, "best": best}
+    return {
+        "step": step,
+        "time": info.created,
+        "bytes": _data_bytes(info),
+        "arrays": len(info.arrays),
+        "metrics": info.metrics,
+        "best": best,
+    }
 
 
 @cli.command("show")
 @click.argument("path")
 @click.option("--step", type=int, help="The step of a manager directory (default: latest).")
-@click.option("--filter", "pattern", default="*", show_default=True,
-              help="Only variables whose name matches this glob (e.g. 'params/*').")
+@click.option(
+    "--filter",
+    "pattern",
+    default="*",
+    show_default=True,
+    help="Only variables whose name matches this glob (e.g. 'params/*').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a tree.")
 def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> None:
     """Show the variables of one checkpoint: shape, dtype, bytes, chunk grid; totals; metadata."""
@@ -265,11 +320,18 @@ def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> No
         raise CheckpointError(_no_match(ckpt.url, pattern, list(info.arrays)))
     total = sum(a.nbytes for a in arrays)
     if as_json:
-        _print_json({
-            "path": ckpt.url, "step": info.step, "time": info.created, "metrics": info.metrics,
-            "metadata": info.metadata, "bytes": total, "arrays": len(arrays),
-            "variables": [_array_json(a) for a in arrays],
-        })
+        _print_json(
+            {
+                "path": ckpt.url,
+                "step": info.step,
+                "time": info.created,
+                "metrics": info.metrics,
+                "metadata": info.metadata,
+                "bytes": total,
+                "arrays": len(arrays),
+                "variables": [_array_json(a) for a in arrays],
+            }
+        )
         return
     head = f"[bold]{ckpt.url}[/]"
     if info.step is not None:
@@ -286,8 +348,10 @@ def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> No
             parent = nodes[key]
         parent.add(_array_line(parts[-1], a))
     out.print(root)
-    out.print(f"{len(arrays)} of {len(info.arrays)} arrays, {_human(total)} "
-              f"({total} bytes)" + (f", filter {pattern!r}" if pattern != "*" else ""))
+    out.print(
+        f"{len(arrays)} of {len(info.arrays)} arrays, {_human(total)} "
+        f"({total} bytes)" + (f", filter {pattern!r}" if pattern != "*" else "")
+    )
     if info.metrics is not None:
         out.print(f"metrics: {json.dumps(info.metrics, default=str)}")
     if info.metadata is not None:
@@ -299,14 +363,23 @@ def _array_line(leaf: str, a: ArraySpec) -> str:
     grid = "x".join(map(str, a.grid)) or "1"
     key = f", key {a.prng_impl}" if a.prng_impl else ""
     bands = f", {a.band_rows}-row bands" if a.band_rows else ""
-    return (f"{leaf}  [cyan]{shape}[/] {a.dtype.name}{key}  {_human(a.nbytes)}  "
-            f"[dim]chunks {grid}{bands}[/]")
+    return (
+        f"{leaf}  [cyan]{shape}[/] {a.dtype.name}{key}  {_human(a.nbytes)}  "
+        f"[dim]chunks {grid}{bands}[/]"
+    )
 
 
 def _array_json(a: ArraySpec) -> dict:
-    return {"name": a.name, "shape": list(a.shape), "dtype": a.dtype.name, "bytes": a.nbytes,
-            "chunk_shape": list(a.chunk_shape), "chunk_grid": list(a.grid),
-            "prng_impl": a.prng_impl, "band_rows": a.band_rows}
+    return {
+        "name": a.name,
+        "shape": list(a.shape),
+        "dtype": a.dtype.name,
+        "bytes": a.nbytes,
+        "chunk_shape": list(a.chunk_shape),
+        "chunk_grid": list(a.grid),
+        "prng_impl": a.prng_impl,
+        "band_rows": a.band_rows,
+    }
 
 
 @cli.command("verify")
@@ -339,8 +412,14 @@ def verify_command(path: str, step: int | None) -> None:
 
 @cli.command("rm")
 @click.argument("directory")
-@click.option("--step", "steps", type=int, multiple=True, required=True,
-              help="A step to delete (repeat for several).")
+@click.option(
+    "--step",
+    "steps",
+    type=int,
+    multiple=True,
+    required=True,
+    help="A step to delete (repeat for several).",
+)
 def rm_command(directory: str, steps: tuple[int, ...]) -> None:
     """Delete steps of a manager directory (takes the directory's writer lock)."""
     from ._manager import CheckpointManager
@@ -352,8 +431,10 @@ def rm_command(directory: str, steps: tuple[int, ...]) -> None:
     with CheckpointManager(place.url, save_on_preemption=False) as mgr:
         missing = [s for s in steps if s not in mgr.all_steps()]
         if missing:
-            raise StepNotFoundError(f"step {missing[0]} is not in {path}; committed steps: "
-                                    f"{_steps_text(mgr.all_steps())}")
+            raise StepNotFoundError(
+                f"step {missing[0]} is not in {path}; committed steps: "
+                f"{_steps_text(mgr.all_steps())}"
+            )
         for s in steps:
             with err.status(f"deleting step {s} of {path}", spinner="dots"):
                 mgr.delete(s)
@@ -386,11 +467,17 @@ def cp_command(src: str, dst: str, step: int | None) -> None:
 @click.argument("path")
 @click.argument("output")
 @click.option("--step", type=int, help="The step of a manager directory (default: latest).")
-@click.option("--filter", "pattern", default="*", show_default=True,
-              help="Only variables whose name matches this glob (e.g. 'params/*').")
+@click.option(
+    "--filter",
+    "pattern",
+    default="*",
+    show_default=True,
+    help="Only variables whose name matches this glob (e.g. 'params/*').",
+)
 @click.option("--cast", help="Convert floating-point arrays to this dtype (e.g. float32).")
-def export_command(path: str, output: str, step: int | None, pattern: str,
-                   cast: str | None) -> None:
+def export_command(
+    path: str, output: str, step: int | None, pattern: str, cast: str | None
+) -> None:
     """Write the arrays of a checkpoint to OUTPUT (.safetensors or .npz), keyed by variable
     name. safetensors keeps bfloat16 and float8; .npz needs --cast for them."""
     ckpt = _resolve(path, step)
@@ -405,8 +492,9 @@ def export_command(path: str, output: str, step: int | None, pattern: str,
         except TypeError:
             raise click.BadParameter(f"unknown dtype {cast!r}", param_hint="--cast") from None
     with _workers() as workers:
-        n = _export.export(ckpt, output, names, workers, cast=dtype,
-                           max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES)
+        n = _export.export(
+            ckpt, output, names, workers, cast=dtype, max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES
+        )
     out.print(f"wrote {len(names)} arrays ({_human(n)}) to {output}")
 
 
@@ -427,8 +515,9 @@ def import_orbax_command(src: str, dst: str, force: bool) -> None:
 
     dest = open_storage(dst)
     if not force and _is_checkpoint(dest):
-        raise CheckpointExistsError(f"a checkpoint already exists at {dest.url}; pass --force "
-                                    "to replace it")
+        raise CheckpointExistsError(
+            f"a checkpoint already exists at {dest.url}; pass --force to replace it"
+        )
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes are not errors
     info = import_orbax(src, dest.url, force=force)
     out.print(f"imported {info[0]} arrays ({_human(info[1])}) from {src} to {dst}")

@@ -18,8 +18,9 @@ from ._restore import read_root
 from ._storage import Storage
 
 
-def copy(src: Storage, dst: Storage, workers: Workers, *,
-         progress: Callable[[int], None] | None = None) -> None:
+def copy(
+    src: Storage, dst: Storage, workers: Workers, *, progress: Callable[[int], None] | None = None
+) -> None:
     """Copy the committed checkpoint `src` to `dst`, which must not exist yet.
     `progress(n)` is called from worker threads as `n` more data bytes are copied."""
     info = read_root(src)
@@ -36,9 +37,10 @@ def copy(src: Storage, dst: Storage, workers: Workers, *,
             src.check_no_links(spec.name, f"copying variable {spec.name!r} of {src.url}", seen)
             staged.make_dirs([spec.name])
             tasks.append((256, functools.partial(_copy_doc, src, staged, spec)))
-            tasks += [(spec.chunk_nbytes, functools.partial(_copy_chunk, src, staged, spec, c,
-                                                            progress))
-                      for c in spec.chunk_coords()]
+            tasks += [
+                (spec.chunk_nbytes, functools.partial(_copy_chunk, src, staged, spec, c, progress))
+                for c in spec.chunk_coords()
+            ]
         workers.run_reads(tasks, network=src.network or dst.network)
         staged.write(_format.DOC, root)
         staged.sync()
@@ -53,8 +55,13 @@ def _copy_doc(src: Storage, dst: Storage, spec: ArraySpec) -> None:
     dst.write(key, src.read_small(key, _format.MAX_ARRAY_DOC_BYTES))
 
 
-def _copy_chunk(src: Storage, dst: Storage, spec: ArraySpec, coords: tuple[int, ...],
-                progress: Callable[[int], None] | None) -> None:
+def _copy_chunk(
+    src: Storage,
+    dst: Storage,
+    spec: ArraySpec,
+    coords: tuple[int, ...],
+    progress: Callable[[int], None] | None,
+) -> None:
     key = spec.chunk_key(coords)
     where = f"copying variable {spec.name!r} of {src.url}"
     band = _format.band_nbytes(spec) if spec.band_rows is not None else None

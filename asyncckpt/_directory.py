@@ -64,5 +64,7 @@ def remove(place: Storage, step: int | None) -> None:
     except OSError as e:
         what = f"step {step}" if step is not None else "leftover files"
         raise CheckpointWriteError(
-            e.errno, f"could not remove the files of {what} at {place.url}: {e.strerror}; the "
-            "step is no longer listed, and the next writer to open the directory retries") from e
+            e.errno,
+            f"could not remove the files of {what} at {place.url}: {e.strerror}; the "
+            "step is no longer listed, and the next writer to open the directory retries",
+        ) from e

@@ -56,9 +56,11 @@ class Coordinator:
         self.timeout_s = timeout_s
         self._client = _client()
         if self._client is None:
-            raise CheckpointError("jax.distributed is not initialised; call "
-                                  "jax.distributed.initialize() before saving from several "
-                                  "processes")
+            raise CheckpointError(
+                "jax.distributed is not initialised; call "
+                "jax.distributed.initialize() before saving from several "
+                "processes"
+            )
 
     def _ms(self) -> int:
         return max(1, int(self.timeout_s * 1000))
@@ -71,8 +73,10 @@ class Coordinator:
             self._client.wait_at_barrier(key, self._ms())
         except Exception as e:  # JaxRuntimeError: DEADLINE_EXCEEDED, or the service went away
             try:
-                arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in
-                           self._client.key_value_dir_get(f"{self.prefix}/arrived/{name}/")}
+                arrived = {
+                    int(k.rsplit("/", 1)[-1])
+                    for k, _ in self._client.key_value_dir_get(f"{self.prefix}/arrived/{name}/")
+                }
             except Exception:  # the coordinator itself (process 0) is gone
                 arrived = {self.process}
             missing = sorted(set(range(self.count)) - arrived)
@@ -87,8 +91,9 @@ class Coordinator:
 
     def get(self, name: str) -> Any:
         """The value another process `put` under `name` (waits for it up to the deadline)."""
-        return json.loads(self._client.blocking_key_value_get(f"{self.prefix}/data/{name}",
-                                                              self._ms()))
+        return json.loads(
+            self._client.blocking_key_value_get(f"{self.prefix}/data/{name}", self._ms())
+        )
 
     def agree(self, name: str, error: Exception | None, what: str) -> Exception | None:
         """Tell every process whether this one failed at `what`, and learn whether any did: the
@@ -96,8 +101,10 @@ class Coordinator:
         or None when all succeeded. Damage found by another process comes back as a
         `CorruptCheckpointError`, so that every process reacts to it alike (e.g. falls back)."""
         damaged = isinstance(error, (CorruptCheckpointError, IncompleteCheckpointError))
-        self.put(f"{name}/{self.process}",
-                 None if error is None else {"damaged": damaged, "message": str(error)[:2000]})
+        self.put(
+            f"{name}/{self.process}",
+            None if error is None else {"damaged": damaged, "message": str(error)[:2000]},
+        )
         self.barrier(name, what)
         if error is not None:
             return error
@@ -112,4 +119,3 @@ class Coordinator:
         """Values each process `put` under `name/<process>`, keyed by process (those present)."""
         items = self._client.key_value_dir_get(f"{self.prefix}/data/{name}/")
         return {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in items}
-

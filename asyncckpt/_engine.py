@@ -66,8 +66,9 @@ class Engine:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, dest: Storage, tree: Any, *, fields: _format.RootFields,
-             force: bool) -> Future[str]:
+    def save(
+        self, dest: Storage, tree: Any, *, fields: _format.RootFields, force: bool
+    ) -> Future[str]:
         """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
         future's result is the committed location."""
@@ -81,33 +82,50 @@ class Engine:
         dest.check_writable(replace=force)
         coord = None
         if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(_distributed.call_key(f"save {dest.url}"),
-                                             self.barrier_timeout_s)
+            coord = _distributed.Coordinator(
+                _distributed.call_key(f"save {dest.url}"), self.barrier_timeout_s
+            )
         with phases("snapshot"):
-            snap = take_snapshot(tree, self.workers, self._pool,
-                                 process_index=coord.process if coord else 0)
+            snap = take_snapshot(
+                tree, self.workers, self._pool, process_index=coord.process if coord else 0
+            )
         phases.add("blocking", time.perf_counter() - t0)
-        future = self.workers.submit_job(self._write, snap, dest, force, fields, coord, phases,
-                                         t0)
+        future = self.workers.submit_job(self._write, snap, dest, force, fields, coord, phases, t0)
         self._pending.append((dest.url, future))
         _finish_at_exit(self)
         return future
 
-    def _write(self, snap: Snapshot, dest: Storage, replace: bool,
-               fields: _format.RootFields, coord: _distributed.Coordinator | None,
-               phases: _telemetry.Phases, t0: float) -> str:
+    def _write(
+        self,
+        snap: Snapshot,
+        dest: Storage,
+        replace: bool,
+        fields: _format.RootFields,
+        coord: _distributed.Coordinator | None,
+        phases: _telemetry.Phases,
+        t0: float,
+    ) -> str:
         try:
-            _save.write_snapshot(snap, dest, self.workers, replace=replace, fields=fields,
-                                 coord=coord, phases=phases)
+            _save.write_snapshot(
+                snap, dest, self.workers, replace=replace, fields=fields, coord=coord, phases=phases
+            )
         finally:
             if snap.arena is not None:
                 self._pool.release(snap.arena)
         stats = _telemetry.SaveStats(
-            path=dest.url, step=fields.step, created=snap.created, arrays=len(snap.arrays),
+            path=dest.url,
+            step=fields.step,
+            created=snap.created,
+            arrays=len(snap.arrays),
             bytes=sum(d.nbytes for a in snap.arrays for _, d in a.chunks),
-            blocking_s=phases["blocking"], wait_previous_s=phases["wait_previous"],
-            snapshot_s=phases["snapshot"], write_s=phases["write"], commit_s=phases["commit"],
-            retention_s=0.0, total_s=time.perf_counter() - t0)
+            blocking_s=phases["blocking"],
+            wait_previous_s=phases["wait_previous"],
+            snapshot_s=phases["snapshot"],
+            write_s=phases["write"],
+            commit_s=phases["commit"],
+            retention_s=0.0,
+            total_s=time.perf_counter() - t0,
+        )
         self.last_save = stats
         # a manager's save is reported once its retention (the next job) has run
         if fields.step is None:
@@ -138,8 +156,15 @@ class Engine:
     def restore(self, src: Storage, target: Any, *, strict: bool, step: int | None = None) -> Any:
         """`asyncckpt.restore` of `src` with this engine's threads and options."""
         value, self.last_restore = timed_restore(
-            src, target, strict, self.workers, self.max_inflight_bytes, self.map_files, step,
-            self.barrier_timeout_s)
+            src,
+            target,
+            strict,
+            self.workers,
+            self.max_inflight_bytes,
+            self.map_files,
+            step,
+            self.barrier_timeout_s,
+        )
         return value
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -184,9 +209,12 @@ class Engine:
             return
         running = [dest for dest, fut in self._pending if not fut.done()]
         if running:
-            log.warning("asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
-                        "(call close() or use `with` to wait explicitly)", len(running),
-                        ", ".join(running))
+            log.warning(
+                "asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
+                "(call close() or use `with` to wait explicitly)",
+                len(running),
+                ", ".join(running),
+            )
         try:
             self.close()
         except BaseException as e:  # at exit there is no caller to raise to
@@ -215,17 +243,38 @@ def _finish_all() -> None:
     _unfinished.clear()
 
 
-def timed_restore(src: Storage, target: Any, strict: bool, workers: Workers,
-                  max_inflight_bytes: int, map_files: bool, step: int | None,
-                  barrier_timeout_s: float) -> tuple[Any, _telemetry.RestoreStats]:
+def timed_restore(
+    src: Storage,
+    target: Any,
+    strict: bool,
+    workers: Workers,
+    max_inflight_bytes: int,
+    map_files: bool,
+    step: int | None,
+    barrier_timeout_s: float,
+) -> tuple[Any, _telemetry.RestoreStats]:
     """`_restore.restore_tree`, timed by phase and reported (`_telemetry.report`)."""
     phases = _telemetry.Phases()
     t0 = time.perf_counter()
-    value = _restore.restore_tree(src, target, strict=strict, workers=workers,
-                                  max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                  phases=phases, barrier_timeout_s=barrier_timeout_s)
+    value = _restore.restore_tree(
+        src,
+        target,
+        strict=strict,
+        workers=workers,
+        max_inflight_bytes=max_inflight_bytes,
+        map_files=map_files,
+        phases=phases,
+        barrier_timeout_s=barrier_timeout_s,
+    )
     stats = _telemetry.RestoreStats(
-        path=src.url, step=step, arrays=phases.arrays, bytes=phases.bytes, plan_s=phases["plan"],
-        read_s=phases["read"], place_s=phases["place"], total_s=time.perf_counter() - t0)
+        path=src.url,
+        step=step,
+        arrays=phases.arrays,
+        bytes=phases.bytes,
+        plan_s=phases["plan"],
+        read_s=phases["read"],
+        place_s=phases["place"],
+        total_s=time.perf_counter() - t0,
+    )
     _telemetry.report("restore", stats)
     return value, stats

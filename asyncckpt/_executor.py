@@ -36,11 +36,11 @@ time no other thread wants), or a niceness to add (0 to 19; 0 keeps the caller's
 
 
 def check_priority(priority: Any) -> Priority:
-    if priority == "idle" or (isinstance(priority, int) and not isinstance(priority, bool)
-                              and 0 <= priority <= 19):
+    if priority == "idle" or (
+        isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 19
+    ):
         return priority
-    raise ValueError(f"background_nice must be 'idle' or a niceness from 0 to 19, not "
-                     f"{priority!r}")
+    raise ValueError(f"background_nice must be 'idle' or a niceness from 0 to 19, not {priority!r}")
 
 
 def _lower_priority(priority: Priority) -> None:
@@ -58,8 +58,9 @@ def _lower_priority(priority: Priority) -> None:
         return
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority))
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority)
+        )
     except OSError:
         pass  # not permitted here: run at normal priority
 
@@ -104,8 +105,12 @@ class _Batch:
 
     def wait(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._running == 0 and (
-                self.error is not None or self._next >= len(self._tasks)))
+            self._cond.wait_for(
+                lambda: (
+                    self._running == 0
+                    and (self.error is not None or self._next >= len(self._tasks))
+                )
+            )
 
 
 class Workers:
@@ -118,30 +123,35 @@ class Workers:
     a save (`help_until`) writes too, on its own thread at its own priority, so a save never
     waits on the CPU time of a busy machine while the caller does nothing."""
 
-    def __init__(self, max_workers: int | None = None, background_nice: Priority = 0,
-                 network_workers: int = NETWORK_WORKERS) -> None:
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        background_nice: Priority = 0,
+        network_workers: int = NETWORK_WORKERS,
+    ) -> None:
         self.size = max_workers or default_workers()
         self.network_size = network_workers
         lower = functools.partial(_lower_priority, check_priority(background_nice))
-        self._network = ThreadPoolExecutor(network_workers, thread_name_prefix="asyncckpt-net",
-                                           initializer=lower)
+        self._network = ThreadPoolExecutor(
+            network_workers, thread_name_prefix="asyncckpt-net", initializer=lower
+        )
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
         # one writer per core at most: more runnable writer threads take more CPU time from
         # training, niced or not (big tree: 8 writers slowed a jitted loop 1.30-1.43x, 2 writers
         # on 2 cores 0.96-1.06x, commit time unchanged; benchmarks/README.md)
         self.background_size = min(self.size, max(2, os.cpu_count() or 1))
-        self._background = ThreadPoolExecutor(self.background_size,
-                                               thread_name_prefix="asyncckpt-write",
-                                               initializer=lower)
+        self._background = ThreadPoolExecutor(
+            self.background_size, thread_name_prefix="asyncckpt-write", initializer=lower
+        )
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-job", initializer=lower)
-        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-cleanup",
-                                           initializer=lower)
+        self._cleanup = ThreadPoolExecutor(
+            1, thread_name_prefix="asyncckpt-cleanup", initializer=lower
+        )
         self._batches: list[_Batch] = []  # background batches in flight, open to helpers
         self._changed = threading.Condition()
 
     def _threads(self, network: bool, background: bool) -> int:
-        return (self.network_size if network else self.background_size if background
-                else self.size)
+        return self.network_size if network else self.background_size if background else self.size
 
     def parts(self, network: bool, background: bool = False) -> int:
         """How many tasks to split work for `run_all(network=..., background=...)` into: enough
@@ -150,8 +160,9 @@ class Workers:
         threads = self._threads(network, background)
         return 4 * threads if background and not network else threads
 
-    def run_all(self, tasks: Sequence[Callable[[], Any]], *, background: bool = False,
-                network: bool = False) -> None:
+    def run_all(
+        self, tasks: Sequence[Callable[[], Any]], *, background: bool = False, network: bool = False
+    ) -> None:
         """Run `tasks` on a pool and wait; on the first failure start no more and raise it.
         `network`: the tasks make object-store requests (the larger, lower-priority pool).
         `background`: a save's writes, which a caller in `help_until` also runs."""
@@ -184,8 +195,9 @@ class Workers:
             with self._changed:
                 batch = next((b for b in self._batches if b.has_work()), None)
                 if batch is None:
-                    self._changed.wait_for(lambda: future.done() or any(
-                        b.has_work() for b in self._batches))
+                    self._changed.wait_for(
+                        lambda: future.done() or any(b.has_work() for b in self._batches)
+                    )
                     continue
             batch.run()
 
@@ -193,13 +205,18 @@ class Workers:
         with self._changed:
             self._changed.notify_all()
 
-    def run_reads(self, tasks: Sequence[tuple[int, Callable[[], Any]]], *,
-                  network: bool = False) -> None:
+    def run_reads(
+        self, tasks: Sequence[tuple[int, Callable[[], Any]]], *, network: bool = False
+    ) -> None:
         """Run `(cost in bytes, task)` pairs, grouped into about one batch per thread of the
         pool (each task also costs 8 KiB of overhead; on disk a group holds at least 1 MiB, so
         thousands of small chunks do not each pay the pool's per-task cost)."""
-        groups = batches(tasks, lambda t: t[0] + 8192, parts=self.parts(network),
-                         min_cost=1 if network else 1 << 20)
+        groups = batches(
+            tasks,
+            lambda t: t[0] + 8192,
+            parts=self.parts(network),
+            min_cost=1 if network else 1 << 20,
+        )
         self.run_all([functools.partial(_run_group, g) for g in groups], network=network)
 
     def submit_job(self, fn: Callable[..., T], *args: Any) -> Future[T]:

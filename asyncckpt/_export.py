@@ -21,19 +21,28 @@ from .errors import CheckpointError, UnsupportedTypeError
 FORMATS = (".safetensors", ".npz")
 
 
-def export(ckpt: Storage, out: str, names: list[str], workers: Workers, *,
-           cast: np.dtype | None = None, max_inflight_bytes: int) -> int:
+def export(
+    ckpt: Storage,
+    out: str,
+    names: list[str],
+    workers: Workers,
+    *,
+    cast: np.dtype | None = None,
+    max_inflight_bytes: int,
+) -> int:
     """Write the variables `names` of the checkpoint `ckpt` to the local file `out`; return the
     bytes written. `cast`: convert floating-point arrays of another dtype to this one."""
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in FORMATS:
-        raise CheckpointError(f"cannot export to {out}: the file name must end in "
-                              f"{' or '.join(FORMATS)}")
+        raise CheckpointError(
+            f"cannot export to {out}: the file name must end in {' or '.join(FORMATS)}"
+        )
     info = read_root(ckpt)
     # typed PRNG keys go out as their raw key data (uint32)
     specs = [dataclasses.replace(info.arrays[n], prng_impl=None) for n in names]
-    arrays = read_arrays(ckpt, [(s, None) for s in specs], workers,
-                         max_inflight_bytes=max_inflight_bytes)
+    arrays = read_arrays(
+        ckpt, [(s, None) for s in specs], workers, max_inflight_bytes=max_inflight_bytes
+    )
     tensors: dict[str, np.ndarray] = {}
     for spec, value in zip(specs, arrays):
         value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
@@ -57,7 +66,8 @@ def _write_npz(out: str, tensors: dict[str, np.ndarray]) -> None:
         if value.dtype.type.__module__.startswith("ml_dtypes") or value.dtype.kind == "V":
             raise UnsupportedTypeError(
                 f"cannot export {name!r} ({value.dtype}) to {out}: .npz files only hold NumPy's "
-                "own dtypes. Export to .safetensors instead, or cast, e.g. `--cast float32`")
+                "own dtypes. Export to .safetensors instead, or cast, e.g. `--cast float32`"
+            )
     tmp = out + ".partial.npz"
     np.savez(tmp, **tensors)  # type: ignore[arg-type]
     os.replace(tmp, out)
@@ -70,8 +80,12 @@ def _write_safetensors(out: str, tensors: dict[str, np.ndarray], metadata: dict[
     for name, value in tensors.items():
         if value.dtype.byteorder == ">":
             value = tensors[name] = value.astype(value.dtype.newbyteorder("<"))
-        specs[name] = TensorSpec(dtype=value.dtype.name, shape=list(value.shape),
-                                 data_ptr=value.ctypes.data, data_len=value.nbytes)
+        specs[name] = TensorSpec(
+            dtype=value.dtype.name,
+            shape=list(value.shape),
+            data_ptr=value.ctypes.data,
+            data_len=value.nbytes,
+        )
     tmp = out + ".partial"
     try:
         serialize_file(specs, tmp, metadata=metadata)  # `tensors` keeps the data alive

@@ -106,8 +106,13 @@ def band_rows_for(chunk_shape: tuple[int, ...], itemsize: int) -> int | None:
         return None
     row = math.prod(chunk_shape[1:]) * itemsize
     rows = chunk_shape[0]
-    fits = [d for k in range(1, math.isqrt(rows) + 1) if rows % k == 0 for d in (k, rows // k)
-            if d * row <= BAND_BYTES]
+    fits = [
+        d
+        for k in range(1, math.isqrt(rows) + 1)
+        if rows % k == 0
+        for d in (k, rows // k)
+        if d * row <= BAND_BYTES
+    ]
     best = max(fits, default=0)
     return best if best * row >= MIN_BAND_BYTES and best < rows else None
 
@@ -119,29 +124,41 @@ def band_nbytes(spec: ArraySpec) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # thousands of leaves share a handful of documents
-def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...],
-               prng_impl: str | None, band_rows: int | None) -> bytes:
+def _array_doc(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    chunk_shape: tuple[int, ...],
+    prng_impl: str | None,
+    band_rows: int | None,
+) -> bytes:
     codecs = _data_codecs(dtype)
     if band_rows is not None:
-        codecs = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [band_rows, *chunk_shape[1:]],
-            "codecs": codecs,
-            "index_codecs": _INDEX_CODECS,
-            "index_location": "end",
-        }}]
+        codecs = [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [band_rows, *chunk_shape[1:]],
+                    "codecs": codecs,
+                    "index_codecs": _INDEX_CODECS,
+                    "index_location": "end",
+                },
+            }
+        ]
     attributes = {ATTR: {"prng_impl": prng_impl}} if prng_impl else {}
-    return _compact({
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(shape),
-        "data_type": _dtypes.zarr_name(dtype),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
-        "fill_value": _dtypes.fill_value_json(dtype),
-        "codecs": codecs,
-        "attributes": attributes,
-        "storage_transformers": [],
-    })
+    return _compact(
+        {
+            "zarr_format": 3,
+            "node_type": "array",
+            "shape": list(shape),
+            "data_type": _dtypes.zarr_name(dtype),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+            "fill_value": _dtypes.fill_value_json(dtype),
+            "codecs": codecs,
+            "attributes": attributes,
+            "storage_transformers": [],
+        }
+    )
 
 
 def _compact(doc: Any) -> bytes:
@@ -247,14 +264,17 @@ def chunk_buffers(data: np.ndarray, band_nbytes: int | None) -> list[memoryview 
     return [*buffers, index, crc_bytes(index)]
 
 
-def band_read_buffers(view: memoryview, crcs: bytearray, pads: bytearray, stride: int,
-                      band_nbytes: int) -> list[memoryview]:
+def band_read_buffers(
+    view: memoryview, crcs: bytearray, pads: bytearray, stride: int, band_nbytes: int
+) -> list[memoryview]:
     """The buffers one `preadv` fills from consecutive bands into `view`: data, checksum
     (into `crcs`), padding (into `pads`), ..."""
     buffers = []
     for j in range(view.nbytes // band_nbytes):
-        buffers += [view[j * band_nbytes : (j + 1) * band_nbytes],
-                    memoryview(crcs)[CRC_BYTES * j : CRC_BYTES * (j + 1)]]
+        buffers += [
+            view[j * band_nbytes : (j + 1) * band_nbytes],
+            memoryview(crcs)[CRC_BYTES * j : CRC_BYTES * (j + 1)],
+        ]
         if stride > band_nbytes + CRC_BYTES and (j + 1) * band_nbytes < view.nbytes:
             buffers.append(memoryview(pads))
     return buffers
@@ -262,13 +282,15 @@ def band_read_buffers(view: memoryview, crcs: bytearray, pads: bytearray, stride
 
 def missing_chunk(path: str, where: str) -> IncompleteCheckpointError:
     return IncompleteCheckpointError(
-        f"{where}: chunk file {path} is missing; the checkpoint is incomplete")
+        f"{where}: chunk file {path} is missing; the checkpoint is incomplete"
+    )
 
 
 def wrong_size(path: str, size: int, expected: int, where: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{where}: chunk file {path} has {size} bytes, expected {expected} "
-        "(truncated or overwritten)")
+        "(truncated or overwritten)"
+    )
 
 
 def stride_of_size(size: int, nbytes: int, band_nbytes: int, path: str, where: str) -> int:
@@ -289,11 +311,18 @@ def check_crc(data: Any, crc: Any, path: str, where: str) -> None:
 def check_band(band: Any, crc: Any, number: int, path: str, where: str) -> None:
     if crc32c(band) != int.from_bytes(crc, "little"):
         raise CorruptCheckpointError(
-            f"{where}: checksum mismatch in band {number} of chunk file {path}")
+            f"{where}: checksum mismatch in band {number} of chunk file {path}"
+        )
 
 
-def check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, where: str,
-                stride: int | None = None) -> int:
+def check_index(
+    index: memoryview,
+    nbands: int,
+    band_nbytes: int,
+    path: str,
+    where: str,
+    stride: int | None = None,
+) -> int:
     """Check a shard index (and its checksum) against the layouts asyncckpt reads; its stride."""
     body = bytes(index[:-CRC_BYTES])
     if crc32c(body) == int.from_bytes(index[-CRC_BYTES:], "little"):
@@ -303,8 +332,9 @@ def check_index(index: memoryview, nbands: int, band_nbytes: int, path: str, whe
     raise CorruptCheckpointError(f"{where}: the shard index of chunk file {path} is damaged")
 
 
-def check_chunk_file(data: memoryview, nbytes: int, band_nbytes: int | None, path: str,
-                     where: str) -> None:
+def check_chunk_file(
+    data: memoryview, nbytes: int, band_nbytes: int | None, path: str, where: str
+) -> None:
     """Verify the size and every checksum of a whole chunk file's bytes, as read back."""
     if band_nbytes is None:
         if data.nbytes != nbytes + CRC_BYTES:
@@ -316,8 +346,13 @@ def check_chunk_file(data: memoryview, nbytes: int, band_nbytes: int | None, pat
     check_index(data[nbands * stride :], nbands, band_nbytes, path, where, stride)
     for j in range(nbands):
         start = j * stride
-        check_band(data[start : start + band_nbytes],
-                   data[start + band_nbytes : start + band_nbytes + CRC_BYTES], j, path, where)
+        check_band(
+            data[start : start + band_nbytes],
+            data[start + band_nbytes : start + band_nbytes + CRC_BYTES],
+            j,
+            path,
+            where,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +372,7 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 def encode_metrics(metrics: Any, where: str) -> Any:
     """Metrics as JSON: numpy / JAX scalars become numbers, NaN and infinities the strings
     "NaN", "Infinity" and "-Infinity" (JSON has no such numbers)."""
+
     def convert(value: Any, path: str) -> Any:
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
@@ -356,6 +392,7 @@ def encode_metrics(metrics: Any, where: str) -> Any:
             f"{where}: metric {path!r} is a {type(value).__name__}; metrics must be numbers "
             "(python, numpy or 0-d JAX scalars), strings, bools, lists or dicts"
         )
+
     return convert(metrics, "")
 
 
@@ -408,15 +445,19 @@ def root_fields(metadata: Any, step: StepFields | None, where: str) -> RootField
     return RootFields(metadata, step.step, metrics, step.best)
 
 
-def root_doc(arrays: list[ArraySpec], tree: dict[str, Any], fields: RootFields, *,
-             created: float) -> bytes:
+def root_doc(
+    arrays: list[ArraySpec], tree: dict[str, Any], fields: RootFields, *, created: float
+) -> bytes:
     """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
 
     Assembled from the already-encoded node documents: re-encoding thousands of array documents
     inside one big dict cost ~0.2 s of CPU per save of 4000 leaves."""
     stamp = _dt.datetime.fromtimestamp(created, _dt.UTC).isoformat()
-    ours: dict[str, Any] = {"format_version": FORMAT_VERSION, "created": stamp,
-                            "created_unix": created}
+    ours: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created": stamp,
+        "created_unix": created,
+    }
     if fields.step is not None:
         ours.update(step=fields.step, metrics=fields.metrics)
     if fields.best is not None:
@@ -425,13 +466,15 @@ def root_doc(arrays: list[ArraySpec], tree: dict[str, Any], fields: RootFields, 
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
     nodes.sort(key=lambda node: node_order(node[0]))
-    return b"".join([
-        b'{"zarr_format":3,"node_type":"group","attributes":',
-        encode_json({ATTR: ours}, what="the tree description or `metadata`"),
-        b',"consolidated_metadata":{"kind":"inline","must_understand":false,"metadata":{',
-        b",".join(json.dumps(name).encode() + b":" + doc for name, doc in nodes),
-        b"}}}",
-    ])
+    return b"".join(
+        [
+            b'{"zarr_format":3,"node_type":"group","attributes":',
+            encode_json({ATTR: ours}, what="the tree description or `metadata`"),
+            b',"consolidated_metadata":{"kind":"inline","must_understand":false,"metadata":{',
+            b",".join(json.dumps(name).encode() + b":" + doc for name, doc in nodes),
+            b"}}}",
+        ]
+    )
 
 
 def is_asyncckpt_root(raw: bytes) -> bool:
@@ -471,6 +514,13 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise CorruptCheckpointError(f"{where}: {msg}")
 
 
+def _object(value: Any, where: str, msg: str) -> dict[str, Any]:
+    """`value` if it is a JSON object, else a `CorruptCheckpointError` saying `msg`."""
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{where}: {msg}")
+    return value
+
+
 def check_name(name: Any, where: str) -> str:
     """A name read from disk must stay inside the checkpoint: no absolute, `..` or empty parts."""
     ok = isinstance(name, str) and 0 < len(name) < 4096 and "\\" not in name and "\x00" not in name
@@ -484,8 +534,12 @@ def _int_list(value: Any, where: str, what: str, *, positive: bool) -> tuple[int
     ok = isinstance(value, list) and len(value) <= MAX_NDIM
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ok = ok and all(v > 0 if positive else v >= 0 for v in value)
-    _check(ok, where, f"`{what}` must be a list of {'positive' if positive else 'non-negative'} "
-           f"integers, got {str(value)[:200]}")
+    _check(
+        ok,
+        where,
+        f"`{what}` must be a list of {'positive' if positive else 'non-negative'} "
+        f"integers, got {str(value)[:200]}",
+    )
     return tuple(value)
 
 
@@ -493,29 +547,53 @@ def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
     """Validate one array `zarr.json` (as written by asyncckpt) and return its spec."""
     where = f"{where}, array {name!r}"
     _check(isinstance(doc, dict), where, "the array document is not a JSON object")
-    _check(doc.get("zarr_format") == 3 and doc.get("node_type") == "array", where,
-           "not a Zarr v3 array document")
+    _check(
+        doc.get("zarr_format") == 3 and doc.get("node_type") == "array",
+        where,
+        "not a Zarr v3 array document",
+    )
     shape = _int_list(doc.get("shape"), where, "shape", positive=False)
     dtype = _dtypes.numpy_dtype(doc.get("data_type"), where=where)
     grid = doc.get("chunk_grid")
-    _check(isinstance(grid, dict) and grid.get("name") == "regular", where,
-           "only the `regular` chunk grid is supported")
+    _check(
+        isinstance(grid, dict) and grid.get("name") == "regular",
+        where,
+        "only the `regular` chunk grid is supported",
+    )
     conf = grid.get("configuration") if isinstance(grid, dict) else None
-    chunk = _int_list(conf.get("chunk_shape") if isinstance(conf, dict) else None, where,
-                      "chunk_shape", positive=True)
+    chunk = _int_list(
+        conf.get("chunk_shape") if isinstance(conf, dict) else None,
+        where,
+        "chunk_shape",
+        positive=True,
+    )
     _check(len(chunk) == len(shape), where, f"chunk shape {chunk} does not match shape {shape}")
-    _check(all(c <= max(n, 1) for c, n in zip(chunk, shape)), where,
-           f"chunk shape {chunk} is larger than the array {shape}")
+    _check(
+        all(c <= max(n, 1) for c, n in zip(chunk, shape)),
+        where,
+        f"chunk shape {chunk} is larger than the array {shape}",
+    )
     nchunks = math.prod(-(-n // c) for n, c in zip(shape, chunk))
-    _check(nchunks <= MAX_CHUNKS, where, f"{nchunks} chunks of {chunk} in an array of {shape}: "
-           f"more than the {MAX_CHUNKS} asyncckpt reads (it writes one chunk per shard)")
+    _check(
+        nchunks <= MAX_CHUNKS,
+        where,
+        f"{nchunks} chunks of {chunk} in an array of {shape}: "
+        f"more than the {MAX_CHUNKS} asyncckpt reads (it writes one chunk per shard)",
+    )
     key_enc = doc.get("chunk_key_encoding")
-    _check(key_enc == {"name": "default", "configuration": {"separator": "."}}, where,
-           f"unsupported chunk_key_encoding {str(key_enc)[:200]}")
+    _check(
+        key_enc == {"name": "default", "configuration": {"separator": "."}},
+        where,
+        f"unsupported chunk_key_encoding {str(key_enc)[:200]}",
+    )
     codecs = doc.get("codecs")
     band_rows = None
-    if isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) \
-            and codecs[0].get("name") == "sharding_indexed":
+    if (
+        isinstance(codecs, list)
+        and len(codecs) == 1
+        and isinstance(codecs[0], dict)
+        and codecs[0].get("name") == "sharding_indexed"
+    ):
         band_rows = _parse_bands(codecs[0].get("configuration"), chunk, where)
         codecs = codecs[0]["configuration"].get("codecs")
     _check_data_codecs(codecs, where)
@@ -527,10 +605,16 @@ def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
 
 
 def _check_data_codecs(codecs: Any, where: str) -> None:
-    names = [c.get("name") if isinstance(c, dict) else None for c in codecs] \
-        if isinstance(codecs, list) else None
-    _check(names == ["bytes", "crc32c"], where,
-           f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`")
+    names = (
+        [c.get("name") if isinstance(c, dict) else None for c in codecs]
+        if isinstance(codecs, list)
+        else None
+    )
+    _check(
+        names == ["bytes", "crc32c"],
+        where,
+        f"unsupported codecs {str(codecs)[:200]}; asyncckpt reads `bytes` + `crc32c`",
+    )
     conf = codecs[0].get("configuration")
     _check(conf is None or isinstance(conf, dict), where, "bad `bytes` codec configuration")
     endian = (conf or {}).get("endian", "little")
@@ -541,12 +625,18 @@ def _parse_bands(conf: Any, chunk: tuple[int, ...], where: str) -> int:
     """The rows per band of a `sharding_indexed` codec as asyncckpt writes it (row bands)."""
     _check(isinstance(conf, dict), where, "`sharding_indexed` without configuration")
     inner = _int_list(conf.get("chunk_shape"), where, "sharding chunk_shape", positive=True)
-    _check(len(inner) == len(chunk) > 0 and inner[1:] == chunk[1:] and chunk[0] % inner[0] == 0,
-           where, f"unsupported shard layout: inner chunks {inner} in chunks {chunk} "
-           "(asyncckpt reads row bands)")
+    _check(
+        len(inner) == len(chunk) > 0 and inner[1:] == chunk[1:] and chunk[0] % inner[0] == 0,
+        where,
+        f"unsupported shard layout: inner chunks {inner} in chunks {chunk} "
+        "(asyncckpt reads row bands)",
+    )
     _check(conf.get("index_location", "end") == "end", where, "shard index must be at the end")
-    _check(conf.get("index_codecs") == _INDEX_CODECS, where,
-           f"unsupported shard index codecs {str(conf.get('index_codecs'))[:200]}")
+    _check(
+        conf.get("index_codecs") == _INDEX_CODECS,
+        where,
+        f"unsupported shard index codecs {str(conf.get('index_codecs'))[:200]}",
+    )
     return inner[0]
 
 
@@ -562,28 +652,41 @@ def parse_json(raw: bytes, where: str, what: str) -> Any:
 
 def parse_root_doc(raw: bytes, where: str) -> RootInfo:
     """Validate the root `zarr.json` of a checkpoint."""
-    doc = parse_json(raw, where, "root zarr.json")
-    _check(isinstance(doc, dict) and doc.get("node_type") == "group", where,
-           "root zarr.json is not a Zarr v3 group document")
+    doc = _object(
+        parse_json(raw, where, "root zarr.json"),
+        where,
+        "root zarr.json is not a Zarr v3 group document",
+    )
+    _check(doc.get("node_type") == "group", where, "root zarr.json is not a Zarr v3 group document")
     attrs = doc.get("attributes")
-    ours = attrs.get(ATTR) if isinstance(attrs, dict) else None
-    _check(isinstance(ours, dict), where, "root zarr.json has no `asyncckpt` attributes: "
-           "this Zarr group was not written by asyncckpt")
+    ours = _object(
+        attrs.get(ATTR) if isinstance(attrs, dict) else None,
+        where,
+        "root zarr.json has no `asyncckpt` attributes: this Zarr group was not "
+        "written by asyncckpt",
+    )
     version = ours.get("format_version")
-    _check(isinstance(version, int), where, "missing `format_version`")
-    _check(version <= FORMAT_VERSION, where, f"format version {version} is newer than this "
-           f"asyncckpt reads ({FORMAT_VERSION}): upgrade asyncckpt")
+    if not isinstance(version, int):
+        raise CorruptCheckpointError(f"{where}: missing `format_version`")
+    _check(
+        version <= FORMAT_VERSION,
+        where,
+        f"format version {version} is newer than this "
+        f"asyncckpt reads ({FORMAT_VERSION}): upgrade asyncckpt",
+    )
     consolidated = doc.get("consolidated_metadata")
-    nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
-    _check(isinstance(nodes, dict), where, "missing consolidated metadata")
+    nodes = _object(
+        consolidated.get("metadata") if isinstance(consolidated, dict) else None,
+        where,
+        "missing consolidated metadata",
+    )
     arrays = {
         name: parse_array_doc(name, node, where)
         for name, node in nodes.items()
         if isinstance(node, dict) and node.get("node_type") == "array"
     }
     created = ours.get("created_unix")
-    tree = ours.get("tree")
-    _check(isinstance(tree, dict), where, "missing tree description")
+    tree = _object(ours.get("tree"), where, "missing tree description")
     return RootInfo(
         format_version=version,
         created=float(created) if isinstance(created, (int, float)) else 0.0,
@@ -597,8 +700,11 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
 
 
 def _best(value: Any) -> tuple[str, str] | None:
-    if isinstance(value, dict) and isinstance(value.get("metric"), str) \
-            and value.get("mode") in ("min", "max"):
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("metric"), str)
+        and value.get("mode") in ("min", "max")
+    ):
         return value["metric"], value["mode"]
     return None
 

@@ -139,8 +139,15 @@ class CheckpointManager:
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self._dir: Storage = open_storage(directory)
-        self._policies = policies_from(max_to_keep, keep_every_n_hours, keep_every_n_steps,
-                                       best_metric, best_mode, keep_best, retention)
+        self._policies = policies_from(
+            max_to_keep,
+            keep_every_n_hours,
+            keep_every_n_steps,
+            best_metric,
+            best_mode,
+            keep_best,
+            retention,
+        )
         self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
         check_count(save_interval_steps, "save_interval_steps")
         self._interval = save_interval_steps
@@ -166,12 +173,17 @@ class CheckpointManager:
                 raise
         elif read_only and self._dir.has_directories and self._dir.kind() != "directory":
             raise CheckpointNotFoundError(
-                f"no checkpoint directory at {self._dir.url} (read_only=True does not create it)")
-        self._engine = Engine(owner=f"this CheckpointManager of {self._dir.url}",
-                              max_workers=max_workers, reuse_host_memory=reuse_host_memory,
-                              max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                              barrier_timeout_s=barrier_timeout_s,
-                              background_nice=background_nice)
+                f"no checkpoint directory at {self._dir.url} (read_only=True does not create it)"
+            )
+        self._engine = Engine(
+            owner=f"this CheckpointManager of {self._dir.url}",
+            max_workers=max_workers,
+            reuse_host_memory=reuse_host_memory,
+            max_inflight_bytes=max_inflight_bytes,
+            map_files=map_files,
+            barrier_timeout_s=barrier_timeout_s,
+            background_nice=background_nice,
+        )
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
         self.reload()
 
@@ -243,8 +255,15 @@ class CheckpointManager:
             return False
         return self.reached_preemption(step) or last is None or step % self._interval == 0
 
-    def save(self, step: int, tree: Any, *, metrics: Any = None, metadata: Any = None,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        tree: Any,
+        *,
+        metrics: Any = None,
+        metadata: Any = None,
+        force: bool = False,
+    ) -> bool:
         """Snapshot `tree` as `step` and write it in the background; False if skipped.
 
         Skipped when `should_save(step)` is false, unless preemption was reached or `force=True`.
@@ -258,19 +277,27 @@ class CheckpointManager:
         steps = self.all_steps()  # one listing per save (it is a directory scan off process 0)
         if (step in steps or step == self._in_flight()) and not force:
             raise CheckpointExistsError(
-                f"step {step} already exists in {self._dir.url}; pass force=True to replace it")
+                f"step {step} already exists in {self._dir.url}; pass force=True to replace it"
+            )
         last = self._last_step(steps)
         if not force and not self._should_save(step, last):
             if last is not None and step < last:
-                log.warning("asyncckpt: step %d not saved: it is older than step %d, already "
-                            "saved in %s (pass force=True to save it anyway)",
-                            step, last, self._dir.url)
+                log.warning(
+                    "asyncckpt: step %d not saved: it is older than step %d, already "
+                    "saved in %s (pass force=True to save it anyway)",
+                    step,
+                    last,
+                    self._dir.url,
+                )
             return False
         best = None
         if self._best is not None and isinstance(self._best.metric, str):
             best = (self._best.metric, self._best.mode)
-        fields = _format.root_fields(metadata, _format.StepFields(step, metrics, best),
-                                     f"while saving step {step} to {self._dir.url}")
+        fields = _format.root_fields(
+            metadata,
+            _format.StepFields(step, metrics, best),
+            f"while saving step {step} to {self._dir.url}",
+        )
         saved = self._engine.save(self._path(step), tree, fields=fields, force=force)
         retention = self._engine.submit(self._after_save, step, saved, fields.decoded_metrics)
         with self._mutex:
@@ -295,11 +322,12 @@ class CheckpointManager:
             error = e
         if _distributed.is_multi_process():
             _distributed.Coordinator(
-                _distributed.call_key(f"retention {self._dir.url} {step}"),
-                self._barrier_timeout_s).barrier("retained", f"retention after step {step}")
+                _distributed.call_key(f"retention {self._dir.url} {step}"), self._barrier_timeout_s
+            ).barrier("retained", f"retention after step {step}")
         retention_s = time.perf_counter() - t0
-        stats = dataclasses.replace(stats, retention_s=retention_s,
-                                    total_s=stats.total_s + retention_s)
+        stats = dataclasses.replace(
+            stats, retention_s=retention_s, total_s=stats.total_s + retention_s
+        )
         with self._mutex:
             self._last_save = stats
         _telemetry.report("save", stats)
@@ -316,8 +344,10 @@ class CheckpointManager:
                 self._delete_now(old)
         except OSError as e:
             raise CheckpointWriteError(
-                e.errno, f"step {step} was committed to {self._dir.url}, but retention could not "
-                f"delete an old step: {e}") from e
+                e.errno,
+                f"step {step} was committed to {self._dir.url}, but retention could not "
+                f"delete an old step: {e}",
+            ) from e
 
     # -- deleting ------------------------------------------------------------------------------
 
@@ -332,7 +362,8 @@ class CheckpointManager:
         coord = None
         if _distributed.is_multi_process():  # everyone checked the step before it goes
             coord = _distributed.Coordinator(
-                _distributed.call_key(f"delete {self._dir.url} {step}"), self._barrier_timeout_s)
+                _distributed.call_key(f"delete {self._dir.url} {step}"), self._barrier_timeout_s
+            )
             coord.barrier("checked", f"deleting step {step} of {self._dir.url}")
         deleted = True
         if self._leader:
@@ -351,8 +382,12 @@ class CheckpointManager:
         try:
             trash = _directory.start_delete(self._dir, step)
         except FileNotFoundError:
-            log.warning("asyncckpt: step %d of %s was removed by something other than this "
-                        "manager; it is no longer listed", step, self._dir.url)
+            log.warning(
+                "asyncckpt: step %d of %s was removed by something other than this "
+                "manager; it is no longer listed",
+                step,
+                self._dir.url,
+            )
             with self._mutex:
                 self._infos.pop(step, None)
             return False
@@ -377,8 +412,14 @@ class CheckpointManager:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore(self, step: int | None = None, target: Any = None, *, strict: bool = True,
-                fall_back: bool = False) -> Any:
+    def restore(
+        self,
+        step: int | None = None,
+        target: Any = None,
+        *,
+        strict: bool = True,
+        fall_back: bool = False,
+    ) -> Any:
         """Restore `step` (default: the latest committed step); `target` and `strict` as for
         `asyncckpt.restore`. The saves this manager has in flight are waited for first.
 
@@ -392,7 +433,8 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointNotFoundError(
                     f"{self._dir.url} holds no committed step yet; start from scratch, or check "
-                    "the directory (steps are folders named by their number)")
+                    "the directory (steps are folders named by their number)"
+                )
         step = _check_step(step)
         self._settle()
         self._existing(step)
@@ -406,21 +448,31 @@ class CheckpointManager:
         """The step to restore instead of the damaged `step`, or raise."""
         earlier = [s for s in self.all_steps() if s < step]
         if not fall_back or not earlier:
-            hint = (f"earlier steps: {_steps_text(earlier)}; restore one with "
-                    "`restore(step=...)`, or pass fall_back=True" if earlier
-                    else "there is no earlier step")
-            raise type(error)(f"step {step} of {self._dir.url} is damaged ({hint}): "
-                              f"{error}") from error
+            hint = (
+                f"earlier steps: {_steps_text(earlier)}; restore one with "
+                "`restore(step=...)`, or pass fall_back=True"
+                if earlier
+                else "there is no earlier step"
+            )
+            raise type(error)(
+                f"step {step} of {self._dir.url} is damaged ({hint}): {error}"
+            ) from error
         kept = ""
         if not self._read_only and self._leader:  # it must stop being the latest step
             moved = self._engine.wait_for(self._engine.submit(self._set_aside, step))
             kept = f"; it is kept for inspection as {moved.name}"
         if not self._read_only and _distributed.is_multi_process():
             _distributed.Coordinator(  # the others list steps after it was moved
-                _distributed.call_key(f"set aside {self._dir.url} {step}"),
-                self._barrier_timeout_s).barrier("moved", f"setting aside step {step}")
-        log.warning("asyncckpt: step %d of %s is damaged, restoring step %d instead "
-                    "(fall_back=True)%s: %s", step, self._dir.url, earlier[-1], kept, error)
+                _distributed.call_key(f"set aside {self._dir.url} {step}"), self._barrier_timeout_s
+            ).barrier("moved", f"setting aside step {step}")
+        log.warning(
+            "asyncckpt: step %d of %s is damaged, restoring step %d instead (fall_back=True)%s: %s",
+            step,
+            self._dir.url,
+            earlier[-1],
+            kept,
+            error,
+        )
         return earlier[-1]
 
     def last_save_stats(self) -> SaveStats | None:
@@ -535,22 +587,30 @@ class CheckpointManager:
         steps = self.all_steps()
         if step not in steps:
             raise StepNotFoundError(
-                f"step {step} is not in {self._dir.url}; committed steps: {_steps_text(steps)}")
+                f"step {step} is not in {self._dir.url}; committed steps: {_steps_text(steps)}"
+            )
         return step
 
     def _read_info(self, step: int) -> StepInfo:
         try:
             root = _restore.read_root(self._path(step))
         except CheckpointError as e:
-            log.warning("asyncckpt: cannot read step %d for retention (treated as having no "
-                        "time or metrics): %s", step, e)
+            log.warning(
+                "asyncckpt: cannot read step %d for retention (treated as having no "
+                "time or metrics): %s",
+                step,
+                e,
+            )
             return StepInfo(step, math.nan, None)
         return StepInfo(step, root.created, root.metrics)
 
     def _check_writable(self, what: str) -> None:
         if self._engine.closed:
             raise ClosedError(
-                f"this CheckpointManager of {self._dir.url} is closed; open a new one")
+                f"this CheckpointManager of {self._dir.url} is closed; open a new one"
+            )
         if self._read_only:
-            raise ReadOnlyError(f"cannot {what}: this CheckpointManager of {self._dir.url} was "
-                                "opened with read_only=True")
+            raise ReadOnlyError(
+                f"cannot {what}: this CheckpointManager of {self._dir.url} was "
+                "opened with read_only=True"
+            )

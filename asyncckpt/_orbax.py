@@ -32,8 +32,10 @@ def import_orbax(src: Any, dest: Any, *, force: bool = False) -> tuple[int, int]
         import jax
         import orbax.checkpoint as ocp
     except ImportError as e:
-        raise CheckpointError(f"importing an Orbax checkpoint needs orbax-checkpoint ({e}); "
-                              "install it with `pip install 'asyncckpt[orbax]'`") from None
+        raise CheckpointError(
+            f"importing an Orbax checkpoint needs orbax-checkpoint ({e}); "
+            "install it with `pip install 'asyncckpt[orbax]'`"
+        ) from None
     item = _item_dir(os.fspath(src))
     ckptr = ocp.PyTreeCheckpointer()
     try:
@@ -41,8 +43,7 @@ def import_orbax(src: Any, dest: Any, *, force: bool = False) -> tuple[int, int]
         tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
         if tree_meta is None:
             raise ValueError("no tree metadata")
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                    tree_meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
         tree = ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read the Orbax checkpoint {item}: {e}") from e
@@ -54,19 +55,26 @@ def import_orbax(src: Any, dest: Any, *, force: bool = False) -> tuple[int, int]
 def _item_dir(path: str) -> str:
     src = open_storage(path).local_path
     if src is None:
-        raise CheckpointError(f"cannot import {path}: importing Orbax checkpoints from object "
-                              "stores is not supported; copy it to disk first")
+        raise CheckpointError(
+            f"cannot import {path}: importing Orbax checkpoints from object "
+            "stores is not supported; copy it to disk first"
+        )
     if not os.path.isdir(src):
         raise CheckpointNotFoundError(f"no Orbax checkpoint at {src}: not a directory")
     if any(os.path.exists(os.path.join(src, m)) for m in _ITEM_MARKERS):
         return src
-    items = sorted(e.path for e in os.scandir(src) if e.is_dir()
-                   and any(os.path.exists(os.path.join(e.path, m)) for m in _ITEM_MARKERS))
+    items = sorted(
+        e.path
+        for e in os.scandir(src)
+        if e.is_dir() and any(os.path.exists(os.path.join(e.path, m)) for m in _ITEM_MARKERS)
+    )
     if len(items) == 1:
         return items[0]
     if items:
-        raise CheckpointError(f"{src} holds several Orbax items ({', '.join(items)}); "
-                              "import one of them")
+        raise CheckpointError(
+            f"{src} holds several Orbax items ({', '.join(items)}); import one of them"
+        )
     raise CheckpointNotFoundError(
         f"{src} is not an Orbax PyTree checkpoint: it has no _METADATA, and no item directory "
-        "(like `default/`) with one")
+        "(like `default/`) with one"
+    )

@@ -39,8 +39,10 @@ class PreemptionWatch:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
         else:
-            log.warning("asyncckpt: save_on_preemption needs the manager to be created on the "
-                        "main thread (Python only delivers signals there); SIGTERM is not caught")
+            log.warning(
+                "asyncckpt: save_on_preemption needs the manager to be created on the "
+                "main thread (Python only delivers signals there); SIGTERM is not caught"
+            )
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if not self._event.is_set():
@@ -63,10 +65,12 @@ class PreemptionWatch:
             raise CheckpointError(
                 f"save_on_preemption needs JAX's preemption sync manager in multi-process runs "
                 f"({e}); keep `jax_enable_preemption_service` on (the default) before "
-                "jax.distributed.initialize, or pass save_on_preemption=False") from None
+                "jax.distributed.initialize, or pass save_on_preemption=False"
+            ) from None
         if agreed:
-            log.warning("asyncckpt: all processes reached the preemption sync point at step %d",
-                        step)
+            log.warning(
+                "asyncckpt: all processes reached the preemption sync point at step %d", step
+            )
             self._event.set()
         return agreed
 

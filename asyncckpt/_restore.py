@@ -13,7 +13,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -48,7 +48,8 @@ def read_root(ckpt: Storage) -> RootInfo:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointReadError(
-            e.errno, f"cannot read {ckpt.path(_format.DOC)}: {e.strerror}") from e
+            e.errno, f"cannot read {ckpt.path(_format.DOC)}: {e.strerror}"
+        ) from e
     return _format.parse_root_doc(raw, f"checkpoint {ckpt.url}")
 
 
@@ -60,13 +61,15 @@ def _not_committed(ckpt: Storage) -> CheckpointError:
         steps = _directory.committed_steps(ckpt) if kind == "directory" else []
         names = ckpt.list_dir() if kind == "directory" else []
         partial = _format.UNCOMMITTED in names or any(
-            ckpt.exists(f"{n}/{_format.DOC}") for n in names[:64])
+            ckpt.exists(f"{n}/{_format.DOC}") for n in names[:64]
+        )
     except OSError as e:
         return CheckpointReadError(e.errno, f"cannot read {ckpt.url}: {e.strerror}")
     url = ckpt.url
     if kind == "missing":
-        return CheckpointNotFoundError(f"no checkpoint at {url}: the path does not exist "
-                                       "(nothing is stored there)")
+        return CheckpointNotFoundError(
+            f"no checkpoint at {url}: the path does not exist (nothing is stored there)"
+        )
     if kind == "file":
         return CheckpointNotFoundError(f"{url} is a file, not a checkpoint directory")
     if steps:
@@ -76,11 +79,13 @@ def _not_committed(ckpt: Storage) -> CheckpointError:
             f"{url} is a CheckpointManager directory, not a checkpoint: it holds steps "
             f"{'... ' if len(steps) > 10 else ''}{shown}. Restore one of them, e.g. the latest "
             f"with `asyncckpt.restore({latest!r})` or `asyncckpt.CheckpointManager({url!r}, "
-            "read_only=True).restore()`")
+            "read_only=True).restore()`"
+        )
     if partial:
         return IncompleteCheckpointError(
             f"{url} is an incomplete checkpoint: its root zarr.json (written last, at commit) "
-            "is missing, so the save that wrote it never finished. Restore another checkpoint.")
+            "is missing, so the save that wrote it never finished. Restore another checkpoint."
+        )
     return CheckpointNotFoundError(f"{url} is not a checkpoint: it has no zarr.json")
 
 
@@ -114,8 +119,7 @@ class _Request:
 
 def _is_chunk(spec: ArraySpec, index: tuple[slice, ...]) -> bool:
     """Whether the concrete region `index` is exactly one chunk of `spec`."""
-    return all(s.start % c == 0 and s.stop - s.start == c
-               for s, c in zip(index, spec.chunk_shape))
+    return all(s.start % c == 0 and s.stop - s.start == c for s, c in zip(index, spec.chunk_shape))
 
 
 _MAP_FROM = 256 << 10  # smaller chunks are read: a mapping costs two system calls and a VMA
@@ -145,8 +149,9 @@ def _shift(region: tuple[slice, ...], origin: tuple[slice, ...]) -> tuple[slice,
     return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, origin))
 
 
-def _chunk_tasks(ckpt: Storage, spec: ArraySpec, requests: list[_Request], where: str,
-                 seen: set[str]) -> list[Any]:
+def _chunk_tasks(
+    ckpt: Storage, spec: ArraySpec, requests: list[_Request], where: str, seen: set[str]
+) -> list[Any]:
     """One (cost, task) per chunk that some request needs; chunks nobody needs are never read.
     `seen`: directories already checked not to be symbolic links."""
     ckpt.check_no_links(spec.name, where, seen)
@@ -156,14 +161,21 @@ def _chunk_tasks(ckpt: Storage, spec: ArraySpec, requests: list[_Request], where
         inside = _concrete(region, spec.shape)
         hits = [(r, o) for r in requests if (o := _overlap(inside, r.index)) is not None]
         if hits:
-            task = functools.partial(_read_chunk, ckpt, spec.chunk_key(coords), spec, region,
-                                     hits, where)
+            task = functools.partial(
+                _read_chunk, ckpt, spec.chunk_key(coords), spec, region, hits, where
+            )
             tasks.append((spec.chunk_nbytes, task))
     return tasks
 
 
-def _read_chunk(ckpt: Storage, key: str, spec: ArraySpec, region: tuple[slice, ...],
-                hits: list[tuple[_Request, tuple[slice, ...]]], where: str) -> None:
+def _read_chunk(
+    ckpt: Storage,
+    key: str,
+    spec: ArraySpec,
+    region: tuple[slice, ...],
+    hits: list[tuple[_Request, tuple[slice, ...]]],
+    where: str,
+) -> None:
     path = ckpt.path(key)
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
@@ -186,8 +198,7 @@ def _read_chunk(ckpt: Storage, key: str, spec: ArraySpec, region: tuple[slice, .
         return
     # a banded chunk: read only the bands that some request overlaps
     band, start = spec.band_rows, region[0].start
-    spans = sorted(((o[0].start - start) // band, -(-(o[0].stop - start) // band))
-                   for _, o in hits)
+    spans = sorted(((o[0].start - start) // band, -(-(o[0].stop - start) // band)) for _, o in hits)
     merged = [list(spans[0])]
     for lo, hi in spans[1:]:
         if lo <= merged[-1][1]:
@@ -202,18 +213,31 @@ def _read_chunk(ckpt: Storage, key: str, spec: ArraySpec, region: tuple[slice, .
         _scatter(part, rows, inside)
 
 
-def _scatter(data: np.ndarray, origin: tuple[slice, ...],
-             hits: list[tuple[_Request, tuple[slice, ...]]]) -> None:
+def _scatter(
+    data: np.ndarray, origin: tuple[slice, ...], hits: list[tuple[_Request, tuple[slice, ...]]]
+) -> None:
     """Copy the part of `data` (the global region `origin`) that each request overlaps."""
     for req, overlap in hits:
+        if req.out is None:  # a region that is exactly one chunk: only this task touches it
+            req.out = _aligned_empty(tuple(s.stop - s.start for s in req.index), data.dtype)
         req.out[_shift(overlap, req.index)] = data[_shift(overlap, origin)]
 
 
-def _read_bands(ckpt: Storage, key: str, spec: ArraySpec, out: np.ndarray, first: int,
-                where: str) -> None:
+def _read_bands(
+    ckpt: Storage, key: str, spec: ArraySpec, out: np.ndarray, first: int, where: str
+) -> None:
     nbands = spec.chunk_shape[0] // spec.band_rows  # type: ignore[operator]
-    _guarded(ckpt.path(key), where, ckpt.read_bands_into, key, out, first, nbands,
-             _format.band_nbytes(spec), where)
+    _guarded(
+        ckpt.path(key),
+        where,
+        ckpt.read_bands_into,
+        key,
+        out,
+        first,
+        nbands,
+        _format.band_nbytes(spec),
+        where,
+    )
 
 
 def _guarded(path: str, where: str, call: Any, *args: Any) -> Any:
@@ -223,8 +247,9 @@ def _guarded(path: str, where: str, call: Any, *args: Any) -> Any:
     except CheckpointError:
         raise
     except MemoryError as e:
-        raise CheckpointReadError(errno.ENOMEM, f"{where}: cannot allocate host memory for "
-                                  f"{path}: {e}") from None
+        raise CheckpointReadError(
+            errno.ENOMEM, f"{where}: cannot allocate host memory for {path}: {e}"
+        ) from None
     except OSError as e:
         raise CheckpointReadError(e.errno, f"{where}: cannot read {path}: {e.strerror}") from e
 
@@ -297,8 +322,11 @@ def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
         dtype = np.dtype(target.dtype)
         _check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shards = dict.fromkeys(_index_key(index, spec.shape) for index in
-                               sharding.addressable_devices_indices_map(spec.shape).values())
+        shards = dict.fromkeys(
+            _index_key(index, spec.shape)
+            for index in sharding.addressable_devices_indices_map(spec.shape).values()
+            if index is not None
+        )
         regions = [tuple(slice(a, b) for a, b in key) for key in shards]
         return _Plan(spec, dtype, sharding, regions, mapping, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
@@ -315,8 +343,10 @@ def _stage(plan: _Plan) -> list[_Request]:
     except (MemoryError, OSError) as e:  # e.g. an absurd shape in a hostile document
         spec = plan.spec
         raise CheckpointReadError(
-            errno.ENOMEM, f"{plan.where}: cannot allocate host memory for {spec.shape} "
-            f"{spec.dtype} ({spec.nbytes} bytes): {e}") from None
+            errno.ENOMEM,
+            f"{plan.where}: cannot allocate host memory for {spec.shape} "
+            f"{spec.dtype} ({spec.nbytes} bytes): {e}",
+        ) from None
 
 
 def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -343,12 +373,16 @@ def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
     for i, (plan, requests) in enumerate(zip(plans, staged)):
         filled = [(r.index, r.out) for r in requests if r.out is not None]
         if plan.spec.prng_impl is not None:
-            keys = jax.random.wrap_key_data(filled[0][1], impl=plan.spec.prng_impl)
+            key_data = cast(jax.Array, filled[0][1])  # numpy is fine: it is wrapped as is
+            keys = jax.random.wrap_key_data(key_data, impl=plan.spec.prng_impl)
             out[i] = jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
             continue
-        bufs = {_index_key(index, plan.spec.shape):
-                buf if buf.dtype == plan.dtype else buf.astype(plan.dtype)
-                for index, buf in filled}
+        bufs = {
+            _index_key(index, plan.spec.shape): buf
+            if buf.dtype == plan.dtype
+            else buf.astype(plan.dtype)
+            for index, buf in filled
+        }
         if plan.sharding is None:
             out[i] = next(iter(bufs.values()))
         elif len(bufs) == 1 and filled[0][1].shape == plan.spec.shape:  # held whole
@@ -362,10 +396,16 @@ def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
     return out
 
 
-def _from_shards(shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype: np.dtype,
-                 bufs: dict[tuple[tuple[int, int], ...], np.ndarray]) -> jax.Array:
-    return jax.make_array_from_callback(
-        shape, sharding, lambda index: bufs[_index_key(index, shape)], dtype=dtype)
+def _from_shards(
+    shape: tuple[int, ...],
+    sharding: jax.sharding.Sharding,
+    dtype: np.dtype,
+    bufs: dict[tuple[tuple[int, int], ...], np.ndarray],
+) -> jax.Array:
+    def shard(index: tuple[slice, ...] | None) -> np.ndarray:
+        return bufs[_index_key(index or (), shape)]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
 def _groups(plans: list[_Plan], limit: int) -> list[list[int]]:
@@ -410,8 +450,10 @@ def read_arrays(
     phases.arrays += len(items)
     seen: set[str] = set()
     with phases("plan"):
-        plans = [_plan(spec, target, f"while restoring {spec.name!r} from {ckpt.url}", mapping)
-                 for spec, target in items]
+        plans = [
+            _plan(spec, target, f"while restoring {spec.name!r} from {ckpt.url}", mapping)
+            for spec, target in items
+        ]
     results: list[Any] = [None] * len(items)
     coord = None
     for number, group in enumerate(_groups(plans, max_inflight_bytes)):
@@ -420,8 +462,11 @@ def read_arrays(
         try:
             with phases("plan"):
                 staged = [_stage(p) for p in members]
-                tasks = [t for p, reqs in zip(members, staged)
-                         for t in _chunk_tasks(ckpt, p.spec, reqs, p.where, seen)]
+                tasks = [
+                    t
+                    for p, reqs in zip(members, staged)
+                    for t in _chunk_tasks(ckpt, p.spec, reqs, p.where, seen)
+                ]
             with phases("read"):
                 workers.run_reads(tasks, network=ckpt.network)
             phases.bytes += sum(cost for cost, _ in tasks)
@@ -443,9 +488,17 @@ def read_arrays(
 # Whole trees
 
 
-def restore_tree(ckpt: Storage, target: Any, *, strict: bool, workers: Workers,
-                 max_inflight_bytes: int, map_files: bool = True,
-                 phases: Phases | None = None, barrier_timeout_s: float = 300.0) -> Any:
+def restore_tree(
+    ckpt: Storage,
+    target: Any,
+    *,
+    strict: bool,
+    workers: Workers,
+    max_inflight_bytes: int,
+    map_files: bool = True,
+    phases: Phases | None = None,
+    barrier_timeout_s: float = 300.0,
+) -> Any:
     """Restore the checkpoint `ckpt` (see `asyncckpt.restore`).
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
@@ -458,12 +511,21 @@ def restore_tree(ckpt: Storage, target: Any, *, strict: bool, workers: Workers,
     try:
         coordinate = None
         if _distributed.is_multi_process():
+
             def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(_distributed.call_key(f"restore {ckpt.url}"),
-                                                barrier_timeout_s)
-        read = functools.partial(read_arrays, ckpt, workers=workers,
-                                 max_inflight_bytes=max_inflight_bytes, map_files=map_files,
-                                 phases=phases, coordinate=coordinate)
+                return _distributed.Coordinator(
+                    _distributed.call_key(f"restore {ckpt.url}"), barrier_timeout_s
+                )
+
+        read = functools.partial(
+            read_arrays,
+            ckpt,
+            workers=workers,
+            max_inflight_bytes=max_inflight_bytes,
+            map_files=map_files,
+            phases=phases,
+            coordinate=coordinate,
+        )
         value = _restore_tree(ckpt.url, info, target, strict, read, phases)
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
         if _changed(ckpt, identity):
@@ -482,12 +544,18 @@ def _gone(ckpt: Storage) -> CheckpointNotFoundError:
     return CheckpointNotFoundError(
         f"{ckpt.url} was deleted or replaced while it was being restored (by retention, `delete` "
         "or a save with force=True); nothing torn was returned. Restore another step, or this "
-        "one again if it was replaced")
+        "one again if it was replaced"
+    )
 
 
-def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool,
-                  read: Callable[[list[tuple[ArraySpec, Any]]], list[Any]],
-                  phases: Phases) -> Any:
+def _restore_tree(
+    path: str,
+    info: RootInfo,
+    target: Any,
+    strict: bool,
+    read: Callable[[list[tuple[ArraySpec, Any]]], list[Any]],
+    phases: Phases,
+) -> Any:
     """`read`: `read_arrays` of this checkpoint with the restore's options."""
     values = _tree.spec_values(info.tree)
     where = f"at {path}"
@@ -495,8 +563,9 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool,
         names = _tree.spec_leaf_names(info.tree)
         missing = [n for n in names if n not in info.arrays]
         if missing:
-            raise IncompleteCheckpointError(f"checkpoint {path} lists variables without metadata: "
-                                            f"{missing[:10]}")
+            raise IncompleteCheckpointError(
+                f"checkpoint {path} lists variables without metadata: {missing[:10]}"
+            )
         arrays = read([(info.arrays[n], None) for n in names])
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
     with phases("plan"):
@@ -507,27 +576,36 @@ def _restore_tree(path: str, info: RootInfo, target: Any, strict: bool,
         _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
     wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
     arrays = read([(info.arrays[leaf.name], leaf.value) for _, leaf in wanted])
-    out = [_scalar_as(values[leaf.name], leaf.value, f"while restoring {leaf.name!r} {where}")
-           if leaf.name in values else None for leaf in target_leaves]
+    out = [
+        _scalar_as(values[leaf.name], leaf.value, f"while restoring {leaf.name!r} {where}")
+        if leaf.name in values
+        else None
+        for leaf in target_leaves
+    ]
     for (i, leaf), value in zip(wanted, arrays):
-        out[i] = _tree.python_value(value, leaf.value) if _tree.is_python_scalar(leaf.value) \
-            else value
+        out[i] = (
+            _tree.python_value(value, leaf.value) if _tree.is_python_scalar(leaf.value) else value
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _scalar_as(value: Any, target: Any, where: str) -> Any:
     """A python scalar saved in the tree description, as the target leaf asks for it: a 0-d
     array of its dtype for an array target (placed on its sharding for a JAX one)."""
-    if not isinstance(target, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)) \
-            or value is None or isinstance(value, str):
+    if (
+        not isinstance(target, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+        or value is None
+        or isinstance(value, str)
+    ):
         return value
     dtype = np.dtype(target.dtype)
     _check_cast(np.asarray(value).dtype, dtype, where)
     try:
         array = np.asarray(value, dtype)
     except OverflowError:
-        raise TreeMismatchError(f"{where}: the checkpoint holds {value!r}, which does not fit "
-                                f"in the target's {dtype}") from None
+        raise TreeMismatchError(
+            f"{where}: the checkpoint holds {value!r}, which does not fit in the target's {dtype}"
+        ) from None
     if isinstance(target, np.ndarray):
         return array
     if isinstance(target, np.generic):

@@ -32,7 +32,8 @@ class RetentionPolicy(Protocol):
     """Anything with `keep(steps) -> set of step numbers`; `limits` says whether it bounds the
     number of checkpoints (True) or only protects some of them (False)."""
 
-    limits: bool
+    @property
+    def limits(self) -> bool: ...
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]: ...
 
@@ -44,8 +45,9 @@ def check_count(value: Any, what: str, zero_hint: str = "") -> None:
         raise ValueError(f"{what} must be an int >= 1, got {value!r}{hint}")
 
 
-_ZERO_IS_AMBIGUOUS = ("0 is refused because tf.train.Saver reads it as 'keep every step' and "
-                      "Orbax as 'keep none'")
+_ZERO_IS_AMBIGUOUS = (
+    "0 is refused because tf.train.Saver reads it as 'keep every step' and Orbax as 'keep none'"
+)
 
 
 def _positive(value: Any, what: str) -> None:
@@ -61,9 +63,11 @@ class KeepLastN:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_count(self.n, "max_to_keep / KeepLastN.n",
-                    "to keep every step, leave max_to_keep=None (the default); "
-                    + _ZERO_IS_AMBIGUOUS)
+        check_count(
+            self.n,
+            "max_to_keep / KeepLastN.n",
+            "to keep every step, leave max_to_keep=None (the default); " + _ZERO_IS_AMBIGUOUS,
+        )
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]:
         return set(sorted(s.step for s in steps)[-self.n :])
@@ -105,14 +109,15 @@ class KeepEveryNHours:
         return kept
 
 
-def metric_value(metrics: Mapping[str, Any] | None,
-                 metric: str | Callable[..., Any]) -> float | None:
+def metric_value(
+    metrics: Mapping[str, Any] | None, metric: str | Callable[..., Any]
+) -> float | None:
     """The finite value of `metric` in `metrics`, or None (missing, not a number, NaN or inf)."""
     if metrics is None:
         return None
     try:
-        value = metric(metrics) if callable(metric) else metrics.get(metric)
-        value = float(value) if not isinstance(value, (bool, str, bytes)) else None
+        raw = metric(metrics) if callable(metric) else metrics.get(metric)
+        value = None if raw is None or isinstance(raw, (bool, str, bytes)) else float(raw)
     except (TypeError, ValueError, KeyError, AttributeError):
         return None
     return value if value is not None and math.isfinite(value) else None
@@ -130,28 +135,36 @@ class KeepBest:
     limits: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_count(self.k, "keep_best / KeepBest.k",
-                    "to rank steps without deleting any, give best_metric and leave "
-                    "keep_best=None (best_step() still answers); " + _ZERO_IS_AMBIGUOUS)
+        check_count(
+            self.k,
+            "keep_best / KeepBest.k",
+            "to rank steps without deleting any, give best_metric and leave "
+            "keep_best=None (best_step() still answers); " + _ZERO_IS_AMBIGUOUS,
+        )
         if self.mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.mode!r}")
         if not (callable(self.metric) or isinstance(self.metric, str)):
             raise ValueError(
-                f"best_metric must be a metric name or a function, got {self.metric!r}")
+                f"best_metric must be a metric name or a function, got {self.metric!r}"
+            )
 
     def ranked(self, steps: Sequence[StepInfo]) -> list[int]:
         """Steps with a finite metric, best first."""
         sign = 1.0 if self.mode == "min" else -1.0
-        scored = [(sign * v, -s.step) for s in steps
-                  if (v := metric_value(s.metrics, self.metric)) is not None]
+        scored = [
+            (sign * v, -s.step)
+            for s in steps
+            if (v := metric_value(s.metrics, self.metric)) is not None
+        ]
         return [-neg_step for _, neg_step in sorted(scored)]
 
     def keep(self, steps: Sequence[StepInfo]) -> set[int]:
         return set(self.ranked(steps)[: self.k])
 
 
-def steps_to_delete(steps: Sequence[StepInfo], policies: Sequence[RetentionPolicy],
-                    protect: Sequence[int] = ()) -> list[int]:
+def steps_to_delete(
+    steps: Sequence[StepInfo], policies: Sequence[RetentionPolicy], protect: Sequence[int] = ()
+) -> list[int]:
     """The steps that no policy keeps, oldest first. The highest step and `protect` always stay;
     nothing is deleted unless some policy limits the count."""
     if not steps or not any(getattr(p, "limits", True) for p in policies):
@@ -162,9 +175,15 @@ def steps_to_delete(steps: Sequence[StepInfo], policies: Sequence[RetentionPolic
     return sorted(s.step for s in steps if s.step not in kept)
 
 
-def policies_from(max_to_keep: int | None, keep_every_n_hours: float | None,
-              keep_every_n_steps: int | None, best_metric: Any, best_mode: Any,
-              keep_best: int | None, retention: Sequence[RetentionPolicy]) -> list[RetentionPolicy]:
+def policies_from(
+    max_to_keep: int | None,
+    keep_every_n_hours: float | None,
+    keep_every_n_steps: int | None,
+    best_metric: Any,
+    best_mode: Any,
+    keep_best: int | None,
+    retention: Sequence[RetentionPolicy],
+) -> list[RetentionPolicy]:
     """The policies a manager's keyword arguments stand for, after `retention`."""
     policies = list(retention)
     if max_to_keep is not None:
@@ -175,8 +194,10 @@ def policies_from(max_to_keep: int | None, keep_every_n_hours: float | None,
         policies.append(KeepEveryNSteps(keep_every_n_steps))
     if keep_best is not None:
         if best_metric is None:
-            raise ValueError("keep_best needs best_metric: the metric name (or function of the "
-                             "metrics dict) to rank steps by")
+            raise ValueError(
+                "keep_best needs best_metric: the metric name (or function of the "
+                "metrics dict) to rank steps by"
+            )
         policies.append(KeepBest(keep_best, best_metric, best_mode))
     elif best_mode not in ("min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")

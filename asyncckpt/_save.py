@@ -57,8 +57,9 @@ def _inline(data: np.ndarray) -> bool:
     return data.nbytes <= _INLINE_CHUNK_BYTES
 
 
-def _write_chunks(staged: Storage,
-                  chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]]) -> None:
+def _write_chunks(
+    staged: Storage, chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]]
+) -> None:
     for array, coords, data in chunks:
         key = array.spec.chunk_key(coords)
         band = _format.band_nbytes(array.spec) if array.spec.band_rows is not None else None
@@ -92,47 +93,72 @@ def _write_tree(staged: Storage, snap: Snapshot, workers: Workers, *, documents:
     parts = workers.parts(net, background=True)
     if documents:
         groups = _format.group_names([a.spec.name for a in snap.arrays])
-        workers.run_all([functools.partial(_write_groups, staged, g)
-                         for g in batches(groups, lambda g: 1, parts=parts, min_cost=32)],
-                        background=True, network=net)
-        per_array = batches(snap.arrays, lambda a: 1 + sum(d.nbytes for _, d in a.chunks
-                                                           if _inline(d)) // 16384,
-                            parts=parts, min_cost=1 if net else 64)
-        workers.run_all([functools.partial(_write_arrays, staged, g) for g in per_array],
-                        background=True, network=net)
+        workers.run_all(
+            [
+                functools.partial(_write_groups, staged, g)
+                for g in batches(groups, lambda g: 1, parts=parts, min_cost=32)
+            ],
+            background=True,
+            network=net,
+        )
+        per_array = batches(
+            snap.arrays,
+            lambda a: 1 + sum(d.nbytes for _, d in a.chunks if _inline(d)) // 16384,
+            parts=parts,
+            min_cost=1 if net else 64,
+        )
+        workers.run_all(
+            [functools.partial(_write_arrays, staged, g) for g in per_array],
+            background=True,
+            network=net,
+        )
     rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
-    workers.run_all([functools.partial(_write_chunks, staged, g) for g in
-                     batches(rest, lambda c: c[2].nbytes + 16384, parts=parts, min_cost=1)],
-                    background=True, network=net)
+    workers.run_all(
+        [
+            functools.partial(_write_chunks, staged, g)
+            for g in batches(rest, lambda c: c[2].nbytes + 16384, parts=parts, min_cost=1)
+        ],
+        background=True,
+        network=net,
+    )
 
 
-def _commit(staged: Storage, snap: Snapshot, dest: Storage, replace: bool,
-            fields: _format.RootFields) -> None:
+def _commit(
+    staged: Storage, snap: Snapshot, dest: Storage, replace: bool, fields: _format.RootFields
+) -> None:
     """The root document (written last), durable, then visible (`Storage.commit`)."""
-    root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, fields,
-                            created=snap.created)
+    root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, fields, created=snap.created)
     staged.write(_format.DOC, root)
     staged.sync()
     dest.commit(staged, replace=replace)
 
 
-def _as_write_error(e: BaseException, dest: Storage, *, uncommitted: bool = False
-                    ) -> BaseException:
+def _as_write_error(e: BaseException, dest: Storage, *, uncommitted: bool = False) -> BaseException:
     """`e` as the error of a failed save; `uncommitted`: it failed before the commit, so say
     that nothing was committed."""
-    if not isinstance(e, OSError) or (isinstance(e, CheckpointError) and not
-                                      (uncommitted and isinstance(e, CheckpointWriteError))):
+    if not isinstance(e, OSError) or (
+        isinstance(e, CheckpointError) and not (uncommitted and isinstance(e, CheckpointWriteError))
+    ):
         return e
     error = CheckpointWriteError(
-        e.errno, f"saving the checkpoint {dest.url} failed, nothing was committed: "
-        f"{e.strerror if isinstance(e, CheckpointWriteError) else e}")
+        e.errno,
+        f"saving the checkpoint {dest.url} failed, nothing was committed: "
+        f"{e.strerror if isinstance(e, CheckpointWriteError) else e}",
+    )
     error.__cause__ = e
     return error
 
 
-def write_snapshot(snap: Snapshot, dest: Storage, workers: Workers, *, replace: bool,
-                   fields: _format.RootFields, coord: Coordinator | None = None,
-                   phases: Phases | None = None) -> None:
+def write_snapshot(
+    snap: Snapshot,
+    dest: Storage,
+    workers: Workers,
+    *,
+    replace: bool,
+    fields: _format.RootFields,
+    coord: Coordinator | None = None,
+    phases: Phases | None = None,
+) -> None:
     """Write `snap` where `dest` says, make it durable and commit it as `dest`. With `coord`:
     see `_write_together`. `phases` receives the time spent in `write` and `commit`."""
     phases = phases if phases is not None else Phases()
@@ -151,8 +177,15 @@ def write_snapshot(snap: Snapshot, dest: Storage, workers: Workers, *, replace: 
         raise _as_write_error(e, dest, uncommitted=True) from None
 
 
-def _write_together(snap: Snapshot, dest: Storage, workers: Workers, replace: bool,
-                    fields: _format.RootFields, coord: Coordinator, phases: Phases) -> None:
+def _write_together(
+    snap: Snapshot,
+    dest: Storage,
+    workers: Workers,
+    replace: bool,
+    fields: _format.RootFields,
+    coord: Coordinator,
+    phases: Phases,
+) -> None:
     """The multi-process save, in three barriers.
 
     1. `layout`: process 0 has begun the checkpoint and written every document and its own
@@ -175,14 +208,22 @@ def _write_together(snap: Snapshot, dest: Storage, workers: Workers, replace: bo
             error = e
     try:
         if leader:
-            coord.put("layout", {"staged": staged.url if staged is not None else None,
-                                 "dest": dest.url, "ok": error is None})
+            coord.put(
+                "layout",
+                {
+                    "staged": staged.url if staged is not None else None,
+                    "dest": dest.url,
+                    "ok": error is None,
+                },
+            )
         coord.barrier("layout", f"{what}, nothing was committed")
         layout = coord.get("layout")
         if not leader and layout["dest"] != dest.url:
-            error = CheckpointError(f"{what}: process 0 saves to {layout['dest']} but process "
-                                    f"{coord.process} to {dest.url}; every process must save "
-                                    "the same paths in the same order")
+            error = CheckpointError(
+                f"{what}: process 0 saves to {layout['dest']} but process "
+                f"{coord.process} to {dest.url}; every process must save "
+                "the same paths in the same order"
+            )
         elif not leader and layout["ok"]:
             try:
                 theirs = open_storage(layout["staged"])
@@ -198,7 +239,8 @@ def _write_together(snap: Snapshot, dest: Storage, workers: Workers, replace: bo
                 raise error
             p, message = next(iter(failed.items()))
             raise CheckpointWriteError(
-                f"{what}: process {p} failed, so nothing was committed: {message}")
+                f"{what}: process {p} failed, so nothing was committed: {message}"
+            )
         phases.add("write", time.perf_counter() - t_write)
         if leader and staged is not None:
             try:

@@ -152,7 +152,8 @@ def _data_of(value: Any) -> Any:
 def _whole_copy(data: Any) -> bool:
     """Stored as one chunk copied from any local replica (host values, replicated arrays)."""
     return not isinstance(data, jax.Array) or (
-        data.sharding.is_fully_replicated and data.sharding.is_fully_addressable)
+        data.sharding.is_fully_replicated and data.sharding.is_fully_addressable
+    )
 
 
 def _sources(data: Any) -> list[tuple[Any, tuple[slice, ...]]]:
@@ -174,8 +175,9 @@ def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
     shape = tuple(data.shape)
     whole = tuple(max(s, 1) for s in shape)
     chunk = whole if _whole_copy(data) else _chunk_shape(data.sharding, shape)
-    spec = ArraySpec(leaf.name, shape, dtype, chunk, prng_impl,
-                     _format.band_rows_for(chunk, dtype.itemsize))
+    spec = ArraySpec(
+        leaf.name, shape, dtype, chunk, prng_impl, _format.band_rows_for(chunk, dtype.itemsize)
+    )
     if spec.nbytes == 0:
         return spec, []
     sources = _sources(data)
@@ -247,9 +249,17 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
             value = leaf.value
             is_jax = isinstance(value, jax.Array)
             on_cpu = is_jax and all(d.platform == "cpu" for d in value.sharding.device_set)
-            per_leaf.append(_LeafPlan(pos, templates, _is_local(value),
-                                      _whole_copy(_data_of(value)), spec.prng_impl is not None,
-                                      is_jax and not on_cpu, on_cpu))
+            per_leaf.append(
+                _LeafPlan(
+                    pos,
+                    templates,
+                    _is_local(value),
+                    _whole_copy(_data_of(value)),
+                    spec.prng_impl is not None,
+                    is_jax and not on_cpu,
+                    on_cpu,
+                )
+            )
     plan = _TreePlan(description, arrays, per_leaf)
     if key is not None and [id(leaf.value) for leaf in leaves] == [id(v) for v in values]:
         while len(_PLANS) >= _MAX_PLANS:
@@ -300,8 +310,9 @@ def _copy_group(group: list[tuple[_Piece, np.ndarray]]) -> None:
         _copy(piece, dest)
 
 
-def take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, *,
-                  process_index: int = 0) -> Snapshot:
+def take_snapshot(
+    tree: Any, workers: Workers, pool: ArenaPool, *, process_index: int = 0
+) -> Snapshot:
     """Copy every leaf of `tree` that this process writes into private host memory.
 
     Under `jax.distributed` a process writes the replica-0 shards of its addressable devices;
@@ -311,8 +322,11 @@ def take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, *,
     try:
         return _take_snapshot(tree, workers, pool, process_index)
     except RuntimeError as e:  # JAX's "Array has been deleted", which names no leaf
-        deleted = [keystr(kp) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-                   if isinstance(v, jax.Array) and v.is_deleted()]
+        deleted = [
+            keystr(kp)
+            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(v, jax.Array) and v.is_deleted()
+        ]
         if not deleted:
             raise
         raise DeletedArrayError(
@@ -325,8 +339,7 @@ def take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, *,
             gc.enable()
 
 
-def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool,
-                   process_index: int) -> Snapshot:
+def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, process_index: int) -> Snapshot:
     plan, values = _plan_tree(tree)
     pieces: list[_Piece] = []  # to copy into the arena
     views: list[tuple[_Piece, np.ndarray]] = []
@@ -344,8 +357,14 @@ def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool,
         if leaf.device_copy:
             to_host.extend(src for src, _ in sources)
         for t in leaf.templates:
-            piece = _Piece(i, t.coords, sources[t.source][0], t.source_index, spec.chunk_shape,
-                           spec.chunk_nbytes)
+            piece = _Piece(
+                i,
+                t.coords,
+                sources[t.source][0],
+                t.source_index,
+                spec.chunk_shape,
+                spec.chunk_nbytes,
+            )
             view = _host_view(piece, spec.dtype) if leaf.host_view else None
             if view is None:
                 pieces.append(piece)

@@ -101,15 +101,27 @@ def report(kind: str, stats: SaveStats | RestoreStats) -> None:
         for name, value in fields.items():
             if name.endswith("_s"):
                 jax.monitoring.record_event_duration_secs(
-                    f"/asyncckpt/{kind}/{name[:-2]}_duration_secs", value)
+                    f"/asyncckpt/{kind}/{name[:-2]}_duration_secs", value
+                )
         record_scalar = getattr(jax.monitoring, "record_scalar", None)  # newer JAX only
         if record_scalar is not None:
             record_scalar(f"/asyncckpt/{kind}/bytes", float(stats.bytes))
     except Exception:
-        log.warning("asyncckpt: a jax.monitoring listener failed on the %s of %s", kind,
-                    stats.path, exc_info=True)
+        log.warning(
+            "asyncckpt: a jax.monitoring listener failed on the %s of %s",
+            kind,
+            stats.path,
+            exc_info=True,
+        )
     if log.isEnabledFor(logging.DEBUG):
         times = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in fields.items() if k.endswith("_s"))
         step = "" if stats.step is None else f"step {stats.step}, "
-        log.debug("asyncckpt: %s of %s (%s%d arrays, %.1f MiB): %s", kind, stats.path, step,
-                  stats.arrays, stats.bytes / 2**20, times)
+        log.debug(
+            "asyncckpt: %s of %s (%s%d arrays, %.1f MiB): %s",
+            kind,
+            stats.path,
+            step,
+            stats.arrays,
+            stats.bytes / 2**20,
+            times,
+        )

@@ -181,8 +181,13 @@ def _describe(node: Any, keypath: tuple[Any, ...], leaves: list[Leaf]) -> dict[s
                     meta[field.name] = _encode_value(getattr(node, field.name))
                 except TypeError:
                     pass  # restorable with a target only
-        return {"t": "dataclass", "cls": _class_ref(type(node)), "f": keys, "meta": meta,
-                "c": described}
+        return {
+            "t": "dataclass",
+            "cls": _class_ref(type(node)),
+            "f": keys,
+            "meta": meta,
+            "c": described,
+        }
     return {"t": "node", "cls": _class_ref(type(node)), "f": keys, "c": described}
 
 
@@ -246,8 +251,11 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
     if t == "tuple":
         return tuple(children)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
-    if not isinstance(keys, list) or len(keys) != len(children) or not all(
-            isinstance(k, (str, int, float, bool)) or k is None for k in keys):
+    if (
+        not isinstance(keys, list)
+        or len(keys) != len(children)
+        or not all(isinstance(k, (str, int, float, bool)) or k is None for k in keys)
+    ):
         raise _bad(f"node of type {t!r} has {len(children)} children but keys {str(keys)[:100]}")
     if t in ("dict", "odict"):
         return dict(zip(keys, children))
@@ -256,7 +264,7 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
     if t == "namedtuple" and cls is not None and list(getattr(cls, "_fields", ())) == keys:
         return cls(*children)
     if t == "dataclass" and cls is not None and dataclasses.is_dataclass(cls):
-        meta = spec.get("meta") if isinstance(spec.get("meta"), dict) else {}
+        meta = raw if isinstance(raw := spec.get("meta"), dict) else {}
         if not all(isinstance(k, str) for k in meta):
             raise _bad(f"bad dataclass fields {str(meta)[:100]}")
         values = {**{k: decode_value(v) for k, v in meta.items()}, **fields}
@@ -350,5 +358,3 @@ def check_match(
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             lines.append(f"  {title}: " + ", ".join(shown))
     raise TreeMismatchError("\n".join(lines))
-
-

@@ -38,8 +38,9 @@ class Problem:
     error: CheckpointError
 
 
-def check(ckpt: Storage, workers: Workers, *,
-          progress: Callable[[int], None] | None = None) -> list[Problem]:
+def check(
+    ckpt: Storage, workers: Workers, *, progress: Callable[[int], None] | None = None
+) -> list[Problem]:
     """Every problem of the committed checkpoint `ckpt` (empty: it is sound).
 
     Reads every chunk and checks its size and checksums, and checks that each array's own
@@ -61,8 +62,14 @@ def check(ckpt: Storage, workers: Workers, *,
             return
         except OSError as e:
             with lock:
-                problems.append(Problem(name, CheckpointReadError(
-                    e.errno, f"variable {name!r} of {path}: {e.strerror or e}")))
+                problems.append(
+                    Problem(
+                        name,
+                        CheckpointReadError(
+                            e.errno, f"variable {name!r} of {path}: {e.strerror or e}"
+                        ),
+                    )
+                )
             return
         if progress is not None:
             progress(n)
@@ -75,9 +82,15 @@ def check(ckpt: Storage, workers: Workers, *,
         names = []
     for name in names:
         if name not in info.arrays:
-            problems.append(Problem(name, CorruptCheckpointError(
-                f"{path}: the tree lists variable {name!r}, but the root zarr.json has no "
-                "array of that name")))
+            problems.append(
+                Problem(
+                    name,
+                    CorruptCheckpointError(
+                        f"{path}: the tree lists variable {name!r}, but the root zarr.json has no "
+                        "array of that name"
+                    ),
+                )
+            )
     seen: set[str] = set()
     for spec in info.arrays.values():
         where = f"variable {spec.name!r} of {path}"
@@ -86,12 +99,24 @@ def check(ckpt: Storage, workers: Workers, *,
         except CheckpointError as e:
             problems.append(Problem(spec.name, e))
             continue
-        tasks.append((256, functools.partial(guarded, spec.name,
-                                             functools.partial(_check_doc, ckpt, spec, where))))
+        tasks.append(
+            (
+                256,
+                functools.partial(
+                    guarded, spec.name, functools.partial(_check_doc, ckpt, spec, where)
+                ),
+            )
+        )
         for coords in spec.chunk_coords():
             key = spec.chunk_key(coords)
-            tasks.append((spec.chunk_nbytes, functools.partial(
-                guarded, spec.name, functools.partial(_check_chunk, ckpt, key, spec, where))))
+            tasks.append(
+                (
+                    spec.chunk_nbytes,
+                    functools.partial(
+                        guarded, spec.name, functools.partial(_check_chunk, ckpt, key, spec, where)
+                    ),
+                )
+            )
     workers.run_reads(tasks, network=ckpt.network)
     return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
 
@@ -109,7 +134,8 @@ def _check_doc(ckpt: Storage, spec: ArraySpec, where: str) -> int:
         raise CorruptCheckpointError(
             f"{where}: {doc} describes {parsed.shape} {parsed.dtype} in chunks of "
             f"{parsed.chunk_shape}, the root zarr.json {spec.shape} {spec.dtype} in chunks of "
-            f"{spec.chunk_shape}")
+            f"{spec.chunk_shape}"
+        )
     return 0
 
 
@@ -147,6 +173,8 @@ def verify(path: Any) -> None:
     details = "; ".join(str(p.error) for p in problems[:20])
     more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
     kind = IncompleteCheckpointError if missing else CorruptCheckpointError
-    raise kind(f"checkpoint {ckpt.url} is {'incomplete' if missing else 'damaged'}: "
-               f"{len(names)} variable(s) {names[:20]}: {details}{more}. Restore another "
-               "checkpoint (e.g. an earlier step)")
+    raise kind(
+        f"checkpoint {ckpt.url} is {'incomplete' if missing else 'damaged'}: "
+        f"{len(names)} variable(s) {names[:20]}: {details}{more}. Restore another "
+        "checkpoint (e.g. an earlier step)"
+    )

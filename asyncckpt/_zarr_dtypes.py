@@ -19,27 +19,31 @@ must never fail to import: zarr would fail every read in this environment if it 
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import zarr.errors
 from zarr.core.buffer.cpu import Buffer as Buffer
 from zarr.core.dtype.common import HasEndianness, HasItemSize
 from zarr.dtype import ZDType, data_type_registry
 
 from ._dtypes import ML_DTYPE_NAMES, ml_dtype
 
-try:  # zarr >= 3.4 (importing it from zarr.dtype is deprecated there)
-    from zarr.errors import DataTypeValidationError
-except ImportError:  # zarr 3.1 - 3.3
-    from zarr.dtype import DataTypeValidationError  # type: ignore[attr-defined,no-redef]
+# where zarr keeps the error a data type raises for "not me": zarr.errors from 3.4 on (importing
+# it from zarr.dtype is deprecated there), zarr.dtype before
+DataTypeValidationError: type[ValueError] = (
+    getattr(zarr.errors, "DataTypeValidationError", None)
+    or importlib.import_module("zarr.dtype").DataTypeValidationError
+)
 
 
-class _MLType(ZDType, HasItemSize):  # type: ignore[type-arg]
+class _MLType(ZDType, HasItemSize):
     """A Zarr data type wrapping one ml_dtypes type (scalars: the ml_dtypes scalar type)."""
 
-    _zarr_v3_name: ClassVar[str]  # type: ignore[misc]
+    _zarr_v3_name: ClassVar[str]
     _np_dtype: ClassVar[np.dtype]
 
     @classmethod
@@ -99,8 +103,11 @@ def _make(name: str) -> type[_MLType]:
     dtype = ml_dtype(name)
     # the bytes codec wants an endianness for multi-byte types
     bases = (_MLType, HasEndianness) if dtype.itemsize > 1 else (_MLType,)
-    cls = type(name, bases, {"_zarr_v3_name": name, "_np_dtype": dtype,
-                             "__module__": __name__, "__qualname__": name})
+    cls = type(
+        name,
+        bases,
+        {"_zarr_v3_name": name, "_np_dtype": dtype, "__module__": __name__, "__qualname__": name},
+    )
     return dataclass(frozen=True, kw_only=True)(cls)
 
 
@@ -114,7 +121,7 @@ def register() -> None:
     """Add the data types to zarr-python's registry (idempotent)."""
     for name, cls in DATA_TYPES.items():
         if data_type_registry.contents.get(name) is not cls:
-            data_type_registry.register(name, cls)  # type: ignore[arg-type]
+            data_type_registry.register(name, cls)
 
 
 register()

@@ -100,11 +100,22 @@ METRICS = (
 )
 # issue 5's targets: the largest acceptable ratio asyncckpt / orbax of each metric's median
 TARGETS = {
-    "big": {"save_blocking_s": 0.75, "save_commit_s": 0.5, "restore_resume_s": 0.2,
-            "restore_warm_s": 0.3, "save_peak_rss_gb": 1.05, "restore_peak_rss_gb": 0.75,
-            "slowdown_excess": 0.5},
-    "small": {"save_blocking_s": 0.1, "save_commit_s": 0.25, "restore_resume_s": 0.2,
-              "restore_warm_s": 0.2, "slowdown_excess": 0.5},
+    "big": {
+        "save_blocking_s": 0.75,
+        "save_commit_s": 0.5,
+        "restore_resume_s": 0.2,
+        "restore_warm_s": 0.3,
+        "save_peak_rss_gb": 1.05,
+        "restore_peak_rss_gb": 0.75,
+        "slowdown_excess": 0.5,
+    },
+    "small": {
+        "save_blocking_s": 0.1,
+        "save_commit_s": 0.25,
+        "restore_resume_s": 0.2,
+        "restore_warm_s": 0.2,
+        "slowdown_excess": 0.5,
+    },
 }
 TARGETS["llm"] = dict(TARGETS["big"])
 TRAIN_LOOP_S = 1.5
@@ -191,8 +202,9 @@ class OrbaxSystem:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=True))
+        self._mgr = ocp.CheckpointManager(
+            root, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+        )
 
     def save(self, step: int, tree) -> None:
         self._mgr.save(step, args=ocp.args.StandardSave(tree))
@@ -237,8 +249,9 @@ def make_train_loop(mesh):
     return lambda: run_n(iters)
 
 
-def save_child(system: str, workload: str, root: str, scale: float, seed: int,
-               slowdown_reps: int) -> dict:
+def save_child(
+    system: str, workload: str, root: str, scale: float, seed: int, slowdown_reps: int
+) -> dict:
     specs = workload_specs(workload, scale)
     tree = build_tree(specs, seed)
     train = make_train_loop(make_mesh())
@@ -330,9 +343,22 @@ class ChildFailed(Exception):
 
 
 def run_child(args, phase: str, system: str, workload: str, root: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, system, workload,
-           "--root", root, "--scale", str(args.scale), "--seed", str(args.seed),
-           "--slowdown-reps", str(args.slowdown_reps)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        phase,
+        system,
+        workload,
+        "--root",
+        root,
+        "--scale",
+        str(args.scale),
+        "--seed",
+        str(args.seed),
+        "--slowdown-reps",
+        str(args.slowdown_reps),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
@@ -386,8 +412,9 @@ def log_record(r: dict) -> None:
 
 
 def median_of(records: list[dict], workload: str, system: str, key: str) -> float | None:
-    values = [r[key] for r in records
-              if r["workload"] == workload and r["system"] == system and key in r]
+    values = [
+        r[key] for r in records if r["workload"] == workload and r["system"] == system and key in r
+    ]
     return statistics.median(values) if values else None
 
 
@@ -405,19 +432,25 @@ def print_tables(records: list[dict], workloads: list[str], limits: dict | None)
     for workload in workloads:
         targets = TARGETS.get(workload, {})
         tree = median_of(records, workload, SYSTEMS[0], "tree_bytes") or median_of(
-            records, workload, SYSTEMS[1], "tree_bytes")
+            records, workload, SYSTEMS[1], "tree_bytes"
+        )
         print(f"\n== {workload}: tree {fmt(tree and tree / MIB, '.1f')} MiB ==")
-        print(f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}"
-              f"{'target':>14}")
+        print(
+            f"{'metric (median)':<22}{'asyncckpt':>12}{'orbax':>12}{'ratio a/o':>12}{'target':>14}"
+        )
         for metric in METRICS:
             a, o = (median_of(records, workload, s, metric) for s in SYSTEMS)
             ratio = a / o if a is not None and o else None
-            print(f"{metric:<22}{fmt(a):>12}{fmt(o):>12}{fmt(ratio, '.2f'):>12}"
-                  f"{verdict(ratio, targets.get(metric)):>14}")
+            print(
+                f"{metric:<22}{fmt(a):>12}{fmt(o):>12}{fmt(ratio, '.2f'):>12}"
+                f"{verdict(ratio, targets.get(metric)):>14}"
+            )
         a, o = (median_of(records, workload, s, "train_slowdown") for s in SYSTEMS)
         excess = (a - 1) / (o - 1) if a is not None and o is not None and o > 1 else None
-        print(f"{'slowdown excess':<22}{fmt(a and a - 1):>12}{fmt(o and o - 1):>12}"
-              f"{fmt(excess, '.2f'):>12}{verdict(excess, targets.get('slowdown_excess')):>14}")
+        print(
+            f"{'slowdown excess':<22}{fmt(a and a - 1):>12}{fmt(o and o - 1):>12}"
+            f"{fmt(excess, '.2f'):>12}{verdict(excess, targets.get('slowdown_excess')):>14}"
+        )
         for system in SYSTEMS:
             size = median_of(records, workload, system, "disk_bytes")
             files = median_of(records, workload, system, "disk_files")
@@ -426,24 +459,31 @@ def print_tables(records: list[dict], workloads: list[str], limits: dict | None)
         print_limits(records, workload, tree, limits)
 
 
-def print_limits(records: list[dict], workload: str, tree: float | None,
-                 limits: dict | None) -> None:
+def print_limits(
+    records: list[dict], workload: str, tree: float | None, limits: dict | None
+) -> None:
     """asyncckpt's throughput against this machine's limits, for this workload."""
     if not limits or not tree:
         return
     med = {m: median_of(records, workload, SYSTEMS[0], m) for m in METRICS}
     memcpy_s = tree / (limits["memcpy_gbps"] * 1e9)
     rss = med["save_peak_rss_gb"]
-    print(f"asyncckpt vs this machine: save blocking {fmt(med['save_blocking_s'])} s = "
-          f"{fmt(med['save_blocking_s'] and med['save_blocking_s'] / memcpy_s, '.2f')} x the "
-          f"memcpy time of the tree ({memcpy_s:.3f} s); save +RSS = "
-          f"{fmt(rss and rss * GIB / tree, '.2f')} x the tree")
-    for metric, limit, what in (("save_commit_s", "durable_write_gbps", "durable write"),
-                                ("restore_warm_s", "cached_read_gbps", "page-cache read")):
+    print(
+        f"asyncckpt vs this machine: save blocking {fmt(med['save_blocking_s'])} s = "
+        f"{fmt(med['save_blocking_s'] and med['save_blocking_s'] / memcpy_s, '.2f')} x the "
+        f"memcpy time of the tree ({memcpy_s:.3f} s); save +RSS = "
+        f"{fmt(rss and rss * GIB / tree, '.2f')} x the tree"
+    )
+    for metric, limit, what in (
+        ("save_commit_s", "durable_write_gbps", "durable write"),
+        ("restore_warm_s", "cached_read_gbps", "page-cache read"),
+    ):
         if med[metric]:
             gbps = tree / med[metric] / 1e9
-            print(f"  {metric}: {gbps:.2f} GB/s = {gbps / limits[limit]:.0%} of {what} "
-                  f"({limits[limit]:.2f} GB/s)")
+            print(
+                f"  {metric}: {gbps:.2f} GB/s = {gbps / limits[limit]:.0%} of {what} "
+                f"({limits[limit]:.2f} GB/s)"
+            )
 
 
 def print_cache_note(records: list[dict], dropped: bool) -> None:
@@ -467,15 +507,16 @@ def driver_main(args) -> int:
     if own_workdir:
         args.workdir = tempfile.mkdtemp(prefix="compare_orbax_", dir="/tmp")
     os.makedirs(args.workdir, exist_ok=True)
-    print(f"asyncckpt {version('asyncckpt')}, orbax-checkpoint {version('orbax-checkpoint')}, "
-          f"jax {jax.__version__}, {os.cpu_count()} CPUs; runs={args.runs} scale={args.scale} "
-          f"workdir={args.workdir} drop_caches={args.drop_caches}")
+    print(
+        f"asyncckpt {version('asyncckpt')}, orbax-checkpoint {version('orbax-checkpoint')}, "
+        f"jax {jax.__version__}, {os.cpu_count()} CPUs; runs={args.runs} scale={args.scale} "
+        f"workdir={args.workdir} drop_caches={args.drop_caches}"
+    )
     print("each save child times its 2nd save; the 1st (warm-up) save is excluded", flush=True)
     limits = None
     if not args.no_limits:
         limits = machine.measure(args.workdir, 64 * MIB if args.quick else GIB)
-        print("this machine: " + ", ".join(f"{k} {v:.2f}" for k, v in limits.items()),
-              flush=True)
+        print("this machine: " + ", ".join(f"{k} {v:.2f}" for k, v in limits.items()), flush=True)
     records = []
     try:
         for run in range(args.runs):
@@ -499,24 +540,43 @@ def driver_main(args) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3, help="measurements per system and workload")
-    p.add_argument("--scale", type=float, default=1.0, help="size factor (big: rows; small: "
-                   "number of leaf groups); 0.05 gives a smoke run")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="size factor (big: rows; small: number of leaf groups); 0.05 gives a smoke run",
+    )
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small", "llm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a new dir under /tmp)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
-    p.add_argument("--drop-caches", action="store_true",
-                   help="sync and drop the page cache before each restore child (needs root)")
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="sync and drop the page cache before each restore child (needs root)",
+    )
     p.add_argument("--json", metavar="OUT", help="write every raw measurement to OUT")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 1 run at scale 0.02 of "
-                   "big, small and llm (what CI runs; its timings mean nothing)")
-    p.add_argument("--slowdown-reps", type=int, default=SLOWDOWN_REPS,
-                   help="saves per save child that a training loop runs behind (default "
-                   f"{SLOWDOWN_REPS}; --quick: 1)")
-    p.add_argument("--no-limits", action="store_true",
-                   help="skip measuring memcpy, durable write and page-cache read bandwidth")
-    p.add_argument("--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"),
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 run at scale 0.02 of "
+        "big, small and llm (what CI runs; its timings mean nothing)",
+    )
+    p.add_argument(
+        "--slowdown-reps",
+        type=int,
+        default=SLOWDOWN_REPS,
+        help="saves per save child that a training loop runs behind (default "
+        f"{SLOWDOWN_REPS}; --quick: 1)",
+    )
+    p.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="skip measuring memcpy, durable write and page-cache read bandwidth",
+    )
+    p.add_argument(
+        "--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"), help=argparse.SUPPRESS
+    )
     p.add_argument("--root", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

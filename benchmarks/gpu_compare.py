@@ -35,12 +35,19 @@ def build(workload: str, scale: float):
     key = jax.random.key(0)
     if workload == "big":  # ~1 GiB float32: 48 matrices + 48 vectors
         rows = max(8, int(2048 * scale))
-        tree = {f"layer_{i:02d}": {"w": jax.random.normal(jax.random.fold_in(key, i), (rows, 2816)),
-                                   "b": jnp.full((2816,), i, jnp.float32)} for i in range(48)}
+        tree = {
+            f"layer_{i:02d}": {
+                "w": jax.random.normal(jax.random.fold_in(key, i), (rows, 2816)),
+                "b": jnp.full((2816,), i, jnp.float32),
+            }
+            for i in range(48)
+        }
     else:  # 4000 leaves of 16 KiB
         groups = max(1, int(40 * scale))
-        tree = {f"g{g}": {f"l{j}": jnp.full((4096,), 100 * g + j, jnp.float32) for j in range(100)}
-                for g in range(groups)}
+        tree = {
+            f"g{g}": {f"l{j}": jnp.full((4096,), 100 * g + j, jnp.float32) for j in range(100)}
+            for g in range(groups)
+        }
     return jax.block_until_ready(tree)
 
 
@@ -71,8 +78,9 @@ class Orbax:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
-        self.mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=True))
+        self.mgr = ocp.CheckpointManager(
+            root, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+        )
 
     def save(self, step, tree):
         self.mgr.save(step, args=self.ocp.args.StandardSave(tree))
@@ -96,8 +104,9 @@ def child(system: str, workload: str, root: str, scale: float) -> dict:
 
     tree = build(workload, scale)
     expected = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          tree)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
     step = jax.jit(lambda t: jax.tree.map(lambda x: x * 2 + 1, t), donate_argnums=0)
     ckpt = {"asyncckpt": Asyncckpt, "orbax": Orbax}[system](root)
     try:
@@ -119,13 +128,25 @@ def child(system: str, workload: str, root: str, scale: float) -> dict:
     for got, want in zip(jax.tree.leaves(restored), expected):
         if not np.array_equal(np.asarray(got), want):
             raise AssertionError("restored data differs from the values at save time")
-    return {"save_blocking_s": t1 - t0, "save_commit_s": t2 - t0, "restore_s": t4 - t3,
-            "device": str(jax.devices()[0].device_kind)}
+    return {
+        "save_blocking_s": t1 - t0,
+        "save_commit_s": t2 - t0,
+        "restore_s": t4 - t3,
+        "device": str(jax.devices()[0].device_kind),
+    }
 
 
 def run_child(system, workload, root, scale, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", system, workload, root,
-           "--scale", str(scale)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        system,
+        workload,
+        root,
+        "--scale",
+        str(scale),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     marked = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if proc.returncode or not marked:
@@ -162,8 +183,10 @@ def main() -> int:
     for workload in args.workloads:
         print(f"== {workload} ==\n{'metric':<18}{'asyncckpt':>11}{'orbax':>11}{'ratio':>8}")
         for m in METRICS:
-            vals = [[r[m] for r in records if r["workload"] == workload and r["system"] == s
-                     and m in r] for s in ("asyncckpt", "orbax")]
+            vals = [
+                [r[m] for r in records if r["workload"] == workload and r["system"] == s and m in r]
+                for s in ("asyncckpt", "orbax")
+            ]
             a, o = (statistics.median(v) if v else float("nan") for v in vals)
             print(f"{m:<18}{a:>11.3f}{o:>11.3f}{a / o:>8.2f}")
     return 1 if any("error" in r for r in records) else 0

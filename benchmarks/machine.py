@@ -55,5 +55,8 @@ def write_read_gbps(directory: str, nbytes: int) -> tuple[float, float]:
 
 def measure(directory: str, nbytes: int) -> dict:
     write, read = write_read_gbps(directory, nbytes)
-    return {"memcpy_gbps": memcpy_gbps(nbytes), "durable_write_gbps": write,
-            "cached_read_gbps": read}
+    return {
+        "memcpy_gbps": memcpy_gbps(nbytes),
+        "durable_write_gbps": write,
+        "cached_read_gbps": read,
+    }

@@ -43,8 +43,11 @@ def free_port() -> int:
 
 def start_server() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -52,9 +55,14 @@ def start_server() -> tuple[subprocess.Popen, str]:
             break
         except OSError:
             time.sleep(0.05)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true",
-                      AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ALLOW_HTTP="true",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_REGION="us-east-1",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
@@ -69,16 +77,19 @@ def open_store(kind: str, endpoint: str):
         return ObjectStore(obstore.store.from_url(f"s3://{BUCKET}"))
     from zarr.storage import FsspecStore
 
-    return FsspecStore.from_url(f"s3://{BUCKET}", storage_options={
-        "endpoint_url": endpoint, "key": "bench", "secret": "bench"})
+    return FsspecStore.from_url(
+        f"s3://{BUCKET}",
+        storage_options={"endpoint_url": endpoint, "key": "bench", "secret": "bench"},
+    )
 
 
 async def put_get(store, prefix: str, count: int, size: int, concurrency: int) -> dict:
     import numpy as np
     from zarr.core.buffer import cpu, default_buffer_prototype
 
-    data = cpu.Buffer.from_array_like(np.random.default_rng(0).integers(
-        0, 255, size, dtype=np.uint8))
+    data = cpu.Buffer.from_array_like(
+        np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+    )
     limit = asyncio.Semaphore(concurrency)
 
     async def put(i: int) -> None:
@@ -134,11 +145,15 @@ def asyncckpt_child(phase: str, url: str, scale: float) -> dict:
 
 
 def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     for line in out.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     raise RuntimeError(f"child {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
@@ -152,8 +167,9 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "stores":
-            result = stores_child(rest[0], os.environ["AWS_ENDPOINT_URL"], int(rest[1]),
-                                  int(rest[2]), int(rest[3]))
+            result = stores_child(
+                rest[0], os.environ["AWS_ENDPOINT_URL"], int(rest[1]), int(rest[2]), int(rest[3])
+            )
         else:
             result = asyncckpt_child(rest[0], rest[1], float(rest[2]))
         print(RESULT_MARK + json.dumps(result), flush=True)
@@ -171,19 +187,21 @@ def main() -> None:
                         rows.setdefault((kind, k), []).append(v)
             print(f"\n{count} objects x {size / 1024:.0f} KiB, medians of {args.runs} (MB/s):")
             for kind in ("obstore", "fsspec"):
-                print(f"  {kind:8s} put {statistics.median(rows[(kind, 'put_MBps')]):8.1f}   "
-                      f"get {statistics.median(rows[(kind, 'get_MBps')]):8.1f}")
+                print(
+                    f"  {kind:8s} put {statistics.median(rows[(kind, 'put_MBps')]):8.1f}   "
+                    f"get {statistics.median(rows[(kind, 'get_MBps')]):8.1f}"
+                )
         results: dict[str, list[float]] = {}
         for run in range(args.runs):
             url = f"s3://{BUCKET}/asyncckpt-big-{run}"
             for phase in ("save", "restore"):
                 for k, v in run_child(["asyncckpt", phase, url, str(args.scale)]).items():
                     results.setdefault(k, []).append(v)
-        print(f"\nasyncckpt, big tree (scale {args.scale}) to and from S3, medians of "
-              f"{args.runs}:")
+        print(f"\nasyncckpt, big tree (scale {args.scale}) to and from S3, medians of {args.runs}:")
         for k, v in results.items():
-            print(f"  {k:14s} {statistics.median(v):8.3f}   (all: "
-                  f"{', '.join(f'{x:.3f}' for x in v)})")
+            print(
+                f"  {k:14s} {statistics.median(v):8.3f}   (all: {', '.join(f'{x:.3f}' for x in v)})"
+            )
     finally:
         server.terminate()
         server.wait()

@@ -44,9 +44,19 @@ def child(args) -> None:
             if i == 0:
                 verify(restored, specs, args.seed)
             del restored
-            print(json.dumps({"restore": i, "total_s": total, "plan_s": s.plan_s,
-                              "read_s": s.read_s, "place_s": s.place_s, "bytes": s.bytes}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "restore": i,
+                        "total_s": total,
+                        "plan_s": s.plan_s,
+                        "read_s": s.read_s,
+                        "place_s": s.place_s,
+                        "bytes": s.bytes,
+                    }
+                ),
+                flush=True,
+            )
 
 
 def save(args) -> None:
@@ -79,22 +89,36 @@ def main() -> int:
     env = dict(os.environ)
     if args.src:
         env["PYTHONPATH"] = os.path.abspath(args.src) + os.pathsep + env.get("PYTHONPATH", "")
-    base = [sys.executable, os.path.abspath(__file__), "--workload", args.workload,
-            "--scale", str(args.scale), "--seed", str(args.seed)]
+    base = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--workload",
+        args.workload,
+        "--scale",
+        str(args.scale),
+        "--seed",
+        str(args.seed),
+    ]
     workdir = tempfile.mkdtemp(prefix="restore_phases_")
     root = os.path.join(workdir, "run")
     try:
         subprocess.run([*base, "--save", "--root", root], env=env, check=True)
         for run in range(args.runs):
-            out = subprocess.run([*base, "--child", "--root", root, "--restores",
-                                  str(args.restores)], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [*base, "--child", "--root", root, "--restores", str(args.restores)],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             for line in out.splitlines():
                 r = json.loads(line)
                 kind = "resume" if r["restore"] == 0 else "warm"
-                print(f"run {run} {kind:6s} total {r['total_s']:.3f} s  plan {r['plan_s']:.3f}"
-                      f"  read {r['read_s']:.3f} ({r['bytes'] / r['read_s'] / 1e9:.2f} GB/s)"
-                      f"  place {r['place_s']:.3f}")
+                print(
+                    f"run {run} {kind:6s} total {r['total_s']:.3f} s  plan {r['plan_s']:.3f}"
+                    f"  read {r['read_s']:.3f} ({r['bytes'] / r['read_s'] / 1e9:.2f} GB/s)"
+                    f"  place {r['place_s']:.3f}"
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -59,8 +59,9 @@ def small_specs(scale: float, mesh, replicated: bool = False) -> dict:
     replica), so `small_replicated` flatters asyncckpt; use it for information only."""
     sharding = NamedSharding(mesh, P()) if replicated else SingleDeviceSharding(jax.devices()[0])
     return {
-        f"group_{g:02d}": {f"leaf_{j:03d}": LeafSpec(100 * g + j, (4096,), sharding)
-                           for j in range(100)}
+        f"group_{g:02d}": {
+            f"leaf_{j:03d}": LeafSpec(100 * g + j, (4096,), sharding) for j in range(100)
+        }
         for g in range(max(1, round(40 * scale)))
     }
 
@@ -75,23 +76,35 @@ def llm_specs(scale: float, mesh) -> dict:
     bf16 = np.dtype(ml_dtypes.bfloat16)
 
     def shapes() -> dict:
-        block = {"ln1": ((d,), P()), "qkv": ((d, 3 * d), P("y", "x")), "out": ((d, d), P("x", "y")),
-                 "ln2": ((d,), P()), "up": ((d, 4 * d), P(None, ("x", "y"))),
-                 "down": ((4 * d, d), P(("x", "y"), None))}
-        return {"embed": ((vocab, d), P("x", "y")), "blocks": [dict(block) for _ in range(blocks)],
-                "final_ln": ((d,), P())}
+        block = {
+            "ln1": ((d,), P()),
+            "qkv": ((d, 3 * d), P("y", "x")),
+            "out": ((d, d), P("x", "y")),
+            "ln2": ((d,), P()),
+            "up": ((d, 4 * d), P(None, ("x", "y"))),
+            "down": ((4 * d, d), P(("x", "y"), None)),
+        }
+        return {
+            "embed": ((vocab, d), P("x", "y")),
+            "blocks": [dict(block) for _ in range(blocks)],
+            "final_ln": ((d,), P()),
+        }
 
     counter = iter(range(1 << 30))
 
     def leaves(dtype: np.dtype) -> dict:
-        return jax.tree.map(lambda sp: LeafSpec(next(counter), sp[0], NamedSharding(mesh, sp[1]),
-                                                dtype),
-                            shapes(), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-                            and isinstance(x[1], P))
+        return jax.tree.map(
+            lambda sp: LeafSpec(next(counter), sp[0], NamedSharding(mesh, sp[1]), dtype),
+            shapes(),
+            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], P),
+        )
 
     f32 = np.dtype(np.float32)
-    return {"params": leaves(bf16), "opt": {"mu": leaves(f32), "nu": leaves(f32)},
-            "step": LeafSpec(next(counter), (), NamedSharding(mesh, P()), np.dtype(np.int32))}
+    return {
+        "params": leaves(bf16),
+        "opt": {"mu": leaves(f32), "nu": leaves(f32)},
+        "step": LeafSpec(next(counter), (), NamedSharding(mesh, P()), np.dtype(np.int32)),
+    }
 
 
 def workload_specs(workload: str, scale: float) -> dict:
@@ -113,8 +126,9 @@ def build_tree(specs: dict, seed: int) -> dict:
 
 
 def abstract_tree(specs: dict) -> dict:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding),
-                        specs)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), specs
+    )
 
 
 def tree_nbytes(specs: dict) -> int:
@@ -133,5 +147,3 @@ def verify(restored: dict, specs: dict, seed: int) -> None:
             raise AssertionError(f"leaf {spec.index}: sharding {arr.sharding} != {spec.sharding}")
         if np.asarray(arr).tobytes() != leaf_values(spec, seed).tobytes():
             raise AssertionError(f"leaf {spec.index}: restored data differs")
-
-

@@ -43,16 +43,22 @@ def init_state(seed: int) -> dict:
         {"w": jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), "b": jnp.zeros(n_out)}
         for k, n_in, n_out in zip(keys[1:], SIZES[:-1], SIZES[1:])
     ]
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-            "key": keys[0]}
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.int32(0),
+        "key": keys[0],
+    }
 
 
 def shardings(tree, mesh):
     """Shard matrices whose columns split evenly over the devices; replicate the rest."""
+
     def one(x):
         if x.ndim == 2 and x.shape[1] % mesh.size == 0:
             return NamedSharding(mesh, P(None, "d"))
         return NamedSharding(mesh, P())
+
     return jax.tree.map(one, tree)
 
 
@@ -94,8 +100,13 @@ def main() -> None:
     mesh = jax.make_mesh((len(jax.devices()),), ("d",))
     abstract = jax.eval_shape(init_state, args.seed)
     state_shardings = shardings(abstract, mesh)
-    with ac.CheckpointManager(args.dir, max_to_keep=3, keep_every_n_steps=100,
-                              best_metric="loss", save_interval_steps=args.save_every) as mgr:
+    with ac.CheckpointManager(
+        args.dir,
+        max_to_keep=3,
+        keep_every_n_steps=100,
+        best_metric="loss",
+        save_interval_steps=args.save_every,
+    ) as mgr:
         latest = mgr.latest_step()
         if latest is None:
             state = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)(args.seed)
@@ -103,10 +114,15 @@ def main() -> None:
         else:
             target = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                abstract, state_shardings)
+                abstract,
+                state_shardings,
+            )
             state = mgr.restore(latest, target=target)
-            print(f"resumed from step {latest} of {args.dir} (loss there: "
-                  f"{mgr.metrics(latest)['loss']:.6f})", flush=True)
+            print(
+                f"resumed from step {latest} of {args.dir} (loss there: "
+                f"{mgr.metrics(latest)['loss']:.6f})",
+                flush=True,
+            )
 
         step = int(state["step"])
         while step < args.steps:
@@ -116,8 +132,11 @@ def main() -> None:
                 print(f"step {step} loss {float(loss):.6f}", flush=True)
             t0 = time.perf_counter()
             if mgr.save(step, state, metrics={"loss": loss}):
-                print(f"  saved step {step}; save() blocked "
-                      f"{1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+                print(
+                    f"  saved step {step}; save() blocked "
+                    f"{1e3 * (time.perf_counter() - t0):.1f} ms",
+                    flush=True,
+                )
             if mgr.reached_preemption(step):
                 print(f"SIGTERM: step {step} saved, exiting", flush=True)
                 break
@@ -126,8 +145,11 @@ def main() -> None:
             if mgr.latest_step() != step:  # keep the final state too, even off-interval
                 mgr.save(step, state, metrics={"loss": loss}, force=True)
     # leaving the block waited for the last save to commit and for retention
-    print(f"stopped at step {step}; steps on disk: {mgr.all_steps()}, best (lowest loss): "
-          f"step {mgr.best_step()}", flush=True)
+    print(
+        f"stopped at step {step}; steps on disk: {mgr.all_steps()}, best (lowest loss): "
+        f"step {mgr.best_step()}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -83,9 +83,14 @@ def s3_server():
     import boto3
 
     server = S3Server()
-    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ALLOW_HTTP": "true",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=S3_BUCKET)

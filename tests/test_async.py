@@ -34,10 +34,14 @@ def held_writer(monkeypatch):
 
 def _state(mesh):
     sharding = NamedSharding(mesh, P("x", "y"))
-    return {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding),
-            "big": jax.device_put(jnp.arange(1 << 21, dtype=jnp.float32).reshape(1024, 2048),
-                                  sharding),  # banded chunks
-            "b": jnp.ones(8), "k": jax.random.key(3)}
+    return {
+        "w": jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding),
+        "big": jax.device_put(
+            jnp.arange(1 << 21, dtype=jnp.float32).reshape(1024, 2048), sharding
+        ),  # banded chunks
+        "b": jnp.ones(8),
+        "k": jax.random.key(3),
+    }
 
 
 def test_donating_arrays_right_after_save_keeps_old_values(tmp_path, mesh, held_writer):

@@ -63,12 +63,15 @@ def test_large_chunks_are_banded_small_ones_are_not(saved):
     assert [c["name"] for c in small["codecs"]] == ["bytes", "crc32c"]
 
 
-@pytest.mark.parametrize("mesh_shape, spec", [
-    ((8,), P("x", None)),   # 384-row shards: bands are shared between devices
-    ((3,), P("x", None)),   # 1024-row shards
-    ((8,), P(None, "x")),   # column strips: every band
-    ((2, 4), P("y", "x")),
-])
+@pytest.mark.parametrize(
+    "mesh_shape, spec",
+    [
+        ((8,), P("x", None)),  # 384-row shards: bands are shared between devices
+        ((3,), P("x", None)),  # 1024-row shards
+        ((8,), P(None, "x")),  # column strips: every band
+        ((2, 4), P("y", "x")),
+    ],
+)
 def test_banded_chunk_restores_onto_any_sharding(saved_anywhere, mesh_shape, spec):
     n = int(np.prod(mesh_shape))
     mesh = Mesh(np.array(jax.devices()[:n]).reshape(mesh_shape), ("x", "y")[: len(mesh_shape)])
@@ -94,20 +97,27 @@ def test_only_the_needed_bands_are_read(saved, reads):
     reads["bytes"] = 0
     out = np.empty((300, COLS), np.float32)
     request = _restore._Request((slice(600, 900), slice(0, COLS)), out)
-    _restore._read_chunk(ckpt, "w/c.0.0", spec, spec.chunk_slices((0, 0)),
-                         [(request, request.index)], "test")
+    _restore._read_chunk(
+        ckpt, "w/c.0.0", spec, spec.chunk_slices((0, 0)), [(request, request.index)], "test"
+    )
     assert_same(out, VALUE[600:900])
     assert reads["bytes"] == 512 * COLS * 4 + 4 + (16 * 6 + 4)  # no padding: one band
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda data: data.__setitem__(2 * STRIDE + 10, data[2 * STRIDE + 10] ^ 1),
-     r"checksum mismatch in band 2 of chunk file .*w/c\.0\.0"),
-    (lambda data: data.__setitem__(len(data) - 30, data[len(data) - 30] ^ 1),
-     r"shard index of chunk file .*w/c\.0\.0 is damaged"),
-    (lambda data: data.__delitem__(slice(len(data) - 1, None)),
-     r"expected \d+ \(truncated"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda data: data.__setitem__(2 * STRIDE + 10, data[2 * STRIDE + 10] ^ 1),
+            r"checksum mismatch in band 2 of chunk file .*w/c\.0\.0",
+        ),
+        (
+            lambda data: data.__setitem__(len(data) - 30, data[len(data) - 30] ^ 1),
+            r"shard index of chunk file .*w/c\.0\.0 is damaged",
+        ),
+        (lambda data: data.__delitem__(slice(len(data) - 1, None)), r"expected \d+ \(truncated"),
+    ],
+)
 def test_damaged_banded_chunk_is_corrupt(saved_anywhere, damage, match):
     path = saved_anywhere / "w" / "c.0.0"
     data = bytearray(read_file(path))

@@ -19,9 +19,21 @@ def test_compare_orbax_quick_mode(tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--json", str(out),
-                           "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=580, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--quick",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for workload in ("big", "small", "llm"):
         assert f"== {workload}:" in proc.stdout

@@ -22,8 +22,13 @@ import asyncckpt as ac
 def run(*args, ok=True):
     """Run the command; return (exit status, stdout, stderr)."""
     env = dict(os.environ, COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "asyncckpt", *map(str, args)],
-                          capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncckpt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc.returncode, proc.stdout, proc.stderr
@@ -45,8 +50,10 @@ def one_error_line(stderr: str) -> str:
 def state(mesh):
     w = np.arange(64 * 16, dtype=np.float32).reshape(64, 16).astype(ml_dtypes.bfloat16)
     return {
-        "params": {"w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
-                   "b": jnp.linspace(0, 1, 16, dtype=jnp.float32)},
+        "params": {
+            "w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
+            "b": jnp.linspace(0, 1, 16, dtype=jnp.float32),
+        },
         "opt": [jnp.full((8, 4), 2.5, jnp.float32), jnp.arange(5, dtype=jnp.int32)],
         "key": jax.random.key(3),
         "count": 7,
@@ -80,8 +87,9 @@ def test_help_and_console_script():
 
 def test_ls_table_and_json(run_dir):
     _, out, _ = run("ls", run_dir)
-    rows = {ln.split()[1]: ln for ln in out.splitlines()
-            if ln.split()[1:2] in (["1"], ["2"], ["3"])}
+    rows = {
+        ln.split()[1]: ln for ln in out.splitlines() if ln.split()[1:2] in (["1"], ["2"], ["3"])
+    }
     assert set(rows) == {"1", "2", "3"}
     assert "best loss" in rows["2"] and "best" not in rows["1"] + rows["3"]
     assert '{"loss": 1.0}' in rows["2"]
@@ -110,8 +118,12 @@ def test_show(run_dir):
     variables = {v["name"]: v for v in doc["variables"]}
     assert set(variables) == {"params/w", "params/b", "opt/0", "opt/1", "key"}
     w = variables["params/w"]
-    assert (w["shape"], w["dtype"], w["bytes"], w["chunk_grid"]) == ([64, 16], "bfloat16", 2048,
-                                                                     [4, 2])
+    assert (w["shape"], w["dtype"], w["bytes"], w["chunk_grid"]) == (
+        [64, 16],
+        "bfloat16",
+        2048,
+        [4, 2],
+    )
     assert variables["key"]["prng_impl"] == "threefry2x32"
 
     _, out, _ = run("show", run_dir, "--step", "1", "--filter", "params/*")
@@ -170,8 +182,9 @@ def test_cp_round_trip(run_dir, tmp_path, request, backend, mesh):
     for step in (1, 3):
         got = ac.restore(f"{dest}/{step}", target)
         want = ac.restore(run_dir / str(step), target)
-        jax.tree.map(assert_same, jax.random.key_data(got.pop("key")),
-                     jax.random.key_data(want.pop("key")))
+        jax.tree.map(
+            assert_same, jax.random.key_data(got.pop("key")), jax.random.key_data(want.pop("key"))
+        )
         jax.tree.map(assert_same, got, want)
         assert got["params"]["w"].sharding == target["params"]["w"].sharding
     back = tmp_path / "back"
@@ -197,8 +210,11 @@ def read_safetensors(path):
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
     body = raw[8 + n :]
-    return {k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]])
-            for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 def test_export(run_dir, tmp_path):
@@ -227,9 +243,15 @@ def test_export(run_dir, tmp_path):
 def orbax_checkpoint(root, mesh):
     ocp = pytest.importorskip("orbax.checkpoint")
     tree = {
-        "params": {"dense": {"kernel": jax.device_put(
-            np.arange(32, dtype=np.float32).reshape(8, 4).astype(ml_dtypes.bfloat16),
-            NamedSharding(mesh, P("x", "y"))), "bias": jnp.ones(4, jnp.float32)}},
+        "params": {
+            "dense": {
+                "kernel": jax.device_put(
+                    np.arange(32, dtype=np.float32).reshape(8, 4).astype(ml_dtypes.bfloat16),
+                    NamedSharding(mesh, P("x", "y")),
+                ),
+                "bias": jnp.ones(4, jnp.float32),
+            }
+        },
         "layers": [jnp.full((3,), 1.5), jnp.arange(6, dtype=jnp.int32).reshape(2, 3)],
         "step": jnp.int32(42),
     }
@@ -246,8 +268,13 @@ def test_import_orbax(tmp_path, mesh):
     ac.import_orbax(tmp_path / "orbax" / "5" / "default", tmp_path / "api")
     for dest in ("imported", "api"):
         variables = ac.list_variables(tmp_path / dest)
-        assert sorted(variables) == ["layers/0", "layers/1", "params/dense/bias",
-                                     "params/dense/kernel", "step"]
+        assert sorted(variables) == [
+            "layers/0",
+            "layers/1",
+            "params/dense/bias",
+            "params/dense/kernel",
+            "step",
+        ]
         got = ac.restore(tmp_path / dest)
         jax.tree.map(lambda a, b: assert_same(a, np.asarray(b)), got, tree)
     status, _, err = run("import-orbax", tmp_path / "orbax" / "5", tmp_path / "imported", ok=False)
@@ -255,14 +282,17 @@ def test_import_orbax(tmp_path, mesh):
     run("import-orbax", tmp_path / "orbax" / "5", tmp_path / "imported", "--force")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["show", "{tmp}/nothing"], "no checkpoint at {tmp}/nothing: the path does not exist"),
-    (["show", "{run}", "--step", "9"], "step 9 is not in {run}; committed steps: 1, 2, 3"),
-    (["ls", "{run}/1"], "{run}/1 is a single checkpoint, not a manager directory"),
-    (["verify", "{tmp}/empty"], "{tmp}/empty is not a checkpoint: it has no zarr.json"),
-    (["import-orbax", "{run}", "{tmp}/x"], "{run} is not an Orbax PyTree checkpoint"),
-    (["show", "{tmp}/broken"], "{tmp}/broken: root zarr.json is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["show", "{tmp}/nothing"], "no checkpoint at {tmp}/nothing: the path does not exist"),
+        (["show", "{run}", "--step", "9"], "step 9 is not in {run}; committed steps: 1, 2, 3"),
+        (["ls", "{run}/1"], "{run}/1 is a single checkpoint, not a manager directory"),
+        (["verify", "{tmp}/empty"], "{tmp}/empty is not a checkpoint: it has no zarr.json"),
+        (["import-orbax", "{run}", "{tmp}/x"], "{run} is not an Orbax PyTree checkpoint"),
+        (["show", "{tmp}/broken"], "{tmp}/broken: root zarr.json is not valid JSON"),
+    ],
+)
 def test_bad_input_is_one_line(run_dir, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()

@@ -60,8 +60,9 @@ def test_missing_chunk_names_variable_and_file(tmp_path):
     os.remove(tmp_path / "ck" / "b" / "c" / "c.0.0")
     with pytest.raises(ac.IncompleteCheckpointError, match=r"'b/c'.*c\.0\.0 is missing"):
         ac.restore(tmp_path / "ck")
-    assert_same(ac.restore(tmp_path / "ck", {"a": np.empty(100)}, strict=False)["a"],
-                np.arange(100.0))
+    assert_same(
+        ac.restore(tmp_path / "ck", {"a": np.empty(100)}, strict=False)["a"], np.arange(100.0)
+    )
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
@@ -161,9 +162,12 @@ def test_missing_and_non_checkpoint_paths(tmp_path):
 
 @pytest.mark.parametrize(
     "leaf, match",
-    [(object(), "object"), (jax.ShapeDtypeStruct((2,), np.float32), "ShapeDtypeStruct"),
-     (np.array(["a"]), "dtype <U1"), (np.ones(2, np.float128) if hasattr(np, "float128") else
-                                      np.array([b"x"]), "dtype")],
+    [
+        (object(), "object"),
+        (jax.ShapeDtypeStruct((2,), np.float32), "ShapeDtypeStruct"),
+        (np.array(["a"]), "dtype <U1"),
+        (np.ones(2, np.float128) if hasattr(np, "float128") else np.array([b"x"]), "dtype"),
+    ],
 )
 def test_unsupported_leaves_name_keypath_and_write_nothing(tmp_path, leaf, match):
     where = r"\['bad'\]\['leaf'\]"
@@ -232,20 +236,28 @@ def test_restore_of_a_manager_directory_says_how_to_restore_a_step(root):
     with ac.CheckpointManager(root) as mgr:
         mgr.save(1, {"x": np.zeros(2)})
         mgr.save(2, {"x": np.ones(2)})
-    with pytest.raises(ac.CheckpointNotFoundError,
-                       match=r"is a CheckpointManager directory, not a checkpoint: it holds "
-                             r"steps 1, 2\. Restore one of them, e.g\. the latest with "
-                             r"`asyncckpt\.restore\('.*2'\)` or `asyncckpt\.CheckpointManager"):
+    with pytest.raises(
+        ac.CheckpointNotFoundError,
+        match=r"is a CheckpointManager directory, not a checkpoint: it holds "
+        r"steps 1, 2\. Restore one of them, e.g\. the latest with "
+        r"`asyncckpt\.restore\('.*2'\)` or `asyncckpt\.CheckpointManager",
+    ):
         ac.restore(root)
 
 
 def test_load_variable_of_a_group_lists_the_variables_under_it(root):
-    tree = {"model": {"l1": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)},
-                      "l2": {"kernel": np.ones(3)}}}
+    tree = {
+        "model": {
+            "l1": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)},
+            "l2": {"kernel": np.ones(3)},
+        }
+    }
     ac.save(root / "ck", tree)
-    with pytest.raises(ac.VariableNotFoundError,
-                       match=r"'model/l1' in checkpoint .* is a group, not a variable; the "
-                             r"variables under it: model/l1/bias, model/l1/kernel \(load them"):
+    with pytest.raises(
+        ac.VariableNotFoundError,
+        match=r"'model/l1' in checkpoint .* is a group, not a variable; the "
+        r"variables under it: model/l1/bias, model/l1/kernel \(load them",
+    ):
         ac.load_variable(root / "ck", "model/l1")
     with pytest.raises(ac.VariableNotFoundError, match="is a group.*model/l2/kernel"):
         ac.load_variable(root / "ck", "model")
@@ -258,9 +270,11 @@ def test_saving_a_donated_or_deleted_array_names_the_leaf(tmp_path):
     state = {"params": {"w": jnp.ones(4), "b": jnp.ones(2)}, "step": 3}
     step = jax.jit(lambda s: jax.tree.map(lambda a: a + 1, s), donate_argnums=0)
     step(state["params"])
-    with pytest.raises(ac.DeletedArrayError,
-                       match=r"cannot save \['params'\]\['b'\], \['params'\]\['w'\]: deleted or "
-                             r"donated .* before save\(\) copied it") as e:
+    with pytest.raises(
+        ac.DeletedArrayError,
+        match=r"cannot save \['params'\]\['b'\], \['params'\]\['w'\]: deleted or "
+        r"donated .* before save\(\) copied it",
+    ) as e:
         ac.save(tmp_path / "ck", state)
     assert isinstance(e.value, RuntimeError)  # what JAX raised: existing handlers still work
     other = {"a": jnp.zeros(3), "gone": jnp.zeros(3)}

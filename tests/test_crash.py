@@ -30,8 +30,13 @@ def kept_after(step):
 def start_child(directory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.Popen([sys.executable, os.path.join(HELPERS, "crash_child.py"), directory],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HELPERS, "crash_child.py"), directory],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = proc.stdout.readline()
     if not line.startswith("ready"):
         proc.kill()

@@ -17,10 +17,21 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_
 def launch(directory, steps):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the example sets up its 8 simulated devices itself
-    cmd = [sys.executable, EXAMPLE, "--dir", str(directory), "--steps", str(steps),
-           "--save-every", "20", "--log-every", "1"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    cmd = [
+        sys.executable,
+        EXAMPLE,
+        "--dir",
+        str(directory),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "20",
+        "--log-every",
+        "1",
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def read_until(proc, pattern):

@@ -39,8 +39,9 @@ print("save returned", flush=True)
 
 
 def _run(mode, path):
-    return subprocess.run([sys.executable, "-c", CHILD, mode, str(path)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("mode", ["manager", "checkpointer"])

@@ -21,10 +21,12 @@ from asyncckpt import _restore
 
 def tree(value: float, n: int = 1024):
     """Two arrays whose every element is `value`: a torn read shows as mixed values."""
-    return {"a": np.full((n, 16), value, np.float32),
-            # 8 MiB in one chunk: stored as row bands
-            "big": np.full((2048, 1024), value, np.float32),
-            "n": np.int64(value)}
+    return {
+        "a": np.full((n, 16), value, np.float32),
+        # 8 MiB in one chunk: stored as row bands
+        "big": np.full((2048, 1024), value, np.float32),
+        "n": np.int64(value),
+    }
 
 
 def assert_tree(got, value):
@@ -47,28 +49,51 @@ def truncate(path, keep):
 # ------------------------------------------------------------------------------- damaged files
 
 DAMAGE = {
-    "flipped chunk byte": (lambda ck: flip(ck / "a" / "c.0.0", 100), ac.CorruptCheckpointError,
-                           r"'a'.*checksum mismatch in chunk file .*a/c\.0\.0"),
-    "flipped band byte": (lambda ck: flip(ck / "big" / "c.0.0", (4 << 20) + 4096 + 8),
-                          ac.CorruptCheckpointError,
-                          r"'big'.*checksum mismatch in band 1 of chunk file .*big/c\.0\.0"),
-    "flipped shard index": (lambda ck: flip(ck / "big" / "c.0.0",
-                                            os.path.getsize(ck / "big" / "c.0.0") - 10),
-                            ac.CorruptCheckpointError, r"'big'.*shard index of chunk file"),
-    "truncated chunk": (lambda ck: truncate(ck / "a" / "c.0.0", 1000), ac.CorruptCheckpointError,
-                        r"'a'.*c\.0\.0 has 1000 bytes, expected 65540"),
-    "deleted chunk": (lambda ck: (ck / "n" / "c").unlink(), ac.IncompleteCheckpointError,
-                      r"'n'.*chunk file .*n/c is missing"),
-    "deleted banded chunk": (lambda ck: (ck / "big" / "c.0.0").unlink(),
-                             ac.IncompleteCheckpointError,
-                             r"'big'.*chunk file .*big/c\.0\.0 is missing"),
-    "corrupt root document": (lambda ck: flip(ck / "zarr.json", 1), ac.CorruptCheckpointError,
-                              "root zarr.json is not valid JSON"),
-    "truncated root document": (lambda ck: truncate(ck / "zarr.json", 300),
-                                ac.CorruptCheckpointError, "root zarr.json is not valid JSON"),
-    "commit marker removed": (lambda ck: (ck / "zarr.json").unlink(),
-                              ac.IncompleteCheckpointError,
-                              "root zarr.json .* is missing, so the save that wrote it never"),
+    "flipped chunk byte": (
+        lambda ck: flip(ck / "a" / "c.0.0", 100),
+        ac.CorruptCheckpointError,
+        r"'a'.*checksum mismatch in chunk file .*a/c\.0\.0",
+    ),
+    "flipped band byte": (
+        lambda ck: flip(ck / "big" / "c.0.0", (4 << 20) + 4096 + 8),
+        ac.CorruptCheckpointError,
+        r"'big'.*checksum mismatch in band 1 of chunk file .*big/c\.0\.0",
+    ),
+    "flipped shard index": (
+        lambda ck: flip(ck / "big" / "c.0.0", os.path.getsize(ck / "big" / "c.0.0") - 10),
+        ac.CorruptCheckpointError,
+        r"'big'.*shard index of chunk file",
+    ),
+    "truncated chunk": (
+        lambda ck: truncate(ck / "a" / "c.0.0", 1000),
+        ac.CorruptCheckpointError,
+        r"'a'.*c\.0\.0 has 1000 bytes, expected 65540",
+    ),
+    "deleted chunk": (
+        lambda ck: (ck / "n" / "c").unlink(),
+        ac.IncompleteCheckpointError,
+        r"'n'.*chunk file .*n/c is missing",
+    ),
+    "deleted banded chunk": (
+        lambda ck: (ck / "big" / "c.0.0").unlink(),
+        ac.IncompleteCheckpointError,
+        r"'big'.*chunk file .*big/c\.0\.0 is missing",
+    ),
+    "corrupt root document": (
+        lambda ck: flip(ck / "zarr.json", 1),
+        ac.CorruptCheckpointError,
+        "root zarr.json is not valid JSON",
+    ),
+    "truncated root document": (
+        lambda ck: truncate(ck / "zarr.json", 300),
+        ac.CorruptCheckpointError,
+        "root zarr.json is not valid JSON",
+    ),
+    "commit marker removed": (
+        lambda ck: (ck / "zarr.json").unlink(),
+        ac.IncompleteCheckpointError,
+        "root zarr.json .* is missing, so the save that wrote it never",
+    ),
 }
 
 
@@ -102,9 +127,11 @@ def test_manager_names_a_damaged_latest_step(tmp_path, caplog):
     flip(tmp_path / "3" / "a" / "c.0.0", 7)
     with ac.CheckpointManager(tmp_path) as mgr:
         assert mgr.latest_step() == 3  # damaged, but committed: nothing is skipped silently
-        with pytest.raises(ac.CorruptCheckpointError,
-                           match=r"step 3 of .* is damaged \(earlier steps: 1, 2; restore one "
-                                 r"with `restore\(step=...\)`, or pass fall_back=True\)"):
+        with pytest.raises(
+            ac.CorruptCheckpointError,
+            match=r"step 3 of .* is damaged \(earlier steps: 1, 2; restore one "
+            r"with `restore\(step=...\)`, or pass fall_back=True\)",
+        ):
             mgr.restore()
         with caplog.at_level(logging.WARNING, logger="asyncckpt"):
             assert_tree(mgr.restore(fall_back=True), 2.0)
@@ -120,12 +147,15 @@ def test_manager_names_a_damaged_latest_step(tmp_path, caplog):
         assert mgr.all_steps() == [1]
     (tmp_path / "1" / "n" / "c").unlink()
     with ac.CheckpointManager(tmp_path, read_only=True) as mgr:
-        with pytest.raises(ac.IncompleteCheckpointError,
-                           match=r"step 1 of .* is damaged \(there is no earlier step\)"):
+        with pytest.raises(
+            ac.IncompleteCheckpointError,
+            match=r"step 1 of .* is damaged \(there is no earlier step\)",
+        ):
             mgr.restore(1, fall_back=True)
 
 
 # --------------------------------------------------------------------- deleted under a reader
+
 
 def reading_hook(monkeypatch, action):
     """Run `action()` once, when the restore has read its first chunks."""
@@ -139,6 +169,7 @@ def reading_hook(monkeypatch, action):
             if not done.is_set():
                 done.set()
                 action()
+
     monkeypatch.setattr(_restore, "_read_chunk", read_chunk)
 
 
@@ -149,8 +180,10 @@ def test_restore_of_a_step_deleted_meanwhile_fails_clearly(tmp_path, monkeypatch
         writer.wait_until_finished()
         reader = ac.CheckpointManager(tmp_path, read_only=True, max_workers=1)
         reading_hook(monkeypatch, lambda: (writer.delete(1), writer.wait_until_finished()))
-        with pytest.raises(ac.CheckpointNotFoundError,
-                           match=r"/1 was deleted or replaced while it was being restored"):
+        with pytest.raises(
+            ac.CheckpointNotFoundError,
+            match=r"/1 was deleted or replaced while it was being restored",
+        ):
             reader.restore(1)
         reader.close()
         monkeypatch.undo()
@@ -216,12 +249,16 @@ def test_readers_racing_a_writer_never_see_a_torn_step(tmp_path):
 
 # -------------------------------------------------------------------- full or read-only disks
 
+
 @contextlib.contextmanager
 def small_filesystem(path, size="24m"):
     """A tmpfs of `size` mounted at `path` (skips the test where mounting is not allowed)."""
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small file system here: {result.stderr.strip()}")
     try:
@@ -238,9 +275,11 @@ def test_disk_full_mid_save(tmp_path):
             mgr.save(2, tree(2.0))
             mgr.wait_until_finished()
             mgr.save(3, tree(3.0))  # does not fit beside steps 1 and 2
-            with pytest.raises(ac.CheckpointWriteError,
-                               match=r"saving the checkpoint .*/run/3 failed, nothing was "
-                                     r"committed: .*No space left on device"):
+            with pytest.raises(
+                ac.CheckpointWriteError,
+                match=r"saving the checkpoint .*/run/3 failed, nothing was "
+                r"committed: .*No space left on device",
+            ):
                 mgr.wait_until_finished()
             assert mgr.all_steps() == [1, 2]
             assert [n for n in os.listdir(run) if n.startswith(".3.")] == []  # partial removed
@@ -259,8 +298,9 @@ def test_read_only_file_system(tmp_path):
     with small_filesystem(tmp_path / "mnt") as mnt:
         ac.save(mnt / "ck", tree(1.0))
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        with pytest.raises(ac.CheckpointWriteError,
-                           match=r"nothing was committed: .*Read-only file system"):
+        with pytest.raises(
+            ac.CheckpointWriteError, match=r"nothing was committed: .*Read-only file system"
+        ):
             ac.save(mnt / "ck2", tree(2.0))
         with pytest.raises(OSError, match="Read-only file system"):
             ac.CheckpointManager(mnt / "run")
@@ -280,10 +320,13 @@ def test_directory_deleted_during_a_save(tmp_path, monkeypatch):
         def commit(tmp, *args):
             shutil.rmtree(run)  # someone removes the whole directory mid-save
             return original(tmp, *args)
+
         monkeypatch.setattr(_save, "_commit", commit)
         mgr.save(2, tree(2.0))
-        with pytest.raises(ac.CheckpointWriteError,
-                           match=r"saving the checkpoint .*/run/2 failed, nothing was committed"):
+        with pytest.raises(
+            ac.CheckpointWriteError,
+            match=r"saving the checkpoint .*/run/2 failed, nothing was committed",
+        ):
             mgr.wait_until_finished()
         monkeypatch.undo()
         mgr.reload()  # a writer caches its step list; re-read after someone else's deletion
@@ -308,9 +351,11 @@ def test_permission_denied(tmp_path):
         os.chmod(target, 0o555)
         expected, undo = "Permission denied", ["chmod", "755", str(target)]
     try:
-        with pytest.raises(ac.CheckpointWriteError,
-                           match=f"saving the checkpoint {target / 'ck'} failed, nothing was "
-                                 f"committed: .*{expected}"):
+        with pytest.raises(
+            ac.CheckpointWriteError,
+            match=f"saving the checkpoint {target / 'ck'} failed, nothing was "
+            f"committed: .*{expected}",
+        ):
             ac.save(target / "ck", {"x": np.zeros(3)})
         assert os.listdir(target) == []
     finally:
@@ -320,9 +365,14 @@ def test_permission_denied(tmp_path):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     path = tmp_path_factory.mktemp("pristine") / "ck"
-    ac.save(path, {"a": np.arange(4096, dtype=np.float32).reshape(64, 64),
-                   "big": np.random.default_rng(1).standard_normal((2048, 1024), np.float32),
-                   "k": {"n": np.int64(7), "v": np.arange(5, dtype=np.int8)}})
+    ac.save(
+        path,
+        {
+            "a": np.arange(4096, dtype=np.float32).reshape(64, 64),
+            "big": np.random.default_rng(1).standard_normal((2048, 1024), np.float32),
+            "k": {"n": np.int64(7), "v": np.arange(5, dtype=np.int8)},
+        },
+    )
     chunks = sorted(p for p in path.rglob("c*") if p.is_file())
     return path, chunks
 
@@ -342,8 +392,11 @@ def padding(chunk) -> list[range]:
     return [range(e, s) for e, s in zip(ends, starts) if s > e]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_any_flipped_byte_in_any_chunk_is_caught(pristine, tmp_path, data):
     """Every byte of every chunk file (data, checksums, shard index) is covered."""

@@ -20,8 +20,13 @@ from asyncckpt import _format
 
 def saved(tmp_path):
     path = tmp_path / "ck"
-    ac.save(path, {"w": np.arange(12, dtype=np.float32).reshape(3, 4),
-                   "nested": {"v": np.arange(3, dtype=np.int64)}})
+    ac.save(
+        path,
+        {
+            "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "nested": {"v": np.arange(3, dtype=np.int64)},
+        },
+    )
     return path
 
 
@@ -40,6 +45,7 @@ def set_shape(name, shape, chunk):
     def fn(doc):
         node(doc, name)["shape"] = shape
         node(doc, name)["chunk_grid"]["configuration"]["chunk_shape"] = chunk
+
     return fn
 
 
@@ -54,21 +60,25 @@ def test_absurd_shape_is_not_allocated(tmp_path):
     assert re.search(r"w/c\.0 is missing|expected 4000000000004", str(info.value))
     assert psutil.Process().memory_info().rss - rss < 256 << 20
     with pytest.raises(ac.TreeMismatchError):
-        ac.restore(path, {"w": np.zeros((3, 4), np.float32),
-                          "nested": {"v": np.zeros(3, np.int64)}})
+        ac.restore(
+            path, {"w": np.zeros((3, 4), np.float32), "nested": {"v": np.zeros(3, np.int64)}}
+        )
 
 
-@pytest.mark.parametrize("shape, chunk, message", [
-    ([3, 4], [30, 4], r"chunk shape \(30, 4\) is larger than the array \(3, 4\)"),
-    ([10**7], [1], "10000000 chunks of"),
-    ([3, -4], [3, 4], "`shape` must be a list of non-negative integers"),
-    ([3, 4], [0, 4], "`chunk_shape` must be a list of positive integers"),
-    ([3, 4], [3], r"chunk shape \(3,\) does not match shape \(3, 4\)"),
-    ([3, 4.5], [3, 4], "`shape` must be a list"),
-    ([[3], 4], [3, 4], "`shape` must be a list"),
-    ("3,4", [3, 4], "`shape` must be a list"),
-    ([1] * 65, [1] * 65, "`shape` must be a list"),
-])
+@pytest.mark.parametrize(
+    "shape, chunk, message",
+    [
+        ([3, 4], [30, 4], r"chunk shape \(30, 4\) is larger than the array \(3, 4\)"),
+        ([10**7], [1], "10000000 chunks of"),
+        ([3, -4], [3, 4], "`shape` must be a list of non-negative integers"),
+        ([3, 4], [0, 4], "`chunk_shape` must be a list of positive integers"),
+        ([3, 4], [3], r"chunk shape \(3,\) does not match shape \(3, 4\)"),
+        ([3, 4.5], [3, 4], "`shape` must be a list"),
+        ([[3], 4], [3, 4], "`shape` must be a list"),
+        ("3,4", [3, 4], "`shape` must be a list"),
+        ([1] * 65, [1] * 65, "`shape` must be a list"),
+    ],
+)
 def test_bad_shapes_and_chunks(tmp_path, shape, chunk, message):
     path = saved(tmp_path)
     edit_root(path, set_shape("w", shape, chunk))
@@ -78,14 +88,16 @@ def test_bad_shapes_and_chunks(tmp_path, shape, chunk, message):
         ac.list_variables(path)
 
 
-@pytest.mark.parametrize("name", ["/etc/passwd", "../outside", "a/../../b", "a//b", "a\\..\\b",
-                                  "__proto__/x", ""])
+@pytest.mark.parametrize(
+    "name", ["/etc/passwd", "../outside", "a/../../b", "a//b", "a\\..\\b", "__proto__/x", ""]
+)
 def test_names_that_would_leave_the_checkpoint(tmp_path, name):
     path = saved(tmp_path)
 
     def rename(doc):
         nodes = doc["consolidated_metadata"]["metadata"]
         nodes[name] = nodes.pop("w")
+
     edit_root(path, rename)
     with pytest.raises(ac.CorruptCheckpointError, match="invalid variable name"):
         ac.restore(path)
@@ -96,8 +108,10 @@ def test_symlinked_directory_out_of_the_checkpoint(tmp_path):
     outside = tmp_path / "outside"
     shutil.move(path / "nested", outside)  # valid chunks, but outside the checkpoint
     os.symlink(outside, path / "nested")
-    with pytest.raises(ac.CorruptCheckpointError,
-                       match=f"{path / 'nested'} is a symbolic link; asyncckpt reads nothing"):
+    with pytest.raises(
+        ac.CorruptCheckpointError,
+        match=f"{path / 'nested'} is a symbolic link; asyncckpt reads nothing",
+    ):
         ac.restore(path)
     with pytest.raises(ac.CorruptCheckpointError, match="is a symbolic link"):
         ac.verify(path)
@@ -149,8 +163,16 @@ def test_huge_root_document_is_not_read(tmp_path):
 
 def test_no_pickle_or_eval_in_the_package():
     """Loading never unpickles or evaluates anything read from a checkpoint."""
-    banned_modules = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle",
-                      "joblib"}
+    banned_modules = {
+        "pickle",
+        "cPickle",
+        "_pickle",
+        "marshal",
+        "shelve",
+        "dill",
+        "cloudpickle",
+        "joblib",
+    }
     banned_calls = {"eval", "exec", "compile", "__import__", "load", "loads"}
     package = pathlib.Path(ac.__file__).parent
     for source in sorted(package.glob("*.py")):
@@ -166,8 +188,9 @@ def test_no_pickle_or_eval_in_the_package():
                     assert f.id not in banned_calls, (source, n.lineno)
                 if isinstance(f, ast.Attribute) and f.attr in ("load", "loads"):
                     # only json.loads; never np.load / pickle.load / yaml.load
-                    assert isinstance(f.value, ast.Name) and f.value.id == "json" and \
-                        f.attr == "loads", (source, n.lineno, ast.unparse(n))
+                    assert (
+                        isinstance(f.value, ast.Name) and f.value.id == "json" and f.attr == "loads"
+                    ), (source, n.lineno, ast.unparse(n))
             elif isinstance(n, ast.keyword) and n.arg == "allow_pickle":
                 raise AssertionError(f"{source}:{n.value.lineno}: allow_pickle")
 
@@ -175,10 +198,14 @@ def test_no_pickle_or_eval_in_the_package():
 # --------------------------------------------------------------------------- fuzzing the parser
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -211,8 +238,10 @@ def valid_root_doc():
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
-            ac.save(os.path.join(d, "ck"), {"w": np.zeros((4, 4), np.float32),
-                                             "l": [np.ones(3, np.int8), 2.5], "s": "x"})
+            ac.save(
+                os.path.join(d, "ck"),
+                {"w": np.zeros((4, 4), np.float32), "l": [np.ones(3, np.int8), 2.5], "s": "x"},
+            )
             with open(os.path.join(d, "ck", "zarr.json"), "rb") as f:
                 VALID = json.loads(f.read())
     return VALID
@@ -275,16 +304,30 @@ def test_fuzz_raw_mutations_for_a_fixed_time():
             elif kind == 1:
                 del data[i:j]
             elif kind == 2:
-                data[i:i] = data[rng.randrange(len(data)):][: rng.randint(1, 40)]
+                data[i:i] = data[rng.randrange(len(data)) :][: rng.randint(1, 40)]
             else:
-                data[i:j] = rng.choice([b"[", b"]", b"{", b"}", b'"', b"-1", b"1e999", b"null",
-                                        b"0", b"99999999999999999999", b'"..\\/x"'])
+                data[i:j] = rng.choice(
+                    [
+                        b"[",
+                        b"]",
+                        b"{",
+                        b"}",
+                        b'"',
+                        b"-1",
+                        b"1e999",
+                        b"null",
+                        b"0",
+                        b"99999999999999999999",
+                        b'"..\\/x"',
+                    ]
+                )
         try:
             parse(bytes(data))
         except ac.CheckpointError:
             pass
         except Exception as e:
-            raise AssertionError(f"seed {seed}, case {cases}: {type(e).__name__}: {e}\n"
-                                 f"{bytes(data)[:2000]!r}") from e
+            raise AssertionError(
+                f"seed {seed}, case {cases}: {type(e).__name__}: {e}\n{bytes(data)[:2000]!r}"
+            ) from e
         cases += 1
     assert cases > 100

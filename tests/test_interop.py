@@ -28,10 +28,13 @@ TS_MISSING = {"uint4", "uint2", "float6_e2m3fn", "float6_e3m2fn", "float8_e4m3"}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, mesh):
     tree = {
-        "dtypes": {np.dtype(d).name: _values(d, (3, 5), seed=i)
-                   for i, d in enumerate(NUMPY_DTYPES + ML_DTYPES)},
-        "sharded": jax.device_put(jnp.arange(128.0).reshape(16, 8),
-                                  NamedSharding(mesh, P("x", "y"))),
+        "dtypes": {
+            np.dtype(d).name: _values(d, (3, 5), seed=i)
+            for i, d in enumerate(NUMPY_DTYPES + ML_DTYPES)
+        },
+        "sharded": jax.device_put(
+            jnp.arange(128.0).reshape(16, 8), NamedSharding(mesh, P("x", "y"))
+        ),
         "replicated": jax.device_put(jnp.arange(8, dtype=jnp.int32), NamedSharding(mesh, P())),
         "scalar": np.float64(3.5),
         "empty": np.zeros((0, 4), np.float32),
@@ -40,7 +43,8 @@ def checkpoint(tmp_path_factory, mesh):
         "banded": np.arange(3072 * 1024, dtype=np.float32).reshape(3072, 1024),
         "banded_bf16": jax.device_put(
             jnp.arange(4096 * 2048, dtype=jnp.float32).reshape(4096, 2048).astype(jnp.bfloat16),
-            NamedSharding(mesh, P("y", None))),
+            NamedSharding(mesh, P("y", None)),
+        ),
     }
     path = tmp_path_factory.mktemp("interop") / "ck"
     ac.save(path, tree)
@@ -74,8 +78,9 @@ def test_tensorstore_reads_every_array(checkpoint):
     for name in _array_names(path):
         if name.split("/")[-1] in TS_MISSING:
             continue
-        store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
-                                                        "path": f"{path}/{name}"}}).result()
+        store = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{name}"}}
+        ).result()
         assert_same(store.read().result(), flat[name])
         checked += 1
     assert checked >= 20
@@ -86,8 +91,12 @@ def test_tensorstore_written_zarr3_types_match_ours(tmp_path):
     import json
 
     for name in ("bfloat16", "float8_e4m3fn", "int4"):
-        ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / name)}},
-                create=True, dtype=ts.dtype(name), shape=[2]).result()
+        ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / name)}},
+            create=True,
+            dtype=ts.dtype(name),
+            shape=[2],
+        ).result()
         written = json.loads((tmp_path / name / "zarr.json").read_text())["data_type"]
         ac.save(tmp_path / f"ours_{name}", {"x": np.zeros(2, getattr(ml_dtypes, name))})
         ours = json.loads((tmp_path / f"ours_{name}" / "x" / "zarr.json").read_text())["data_type"]
@@ -137,14 +146,22 @@ def test_plain_zarr_python_opens_any_tree_in_a_process_without_asyncckpt(tmp_pat
         "arrays": {"w": a, "b": a[0] + 1},
         "seq": [a * 2, (a * 3, Point(a * 4, a * 5))],
         "names": {"a/b": a * 6, "..": a * 7, "ünï cödé": a * 8, "": a * 9},
-        "dtypes": {name: _values(_dtypes.ml_dtype(name), (3, 4), seed=i)
-                   for i, name in enumerate(_dtypes.ML_DTYPE_NAMES)},
-        "sharded": jax.device_put(jnp.arange(64.0).reshape(16, 4).astype(jnp.bfloat16),
-                                  NamedSharding(mesh, P("x", None))),
+        "dtypes": {
+            name: _values(_dtypes.ml_dtype(name), (3, 4), seed=i)
+            for i, name in enumerate(_dtypes.ML_DTYPE_NAMES)
+        },
+        "sharded": jax.device_put(
+            jnp.arange(64.0).reshape(16, 4).astype(jnp.bfloat16), NamedSharding(mesh, P("x", None))
+        ),
     }
     ac.save(tmp_path / "ck", tree)
-    proc = subprocess.run([sys.executable, "-c", PLAIN_READER, str(tmp_path / "ck")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_READER, str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert not got["jax imported"]

@@ -44,8 +44,13 @@ def test_save_restore_latest_and_by_step(root, mesh):
         mgr.wait_until_finished()
         assert mgr.all_steps() == [0, 1, 2] and mgr.latest_step() == 2
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            if isinstance(x, jax.Array) else x, state_at(0, mesh))
+            lambda x: (
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                if isinstance(x, jax.Array)
+                else x
+            ),
+            state_at(0, mesh),
+        )
         latest = mgr.restore(target=target)
         assert latest["step"] == 2 and latest["w"].sharding == target["w"].sharding
         assert_same(latest["w"], state_at(2)["w"])
@@ -110,8 +115,15 @@ def test_missing_step_lists_the_steps_that_exist(root):
 
 
 def test_metrics_and_metadata_round_trip_with_non_finite_values(root):
-    metrics = {"loss": jnp.float32(0.25), "acc": np.float64(0.5), "nan": float("nan"),
-               "inf": -math.inf, "n": 3, "name": "eval", "per_task": [1.0, float("inf")]}
+    metrics = {
+        "loss": jnp.float32(0.25),
+        "acc": np.float64(0.5),
+        "nan": float("nan"),
+        "inf": -math.inf,
+        "n": 3,
+        "name": "eval",
+        "per_task": [1.0, float("inf")],
+    }
     with ac.CheckpointManager(root) as mgr:
         mgr.save(1, {"x": np.zeros(2)}, metrics=metrics, metadata={"config": {"lr": 0.1}})
     with ac.CheckpointManager(root) as mgr:  # reopened: read from disk
@@ -202,8 +214,9 @@ def test_a_failed_deletion_is_raised_and_names_the_committed_step(root, monkeypa
         mgr.wait_until_finished()
         monkeypatch.setattr(_manager._directory, "start_delete", refuse)
         mgr.save(2, {"s": 2})
-        with pytest.raises(ac.CheckpointWriteError,
-                           match="step 2 was committed to .*could not delete an old step"):
+        with pytest.raises(
+            ac.CheckpointWriteError, match="step 2 was committed to .*could not delete an old step"
+        ):
             mgr.wait_until_finished()
         monkeypatch.undo()
         assert mgr.all_steps() == [1, 2]
@@ -237,8 +250,9 @@ def test_reopen_lists_steps_and_removes_leftovers(tmp_path):
 
 def test_second_writer_is_refused_and_read_only_follows_the_writer(tmp_path):
     writer = ac.CheckpointManager(tmp_path)
-    with pytest.raises(ac.CheckpointError,
-                       match=rf"another CheckpointManager \(pid {os.getpid()} .*read_only=True"):
+    with pytest.raises(
+        ac.CheckpointError, match=rf"another CheckpointManager \(pid {os.getpid()} .*read_only=True"
+    ):
         ac.CheckpointManager(tmp_path)
     reader = ac.CheckpointManager(tmp_path, read_only=True)
     assert reader.latest_step() is None
@@ -282,18 +296,32 @@ def test_background_failure_is_raised_by_the_next_save(root, monkeypatch):
         assert mgr.all_steps() == [1]
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
-    ({"keep_best": 2}, ValueError, "keep_best needs best_metric"),
-    ({"best_metric": "loss", "best_mode": "lowest"}, ValueError, "best_mode"),
-    ({"save_interval_steps": 0}, ValueError, "save_interval_steps"),
-    ({"max_to_keep": 0}, ValueError, r"max_to_keep .* got 0; to keep every step, leave "
-                                     r"max_to_keep=None .*'keep every step' and Orbax as 'keep"),
-    ({"keep_best": 0, "best_metric": "loss"}, ValueError,
-     r"keep_best .* got 0; to rank steps without deleting any, give best_metric and leave "
-     r"keep_best=None"),
-    ({"max_to_keep": -1}, ValueError, r"max_to_keep / KeepLastN.n must be an int >= 1, got -1$"),
-    ({"retention": [object()]}, TypeError, "has no keep"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"keep_best": 2}, ValueError, "keep_best needs best_metric"),
+        ({"best_metric": "loss", "best_mode": "lowest"}, ValueError, "best_mode"),
+        ({"save_interval_steps": 0}, ValueError, "save_interval_steps"),
+        (
+            {"max_to_keep": 0},
+            ValueError,
+            r"max_to_keep .* got 0; to keep every step, leave "
+            r"max_to_keep=None .*'keep every step' and Orbax as 'keep",
+        ),
+        (
+            {"keep_best": 0, "best_metric": "loss"},
+            ValueError,
+            r"keep_best .* got 0; to rank steps without deleting any, give best_metric and leave "
+            r"keep_best=None",
+        ),
+        (
+            {"max_to_keep": -1},
+            ValueError,
+            r"max_to_keep / KeepLastN.n must be an int >= 1, got -1$",
+        ),
+        ({"retention": [object()]}, TypeError, "has no keep"),
+    ],
+)
 def test_bad_arguments(root, kwargs, err, match):
     with pytest.raises(err, match=match):
         ac.CheckpointManager(root, **kwargs)

@@ -30,16 +30,23 @@ def mesh():
 
 
 def tree(mesh):
-    return {"plain": jax.device_put(PLAIN, NamedSharding(mesh, P("x"))),
-            "banded": BANDED, "small": SMALL}
+    return {
+        "plain": jax.device_put(PLAIN, NamedSharding(mesh, P("x"))),
+        "banded": BANDED,
+        "small": SMALL,
+    }
 
 
 def target(mesh):
-    return {"plain": jax.ShapeDtypeStruct(PLAIN.shape, PLAIN.dtype,
-                                          sharding=NamedSharding(mesh, P("x"))),
-            "banded": jax.ShapeDtypeStruct(BANDED.shape, BANDED.dtype,
-                                           sharding=NamedSharding(mesh, P())),
-            "small": np.zeros_like(SMALL)}
+    return {
+        "plain": jax.ShapeDtypeStruct(
+            PLAIN.shape, PLAIN.dtype, sharding=NamedSharding(mesh, P("x"))
+        ),
+        "banded": jax.ShapeDtypeStruct(
+            BANDED.shape, BANDED.dtype, sharding=NamedSharding(mesh, P())
+        ),
+        "small": np.zeros_like(SMALL),
+    }
 
 
 def mapping_of(address: int) -> str:
@@ -66,8 +73,9 @@ def test_resumed_shards_are_their_chunk_files_mapped(tmp_path, mesh):
     assert restored["plain"].sharding == target(mesh)["plain"].sharding
     for shard in restored["plain"].addressable_shards:
         row = shard.index[0].start // 256
-        assert mapping_of(shard.data.unsafe_buffer_pointer()) == \
-            str(tmp_path / "ck" / "plain" / f"c.{row}.0")
+        assert mapping_of(shard.data.unsafe_buffer_pointer()) == str(
+            tmp_path / "ck" / "plain" / f"c.{row}.0"
+        )
     # the banded chunk: each 4 MiB band is its own mapping of the file, side by side in memory
     start = restored["banded"].addressable_shards[0].data.unsafe_buffer_pointer()
     for band in range(2):
@@ -110,8 +118,11 @@ def test_restored_arrays_outlive_their_checkpoint(tmp_path, mesh):
         mgr.save(1, tree(mesh))
         mgr.wait_until_finished()
         restored = mgr.restore(1, target(mesh))
-        other = {"plain": jax.device_put(PLAIN + 1, NamedSharding(mesh, P("x"))),
-                 "banded": BANDED + 1, "small": SMALL + 1}
+        other = {
+            "plain": jax.device_put(PLAIN + 1, NamedSharding(mesh, P("x"))),
+            "banded": BANDED + 1,
+            "small": SMALL + 1,
+        }
         mgr.save(1, other, force=True)  # replaced...
         mgr.save(2, other)  # ...then deleted by retention
         mgr.wait_until_finished()
@@ -144,8 +155,11 @@ def test_too_many_mappings_fall_back_to_reading(tmp_path, mesh, monkeypatch):
     monkeypatch.setattr(_local, "_mappings", budget)
     restored = ac.restore(tmp_path / "ck", target(mesh))
     check(restored)
-    mapped = [s for s in restored["plain"].addressable_shards
-              if "ck/plain" in mapping_of(s.data.unsafe_buffer_pointer())]
+    mapped = [
+        s
+        for s in restored["plain"].addressable_shards
+        if "ck/plain" in mapping_of(s.data.unsafe_buffer_pointer())
+    ]
     assert len(mapped) == 2 and budget._live == 2
     del restored, mapped
     gc.collect()
@@ -160,8 +174,9 @@ def test_damaged_mapped_chunk_is_corrupt_and_leaks_nothing(tmp_path, mesh, monke
     path.write_bytes(bytes(data))
     budget = _local._MappingBudget()
     monkeypatch.setattr(_local, "_mappings", budget)
-    with pytest.raises(ac.CorruptCheckpointError,
-                       match=r"'plain'.*checksum mismatch in chunk file .*plain/c\.2\.0"):
+    with pytest.raises(
+        ac.CorruptCheckpointError, match=r"'plain'.*checksum mismatch in chunk file .*plain/c\.2\.0"
+    ):
         ac.restore(tmp_path / "ck", target(mesh))
     gc.collect()
     assert budget._live == 0

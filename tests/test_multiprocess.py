@@ -38,17 +38,20 @@ def succeed(procs):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("processes, local, backend", [(2, 4, "local"), (4, 2, "local"),
-                                                       (2, 4, "s3")])
-def test_save_in_several_processes_restore_anywhere(request, tmp_path, mesh, processes, local,
-                                                    backend):
+@pytest.mark.parametrize(
+    "processes, local, backend", [(2, 4, "local"), (4, 2, "local"), (2, 4, "s3")]
+)
+def test_save_in_several_processes_restore_anywhere(
+    request, tmp_path, mesh, processes, local, backend
+):
     root = make_root(request, backend, tmp_path)
     outputs = succeed(launch("mp_child.py", processes, "save", str(root), str(local)))
     for out in outputs:  # every process sees the same steps after retention and deletion
         assert "steps [2, 3]" in out and "after delete [3]" in out, out[-2000:]
     # restored in this one process (8 devices), onto other shardings
-    check_tree(ac.restore(root / "ckpt", abstract_tree(jax.make_mesh((8, 1), ("x", "y")),
-                                                       P("x", "y"))))
+    check_tree(
+        ac.restore(root / "ckpt", abstract_tree(jax.make_mesh((8, 1), ("x", "y")), P("x", "y")))
+    )
     assert [n for n in names(root / "run") if n != ".asyncckpt.lock"] == ["3"]
     # ... and in several processes again
     succeed(launch("mp_child.py", processes, "restore", str(root), str(local)))

@@ -11,8 +11,26 @@ from hypothesis import strategies as st
 import asyncckpt as ac
 from asyncckpt import _tree
 
-HOSTILE_KEYS = ["a/b", "..", ".", "", "../../etc", "/abs", "zarr.json", "__x", "ünï©ødé", "%2E",
-                "~", "c", "x" * 1000, "a\\b", "\x00nul", "  ", "A", "a"]
+HOSTILE_KEYS = [
+    "a/b",
+    "..",
+    ".",
+    "",
+    "../../etc",
+    "/abs",
+    "zarr.json",
+    "__x",
+    "ünï©ødé",
+    "%2E",
+    "~",
+    "c",
+    "x" * 1000,
+    "a\\b",
+    "\x00nul",
+    "  ",
+    "A",
+    "a",
+]
 
 
 def _files(root):

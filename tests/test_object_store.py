@@ -20,18 +20,29 @@ from asyncckpt._storage.objects import ObjectStorage
 @pytest.fixture
 def bucket(s3_server, request):
     """A fresh prefix in the test bucket, with short retries so that faults surface quickly."""
-    ac.configure_storage(f"s3://{S3_BUCKET}", retry_config={
-        "max_retries": 1, "retry_timeout": datetime.timedelta(seconds=2),
-        "backoff": {"init_backoff": datetime.timedelta(milliseconds=50),
-                    "max_backoff": datetime.timedelta(milliseconds=200), "base": 2}})
+    ac.configure_storage(
+        f"s3://{S3_BUCKET}",
+        retry_config={
+            "max_retries": 1,
+            "retry_timeout": datetime.timedelta(seconds=2),
+            "backoff": {
+                "init_backoff": datetime.timedelta(milliseconds=50),
+                "max_backoff": datetime.timedelta(milliseconds=200),
+                "base": 2,
+            },
+        },
+    )
     yield f"s3://{S3_BUCKET}/{request.node.name}-{os.urandom(4).hex()}"
     ac.configure_storage(f"s3://{S3_BUCKET}")  # back to the defaults
 
 
 def _tree(mesh, seed=0):
     w = jnp.arange(64 * 1024, dtype=jnp.float32).reshape(256, 256) + seed
-    return {"w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
-            "layers": [{"b": np.full(4, i + seed, np.int32)} for i in range(8)], "step": seed}
+    return {
+        "w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
+        "layers": [{"b": np.full(4, i + seed, np.int32)} for i in range(8)],
+        "step": seed,
+    }
 
 
 def _boto():
@@ -44,8 +55,17 @@ def test_commit_marker_and_layout(bucket, mesh):
     """The objects are the files of a local checkpoint; the marker is gone after the commit."""
     ac.save(f"{bucket}/ck", _tree(mesh))
     assert ".asyncckpt-uncommitted" not in names(f"{bucket}/ck")
-    assert names(f"{bucket}/ck/w") == ["c.0.0", "c.0.1", "c.1.0", "c.1.1", "c.2.0", "c.2.1",
-                                       "c.3.0", "c.3.1", "zarr.json"]
+    assert names(f"{bucket}/ck/w") == [
+        "c.0.0",
+        "c.0.1",
+        "c.1.0",
+        "c.1.1",
+        "c.2.0",
+        "c.2.1",
+        "c.3.0",
+        "c.3.1",
+        "zarr.json",
+    ]
 
 
 def test_a_checkpoint_copied_between_disk_and_bucket_is_valid_in_both(bucket, mesh, tmp_path):
@@ -63,7 +83,7 @@ def test_a_checkpoint_copied_between_disk_and_bucket_is_valid_in_both(bucket, me
     ac.save(f"{bucket}/down", tree)
     listing = s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"{prefix}/down/")["Contents"]
     for obj in listing:
-        dest = tmp_path / "down" / obj["Key"][len(f"{prefix}/down/"):]
+        dest = tmp_path / "down" / obj["Key"][len(f"{prefix}/down/") :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(S3_BUCKET, obj["Key"], str(dest))
     back = ac.restore(tmp_path / "down", tree)
@@ -102,8 +122,9 @@ def test_an_uncommitted_prefix_is_not_restored(bucket):
         ac.restore(f"{bucket}/nothing")
 
 
-def test_server_stopped_mid_save_commits_nothing_and_loses_nothing(bucket, s3_server, mesh,
-                                                                  monkeypatch):
+def test_server_stopped_mid_save_commits_nothing_and_loses_nothing(
+    bucket, s3_server, mesh, monkeypatch
+):
     mgr = ac.CheckpointManager(f"{bucket}/run")
     first = _tree(mesh, seed=1)
     mgr.save(1, first)
@@ -120,8 +141,10 @@ def test_server_stopped_mid_save_commits_nothing_and_loses_nothing(bucket, s3_se
     monkeypatch.setattr(ObjectStorage, "write", put)
     try:
         mgr.save(2, _tree(mesh, seed=2))
-        with pytest.raises(ac.CheckpointWriteError,
-                           match=r"(?s)nothing was committed.*cannot reach the object store"):
+        with pytest.raises(
+            ac.CheckpointWriteError,
+            match=r"(?s)nothing was committed.*cannot reach the object store",
+        ):
             mgr.wait_until_finished()
     finally:
         s3_server.start()
@@ -153,10 +176,14 @@ def test_missing_credentials_say_which_variables_to_set(bucket, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    ac.configure_storage(f"s3://{S3_BUCKET}", retry_config={
-        "max_retries": 0, "retry_timeout": datetime.timedelta(seconds=2)})  # reconnects
-    with pytest.raises(ac.CheckpointWriteError, match="no credentials were found: set "
-                       "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+    ac.configure_storage(
+        f"s3://{S3_BUCKET}",
+        retry_config={"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=2)},
+    )  # reconnects
+    with pytest.raises(
+        ac.CheckpointWriteError,
+        match="no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    ):
         ac.save(f"{bucket}/x", {"x": np.ones(2)})
 
 

@@ -22,8 +22,9 @@ def sharded(value, mesh, spec):
 
 
 def abstract(value, mesh, spec, dtype=None):
-    return jax.ShapeDtypeStruct(value.shape, dtype or value.dtype,
-                                sharding=NamedSharding(mesh, spec))
+    return jax.ShapeDtypeStruct(
+        value.shape, dtype or value.dtype, sharding=NamedSharding(mesh, spec)
+    )
 
 
 def check(restored, want, mesh, spec):
@@ -37,16 +38,16 @@ VALUE = np.arange(48 * 24, dtype=np.float32).reshape(48, 24)
 
 # (save mesh shape, save spec) -> (restore mesh shape, restore spec)
 CASES = [
-    (((4, 2), P("x", "y")), ((2, 4), P("x", "y"))),   # other mesh shape
+    (((4, 2), P("x", "y")), ((2, 4), P("x", "y"))),  # other mesh shape
     (((4, 2), P("x", "y")), ((8, 1), P("x", None))),
-    (((8,), P("x", None)), ((8,), P(None, "x"))),     # rows -> columns
-    (((8,), P(None, "x")), ((8,), P())),              # columns -> replicated
-    (((8,), P()), ((4, 2), P("x", "y"))),             # replicated -> sharded
-    (((8,), P("x", None)), ((4,), P("x", None))),     # 8 devices -> 4
-    (((8,), P("x", None)), ((1,), P())),              # 8 -> 1
-    (((1,), P()), ((8,), P("x", None))),              # 1 -> 8
-    (((8,), P("x", None)), ((3,), P("x", None))),     # 6-row chunks, 16-row shards
-    (((4, 2), P("x", "y")), ((3, 2), P("y", "x"))),   # nothing lines up
+    (((8,), P("x", None)), ((8,), P(None, "x"))),  # rows -> columns
+    (((8,), P(None, "x")), ((8,), P())),  # columns -> replicated
+    (((8,), P()), ((4, 2), P("x", "y"))),  # replicated -> sharded
+    (((8,), P("x", None)), ((4,), P("x", None))),  # 8 devices -> 4
+    (((8,), P("x", None)), ((1,), P())),  # 8 -> 1
+    (((1,), P()), ((8,), P("x", None))),  # 1 -> 8
+    (((8,), P("x", None)), ((3,), P("x", None))),  # 6-row chunks, 16-row shards
+    (((4, 2), P("x", "y")), ((3, 2), P("y", "x"))),  # nothing lines up
 ]
 
 
@@ -58,8 +59,10 @@ def test_reshard(root, saved, target):
     tree = {"w": sharded(VALUE, save_mesh, save_spec), "v": sharded(VALUE[0], save_mesh, P())}
     ac.save(root / "ckpt", tree)
     load_mesh = make_mesh(load_shape, ("x", "y")[: len(load_shape)])
-    got = ac.restore(root / "ckpt", {"w": abstract(VALUE, load_mesh, load_spec),
-                                         "v": abstract(VALUE[0], load_mesh, P())})
+    got = ac.restore(
+        root / "ckpt",
+        {"w": abstract(VALUE, load_mesh, load_spec), "v": abstract(VALUE[0], load_mesh, P())},
+    )
     check(got["w"], VALUE, load_mesh, load_spec)
     check(got["v"], VALUE[0], load_mesh, P())
 

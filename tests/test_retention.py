@@ -37,7 +37,8 @@ policies = st.lists(
         st.builds(ac.KeepEveryNHours, st.floats(0.5, 5)),
         st.builds(ac.KeepBest, st.integers(1, 4), st.just("loss"), st.sampled_from(["min", "max"])),
     ),
-    min_size=1, max_size=4,
+    min_size=1,
+    max_size=4,
 )
 
 
@@ -115,16 +116,19 @@ def test_keep_best_with_a_function_and_ties_go_to_the_newer_step():
     assert ac.KeepBest(2, lambda m: -m["acc"]).keep(infos) == {2, 3}
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: ac.KeepLastN(0), "max_to_keep"),
-    (lambda: ac.KeepLastN(True), "max_to_keep"),
-    (lambda: ac.KeepEveryNSteps(0), "keep_every_n_steps"),
-    (lambda: ac.KeepEveryNHours(-1), "keep_every_n_hours"),
-    (lambda: ac.KeepEveryNHours(float("nan")), "keep_every_n_hours"),
-    (lambda: ac.KeepBest(0, "loss"), "keep_best"),
-    (lambda: ac.KeepBest(1, "loss", "smallest"), "best_mode"),
-    (lambda: ac.KeepBest(1, 3), "best_metric"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: ac.KeepLastN(0), "max_to_keep"),
+        (lambda: ac.KeepLastN(True), "max_to_keep"),
+        (lambda: ac.KeepEveryNSteps(0), "keep_every_n_steps"),
+        (lambda: ac.KeepEveryNHours(-1), "keep_every_n_hours"),
+        (lambda: ac.KeepEveryNHours(float("nan")), "keep_every_n_hours"),
+        (lambda: ac.KeepBest(0, "loss"), "keep_best"),
+        (lambda: ac.KeepBest(1, "loss", "smallest"), "best_mode"),
+        (lambda: ac.KeepBest(1, 3), "best_metric"),
+    ],
+)
 def test_bad_policy_arguments_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()

@@ -15,14 +15,39 @@ from jax.sharding import PartitionSpec as P
 import asyncckpt as ac
 
 NUMPY_DTYPES = [
-    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-    np.float16, np.float32, np.float64, np.complex64, np.complex128,
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
 ]
 ML_DTYPES = [
     getattr(ml_dtypes, n)
-    for n in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
-              "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
-              "int4", "uint4", "int2", "uint2")
+    for n in (
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e4m3b11fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e3m4",
+        "float8_e4m3",
+        "float8_e8m0fnu",
+        "float4_e2m1fn",
+        "int4",
+        "uint4",
+        "int2",
+        "uint2",
+    )
     if hasattr(ml_dtypes, n)
 ]
 
@@ -50,8 +75,10 @@ def test_numpy_dtypes_and_shapes_round_trip(root, dtype, shape):
     assert_same(ac.load_variable(root / "ck", "x"), x)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.bool_,
-                                   jnp.float8_e4m3fn, jnp.int4, jnp.complex64])
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.float32, jnp.bfloat16, jnp.int8, jnp.bool_, jnp.float8_e4m3fn, jnp.int4, jnp.complex64],
+)
 @pytest.mark.parametrize(
     "spec", [P("x", "y"), P("x", None), P(None, "y"), P(), P(("x", "y"))], ids=str
 )
@@ -234,11 +261,17 @@ def test_repeated_saves_of_one_structure_store_each_saves_values(root, mesh):
     sharded = NamedSharding(mesh, P("x", "y"))
     with ac.AsyncCheckpointer() as ckptr:
         for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
-            tree = {"w": jax.device_put(jnp.full((8, 4), i, jnp.float32), sharded),
-                    "h": np.full(3, i), "s": scalar}
+            tree = {
+                "w": jax.device_put(jnp.full((8, 4), i, jnp.float32), sharded),
+                "h": np.full(3, i),
+                "s": scalar,
+            }
             ckptr.save(root / str(i), tree)
-        other = {"w": jax.device_put(jnp.full((8, 4), 9, jnp.float32), NamedSharding(mesh, P())),
-                 "h": np.full(3, 9), "s": 1}
+        other = {
+            "w": jax.device_put(jnp.full((8, 4), 9, jnp.float32), NamedSharding(mesh, P())),
+            "h": np.full(3, 9),
+            "s": 1,
+        }
         ckptr.save(root / "other", other)
     for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
         got = ac.restore(root / str(i))
@@ -263,8 +296,9 @@ def test_max_inflight_bytes_bounds_the_shards_staged_in_host_memory(tmp_path, li
     target = {k: np.zeros((256, 1024), np.float64) for k in tree}
     tracemalloc.start()
     try:
-        back = ac.restore(tmp_path / "ck", target, max_inflight_bytes=limit_mib << 20,
-                          map_files=False)
+        back = ac.restore(
+            tmp_path / "ck", target, max_inflight_bytes=limit_mib << 20, map_files=False
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -278,12 +312,19 @@ def test_python_scalar_leaves_follow_the_target(tmp_path, mesh):
     """A python scalar is stored in the tree description; restored against an array target it
     comes back as that array (dtype, sharding), and a 0-d array restored against a python
     scalar target comes back as that python type."""
-    ac.save(tmp_path / "ck", {"step": 7, "lr": 0.5, "flag": True, "n": np.int64(3),
-                              "big": 2**40, "vec": np.arange(3)})
+    ac.save(
+        tmp_path / "ck",
+        {"step": 7, "lr": 0.5, "flag": True, "n": np.int64(3), "big": 2**40, "vec": np.arange(3)},
+    )
     replicated = NamedSharding(mesh, P())
-    target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-              "lr": jnp.zeros((), jnp.float32), "flag": np.bool_(False), "n": 0,
-              "big": 0, "vec": np.zeros(3, np.int64)}
+    target = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "lr": jnp.zeros((), jnp.float32),
+        "flag": np.bool_(False),
+        "n": 0,
+        "big": 0,
+        "vec": np.zeros(3, np.int64),
+    }
     back = ac.restore(tmp_path / "ck", target)
     assert isinstance(back["step"], jax.Array) and back["step"].dtype == jnp.int32
     assert back["step"].sharding == replicated and int(back["step"]) == 7
@@ -292,9 +333,11 @@ def test_python_scalar_leaves_follow_the_target(tmp_path, mesh):
     assert type(back["flag"]) is np.bool_ and bool(back["flag"])
     assert type(back["n"]) is int and back["n"] == 3
     assert type(back["big"]) is int and back["big"] == 2**40
-    for bad, match in (({"step": jax.ShapeDtypeStruct((2,), jnp.int32)}, "shape differs"),
-                       ({"lr": jnp.zeros((), jnp.int32)}, "loses the kind"),
-                       ({"big": np.zeros((), np.int32)}, "does not fit in the target's int32"),
-                       ({"vec": 0}, r"vec.*shape differs|shape differs.*vec")):
+    for bad, match in (
+        ({"step": jax.ShapeDtypeStruct((2,), jnp.int32)}, "shape differs"),
+        ({"lr": jnp.zeros((), jnp.int32)}, "loses the kind"),
+        ({"big": np.zeros((), np.int32)}, "does not fit in the target's int32"),
+        ({"vec": 0}, r"vec.*shape differs|shape differs.*vec"),
+    ):
         with pytest.raises(ac.TreeMismatchError, match=match):
             ac.restore(tmp_path / "ck", bad, strict=False)

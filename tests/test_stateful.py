@@ -18,15 +18,19 @@ import asyncckpt as ac
 
 
 def tree(value: int):
-    return {"a": np.full((64, 8), value, np.float32),
-            "b": [np.arange(3, dtype=np.int32) + value, {"c": np.float64(value) / 7}]}
+    return {
+        "a": np.full((64, 8), value, np.float32),
+        "b": [np.arange(3, dtype=np.int32) + value, {"c": np.float64(value) / 7}],
+    }
 
 
 def same(got, value):
     want = tree(value)
-    return (np.asarray(got["a"]).tobytes() == want["a"].tobytes()
-            and np.asarray(got["b"][0]).tobytes() == want["b"][0].tobytes()
-            and float(got["b"][1]["c"]) == float(want["b"][1]["c"]))
+    return (
+        np.asarray(got["a"]).tobytes() == want["a"].tobytes()
+        and np.asarray(got["b"][0]).tobytes() == want["b"][0].tobytes()
+        and float(got["b"][1]["c"]) == float(want["b"][1]["c"])
+    )
 
 
 WRITER = textwrap.dedent("""
@@ -102,8 +106,12 @@ class ManagerModel(RuleBasedStateMachine):
         step = self.next_step()
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
-        with subprocess.Popen([sys.executable, "-c", WRITER, self.dir, str(step), str(value)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as child:
+        with subprocess.Popen(
+            [sys.executable, "-c", WRITER, self.dir, str(step), str(value)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        ) as child:
             line = child.stdout.readline()
             assert line.startswith(b"ready"), child.stderr.read()
             try:
@@ -115,8 +123,10 @@ class ManagerModel(RuleBasedStateMachine):
         event(f"killed writer: step {'committed' if step in self.mgr.all_steps() else 'absent'}")
         if step in self.mgr.all_steps():  # the child got to commit before it died
             got = self.mgr.restore(step)
-            assert same(got, value) and got["big"].tobytes() == np.full(
-                (8192, 1024), value, np.float32).tobytes()
+            assert (
+                same(got, value)
+                and got["big"].tobytes() == np.full((8192, 1024), value, np.float32).tobytes()
+            )
             self.model[step] = value
         assert not [n for n in os.listdir(self.dir) if ".asyncckpt-" in n]  # debris removed
 

@@ -54,8 +54,12 @@ def _commit_checkpoint(place: Storage, *, replace: bool = False, value: float = 
     staged.write("x/zarr.json", _format.array_doc(spec))
     staged.write_chunk("x/c.0", np.full(4, value, np.float32), None)
     fields = _format.root_fields(None, None, "test")
-    staged.write(_format.DOC, _format.root_doc([spec], {"t": "dict", "k": ["x"], "c": [
-        {"t": "array", "v": "x"}]}, fields, created=0.0))
+    staged.write(
+        _format.DOC,
+        _format.root_doc(
+            [spec], {"t": "dict", "k": ["x"], "c": [{"t": "array", "v": "x"}]}, fields, created=0.0
+        ),
+    )
     staged.sync()
     place.commit(staged, replace=replace)
 
@@ -79,14 +83,20 @@ def test_bytes_round_trip_whole_ranges_and_suffixes(place):
 
 
 def test_missing_files_and_oversized_documents(place):
-    for call in (lambda: place.read_small("nope", 10), lambda: place.get("nope"),
-                 lambda: place.size("nope")):
+    for call in (
+        lambda: place.read_small("nope", 10),
+        lambda: place.get("nope"),
+        lambda: place.size("nope"),
+    ):
         with pytest.raises(FileNotFoundError):
             call()
     _make_dirs(place)
     place.write("big.json", b"x" * 101)
-    with pytest.raises(ac.CorruptCheckpointError, match=r"big\.json is 10[01] bytes, more than "
-                                                          r"the 100 allowed"):
+    with pytest.raises(
+        ac.CorruptCheckpointError,
+        match=r"big\.json is 10[01] bytes, more than "
+        r"the 100 allowed",
+    ):
         place.read_small("big.json", 100)
 
 
@@ -127,12 +137,18 @@ def test_damaged_truncated_and_missing_chunks_say_what_and_where(place):
     place.write_chunk("w/c", value, None)
     _flip(place, "w/c", 100)
     out = np.empty_like(value)
-    with pytest.raises(ac.CorruptCheckpointError, match=r"where: checksum mismatch in chunk file "
-                                                          r".*w/c$"):
+    with pytest.raises(
+        ac.CorruptCheckpointError,
+        match=r"where: checksum mismatch in chunk file "
+        r".*w/c$",
+    ):
         place.read_chunk_into("w/c", out, "where")
     place.write("w/c", place.get("w/c", end=1000))
-    with pytest.raises(ac.CorruptCheckpointError, match=r"chunk file .*w/c has 1000 bytes, "
-                                                          rf"expected {value.nbytes + 4}"):
+    with pytest.raises(
+        ac.CorruptCheckpointError,
+        match=r"chunk file .*w/c has 1000 bytes, "
+        rf"expected {value.nbytes + 4}",
+    ):
         place.read_chunk_into("w/c", out, "where")
     with pytest.raises(ac.IncompleteCheckpointError, match=r"chunk file .*w/gone is missing"):
         place.read_chunk_into("w/gone", out, "where")
@@ -262,8 +278,10 @@ def test_foreign_data_is_never_replaced(place):
     not_ours = place.child("zarr")
     _make_dirs(place, "zarr")
     not_ours.write(_format.DOC, b'{"zarr_format":3,"node_type":"group","attributes":{}}')
-    for target, match in ((foreign, "not empty and is not a checkpoint"),
-                          (not_ours, "not an asyncckpt checkpoint")):
+    for target, match in (
+        (foreign, "not empty and is not a checkpoint"),
+        (not_ours, "not an asyncckpt checkpoint"),
+    ):
         assert not target.is_checkpoint()
         with pytest.raises(ac.CheckpointExistsError, match=match):
             target.check_writable(replace=True)
@@ -339,8 +357,11 @@ def test_the_writer_lock_where_there_is_one(place):
     if place.local_path is None:
         assert lock is None  # no locks in object stores: one writer per prefix is the user's job
         return
-    with pytest.raises(ac.DirectoryLockedError, match=rf"another CheckpointManager \(pid "
-                                                        rf"{os.getpid()} on .*read_only=True"):
+    with pytest.raises(
+        ac.DirectoryLockedError,
+        match=rf"another CheckpointManager \(pid "
+        rf"{os.getpid()} on .*read_only=True",
+    ):
         place.lock()
     lock.release()
     place.lock().release()

@@ -33,8 +33,10 @@ def events():
 
 
 def tree(mesh):
-    return {"w": jax.device_put(np.ones((64, 32), np.float32), NamedSharding(mesh, P("x", "y"))),
-            "b": np.arange(10, dtype=np.int64)}
+    return {
+        "w": jax.device_put(np.ones((64, 32), np.float32), NamedSharding(mesh, P("x", "y"))),
+        "b": np.arange(10, dtype=np.int64),
+    }
 
 
 def test_manager_save_and_restore_stats(tmp_path, mesh, events, caplog):
@@ -48,12 +50,18 @@ def test_manager_save_and_restore_stats(tmp_path, mesh, events, caplog):
         stats = mgr.last_save_stats()
         assert (stats.path, stats.step, stats.arrays) == (str(tmp_path / "2"), 2, 2)
         assert stats.bytes == 64 * 32 * 4 + 10 * 8
-        phases = [stats.wait_previous_s, stats.snapshot_s, stats.write_s, stats.commit_s,
-                  stats.retention_s]
+        phases = [
+            stats.wait_previous_s,
+            stats.snapshot_s,
+            stats.write_s,
+            stats.commit_s,
+            stats.retention_s,
+        ]
         assert all(p >= 0 for p in phases)
         assert stats.wait_previous_s + stats.snapshot_s <= stats.blocking_s
-        assert stats.blocking_s + stats.write_s + stats.commit_s + stats.retention_s \
-            <= stats.total_s
+        assert (
+            stats.blocking_s + stats.write_s + stats.commit_s + stats.retention_s <= stats.total_s
+        )
         assert stats.retention_s > 0  # step 1 was deleted
 
         mgr.restore(2, state)
@@ -69,10 +77,12 @@ def test_manager_save_and_restore_stats(tmp_path, mesh, events, caplog):
     assert ("/asyncckpt/save/bytes", float(stats.bytes)) in events
     assert ("/asyncckpt/restore/bytes", float(stats.bytes)) in events
     logged = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(f"asyncckpt: save of {tmp_path / '2'} (step 2, 2 arrays")
-               for m in logged)
-    assert any(m.startswith(f"asyncckpt: restore of {tmp_path / '2'} (step 2, 2 arrays")
-               for m in logged)
+    assert any(
+        m.startswith(f"asyncckpt: save of {tmp_path / '2'} (step 2, 2 arrays") for m in logged
+    )
+    assert any(
+        m.startswith(f"asyncckpt: restore of {tmp_path / '2'} (step 2, 2 arrays") for m in logged
+    )
 
 
 def test_checkpointer_stats_and_failed_save(tmp_path, mesh):

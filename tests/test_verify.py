@@ -15,8 +15,9 @@ import asyncckpt as ac
 
 def save(root, mesh):
     tree = {
-        "small": jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8),
-                                NamedSharding(mesh, P("x", "y"))),
+        "small": jax.device_put(
+            np.arange(64, dtype=np.float32).reshape(8, 8), NamedSharding(mesh, P("x", "y"))
+        ),
         # 8 MiB in one chunk: stored as row bands of its own checksums
         "big": np.random.default_rng(0).standard_normal((2048, 1024), dtype=np.float32),
         "v": np.arange(5, dtype=np.int32),
@@ -53,8 +54,11 @@ def test_every_damaged_variable_is_named(root, mesh):
 def test_only_missing_chunks_are_incomplete(root, mesh):
     path = save(root, mesh)
     remove_file(path / "small" / "c.0.1")
-    with pytest.raises(ac.IncompleteCheckpointError, match=r"is incomplete: 1 variable\(s\) "
-                       r"\['small'\]"):
+    with pytest.raises(
+        ac.IncompleteCheckpointError,
+        match=r"is incomplete: 1 variable\(s\) "
+        r"\['small'\]",
+    ):
         ac.verify(path)
 
 

@@ -40,7 +40,8 @@ def open_storage(path: Any) -> Storage:
     if backend is None:
         raise ValueError(
             f"unknown URL scheme {scheme!r} in {path!r}: asyncckpt reads and writes local paths, "
-            "file://, s3://, gs://, az:// and memory:// URLs")
+            "file://, s3://, gs://, az:// and memory:// URLs"
+        )
     return backend(path)  # type: ignore[call-arg]
 
 
@@ -57,6 +58,7 @@ def configure_storage(url: str, **options: Any) -> None:
         ac.configure_storage("s3://my-bucket", config={"endpoint": "http://127.0.0.1:9000"})
     """
     if not isinstance(open_storage(url), ObjectStorage):
-        raise ValueError(f"configure_storage takes an object-store URL (s3://, gs://, az://), "
-                         f"not {url!r}")
+        raise ValueError(
+            f"configure_storage takes an object-store URL (s3://, gs://, az://), not {url!r}"
+        )
     configure(url, options)

@@ -80,7 +80,7 @@ class Storage(ABC):
         return f"{type(self).__name__}({self.url!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.url == self.url  # type: ignore[attr-defined]
+        return isinstance(other, Storage) and type(other) is type(self) and other.url == self.url
 
     def __hash__(self) -> int:
         return hash((type(self), self.url))
@@ -104,8 +104,14 @@ class Storage(ABC):
         """Delete the file (object) `key`; FileNotFoundError if there is none (on disk)."""
 
     @abstractmethod
-    def get(self, key: str, *, start: int | None = None, end: int | None = None,
-            suffix: int | None = None) -> np.ndarray:
+    def get(
+        self,
+        key: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        suffix: int | None = None,
+    ) -> np.ndarray:
         """The bytes of `key` (uint8), or of `[start, end)`, or its last `suffix` bytes."""
 
     @abstractmethod
@@ -123,8 +129,7 @@ class Storage(ABC):
         """Write the chunk file of `data`: plain, or in row bands of `band_nbytes`."""
         self.write(key, *_format.chunk_buffers(data, band_nbytes))
 
-    def _get(self, key: str, where: str, expected: int | None = None,
-             **request: int) -> np.ndarray:
+    def _get(self, key: str, where: str, expected: int | None = None, **request: int) -> np.ndarray:
         """`get`, with a missing file or a wrong size reported as the checkpoint's problem."""
         try:
             data = self.get(key, **request)
@@ -141,8 +146,9 @@ class Storage(ABC):
         np.frombuffer(view, np.uint8)[:] = data[: -_format.CRC_BYTES]
         _format.check_crc(view, data[-_format.CRC_BYTES :].tobytes(), self.path(key), where)
 
-    def read_bands_into(self, key: str, out: np.ndarray, first: int, nbands: int,
-                        band_nbytes: int, where: str) -> None:
+    def read_bands_into(
+        self, key: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int, where: str
+    ) -> None:
         """Fill the C-contiguous `out` with bands `first`, `first + 1`, ... of a banded chunk file
         of `nbands` bands, verifying each band's checksum and the shard index. The index is read
         first (a suffix): it says where the bands are."""
@@ -176,8 +182,9 @@ class Storage(ABC):
             raise _format.wrong_size(self.path(key), data.nbytes, sizes[0], where)
         return memoryview(data).cast("B")  # type: ignore[arg-type]
 
-    def map_chunk(self, key: str, nbytes: int, band_nbytes: int | None,
-                  where: str) -> np.ndarray | None:
+    def map_chunk(
+        self, key: str, nbytes: int, band_nbytes: int | None, where: str
+    ) -> np.ndarray | None:
         """The data of a chunk file as a private copy-on-write mapping of its pages (uint8),
         every checksum verified; None where this backend or file cannot be mapped: read it."""
         return None
@@ -227,14 +234,17 @@ class Storage(ABC):
                 raise CheckpointExistsError(
                     f"cannot save to {self.url}: it holds a Zarr hierarchy that is not an "
                     "asyncckpt checkpoint; choose another path (asyncckpt never overwrites "
-                    "foreign data)")
+                    "foreign data)"
+                )
             if not replace:
                 raise CheckpointExistsError(
-                    f"a checkpoint already exists at {self.url}; pass `force=True` to replace it")
+                    f"a checkpoint already exists at {self.url}; pass `force=True` to replace it"
+                )
         elif names and _format.UNCOMMITTED not in names:
             raise CheckpointExistsError(
                 f"cannot save to {self.url}: it is not empty and is not a checkpoint; choose "
-                "another path (asyncckpt never deletes data it did not write)")
+                "another path (asyncckpt never deletes data it did not write)"
+            )
 
     def is_checkpoint(self) -> bool:
         """Whether a committed asyncckpt checkpoint is here (its root document says so)."""
@@ -294,9 +304,14 @@ class Storage(ABC):
         return None  # the default: nothing to do
 
 
-def _check_bands(view: memoryview, crcs: bytearray, first: int, band_nbytes: int, path: str,
-                 where: str) -> None:
+def _check_bands(
+    view: memoryview, crcs: bytearray, first: int, band_nbytes: int, path: str, where: str
+) -> None:
     for j in range(view.nbytes // band_nbytes):
-        _format.check_band(view[j * band_nbytes : (j + 1) * band_nbytes],
-                           crcs[_format.CRC_BYTES * j : _format.CRC_BYTES * (j + 1)], first + j,
-                           path, where)
+        _format.check_band(
+            view[j * band_nbytes : (j + 1) * band_nbytes],
+            crcs[_format.CRC_BYTES * j : _format.CRC_BYTES * (j + 1)],
+            first + j,
+            path,
+            where,
+        )

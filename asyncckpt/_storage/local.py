@@ -66,7 +66,8 @@ class LocalStorage(Storage):
             size = os.fstat(fd).st_size
             if size > limit:
                 raise CorruptCheckpointError(
-                    f"{path} is {size} bytes, more than the {limit} allowed")
+                    f"{path} is {size} bytes, more than the {limit} allowed"
+                )
             chunks, total = [], 0
             while total <= limit and (data := os.read(fd, min(size + 1, _MAX_IO))):
                 chunks.append(data)
@@ -90,8 +91,14 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         os.remove(self.path(key))
 
-    def get(self, key: str, *, start: int | None = None, end: int | None = None,
-            suffix: int | None = None) -> np.ndarray:
+    def get(
+        self,
+        key: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        suffix: int | None = None,
+    ) -> np.ndarray:
         fd = _open(self.path(key), "")
         try:
             size = os.fstat(fd).st_size
@@ -136,8 +143,9 @@ class LocalStorage(Storage):
             os.close(fd)
         _format.check_crc(view, crc, self.path(key), where)
 
-    def read_bands_into(self, key: str, out: np.ndarray, first: int, nbands: int,
-                        band_nbytes: int, where: str) -> None:
+    def read_bands_into(
+        self, key: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int, where: str
+    ) -> None:
         path = self.path(key)
         view = _format.bytes_view(out)
         crcs = bytearray(_format.CRC_BYTES * (view.nbytes // band_nbytes))
@@ -147,8 +155,13 @@ class LocalStorage(Storage):
         try:
             stride = _format.stride_of_size(size, nbytes, band_nbytes, path, where)
             pads = bytearray(stride - band_nbytes - _format.CRC_BYTES)
-            _read_all(fd, _format.band_read_buffers(view, crcs, pads, stride, band_nbytes),
-                      first * stride, path, where)
+            _read_all(
+                fd,
+                _format.band_read_buffers(view, crcs, pads, stride, band_nbytes),
+                first * stride,
+                path,
+                where,
+            )
             _read_all(fd, [memoryview(index)], nbands * stride, path, where)
         finally:
             os.close(fd)
@@ -164,8 +177,9 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def map_chunk(self, key: str, nbytes: int, band_nbytes: int | None,
-                  where: str) -> np.ndarray | None:
+    def map_chunk(
+        self, key: str, nbytes: int, band_nbytes: int | None, where: str
+    ) -> np.ndarray | None:
         """Reading a chunk copies it from the page cache into fresh memory, and on a VM filling
         fresh memory costs more than the copy; a mapping does neither (the pages are the page
         cache's until someone writes to them). The array keeps the mapping; it goes with the
@@ -240,8 +254,8 @@ class LocalStorage(Storage):
             return
         if not os.path.isdir(self.url) or os.path.islink(self.url):
             raise CheckpointExistsError(
-                f"cannot save to {self.url}: it exists and is not a directory; choose another "
-                "path")
+                f"cannot save to {self.url}: it exists and is not a directory; choose another path"
+            )
         self._refuse_foreign(self.list_dir(), replace=replace)
 
     def begin(self, *, replace: bool) -> LocalStorage:
@@ -295,7 +309,8 @@ class LocalStorage(Storage):
                 raise CheckpointExistsError(
                     f"could not commit the checkpoint: {dest} already exists (it appeared while "
                     "saving: two writers must not share a path; pass `force=True` to replace a "
-                    "checkpoint)") from e
+                    "checkpoint)"
+                ) from e
             raise
         _fsync_dir(parent)
 
@@ -341,7 +356,8 @@ class LocalStorage(Storage):
 def _link(path: str, where: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{where}: {path} is a symbolic link; asyncckpt reads nothing outside a checkpoint, so "
-        "a checkpoint must hold its files themselves (copy it with links resolved)")
+        "a checkpoint must hold its files themselves (copy it with links resolved)"
+    )
 
 
 def _open(path: str, where: str) -> int:
@@ -439,8 +455,12 @@ def _new_mapping(n: int, fd: int, length: int) -> mmap.mmap | None:
     if not _mappings.take(n):
         return None
     try:
-        m = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | (mmap.MAP_ANONYMOUS if fd < 0 else 0),
-                      prot=_libc.PROT_RW)
+        m = mmap.mmap(
+            fd,
+            length,
+            flags=mmap.MAP_PRIVATE | (mmap.MAP_ANONYMOUS if fd < 0 else 0),
+            prot=_libc.PROT_RW,
+        )
     except (OSError, ValueError):
         _mappings.give(n)
         return None
@@ -458,8 +478,9 @@ def _map_plain(fd: int, nbytes: int, path: str, where: str) -> np.ndarray | None
     return data
 
 
-def _map_bands(fd: int, nbytes: int, band_nbytes: int, stride: int, path: str,
-               where: str) -> np.ndarray | None:
+def _map_bands(
+    fd: int, nbytes: int, band_nbytes: int, stride: int, path: str, where: str
+) -> np.ndarray | None:
     """Map each band of an aligned banded chunk file over its place in one reserved range."""
     nbands = nbytes // band_nbytes
     m = _new_mapping(nbands + 1, -1, nbytes)
@@ -473,12 +494,22 @@ def _map_bands(fd: int, nbytes: int, band_nbytes: int, stride: int, path: str,
             return None  # the reserved range, with what was mapped over it, goes with `m`
     m.madvise(mmap.MADV_WILLNEED)
     data = np.frombuffer(m, np.uint8)
-    _format.check_index(memoryview(os.pread(fd, _format.index_nbytes(nbands), nbands * stride)),
-                        nbands, band_nbytes, path, where, stride)
+    _format.check_index(
+        memoryview(os.pread(fd, _format.index_nbytes(nbands), nbands * stride)),
+        nbands,
+        band_nbytes,
+        path,
+        where,
+        stride,
+    )
     for j in range(nbands):
-        _format.check_band(memoryview(data[j * band_nbytes : (j + 1) * band_nbytes]),
-                           os.pread(fd, _format.CRC_BYTES, j * stride + band_nbytes), j, path,
-                           where)
+        _format.check_band(
+            data[j * band_nbytes : (j + 1) * band_nbytes],
+            os.pread(fd, _format.CRC_BYTES, j * stride + band_nbytes),
+            j,
+            path,
+            where,
+        )
     return data
 
 
@@ -503,7 +534,8 @@ class _FileLock(WriterLock):
             raise DirectoryLockedError(
                 f"another CheckpointManager{holder} is writing to {directory}; two writers would "
                 "interleave their steps and deletions. Close the other one first, or open this "
-                "one with read_only=True to only restore.") from None
+                "one with read_only=True to only restore."
+            ) from None
         except OSError:
             os.close(fd)
             raise
@@ -551,8 +583,9 @@ def spread_subdirectories(path: str) -> bool:
         fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
         flags = int.from_bytes(buf[:4], sys.byteorder)
         if not flags & _FS_TOPDIR_FL:
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(4, sys.byteorder)
-                        + bytes(4))
+            fcntl.ioctl(
+                fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(4, sys.byteorder) + bytes(4)
+            )
         return True
     except OSError:
         return False

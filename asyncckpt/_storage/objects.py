@@ -43,7 +43,8 @@ def normalize(url: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(
             f"unknown URL scheme {scheme!r} in {url!r}: asyncckpt reads and writes local paths, "
-            "file://, s3://, gs://, az:// and memory:// URLs")
+            "file://, s3://, gs://, az:// and memory:// URLs"
+        )
     parts = [p for p in rest.split("/") if p]
     if not parts:
         raise ValueError(f"{url!r} names no bucket: write {scheme}://BUCKET/PREFIX")
@@ -82,7 +83,8 @@ def _open_store(scheme: str, bucket: str, options: dict[str, Any]) -> Any:
     except ImportError:
         raise ImportError(
             f"{scheme}:// checkpoints need obstore: pip install 'asyncckpt[cloud]' "
-            "(or pip install obstore)") from None
+            "(or pip install obstore)"
+        ) from None
     from zarr.storage import ObjectStore
 
     if scheme == "memory":  # one in-memory bucket per name and process, for tests and examples
@@ -116,18 +118,44 @@ def _hint(e: Exception) -> str:
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{text.splitlines()[0]} (the bucket does not exist: create it first)"
     if "169.254.169.254" in low or "metadata" in low:  # no credentials: asked the instance
-        return ("no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY), or pass "
-                "them with asyncckpt.configure_storage (the instance metadata service did not "
-                f"answer: {text.splitlines()[0][:200]})")
-    if any(s in low for s in ("credential", "unauthenticated", "accessdenied", "signature",
-                               "permission", "forbidden")):
-        return (f"{text.splitlines()[0]} (check the credentials: AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, or your cloud's profile)")
-    if any(s in low for s in ("connect", "dns", "timed out", "timeout", "error sending request",
-                               "broken pipe", "reset by peer", "incomplete")):
-        return (f"{text.splitlines()[0]} (cannot reach the object store: check AWS_ENDPOINT_URL "
-                "and the network)")
+        return (
+            "no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY), or pass "
+            "them with asyncckpt.configure_storage (the instance metadata service did not "
+            f"answer: {text.splitlines()[0][:200]})"
+        )
+    if any(
+        s in low
+        for s in (
+            "credential",
+            "unauthenticated",
+            "accessdenied",
+            "signature",
+            "permission",
+            "forbidden",
+        )
+    ):
+        return (
+            f"{text.splitlines()[0]} (check the credentials: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, or your cloud's profile)"
+        )
+    if any(
+        s in low
+        for s in (
+            "connect",
+            "dns",
+            "timed out",
+            "timeout",
+            "error sending request",
+            "broken pipe",
+            "reset by peer",
+            "incomplete",
+        )
+    ):
+        return (
+            f"{text.splitlines()[0]} (cannot reach the object store: check AWS_ENDPOINT_URL "
+            "and the network)"
+        )
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -161,7 +189,8 @@ class ObjectStorage(Storage):
         data = self.get(key, start=0, end=limit + 1)
         if data.nbytes > limit:
             raise CorruptCheckpointError(
-                f"{self.path(key)} is {data.nbytes} bytes, more than the {limit} allowed")
+                f"{self.path(key)} is {data.nbytes} bytes, more than the {limit} allowed"
+            )
         return data.tobytes()
 
     def exists(self, key: str) -> bool:
@@ -171,12 +200,21 @@ class ObjectStorage(Storage):
     def write(self, key: str, *buffers: Any) -> None:
         store, full = self._resolve(key)
         views = [memoryview(b).cast("B") for b in buffers]
-        data = views[0] if len(views) == 1 else np.concatenate(
-            [np.frombuffer(v, np.uint8) for v in views])
+        data = (
+            views[0]
+            if len(views) == 1
+            else np.concatenate([np.frombuffer(v, np.uint8) for v in views])
+        )
         _run(store.set(full, _buffer(data)), self.path(key), "writing")
 
-    def get(self, key: str, *, start: int | None = None, end: int | None = None,
-            suffix: int | None = None) -> np.ndarray:
+    def get(
+        self,
+        key: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        suffix: int | None = None,
+    ) -> np.ndarray:
         from zarr.abc.store import (
             ByteRequest,
             OffsetByteRequest,
@@ -192,11 +230,10 @@ class ObjectStorage(Storage):
         elif start is not None or end is not None:
             start = start or 0
             request = OffsetByteRequest(start) if end is None else RangeByteRequest(start, end)
-        buf = _run(store.get(full, default_buffer_prototype(), request), self.path(key),
-                   "reading")
+        buf = _run(store.get(full, default_buffer_prototype(), request), self.path(key), "reading")
         if buf is None:
             raise FileNotFoundError(errno.ENOENT, "no such object", self.path(key))
-        return buf.as_numpy_array()  # type: ignore[no-any-return]
+        return buf.as_numpy_array()
 
     def size(self, key: str) -> int:
         store, full = self._resolve(key)
@@ -233,7 +270,7 @@ class ObjectStorage(Storage):
             return list(await asyncio.gather(*(collect(p) for p in prefixes)))
 
         what = self.path(keys[0]) + (" ..." if len(keys) > 1 else "")
-        return _run(collect_all(), what, "listing")  # type: ignore[no-any-return]
+        return _run(collect_all(), what, "listing")
 
     def checkpoint_states(self, names: list[str]) -> list[State]:
         states: list[State] = []
@@ -327,7 +364,7 @@ class ObjectStorage(Storage):
 
             async def one(k: str) -> None:
                 async with limit:
-                    await obstore.copy_async(store.store, k, target + k[len(prefix):])
+                    await obstore.copy_async(store.store, k, target + k[len(prefix) :])
 
             await asyncio.gather(*(one(k) for k in keys))
 
@@ -338,6 +375,8 @@ class ObjectStorage(Storage):
     def leftovers(self) -> list[Storage]:
         """Step prefixes marked uncommitted without a root document."""
         names = [n for n in self.list_dir() if _format.parse_step(n) is not None]
-        return [self.child(n) for n, state in zip(names, self.checkpoint_states(names))
-                if state == "leftover"]
-
+        return [
+            self.child(n)
+            for n, state in zip(names, self.checkpoint_states(names))
+            if state == "leftover"
+        ]

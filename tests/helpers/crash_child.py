@@ -16,18 +16,24 @@ KEEP_EVERY = 4
 def state_at(step: int) -> dict:
     rng = np.random.default_rng(step)
     small = {f"layer{i:03d}": rng.standard_normal(1024, dtype=np.float32) for i in range(300)}
-    return {"small": small, "big": rng.standard_normal((1024, 2048), dtype=np.float32),
-            "step": step}
+    return {
+        "small": small,
+        "big": rng.standard_normal((1024, 2048), dtype=np.float32),
+        "step": step,
+    }
 
 
 def main(directory: str) -> None:
-    with ac.CheckpointManager(directory, max_to_keep=MAX_TO_KEEP,
-                              keep_every_n_steps=KEEP_EVERY) as mgr:
+    with ac.CheckpointManager(
+        directory, max_to_keep=MAX_TO_KEEP, keep_every_n_steps=KEEP_EVERY
+    ) as mgr:
         step = (mgr.latest_step() or 0) + 1
         print("ready", step, flush=True)
         while True:
-            state = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
-                     for k, v in state_at(step).items()}
+            state = {
+                k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
+                for k, v in state_at(step).items()
+            }
             mgr.save(step, state)
             step += 1
 

@@ -30,8 +30,9 @@ ckpt = os.path.join(directory, "ckpt")
 
 if mode == "save":
     ac.save(ckpt, global_tree(mesh))
-    with ac.CheckpointManager(os.path.join(directory, "run"), max_to_keep=2,
-                              barrier_timeout_s=TIMEOUT_S) as mgr:
+    with ac.CheckpointManager(
+        os.path.join(directory, "run"), max_to_keep=2, barrier_timeout_s=TIMEOUT_S
+    ) as mgr:
         for step in (1, 2, 3):
             mgr.save(step, global_tree(mesh, step), metrics={"loss": 1.0 / step})
         mgr.wait_until_finished()
@@ -62,8 +63,9 @@ elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest
             mgr.save(step, global_tree(mesh, step))
         mgr.wait_until_finished()
         sharding = NamedSharding(mesh, P("x", "y"))
-        index = next(i for d, i in sharding.devices_indices_map((16, 24)).items()
-                     if d.process_index == 1)
+        index = next(
+            i for d, i in sharding.devices_indices_map((16, 24)).items() if d.process_index == 1
+        )
         chunk = os.path.join(run, "2", "matrix", f"c.{index[0].start // 4}.{index[1].start // 12}")
         if jax.process_index() == 0:
             with open(chunk, "r+b") as f:

@@ -25,9 +25,12 @@ def global_tree(mesh, step=0):
 
 
 def abstract_tree(mesh, spec):
-    return {"matrix": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=NamedSharding(mesh, spec)),
-            "vector": jax.ShapeDtypeStruct((24,), np.float32, sharding=NamedSharding(mesh, P())),
-            "host": np.zeros(5, np.int32), "step": 0}
+    return {
+        "matrix": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=NamedSharding(mesh, spec)),
+        "vector": jax.ShapeDtypeStruct((24,), np.float32, sharding=NamedSharding(mesh, P())),
+        "host": np.zeros(5, np.int32),
+        "step": 0,
+    }
 
 
 def check_tree(tree, step=0):
