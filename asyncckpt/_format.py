@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import json
 import math
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,54 @@ MAX_ARRAY_DOC_BYTES = 1 << 20
 MAX_CHUNKS = 1 << 20  # per array; asyncckpt writes one chunk per shard
 BAND_BYTES = 4 << 20  # target size of the row bands of large chunks
 MIN_BAND_BYTES = 1 << 20  # below this, bands cost more syscalls than they save bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable names and chunk grids
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_RESERVED = frozenset({".", "..", DOC})
+_MAX_PART = 200  # bytes; file systems allow 255 per path component
+ROOT_LEAF_NAME = "~root"  # a tree that is a single leaf; `~` never appears in an escaped key
+
+
+def escape_part(part: str) -> str:
+    """Escape one keypath part into a valid Zarr node name (injective up to hash collisions)."""
+    if part == "":
+        return "~"
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
+    if out in _RESERVED or out.startswith("__"):
+        out = f"%{ord(out[0]):02X}{out[1:]}"
+    if len(out) > _MAX_PART:
+        digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        out = f"{out[: _MAX_PART - 25]}~{digest}"
+    return out
+
+
+def variable_name(parts: list[str]) -> str:
+    """The name of the variable at the keypath with these (unescaped) parts."""
+    if not parts:
+        return ROOT_LEAF_NAME
+    return "/".join(escape_part(p) for p in parts)
+
+
+def chunk_shape(
+    shape: tuple[int, ...], shards: Iterable[tuple[slice, ...]] | None
+) -> tuple[int, ...]:
+    """The chunk shape of an array of `shape` whose shards are the regions `shards` (None: one
+    chunk): the largest shape that tiles every shard (the shard shape when shards are even, as
+    NamedSharding's are). A dimension of length 0 has chunks of length 1."""
+    if shards is None:
+        return tuple(max(n, 1) for n in shape)
+    shards = list(shards)
+    chunk = []
+    for dim, size in enumerate(shape):
+        g = size
+        for index in shards:
+            s = index[dim]
+            g = math.gcd(g, s.start or 0, size if s.stop is None else s.stop)
+        chunk.append(max(g, 1))
+    return tuple(chunk)
 
 
 @dataclass(frozen=True, slots=True)

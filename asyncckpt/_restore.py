@@ -2,8 +2,11 @@
 
 For every leaf of the target the plan asks the target sharding which slice each addressable device
 needs, reads only the chunks overlapping those slices (a chunk that is exactly one slice is read
-straight into its buffer), then places the slices with `jax.make_array_from_single_device_arrays`.
-Arrays are restored in batches of at most `max_inflight_bytes` of host buffers.
+straight into its buffer, or mapped), then places each leaf with one
+`jax.make_array_from_callback` (replicated leaves with one batched `jax.device_put`). Arrays are
+read and placed in groups of at most `max_inflight_bytes` of host buffers; under `jax.distributed`
+the processes agree that all of them read their shards before placing arrays that span them.
+Every byte comes through the checkpoint's `Storage`.
 """
 
 from __future__ import annotations

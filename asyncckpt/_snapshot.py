@@ -103,16 +103,8 @@ class Snapshot:
 
 @functools.lru_cache(maxsize=4096)
 def _chunk_shape(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The largest chunk shape that tiles every shard of `sharding` (the shard shape when shards
-    are even, which NamedSharding guarantees)."""
-    chunk = []
-    for dim, size in enumerate(shape):
-        g = size
-        for index in sharding.devices_indices_map(shape).values():
-            s = index[dim]
-            g = math.gcd(g, s.start or 0, size if s.stop is None else s.stop)
-        chunk.append(max(g, 1))
-    return tuple(chunk)
+    """The chunk shape of an array of `shape` sharded by `sharding` (`_format.chunk_shape`)."""
+    return _format.chunk_shape(shape, sharding.devices_indices_map(shape).values())
 
 
 def _stored_dtype(dtype: np.dtype) -> np.dtype:
@@ -173,7 +165,7 @@ def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
     if not _dtypes.is_supported(dtype):
         _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))  # raises, naming the leaf
     shape = tuple(data.shape)
-    whole = tuple(max(s, 1) for s in shape)
+    whole = _format.chunk_shape(shape, None)
     chunk = whole if _whole_copy(data) else _chunk_shape(data.sharding, shape)
     spec = ArraySpec(
         leaf.name, shape, dtype, chunk, prng_impl, _format.band_rows_for(chunk, dtype.itemsize)

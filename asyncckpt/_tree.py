@@ -1,15 +1,15 @@
 """Pure pytree logic: keypaths -> variable names, the JSON description of a tree, rebuilding.
 
-A variable's name is its keypath joined by `/`, each part escaped so that any dict key (with `/`,
-`..`, unicode, empty, very long) gives a valid, collision-free Zarr node name that can never leave
-the checkpoint directory. The name depends on the keypath alone, so a target tree (or a subset of
-one) finds its variables without knowing the rest of the saved tree.
+A variable's name is its keypath's parts, escaped and joined by `/` (`_format.variable_name`: any
+dict key, with `/`, `..`, unicode, empty or very long, gives a valid, collision-free Zarr node name
+that can never leave the checkpoint directory). The name depends on the keypath alone, so a
+target tree (or a subset of one) finds its variables without knowing the rest of the saved tree.
+The tree description written here is the one docs/FORMAT.md specifies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -17,26 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _format
 from .errors import CorruptCheckpointError, TreeMismatchError, UnsupportedTypeError
 
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-_RESERVED = frozenset({".", "..", "zarr.json"})
-_MAX_PART = 200  # bytes; file systems allow 255 per path component
-ROOT_LEAF_NAME = "~root"  # a tree that is a single leaf; `~` never appears in an escaped key
 MAX_TREE_DEPTH = 256
-
-
-def escape_part(part: str) -> str:
-    """Escape one keypath part into a valid Zarr node name (injective up to hash collisions)."""
-    if part == "":
-        return "~"
-    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
-    if out in _RESERVED or out.startswith("__"):
-        out = f"%{ord(out[0]):02X}{out[1:]}"
-    if len(out) > _MAX_PART:
-        digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-        out = f"{out[: _MAX_PART - 25]}~{digest}"
-    return out
 
 
 def key_part(entry: Any) -> str:
@@ -60,9 +44,7 @@ def key_part(entry: Any) -> str:
 
 def variable_name(keypath: tuple[Any, ...]) -> str:
     """The storage name of the leaf at `keypath` (`params/dense/kernel`)."""
-    if not keypath:
-        return ROOT_LEAF_NAME
-    return "/".join(escape_part(key_part(e)) for e in keypath)
+    return _format.variable_name([key_part(e) for e in keypath])
 
 
 def keystr(keypath: tuple[Any, ...]) -> str:
@@ -310,7 +292,7 @@ def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dic
         raise _bad("malformed or too deeply nested")
     t = spec.get("t")
     if t in ("bool", "int", "float", "str"):
-        name = "/".join(escape_part(p) for p in keypath) if keypath else ROOT_LEAF_NAME
+        name = _format.variable_name(list(keypath))
         return {name: decode_value(spec)}
     out: dict[str, Any] = {}
     kids = _spec_children(spec, leaf_ok=True)

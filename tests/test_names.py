@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import asyncckpt as ac
-from asyncckpt import _tree
+from asyncckpt import _format
 
 HOSTILE_KEYS = [
     "a/b",
@@ -55,15 +55,15 @@ def test_hostile_keys_round_trip_inside_the_checkpoint(tmp_path):
 
 
 def test_names_of_ordinary_keys_are_readable():
-    assert _tree.escape_part("kernel") == "kernel"
-    assert _tree.escape_part("a/b") == "a%2Fb"
-    assert _tree.escape_part("..") == "%2E."
-    assert _tree.escape_part("") == "~"
+    assert _format.escape_part("kernel") == "kernel"
+    assert _format.escape_part("a/b") == "a%2Fb"
+    assert _format.escape_part("..") == "%2E."
+    assert _format.escape_part("") == "~"
 
 
 @given(st.lists(st.text(max_size=300), min_size=1, max_size=30, unique=True))
 def test_escaping_is_injective_and_valid(keys):
-    names = [_tree.escape_part(k) for k in keys]
+    names = [_format.escape_part(k) for k in keys]
     assert len(set(names)) == len(names)
     for n in names:
         assert n and "/" not in n and n not in (".", "..") and not n.startswith("__")
