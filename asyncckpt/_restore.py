@@ -179,24 +179,24 @@ def _read_chunk(
     hits: list[tuple[_Request, tuple[slice, ...]]],
     where: str,
 ) -> None:
-    path = ckpt.path(key)
+    place = (ckpt, key)  # named in errors only
     (req, overlap), *rest = hits
     if not rest and overlap == region == req.index:  # the chunk is exactly the requested slice
         band = _format.band_nbytes(spec) if spec.band_rows is not None else None
         if req.out is None:
-            mapped = _guarded(path, where, ckpt.map_chunk, key, spec.chunk_nbytes, band, where)
+            mapped = _guarded(place, where, ckpt.map_chunk, key, spec.chunk_nbytes, band, where)
             if mapped is not None:
                 req.out = mapped.view(spec.dtype).reshape(spec.chunk_shape)
                 return
-            req.out = _guarded(path, where, _aligned_empty, spec.chunk_shape, spec.dtype)
+            req.out = _guarded(place, where, _aligned_empty, spec.chunk_shape, spec.dtype)
         if band is None:
-            _guarded(path, where, ckpt.read_chunk_into, key, req.out, where)
+            _guarded(place, where, ckpt.read_chunk_into, key, req.out, where)
         else:
             _read_bands(ckpt, key, spec, req.out, 0, where)
         return
     if spec.band_rows is None:
         chunk = np.empty(spec.chunk_shape, spec.dtype)
-        _guarded(path, where, ckpt.read_chunk_into, key, chunk, where)
+        _guarded(place, where, ckpt.read_chunk_into, key, chunk, where)
         _scatter(chunk, region, hits)
         return
     # a banded chunk: read only the bands that some request overlaps
@@ -231,7 +231,7 @@ def _read_bands(
 ) -> None:
     nbands = spec.chunk_shape[0] // spec.band_rows  # type: ignore[operator]
     _guarded(
-        ckpt.path(key),
+        (ckpt, key),
         where,
         ckpt.read_bands_into,
         key,
@@ -243,17 +243,20 @@ def _read_bands(
     )
 
 
-def _guarded(path: str, where: str, call: Any, *args: Any) -> Any:
-    """`call(*args)`, its OS and allocation failures as checkpoint errors naming `path`."""
+def _guarded(place: tuple[Storage, str], where: str, call: Any, *args: Any) -> Any:
+    """`call(*args)`, its OS and allocation failures as checkpoint errors naming the file
+    `place` (storage, key)."""
     try:
         return call(*args)
     except CheckpointError:
         raise
     except MemoryError as e:
+        path = place[0].path(place[1])
         raise CheckpointReadError(
             errno.ENOMEM, f"{where}: cannot allocate host memory for {path}: {e}"
         ) from None
     except OSError as e:
+        path = place[0].path(place[1])
         raise CheckpointReadError(e.errno, f"{where}: cannot read {path}: {e.strerror}") from e
 
 

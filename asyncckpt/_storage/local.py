@@ -82,7 +82,7 @@ class LocalStorage(Storage):
         return os.path.exists(self.path(key))
 
     def write(self, key: str, *buffers: Any) -> None:
-        fd = os.open(self.path(key), _O_WRITE, 0o644)
+        fd = os.open(f"{self.url}/{key}", _O_WRITE, 0o644)
         try:
             _write_all(fd, [memoryview(b).cast("B") for b in buffers])
         finally:
@@ -120,9 +120,9 @@ class LocalStorage(Storage):
 
     # -- chunk files -----------------------------------------------------------------------------
 
-    def _open_chunk(self, key: str, sizes: tuple[int, ...], where: str) -> tuple[int, int]:
-        """Open a chunk file that must have one of `sizes` bytes: (descriptor, size)."""
-        path = self.path(key)
+    def _open_chunk(self, path: str, sizes: tuple[int, ...], where: str) -> tuple[int, int]:
+        """Open the chunk file `path`, which must have one of `sizes` bytes: (descriptor,
+        size)."""
         try:
             fd = _open(path, where)
         except FileNotFoundError:
@@ -136,22 +136,23 @@ class LocalStorage(Storage):
     def read_chunk_into(self, key: str, out: np.ndarray, where: str) -> None:
         view = _format.bytes_view(out)
         crc = bytearray(_format.CRC_BYTES)
-        fd, _ = self._open_chunk(key, (view.nbytes + _format.CRC_BYTES,), where)
+        path = f"{self.url}/{key}"
+        fd, _ = self._open_chunk(path, (view.nbytes + _format.CRC_BYTES,), where)
         try:
-            _read_all(fd, [view, memoryview(crc)], 0, self.path(key), where)
+            _read_all(fd, [view, memoryview(crc)], 0, path, where)
         finally:
             os.close(fd)
-        _format.check_crc(view, crc, self.path(key), where)
+        _format.check_crc(view, crc, path, where)
 
     def read_bands_into(
         self, key: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int, where: str
     ) -> None:
-        path = self.path(key)
+        path = f"{self.url}/{key}"
         view = _format.bytes_view(out)
         crcs = bytearray(_format.CRC_BYTES * (view.nbytes // band_nbytes))
         index = bytearray(_format.index_nbytes(nbands))
         nbytes = nbands * band_nbytes
-        fd, size = self._open_chunk(key, _format.chunk_file_sizes(nbytes, band_nbytes), where)
+        fd, size = self._open_chunk(path, _format.chunk_file_sizes(nbytes, band_nbytes), where)
         try:
             stride = _format.stride_of_size(size, nbytes, band_nbytes, path, where)
             pads = bytearray(stride - band_nbytes - _format.CRC_BYTES)
@@ -169,10 +170,11 @@ class LocalStorage(Storage):
         _check_bands(view, crcs, first, band_nbytes, path, where)
 
     def read_chunk_file(self, key: str, sizes: tuple[int, ...], where: str) -> memoryview:
-        fd, size = self._open_chunk(key, sizes, where)
+        path = f"{self.url}/{key}"
+        fd, size = self._open_chunk(path, sizes, where)
         try:
             out = bytearray(size)
-            _read_all(fd, [memoryview(out)], 0, self.path(key), where)
+            _read_all(fd, [memoryview(out)], 0, path, where)
             return memoryview(out)
         finally:
             os.close(fd)
@@ -186,8 +188,8 @@ class LocalStorage(Storage):
         array. None for a packed banded chunk, a file system without mmap, too many mappings."""
         if not _libc.available() or nbytes == 0:
             return None
-        path = self.path(key)
-        fd, size = self._open_chunk(key, _format.chunk_file_sizes(nbytes, band_nbytes), where)
+        path = f"{self.url}/{key}"
+        fd, size = self._open_chunk(path, _format.chunk_file_sizes(nbytes, band_nbytes), where)
         try:
             if band_nbytes is None:
                 return _map_plain(fd, nbytes, path, where)
