@@ -15,21 +15,27 @@ WATCH = ("subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.fork"
 sys.addaudithook(lambda event, args: events.append(event) if event in WATCH else None)
 import asyncckpt
 print("imported", sorted(m for m in ("jax", "zarr", "numpy") if m in sys.modules), events)
-import numpy as np, tempfile
+import numpy as np, tempfile, ml_dtypes
+asyncckpt_bf16 = np.dtype(ml_dtypes.bfloat16)
 path = tempfile.mkdtemp() + "/ck"
-asyncckpt.save(path, {"x": np.arange(3)})
+asyncckpt.save(path, {"x": np.arange(3), "b": np.ones(2, asyncckpt_bf16)})
 assert (asyncckpt.restore(path)["x"] == np.arange(3)).all()
+import zarr
+assert zarr.open_group(path, mode="r")["b"].dtype == asyncckpt_bf16
 print("used", events)
 """
 
 
 def test_import_does_no_work_and_nothing_starts_a_process():
     """`import asyncckpt` imports neither JAX nor zarr; neither it nor a save and restore start
-    a process (finding the C library used to run `ldconfig -p`)."""
+    a process (finding the C library used to run `ldconfig -p`) or raise a warning."""
+    # -W error: neither asyncckpt nor what it imports on this stack may warn (a project that runs
+    # with warnings as errors would fail)
     proc = subprocess.run(
-        [sys.executable, "-c", AUDIT], capture_output=True, text=True, timeout=120
+        [sys.executable, "-W", "error", "-c", AUDIT], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # also those a library shows only once
     assert "imported [] []" in proc.stdout and "used []" in proc.stdout, proc.stdout
 
 

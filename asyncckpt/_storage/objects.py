@@ -159,6 +159,29 @@ def _hint(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# Listings go to obstore itself: zarr-python's `ObjectStore.list_dir` in 3.1.0 cut the prefix
+# off with `str.lstrip` (characters, not a prefix) and lost names.
+
+
+async def _names_under(store: Any, prefix: str) -> list[str]:
+    """The names directly under `prefix` ("a/b/" or "" for the bucket's root), sorted."""
+    import obstore
+
+    result = await obstore.list_with_delimiter_async(store, prefix=prefix.rstrip("/") or None)
+    paths = [*result["common_prefixes"], *(meta["path"] for meta in result["objects"])]
+    return sorted({p[len(prefix) :].strip("/") for p in paths if p.startswith(prefix)} - {""})
+
+
+async def _keys_under(store: Any, prefix: str) -> list[str]:
+    """Every object key under `prefix` ("a/b/"), at any depth."""
+    import obstore
+
+    keys: list[str] = []
+    async for batch in obstore.list(store, prefix=prefix.rstrip("/") or None, chunk_size=1000):
+        keys += [meta["path"] for meta in batch if meta["path"].startswith(prefix)]
+    return keys
+
+
 def _buffer(data: Any) -> Any:
     from zarr.core.buffer import cpu
 
@@ -263,8 +286,7 @@ class ObjectStorage(Storage):
 
         async def collect(prefix: str) -> list[str]:
             async with limit:
-                names = [n async for n in store.list_dir(prefix)]
-            return sorted({n.rstrip("/") for n in names})
+                return await _names_under(store.store, prefix)
 
         async def collect_all() -> list[list[str]]:
             return list(await asyncio.gather(*(collect(p) for p in prefixes)))
@@ -336,7 +358,7 @@ class ObjectStorage(Storage):
         prefix = self._prefix()
 
         async def remove() -> None:
-            keys = [k async for k in store.list_prefix(prefix)]
+            keys = await _keys_under(store.store, prefix)
             marker = prefix + _format.UNCOMMITTED
             limit = asyncio.Semaphore(_CONCURRENCY)
 
@@ -359,7 +381,7 @@ class ObjectStorage(Storage):
         prefix, target = self._prefix(), dest._prefix()
 
         async def copy() -> None:
-            keys = [k async for k in store.list_prefix(prefix)]
+            keys = await _keys_under(store.store, prefix)
             limit = asyncio.Semaphore(_CONCURRENCY)
 
             async def one(k: str) -> None:
