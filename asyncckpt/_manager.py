@@ -457,14 +457,19 @@ class CheckpointManager:
             raise type(error)(
                 f"step {step} of {self._dir.url} is damaged ({hint}): {error}"
             ) from error
+        coord = None
+        what = f"setting aside step {step} of {self._dir.url}"
+        if not self._read_only and _distributed.is_multi_process():
+            coord = _distributed.Coordinator(
+                _distributed.call_key(f"set aside {self._dir.url} {step}"), self._barrier_timeout_s
+            )
+            coord.barrier("damaged", what)  # every process is done reading the step
         kept = ""
         if not self._read_only and self._leader:  # it must stop being the latest step
             moved = self._engine.wait_for(self._engine.submit(self._set_aside, step))
             kept = f"; it is kept for inspection as {moved.name}"
-        if not self._read_only and _distributed.is_multi_process():
-            _distributed.Coordinator(  # the others list steps after it was moved
-                _distributed.call_key(f"set aside {self._dir.url} {step}"), self._barrier_timeout_s
-            ).barrier("moved", f"setting aside step {step}")
+        if coord is not None:
+            coord.barrier("moved", what)  # the others list the steps after it was moved
         log.warning(
             "asyncckpt: step %d of %s is damaged, restoring step %d instead (fall_back=True)%s: %s",
             step,
