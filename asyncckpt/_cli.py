@@ -181,6 +181,18 @@ def _workers() -> Iterator[Workers]:
 # Commands
 
 
+_step_option = click.option(
+    "--step", type=int, help="The step of a manager directory (default: latest)."
+)
+_filter_option = click.option(
+    "--filter",
+    "pattern",
+    default="*",
+    show_default=True,
+    help="Only variables whose name matches this glob (e.g. 'params/*').",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.version_option(package_name="asyncckpt", prog_name="asyncckpt")
@@ -302,14 +314,8 @@ def _step_json(step: int, info: RootInfo | CheckpointError, best: bool) -> dict:
 
 @cli.command("show")
 @click.argument("path")
-@click.option("--step", type=int, help="The step of a manager directory (default: latest).")
-@click.option(
-    "--filter",
-    "pattern",
-    default="*",
-    show_default=True,
-    help="Only variables whose name matches this glob (e.g. 'params/*').",
-)
+@_step_option
+@_filter_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a tree.")
 def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> None:
     """Show the variables of one checkpoint: shape, dtype, bytes, chunk grid; totals; metadata."""
@@ -466,14 +472,8 @@ def cp_command(src: str, dst: str, step: int | None) -> None:
 @cli.command("export")
 @click.argument("path")
 @click.argument("output")
-@click.option("--step", type=int, help="The step of a manager directory (default: latest).")
-@click.option(
-    "--filter",
-    "pattern",
-    default="*",
-    show_default=True,
-    help="Only variables whose name matches this glob (e.g. 'params/*').",
-)
+@_step_option
+@_filter_option
 @click.option("--cast", help="Convert floating-point arrays to this dtype (e.g. float32).")
 def export_command(
     path: str, output: str, step: int | None, pattern: str, cast: str | None
