@@ -51,15 +51,23 @@ class Engine:
         map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+        close_at_exit: Callable[[], None] | None = None,
     ) -> None:
+        """`close_at_exit`: what finishes the owner's work at interpreter exit (default: this
+        engine's `close`; a manager also waits for its retention and file removals)."""
         check_inflight(max_inflight_bytes)
-        self.owner = owner  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
+        self.owner = owner
+        self._close_at_exit = (
+            close_at_exit  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
+        )
         self.workers = Workers(max_workers, background_nice=background_nice)
         self.barrier_timeout_s = barrier_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
         self.map_files = map_files
         self._pool = ArenaPool(enabled=reuse_host_memory)
-        self._pending: list[tuple[str, Future[str]]] = []  # (destination, its save)
+        # (destination, its save); callers on several threads may check and wait: under _lock
+        self._pending: list[tuple[str, Future[str]]] = []
+        self._lock = threading.Lock()
         self._closed = False
         self.last_save: _telemetry.SaveStats | None = None
         self.last_restore: _telemetry.RestoreStats | None = None
@@ -74,7 +82,7 @@ class Engine:
         future's result is the committed location."""
         self.check_open()
         t0 = time.perf_counter()
-        for _, fut in list(self._pending):  # one save in flight at a time bounds host memory
+        for _, fut in self._saves():  # one save in flight at a time bounds host memory
             self.workers.help_until(fut)  # waiting: write on this thread too
         phases = _telemetry.Phases()
         phases.add("wait_previous", time.perf_counter() - t0)
@@ -91,7 +99,8 @@ class Engine:
             )
         phases.add("blocking", time.perf_counter() - t0)
         future = self.workers.submit_job(self._write, snap, dest, force, fields, coord, phases, t0)
-        self._pending.append((dest.url, future))
+        with self._lock:
+            self._pending.append((dest.url, future))
         _finish_at_exit(self)
         return future
 
@@ -169,18 +178,26 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def _saves(self) -> list[tuple[str, Future[str]]]:
+        with self._lock:
+            return list(self._pending)
+
     def check_for_errors(self) -> None:
         """Raise the first failure of a finished save (once), if any."""
-        for item in list(self._pending):
-            if item[1].done():
-                self._pending.remove(item)
-                if (error := item[1].exception()) is not None:
-                    raise error
+        error = None
+        with self._lock:  # take finished saves off the list up to the first failed one
+            for item in list(self._pending):
+                if item[1].done():
+                    self._pending.remove(item)
+                    if (error := item[1].exception()) is not None:
+                        break
+        if error is not None:
+            raise error
 
     def wait_until_finished(self) -> None:
         """Block until every save made so far has committed; raise the first failure."""
-        while self._pending:
-            self.workers.help_until(self._pending[0][1])
+        while saves := self._saves():
+            self.workers.help_until(saves[0][1])
             self.check_for_errors()
 
     def close(self) -> None:
@@ -205,9 +222,9 @@ class Engine:
     def finish_before_exit(self) -> None:
         """At interpreter exit: wait for the saves still in flight, saying so, and log (never
         drop) a failure, since nobody is left to raise it to."""
-        if self._closed or not self._pending:
+        if self._closed or not self._saves():
             return
-        running = [dest for dest, fut in self._pending if not fut.done()]
+        running = [dest for dest, fut in self._saves() if not fut.done()]
         if running:
             log.warning(
                 "asyncckpt: the program is exiting; waiting for %d save(s) to commit: %s "
@@ -216,9 +233,13 @@ class Engine:
                 ", ".join(running),
             )
         try:
-            self.close()
+            (self._close_at_exit or self.close)()
         except BaseException as e:  # at exit there is no caller to raise to
-            log.error("asyncckpt: a save was not committed before the program exited: %s", e)
+            log.error(
+                "asyncckpt: work in flight failed before the program exited (a save that "
+                "failed was not committed): %s",
+                e,
+            )
 
 
 _unfinished: weakref.WeakSet[Engine] = weakref.WeakSet()

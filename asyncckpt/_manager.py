@@ -183,6 +183,7 @@ class CheckpointManager:
             map_files=map_files,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
+            close_at_exit=self.close,
         )
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
         self.reload()

@@ -28,7 +28,19 @@ def slow(*args):
 
 Storage.write_chunk = slow
 tree = {"w": np.arange(1000.0), "b": np.ones(3)}
-if mode.startswith("manager"):
+if mode == "retention-fails":  # the save commits; the retention job after it fails
+    from asyncckpt import _directory
+
+    mgr = ac.CheckpointManager(path, max_to_keep=1)
+    mgr.save(1, tree)
+    mgr.wait_until_finished()
+
+    def refuse(directory, step):
+        raise PermissionError(13, "Permission denied", directory.path(str(step)))
+
+    _directory.start_delete = refuse
+    mgr.save(2, tree)
+elif mode.startswith("manager"):
     mgr = ac.CheckpointManager(path, max_to_keep=1)
     mgr.save(1, tree)
 else:
@@ -62,3 +74,10 @@ def test_a_save_failing_at_exit_is_reported(tmp_path, mode):
     assert "save returned" in proc.stdout
     assert "was not committed" in proc.stderr and "No space left on device" in proc.stderr
     assert not (tmp_path / "1").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_retention_failing_at_exit_is_reported(tmp_path):
+    proc = _run("retention-fails", tmp_path)
+    assert "save returned" in proc.stdout
+    assert "retention could not delete an old step" in proc.stderr, proc.stderr
+    assert ac.CheckpointManager(tmp_path, read_only=True).all_steps() == [1, 2]
