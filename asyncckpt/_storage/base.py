@@ -8,7 +8,9 @@ checkpoint's reader must report (damage, missing chunks) is raised as the `Check
 that name the file.
 
 What it offers, by group:
-- bytes: `read_small` (documents), `write`, `exists`, and the chunk files of docs/FORMAT.md:
+- places: `child`, `path`, `kind` (nothing, a file, a directory), `local_path`, `identity`;
+- bytes: `read_small` (documents), `get` (whole, ranges, suffixes), `write`, `delete`, `exists`,
+  `size`, and the chunk files of docs/FORMAT.md:
   `write_chunk`, `read_chunk_into`, `read_bands_into` (ranged reads into caller memory),
   `read_chunk_file` (a whole file, for copies and checks), `map_chunk` (a copy-on-write mapping
   where the backend can, else None);
