@@ -466,16 +466,7 @@ def read_arrays(
         members = [plans[i] for i in group]
         error, staged = None, []
         try:
-            with phases("plan"):
-                staged = [_stage(p) for p in members]
-                tasks = [
-                    t
-                    for p, reqs in zip(members, staged)
-                    for t in _chunk_tasks(ckpt, p.spec, reqs, p.where, seen)
-                ]
-            with phases("read"):
-                workers.run_reads(tasks, network=ckpt.network)
-            phases.bytes += sum(cost for cost, _ in tasks)
+            staged = _read_group(ckpt, members, workers, phases, seen)
         except Exception as e:
             error = e
         if coordinate is not None and any(p.spans_processes for p in members):
@@ -486,8 +477,26 @@ def read_arrays(
         with phases("place"):
             for i, value in zip(group, _place(members, staged)):
                 results[i] = value
-        del staged  # placed: on accelerators the host buffers go now
+        del staged  # placed: on accelerators the host buffers go now, before the next group
     return results
+
+
+def _read_group(
+    ckpt: Storage, members: list[_Plan], workers: Workers, phases: Phases, seen: set[str]
+) -> list[list[_Request]]:
+    """Stage the host buffers of `members` and read their chunks into them. Nothing here may
+    outlive the call but the buffers returned (the read tasks hold them too)."""
+    with phases("plan"):
+        staged = [_stage(p) for p in members]
+        tasks = [
+            t
+            for p, reqs in zip(members, staged)
+            for t in _chunk_tasks(ckpt, p.spec, reqs, p.where, seen)
+        ]
+    with phases("read"):
+        workers.run_reads(tasks, network=ckpt.network)
+    phases.bytes += sum(cost for cost, _ in tasks)
+    return staged
 
 
 # ---------------------------------------------------------------------------------------------

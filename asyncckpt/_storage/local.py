@@ -54,9 +54,6 @@ class LocalStorage(Storage):
     def child(self, key: str) -> LocalStorage:
         return LocalStorage(os.path.join(self.url, key))
 
-    def _parent(self) -> LocalStorage:
-        return LocalStorage(os.path.dirname(self.url))
-
     # -- bytes -----------------------------------------------------------------------------------
 
     def read_small(self, key: str, limit: int) -> bytes:
