@@ -585,14 +585,23 @@ def _restore_tree(
         return _tree.unflatten(info.tree, dict(zip(names, arrays)))
     with phases("plan"):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-        target_leaves = [_tree.Leaf(kp, _tree.variable_name(kp), v) for kp, v in leaves]
+        target_leaves = [
+            _tree.Leaf(kp, _tree.variable_name(kp), _on_devices(v, kp, where)) for kp, v in leaves
+        ]
+        state = [leaf for leaf in target_leaves if not _tree.is_code_leaf(leaf.value)]
         saved_shapes: dict[str, tuple[int, ...]] = {n: () for n in values}
         saved_shapes.update({n: logical_shape(s) for n, s in info.arrays.items()})
-        _tree.check_match(target_leaves, saved_shapes, strict=strict, where=where)
-    wanted = [(i, leaf) for i, leaf in enumerate(target_leaves) if leaf.name in info.arrays]
+        _tree.check_match(state, saved_shapes, strict=strict, where=where)
+    wanted = [
+        (i, leaf)
+        for i, leaf in enumerate(target_leaves)
+        if leaf.name in info.arrays and not _tree.is_code_leaf(leaf.value)
+    ]
     arrays = read([(info.arrays[leaf.name], leaf.value) for _, leaf in wanted])
     out = [
-        _scalar_as(values[leaf.name], leaf.value, f"while restoring {leaf.name!r} {where}")
+        leaf.value  # code comes from the target
+        if _tree.is_code_leaf(leaf.value)
+        else _scalar_as(values[leaf.name], leaf.value, f"while restoring {leaf.name!r} {where}")
         if leaf.name in values
         else None
         for leaf in target_leaves
@@ -604,9 +613,55 @@ def _restore_tree(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _on_devices(value: Any, keypath: tuple[Any, ...], where: str) -> Any:
+    """A target leaf whose sharding is on an `AbstractMesh` (what `jax.eval_shape` and
+    `nnx.eval_shape` give under `jax.set_mesh`), moved onto the concrete mesh in context."""
+    sharding = getattr(value, "sharding", None)
+    if not (
+        isinstance(value, jax.ShapeDtypeStruct)
+        and isinstance(sharding, jax.sharding.NamedSharding)
+        and isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+    ):
+        return value
+    mesh = jax.sharding.get_mesh()
+    wanted = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+    if mesh.empty:
+        raise TreeMismatchError(
+            f"the target leaf {_tree.keystr(keypath)} is sharded over an abstract mesh "
+            f"{wanted} (as `eval_shape` makes under `jax.set_mesh`), and no concrete mesh is set: "
+            f"restore inside `with jax.set_mesh(mesh):` (restoring {where})"
+        )
+    have = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if have != wanted:
+        raise TreeMismatchError(
+            f"the target leaf {_tree.keystr(keypath)} is sharded over an abstract mesh {wanted}, "
+            f"but the mesh set by `jax.set_mesh` is {have}: restore under a mesh of the same axes "
+            f"(restoring {where})"
+        )
+    concrete = jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+    return jax.ShapeDtypeStruct(
+        value.shape, value.dtype, sharding=concrete, weak_type=value.weak_type
+    )
+
+
 def _scalar_as(value: Any, target: Any, where: str) -> Any:
     """A python scalar saved in the tree description, as the target leaf asks for it: a 0-d
-    array of its dtype for an array target (placed on its sharding for a JAX one)."""
+    array of its dtype for an array target (placed on its sharding for a JAX one). A saved state
+    goes to the target's `set_state`, and the target is returned."""
+    if isinstance(value, _tree.SavedState):
+        if not _tree.is_stateful_leaf(target):
+            raise TreeMismatchError(
+                f"{where}: the checkpoint holds the state of an object with get_state/set_state "
+                f"(a data iterator), and the target holds a {type(target).__name__}: pass the "
+                "object whose state to set"
+            )
+        target.set_state(value.value)
+        return target
+    if _tree.is_stateful_leaf(target):
+        raise TreeMismatchError(
+            f"{where}: the target holds a {type(target).__name__} (an object with get_state/"
+            f"set_state) and the checkpoint a {type(value).__name__}: save that object itself"
+        )
     if (
         not isinstance(target, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
         or value is None

@@ -33,7 +33,7 @@ import numpy as np
 from . import _dtypes, _format
 from ._executor import Workers, batches
 from ._format import ArraySpec
-from ._tree import Leaf, flatten, is_array_leaf, keystr
+from ._tree import Leaf, flatten, is_array_leaf, is_stateful_leaf, keystr, with_states
 from .errors import DeletedArrayError
 
 _ALIGN = 64
@@ -205,6 +205,7 @@ class _TreePlan:
     tree: dict[str, Any]  # the JSON description
     arrays: list[ArraySpec]
     leaves: list[_LeafPlan]
+    stateful: bool  # it has leaves whose state goes into the description at each save
 
 
 _PLANS: dict[Any, _TreePlan] = {}
@@ -216,6 +217,8 @@ def _signature(value: Any) -> Any:
         return (jax.Array, value.shape, value.dtype, value.sharding)
     if isinstance(value, (np.ndarray, np.generic)):
         return (type(value), value.shape, value.dtype)
+    if is_stateful_leaf(value):  # its state is read at each save (`with_states`)
+        return (type(value), "state")
     return (type(value), repr(value))  # python scalars are stored in the tree description
 
 
@@ -252,7 +255,7 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
                     on_cpu,
                 )
             )
-    plan = _TreePlan(description, arrays, per_leaf)
+    plan = _TreePlan(description, arrays, per_leaf, any(map(is_stateful_leaf, values)))
     if key is not None and [id(leaf.value) for leaf in leaves] == [id(v) for v in values]:
         while len(_PLANS) >= _MAX_PLANS:
             _PLANS.pop(next(iter(_PLANS)))
@@ -373,4 +376,7 @@ def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, process_index: 
     for p, dest in views + planned:
         chunks[p.array].append((p.coords, dest))
     host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
-    return Snapshot(host, plan.tree, time.time(), arena)
+    description = plan.tree
+    if plan.stateful:
+        description = with_states(plan.tree, jax.tree_util.tree_leaves(tree))
+    return Snapshot(host, description, time.time(), arena)

@@ -9,7 +9,9 @@ The tree description written here is the one docs/FORMAT.md specifies.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +107,68 @@ def is_array_leaf(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
 
 
+def is_code_leaf(value: Any) -> bool:
+    """A callable leaf (a function, a class, a `functools.partial`): part of the program, not
+    of its state. Saving records only its name; a restore takes it from the target."""
+    return callable(value) and not isinstance(value, (jax.Array, jax.ShapeDtypeStruct))
+
+
+def is_stateful_leaf(value: Any) -> bool:
+    """An object with `get_state()` and `set_state(state)` (grain's data iterators): its state,
+    JSON or bytes, is saved in the tree description, and a restore hands it to the target's
+    `set_state`."""
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "get_state", None))
+        and callable(getattr(value, "set_state", None))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """The saved state of a stateful leaf, as read back."""
+
+    value: Any
+
+
+def _encode_state(node: Any, where: str) -> dict[str, Any]:
+    if jax.process_count() > 1:
+        raise UnsupportedTypeError(
+            f"the {type(node).__qualname__} at {where} has per-process state, which "
+            "asyncckpt saves only in a single process for now: under jax.distributed, save "
+            "`get_state()` yourself (e.g. one file per process next to the checkpoint)"
+        )
+    state = node.get_state()
+    if isinstance(state, bytes):
+        return {"t": "state", "b": base64.b64encode(state).decode("ascii")}
+    try:
+        json.dumps(state, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedTypeError(
+            f"cannot save the state of the {type(node).__qualname__} at {where}: its "
+            f"get_state() returned a {type(state).__name__} that is not JSON or bytes ({e})"
+        ) from None
+    return {"t": "state", "v": state}
+
+
+def decode_state(spec: dict[str, Any]) -> SavedState:
+    if isinstance(b := spec.get("b"), str):
+        try:
+            return SavedState(base64.b64decode(b, validate=True))
+        except ValueError:
+            pass
+    elif "v" in spec and "b" not in spec:
+        return SavedState(spec["v"])
+    raise _bad(f"bad state leaf {str(spec)[:100]}")
+
+
+def code_ref(value: Any) -> str:
+    """`module:qualname` of a code leaf, for people reading the tree description."""
+    module = getattr(value, "__module__", None) or "?"
+    name = getattr(value, "__qualname__", None) or type(value).__qualname__
+    return f"{module}:{name}"[:200]
+
+
 def flatten(tree: Any) -> tuple[list[Leaf], dict[str, Any]]:
     """Flatten `tree` into its leaves and a JSON description of its structure.
 
@@ -138,9 +202,13 @@ def _describe(node: Any, keypath: tuple[Any, ...], leaves: list[Leaf]) -> dict[s
         if isinstance(node, (bool, int, float, str)):
             leaves.append(Leaf(keypath, variable_name(keypath), node))
             return _encode_value(node)
+        if is_stateful_leaf(node):  # e.g. a grain data iterator
+            return _encode_state(node, keystr(keypath))
+        if is_code_leaf(node):  # e.g. an Equinox module's activation: code, not state
+            return {"t": "code", "v": code_ref(node)}
         raise UnsupportedTypeError(
             f"cannot save the leaf at {keystr(keypath)} of type {type(node).__qualname__}: "
-            "leaves must be jax.Array, numpy arrays or python int/float/bool/str "
+            "leaves must be jax.Array, numpy arrays, python int/float/bool/str or callables "
             "(register custom classes as pytree nodes, or convert them)"
         )
     described = [_describe(child, (*keypath, key), leaves) for key, child in children]
@@ -171,6 +239,31 @@ def _describe(node: Any, keypath: tuple[Any, ...], leaves: list[Leaf]) -> dict[s
             "c": described,
         }
     return {"t": "node", "cls": _class_ref(type(node)), "f": keys, "c": described}
+
+
+_LEAF_NODES = frozenset(("array", "bool", "int", "float", "str", "code", "state"))
+
+
+def with_states(spec: dict[str, Any], values: list[Any]) -> dict[str, Any]:
+    """A copy of the description `spec` of a tree with the current states of its stateful
+    leaves; `values` are the tree's leaves in JAX's flatten order (its leaf nodes' order)."""
+    position = 0
+
+    def fill(node: dict[str, Any]) -> dict[str, Any]:
+        nonlocal position
+        t = node["t"]
+        if t in _LEAF_NODES:
+            value = values[position]
+            position += 1
+            where = f"leaf {position - 1} (in flatten order)"
+            return _encode_state(value, where) if t == "state" else node
+        if "c" not in node:
+            return node
+        return {**node, "c": [fill(child) for child in node["c"]]}
+
+    out = fill(spec)
+    assert position == len(values)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +320,10 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
         return arrays[_array_name(spec)]
     if t in ("bool", "int", "float", "str", "none"):
         return decode_value(spec)
+    if t == "code":  # a function is not state: only a target can give it back
+        return None
+    if t == "state":
+        return decode_state(spec).value
     children = [unflatten(c, arrays, depth + 1) for c in _spec_children(spec)]
     if t == "list":
         return children
@@ -251,7 +348,10 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
             raise _bad(f"bad dataclass fields {str(meta)[:100]}")
         values = {**{k: decode_value(v) for k, v in meta.items()}, **fields}
         if set(values) == {f.name for f in dataclasses.fields(cls) if f.init}:
-            return cls(**values)
+            try:
+                return cls(**values)
+            except Exception:  # a class whose __init__ is its own (an Equinox module): a dict
+                pass
     if t in ("namedtuple", "dataclass", "node"):
         return fields
     raise _bad(f"unknown node type {t!r}")
@@ -287,13 +387,15 @@ def _spec_children(spec: dict[str, Any], leaf_ok: bool = False) -> list[Any]:
 
 
 def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dict[str, Any]:
-    """The python-scalar leaves of a tree description, by variable name."""
+    """The python-scalar leaves (and `SavedState`s) of a tree description, by variable name."""
     if depth > MAX_TREE_DEPTH or not isinstance(spec, dict):
         raise _bad("malformed or too deeply nested")
     t = spec.get("t")
     if t in ("bool", "int", "float", "str"):
         name = _format.variable_name(list(keypath))
         return {name: decode_value(spec)}
+    if t == "state":
+        return {_format.variable_name(list(keypath)): decode_state(spec)}
     out: dict[str, Any] = {}
     kids = _spec_children(spec, leaf_ok=True)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
