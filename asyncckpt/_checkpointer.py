@@ -21,7 +21,7 @@ from ._engine import (
     timed_restore,
 )
 from ._executor import Priority, Workers
-from ._storage import open_storage
+from ._storage import Storage, open_storage
 from ._telemetry import RestoreStats, SaveStats
 from .errors import CheckpointReadError, VariableNotFoundError
 
@@ -129,8 +129,15 @@ def save(path: Any, tree: Any, *, metadata: Any = None, force: bool = False) -> 
     Leaves: `jax.Array` (any sharding; typed PRNG keys too), numpy arrays and scalars, python
     int/float/bool/str. `metadata`: any JSON value, returned by `read_metadata`.
     """
+    dest = open_storage(path)
+    save_fields(dest, tree, _format.root_fields(metadata, None, f"while saving {dest.url}"), force)
+
+
+def save_fields(dest: Storage, tree: Any, fields: _format.RootFields, force: bool) -> None:
+    """`save` with the root document's fields already made by `_format.root_fields` (a step
+    number and metrics too: `import_orbax` carries them over)."""
     with AsyncCheckpointer(reuse_host_memory=False) as ckptr:
-        ckptr.save(path, tree, metadata=metadata, force=force)
+        ckptr._engine.save(dest, tree, fields=fields, force=force)
 
 
 def restore(

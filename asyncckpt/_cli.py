@@ -18,7 +18,7 @@ import datetime as _dt
 import difflib
 import fnmatch
 import json
-import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -41,6 +41,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from . import _copy, _directory, _export, _format, _restore, _verify
+from ._checkpointer import load_variable
 from ._engine import DEFAULT_MAX_INFLIGHT_BYTES
 from ._executor import Workers
 from ._format import ArraySpec, RootInfo
@@ -48,8 +49,16 @@ from ._retention import KeepBest, StepInfo
 from ._storage import Storage, open_storage
 from .errors import CheckpointError, CheckpointExistsError, StepNotFoundError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stream: Any, **options: Any) -> Console:
+    """Piped output gets whole lines (rich would wrap tables at 80 columns); a terminal, or
+    COLUMNS set, gets that width."""
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, soft_wrap=True, width=1 << 16 if piped else None, **options)
+
+
+out = _console(sys.stdout)
+err = _console(sys.stderr, stderr=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,9 +326,21 @@ def _step_json(step: int, info: RootInfo | CheckpointError, best: bool) -> dict:
 @_step_option
 @_filter_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a tree.")
-def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> None:
-    """Show the variables of one checkpoint: shape, dtype, bytes, chunk grid; totals; metadata."""
+@click.option(
+    "--values",
+    "values_of",
+    metavar="NAME",
+    help="Print the values of the variable NAME (summarised as numpy prints large arrays).",
+)
+def show_command(
+    path: str, step: int | None, pattern: str, as_json: bool, values_of: str | None
+) -> None:
+    """Show the variables of one checkpoint: shape, dtype, bytes, chunk grid; totals; metadata.
+    With --values NAME, the values of one variable (reading only that variable)."""
     ckpt = _resolve(path, step)
+    if values_of is not None:
+        _show_values(ckpt, values_of, as_json)
+        return
     info = _restore.read_root(ckpt)
     arrays = [a for name, a in sorted(info.arrays.items()) if fnmatch.fnmatchcase(name, pattern)]
     if not arrays:
@@ -362,6 +383,30 @@ def show_command(path: str, step: int | None, pattern: str, as_json: bool) -> No
         out.print(f"metrics: {json.dumps(info.metrics, default=str)}")
     if info.metadata is not None:
         out.print("metadata: " + json.dumps(info.metadata, indent=2, default=str))
+
+
+def _show_values(ckpt: Storage, name: str, as_json: bool) -> None:
+    value = np.asarray(load_variable(ckpt, name))
+    summary = np.array2string(value, threshold=_SHOWN_VALUES, max_line_width=100)
+    if as_json:
+        shown: dict[str, Any] = {"summary": summary}
+        if value.size <= _SHOWN_VALUES and value.dtype.kind in "biuf":  # JSON numbers
+            shown = {"values": value.tolist()}
+        _print_json(
+            {
+                "path": ckpt.url,
+                "variable": name,
+                "shape": list(value.shape),
+                "dtype": str(value.dtype),
+                **shown,
+            }
+        )
+        return
+    out.print(f"[bold]{name}[/]  {'x'.join(map(str, value.shape)) or 'scalar'} {value.dtype}")
+    click.echo(summary)  # not through rich: `[...]` is markup to it
+
+
+_SHOWN_VALUES = 1000  # numpy's default print threshold
 
 
 def _array_line(leaf: str, a: ArraySpec) -> str:
@@ -508,9 +553,18 @@ def _dtype(name: str) -> np.dtype:
 @click.argument("src")
 @click.argument("dst")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint at DST.")
-def import_orbax_command(src: str, dst: str, force: bool) -> None:
-    """Convert the Orbax PyTree checkpoint SRC (a step directory, or its item directory) into
-    an asyncckpt checkpoint at DST, keeping names, dtypes and values."""
+@click.option(
+    "--skip",
+    "skip_items",
+    multiple=True,
+    metavar="ITEM",
+    help="Leave this item of the Orbax step out (repeatable); items asyncckpt cannot convert "
+    "are refused otherwise.",
+)
+def import_orbax_command(src: str, dst: str, force: bool, skip_items: tuple[str, ...]) -> None:
+    """Convert the Orbax checkpoint SRC (a step directory, or one PyTree item directory) into an
+    asyncckpt checkpoint at DST, keeping names, dtypes, typed PRNG keys, JSON items and
+    metrics."""
     from ._orbax import import_orbax
 
     dest = open_storage(dst)
@@ -518,8 +572,7 @@ def import_orbax_command(src: str, dst: str, force: bool) -> None:
         raise CheckpointExistsError(
             f"a checkpoint already exists at {dest.url}; pass --force to replace it"
         )
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes are not errors
-    info = import_orbax(src, dest.url, force=force)
+    info = import_orbax(src, dest.url, force=force, skip_items=skip_items)
     out.print(f"imported {info[0]} arrays ({_human(info[1])}) from {src} to {dst}")
 
 

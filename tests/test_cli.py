@@ -338,3 +338,35 @@ def test_export_keeps_zero_dimensional_arrays(tmp_path):
     run("export", tmp_path / "ck", tmp_path / "w.npz")
     with np.load(tmp_path / "w.npz") as npz:
         assert npz["x"].shape == () and npz["x"] == np.float32(3.5)
+
+
+def test_show_values_prints_one_variable(tmp_path):
+    ac.save(
+        tmp_path / "ck",
+        {"w": np.arange(5000, dtype=np.float32).reshape(50, 100), "b": np.arange(6).reshape(2, 3)},
+    )
+    _, out, _ = run("show", tmp_path / "ck", "--values", "w")
+    assert out.splitlines()[0].split() == ["w", "50x100", "float32"]
+    assert "..." in out and "4.999e+03]]" in out  # numpy's summary of a large array
+    _, out, _ = run("show", tmp_path / "ck", "--values", "b", "--json")
+    doc = json.loads(out)
+    assert doc["values"] == [[0, 1, 2], [3, 4, 5]] and doc["shape"] == [2, 3]
+    code, _, err = run("show", tmp_path / "ck", "--values", "nope", ok=False)
+    assert code == 1 and "has no variable 'nope'; it has: b, w" in err
+
+
+def test_piped_tables_are_not_wrapped(tmp_path):
+    """Without a terminal (and no COLUMNS), a table row is one line however long."""
+    metric = "a_rather_long_metric_name_" * 6
+    with ac.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"x": np.ones(2)}, metrics={metric: 1.5})
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncckpt", "ls", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any(f'{{"{metric}": 1.5}}' in line for line in proc.stdout.splitlines()), proc.stdout
