@@ -4,6 +4,7 @@ imports each name from the module given here on first use."""
 from ._checkpointer import AsyncCheckpointer as AsyncCheckpointer
 from ._checkpointer import VariableInfo as VariableInfo
 from ._checkpointer import list_variables as list_variables
+from ._checkpointer import load_safetensors as load_safetensors
 from ._checkpointer import load_variable as load_variable
 from ._checkpointer import read_metadata as read_metadata
 from ._checkpointer import restore as restore

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _format, _restore, _tree
+from . import _format, _restore, _safetensors, _tree
 from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
@@ -168,6 +169,8 @@ def restore(
     False if anything may do that.
     """
     check_inflight(max_inflight_bytes)
+    if _safetensors.is_safetensors(path):
+        return load_safetensors(path, target, strict=strict, max_inflight_bytes=max_inflight_bytes)
     workers = Workers()
     try:
         return timed_restore(
@@ -180,6 +183,41 @@ def restore(
             None,
             DEFAULT_BARRIER_TIMEOUT_S,
         )[0]
+    finally:
+        workers.close()
+
+
+def load_safetensors(
+    path: Any,
+    target: Any = None,
+    *,
+    names: Callable[[str], str | None] | Mapping[str, str] | None = None,
+    strict: bool = True,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+) -> Any:
+    """Read a `.safetensors` file, or the files a `*.safetensors.index.json` names (Hugging Face's
+    sharded weights), onto the devices and shardings of `target`.
+
+    Each process reads only the byte ranges of the shards its devices hold. A target leaf at the
+    keypath `a/b/c` takes the tensor that `names` gives for `"a/b/c"` (a function or a mapping),
+    else the tensor `a.b.c` (Hugging Face's names), else `a/b/c` (what `asyncckpt export`
+    writes). Shapes must match; dtypes convert as in `restore` (a cast that loses the kind of
+    value is refused). `strict=False` lets the files hold tensors the target does not use.
+    Without `target`: `{name: numpy array}` of every tensor. The header is checked as untrusted
+    input. `ac.restore(path, target)` does the same for a path ending in `.safetensors` or
+    `.safetensors.index.json`.
+    """
+    check_inflight(max_inflight_bytes)
+    workers = Workers()
+    try:
+        return _safetensors.restore(
+            path,
+            target,
+            names=names,
+            strict=strict,
+            workers=workers,
+            max_inflight_bytes=max_inflight_bytes,
+        )
     finally:
         workers.close()
 

@@ -520,8 +520,20 @@ def cp_command(src: str, dst: str, step: int | None) -> None:
 @_step_option
 @_filter_option
 @click.option("--cast", help="Convert floating-point arrays to this dtype (e.g. float32).")
+@click.option(
+    "--max-inflight-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_INFLIGHT_BYTES,
+    show_default=True,
+    help="Host memory for arrays read but not yet written (.safetensors is written streamed).",
+)
 def export_command(
-    path: str, output: str, step: int | None, pattern: str, cast: str | None
+    path: str,
+    output: str,
+    step: int | None,
+    pattern: str,
+    cast: str | None,
+    max_inflight_bytes: int,
 ) -> None:
     """Write the arrays of a checkpoint to OUTPUT (.safetensors or .npz), keyed by variable
     name. safetensors keeps bfloat16 and float8; .npz needs --cast for them."""
@@ -538,7 +550,7 @@ def export_command(
             raise click.BadParameter(f"unknown dtype {cast!r}", param_hint="--cast") from None
     with _workers() as workers:
         n = _export.export(
-            ckpt, output, names, workers, cast=dtype, max_inflight_bytes=DEFAULT_MAX_INFLIGHT_BYTES
+            ckpt, output, names, workers, cast=dtype, max_inflight_bytes=max_inflight_bytes
         )
     out.print(f"wrote {len(names)} arrays ({_human(n)}) to {output}")
 

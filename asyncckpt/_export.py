@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
+from . import _safetensors
 from ._executor import Workers
+from ._format import ArraySpec
 from ._restore import read_arrays, read_root
 from ._storage import Storage
 from .errors import CheckpointError, UnsupportedTypeError
@@ -31,7 +33,12 @@ def export(
     max_inflight_bytes: int,
 ) -> int:
     """Write the variables `names` of the checkpoint `ckpt` to the local file `out`; return the
-    bytes written. `cast`: convert floating-point arrays of another dtype to this one."""
+    bytes written. `cast`: convert floating-point arrays of another dtype to this one.
+
+    A `.safetensors` file is written streamed: its header first (every shape and dtype is known
+    from the checkpoint's metadata), then the variables in groups of at most
+    `max_inflight_bytes`, each group read, written at its offsets and dropped. An `.npz` file
+    (numpy's writer) holds every array in memory at once."""
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in FORMATS:
         raise CheckpointError(
@@ -40,21 +47,33 @@ def export(
     info = read_root(ckpt)
     # typed PRNG keys go out as their raw key data (uint32)
     specs = [dataclasses.replace(info.arrays[n], prng_impl=None) for n in names]
-    arrays = read_arrays(
-        ckpt, [(s, None) for s in specs], workers, max_inflight_bytes=max_inflight_bytes
-    )
-    tensors: dict[str, np.ndarray] = {}
-    for spec, value in zip(specs, arrays):
-        value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
-        if cast is not None and _is_float(value.dtype) and value.dtype != cast:
-            value = value.astype(cast)
-        tensors[spec.name] = value
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def read(group: list[ArraySpec]) -> list[np.ndarray]:
+        arrays = read_arrays(
+            ckpt, [(s, None) for s in group], workers, max_inflight_bytes=max_inflight_bytes
+        )
+        return [_converted(value, cast) for value in arrays]
+
     if suffix == ".npz":
+        tensors = dict(zip(names, read(specs)))
         _write_npz(out, tensors)
-    else:
-        _write_safetensors(out, tensors, {"source": ckpt.url})
-    return sum(v.nbytes for v in tensors.values())
+        return sum(v.nbytes for v in tensors.values())
+    return _write_safetensors(out, specs, read, cast, max_inflight_bytes, {"source": ckpt.url})
+
+
+def _converted(value: np.ndarray, cast: np.dtype | None) -> np.ndarray:
+    value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
+    if cast is not None and _is_float(value.dtype) and value.dtype != cast:
+        value = value.astype(cast)
+    if value.dtype.byteorder == ">":
+        value = value.astype(value.dtype.newbyteorder("<"))
+    return value
+
+
+def _out_dtype(dtype: np.dtype, cast: np.dtype | None) -> np.dtype:
+    dtype = cast if cast is not None and _is_float(dtype) else dtype
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -73,24 +92,52 @@ def _write_npz(out: str, tensors: dict[str, np.ndarray]) -> None:
     os.replace(tmp, out)
 
 
-def _write_safetensors(out: str, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
-    from safetensors import SafetensorError, TensorSpec, serialize_file
-
-    specs = {}
-    for name, value in tensors.items():
-        if value.dtype.byteorder == ">":
-            value = tensors[name] = value.astype(value.dtype.newbyteorder("<"))
-        specs[name] = TensorSpec(
-            dtype=value.dtype.name,
-            shape=list(value.shape),
-            data_ptr=value.ctypes.data,
-            data_len=value.nbytes,
-        )
-    tmp = out + ".partial"
+def _write_safetensors(
+    out: str,
+    specs: list[ArraySpec],
+    read: Callable[[list[ArraySpec]], list[np.ndarray]],
+    cast: np.dtype | None,
+    limit: int,
+    metadata: dict[str, str],
+) -> int:
+    entries = [(s.name, _out_dtype(s.dtype, cast), s.shape) for s in specs]
     try:
-        serialize_file(specs, tmp, metadata=metadata)  # `tensors` keeps the data alive
-    except (SafetensorError, ValueError, TypeError) as e:
+        header, offsets = _safetensors.header_for(entries, metadata)
+    except TypeError as e:
+        raise UnsupportedTypeError(f"cannot export to {out}: {e}") from None
+    tmp = out + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, header, 0)
+        written = 0
+        for group in _groups(specs, limit):
+            for spec, value in zip(group, read(group)):
+                _pwrite_all(fd, memoryview(value.reshape(-1).view(np.uint8)), offsets[spec.name])  # type: ignore[arg-type]
+                written += value.nbytes
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise UnsupportedTypeError(f"cannot export to {out}: {e}") from None
+        raise
+    os.close(fd)
     os.replace(tmp, out)
+    return written
+
+
+def _groups(specs: list[ArraySpec], limit: int) -> list[list[ArraySpec]]:
+    groups: list[list[ArraySpec]] = []
+    size = 0
+    for spec in specs:
+        if not groups or size + spec.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return groups
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        n = os.pwrite(fd, data[: 1 << 30], offset)
+        data, offset = data[n:], offset + n

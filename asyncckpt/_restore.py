@@ -95,7 +95,7 @@ def _not_committed(ckpt: Storage) -> CheckpointError:
 _SMALL_PAGES_FROM = 2 << 20
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array at a 64-byte aligned address, on small pages.
 
     numpy asks for transparent huge pages above 4 MiB; on this project's machine filling those
@@ -131,7 +131,7 @@ _MAP_FROM = 256 << 10  # smaller chunks are read: a mapping costs two system cal
 def _request(spec: ArraySpec, index: tuple[slice, ...], mapping: bool) -> _Request:
     if mapping and spec.chunk_nbytes >= _MAP_FROM and _is_chunk(spec, index):
         return _Request(index, None)
-    return _Request(index, _aligned_empty(tuple(s.stop - s.start for s in index), spec.dtype))
+    return _Request(index, aligned_empty(tuple(s.stop - s.start for s in index), spec.dtype))
 
 
 def _concrete(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -188,7 +188,7 @@ def _read_chunk(
             if mapped is not None:
                 req.out = mapped.view(spec.dtype).reshape(spec.chunk_shape)
                 return
-            req.out = _guarded(place, where, _aligned_empty, spec.chunk_shape, spec.dtype)
+            req.out = _guarded(place, where, aligned_empty, spec.chunk_shape, spec.dtype)
         if band is None:
             _guarded(place, where, ckpt.read_chunk_into, key, req.out, where)
         else:
@@ -222,7 +222,7 @@ def _scatter(
     """Copy the part of `data` (the global region `origin`) that each request overlaps."""
     for req, overlap in hits:
         if req.out is None:  # a region that is exactly one chunk: only this task touches it
-            req.out = _aligned_empty(tuple(s.stop - s.start for s in req.index), data.dtype)
+            req.out = aligned_empty(tuple(s.stop - s.start for s in req.index), data.dtype)
         req.out[_shift(overlap, req.index)] = data[_shift(overlap, origin)]
 
 
@@ -287,7 +287,7 @@ def _category(dtype: np.dtype) -> int:
     return 2  # float, bfloat16, float8 ...
 
 
-def _check_cast(saved: np.dtype, target: np.dtype, where: str) -> None:
+def check_cast(saved: np.dtype, target: np.dtype, where: str) -> None:
     if saved != target and _category(saved) > _category(target):
         raise TreeMismatchError(
             f"{where}: the checkpoint holds {saved}, the target asks for {target}; this cast "
@@ -326,19 +326,19 @@ def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
         return _Plan(spec, spec.dtype, sharding, [_whole(spec)], False, where)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
-        _check_cast(spec.dtype, dtype, where)
+        check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shards = dict.fromkeys(
-            _index_key(index, spec.shape)
+            index_key(index, spec.shape)
             for index in sharding.addressable_devices_indices_map(spec.shape).values()
             if index is not None
         )
         regions = [tuple(slice(a, b) for a, b in key) for key in shards]
         return _Plan(spec, dtype, sharding, regions, mapping, where)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
-    _check_cast(spec.dtype, dtype, where)
+    check_cast(spec.dtype, dtype, where)
     if _tree.is_python_scalar(target):  # returned as that python type (`_tree.python_value`)
-        _check_cast(spec.dtype, np.asarray(target).dtype, where)
+        check_cast(spec.dtype, np.asarray(target).dtype, where)
     return _Plan(spec, dtype, None, [_whole(spec)], mapping, where)
 
 
@@ -355,7 +355,7 @@ def _stage(plan: _Plan) -> list[_Request]:
         ) from None
 
 
-def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """A device's index into the global array, as a hashable ((start, stop), ...)."""
     return tuple((s.start, s.stop) for s in _concrete(index, shape))
 
@@ -384,7 +384,7 @@ def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
             out[i] = jax.device_put(keys, plan.sharding) if plan.sharding is not None else keys
             continue
         bufs = {
-            _index_key(index, plan.spec.shape): buf
+            index_key(index, plan.spec.shape): buf
             if buf.dtype == plan.dtype
             else buf.astype(plan.dtype)
             for index, buf in filled
@@ -394,7 +394,7 @@ def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
         elif len(bufs) == 1 and filled[0][1].shape == plan.spec.shape:  # held whole
             whole.append((i, next(iter(bufs.values())), plan.sharding))
         else:
-            out[i] = _from_shards(plan.spec.shape, plan.sharding, plan.dtype, bufs)
+            out[i] = from_shards(plan.spec.shape, plan.sharding, plan.dtype, bufs)
     if whole:
         placed = jax.device_put([b for _, b, _ in whole], [s for _, _, s in whole])
         for (i, _, _), value in zip(whole, placed):
@@ -402,14 +402,14 @@ def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:
     return out
 
 
-def _from_shards(
+def from_shards(
     shape: tuple[int, ...],
     sharding: jax.sharding.Sharding,
     dtype: np.dtype,
     bufs: dict[tuple[tuple[int, int], ...], np.ndarray],
 ) -> jax.Array:
     def shard(index: tuple[slice, ...] | None) -> np.ndarray:
-        return bufs[_index_key(index or (), shape)]
+        return bufs[index_key(index or (), shape)]
 
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
@@ -586,7 +586,7 @@ def _restore_tree(
     with phases("plan"):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         target_leaves = [
-            _tree.Leaf(kp, _tree.variable_name(kp), _on_devices(v, kp, where)) for kp, v in leaves
+            _tree.Leaf(kp, _tree.variable_name(kp), on_devices(v, kp, where)) for kp, v in leaves
         ]
         state = [leaf for leaf in target_leaves if not _tree.is_code_leaf(leaf.value)]
         saved_shapes: dict[str, tuple[int, ...]] = {n: () for n in values}
@@ -613,7 +613,7 @@ def _restore_tree(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _on_devices(value: Any, keypath: tuple[Any, ...], where: str) -> Any:
+def on_devices(value: Any, keypath: tuple[Any, ...], where: str) -> Any:
     """A target leaf whose sharding is on an `AbstractMesh` (what `jax.eval_shape` and
     `nnx.eval_shape` give under `jax.set_mesh`), moved onto the concrete mesh in context."""
     sharding = getattr(value, "sharding", None)
@@ -669,7 +669,7 @@ def _scalar_as(value: Any, target: Any, where: str) -> Any:
     ):
         return value
     dtype = np.dtype(target.dtype)
-    _check_cast(np.asarray(value).dtype, dtype, where)
+    check_cast(np.asarray(value).dtype, dtype, where)
     try:
         array = np.asarray(value, dtype)
     except OverflowError:

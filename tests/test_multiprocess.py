@@ -6,6 +6,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
@@ -73,6 +74,23 @@ def test_each_process_reads_only_the_bands_its_devices_need(tmp_path):
         read = int(re.search(r"read (\d+) of", out).group(1))
         # half the data, plus checksums, index and the padding between bands (4 KiB a band)
         assert BIG.nbytes // 2 <= read <= BIG.nbytes // 2 + 5 * 4096, (read, BIG.nbytes)
+
+
+@pytest.mark.timeout(300)
+def test_each_process_reads_only_its_columns_of_a_safetensors_file(tmp_path):
+    """A tensor of a Hugging Face file split by columns over 2 processes: each process reads
+    only the pieces of rows its devices hold (half the tensor), plus the file's header."""
+    from safetensors.numpy import save_file
+
+    weights = np.arange(256 * 64, dtype=np.float32).reshape(256, 64)
+    save_file(
+        {"model.w": weights, "model.unused": np.ones(1 << 16, np.float32)},
+        str(tmp_path / "model.safetensors"),
+    )
+    outputs = succeed(launch("mp_child.py", 2, "safetensors", str(tmp_path), "4"))
+    for out in outputs:
+        read = int(re.search(r"read (\d+) of", out).group(1))
+        assert weights.nbytes // 2 <= read <= weights.nbytes // 2 + 4096, (read, weights.nbytes)
 
 
 @pytest.mark.timeout(300)

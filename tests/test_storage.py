@@ -82,6 +82,21 @@ def test_bytes_round_trip_whole_ranges_and_suffixes(place):
     assert not place.exists("d/f")
 
 
+def test_runs_are_read_into_caller_memory(place):
+    """`read_runs_into`: scattered byte runs of one file straight into the caller's buffers
+    (near runs share a request on object stores, far ones do not; both must be right)."""
+    data = np.arange(3 << 20, dtype=np.uint8) * 7
+    _make_dirs(place, "d")
+    place.write("d/f", data)
+    offsets = [0, 100, 5000, (2 << 20) + 3, (3 << 20) - 10]
+    out = np.zeros(10 * len(offsets), np.uint8)
+    runs = [(o, memoryview(out[10 * i : 10 * i + 10])) for i, o in enumerate(offsets)]
+    place.read_runs_into("d/f", runs, "reading a test file")
+    assert out.tobytes() == b"".join(data[o : o + 10].tobytes() for o in offsets)
+    with pytest.raises(ac.CorruptCheckpointError, match="reading a test file"):
+        place.read_runs_into("d/f", [(3 << 20, memoryview(out[:10]))], "reading a test file")
+
+
 def test_missing_files_and_oversized_documents(place):
     for call in (
         lambda: place.read_small("nope", 10),

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from .. import _format
 from ..errors import CheckpointExistsError, CorruptCheckpointError
+
+COALESCE_GAP = 1 << 20  # `read_runs_into`: runs closer than this share one request
+COALESCE_MAX = 64 << 20  # ... up to this many bytes per request
 
 State = Literal["committed", "leftover"] | None
 """What a place under a directory holds: a committed checkpoint, the leftover of an interrupted
@@ -175,6 +178,32 @@ class Storage(ABC):
             np.frombuffer(b, np.uint8)[:] = data[offset : offset + b.nbytes]
             offset += b.nbytes
         _check_bands(view, crcs, first, band_nbytes, path, where)
+
+    def read_runs_into(self, key: str, runs: Sequence[tuple[int, memoryview]], where: str) -> None:
+        """Fill each buffer of `runs` with the bytes of the file `key` from its offset (offsets
+        ascending, runs not overlapping); a file too short for them is damage. Here: one ranged
+        `get` per stretch of runs less than `COALESCE_GAP` apart, since an object store bills and
+        waits per request; the local disk reads each run straight into its buffer."""
+        i = 0
+        while i < len(runs):
+            start = runs[i][0]
+            end = start + runs[i][1].nbytes
+            j = i + 1
+            while j < len(runs) and runs[j][0] - end < COALESCE_GAP and end - start < COALESCE_MAX:
+                end = runs[j][0] + runs[j][1].nbytes
+                j += 1
+            try:
+                data = self._get(key, where, end - start, start=start, end=end)
+            except CorruptCheckpointError:
+                raise
+            except Exception:
+                size = self.size(key)
+                if end > size:  # a range past the end (object stores refuse it): too short
+                    raise _format.wrong_size(self.path(key), size, end, where) from None
+                raise
+            for offset, buf in runs[i:j]:
+                np.frombuffer(buf, np.uint8)[:] = data[offset - start : offset - start + buf.nbytes]
+            i = j
 
     def read_chunk_file(self, key: str, sizes: tuple[int, ...], where: str) -> memoryview:
         """The whole of a chunk file, which must hold one of `sizes` bytes (checksums are the

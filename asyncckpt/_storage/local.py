@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -104,6 +104,15 @@ class LocalStorage(Storage):
             out = np.empty(max(0, hi - lo), np.uint8)
             _read_all(fd, [memoryview(out)], lo, self.path(key), "")  # type: ignore[arg-type]
             return out
+        finally:
+            os.close(fd)
+
+    def read_runs_into(self, key: str, runs: Sequence[tuple[int, memoryview]], where: str) -> None:
+        path = self.path(key)
+        fd = _open(path, where)
+        try:
+            for offset, buf in runs:
+                _read_all(fd, [buf], offset, path, where)
         finally:
             os.close(fd)
 

@@ -5,7 +5,8 @@
 Modes: `save` (a tree and three manager steps), `restore` (onto another mesh, every addressable
 shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes read), `die`
 (process 1 SIGKILLs itself while writing its chunks), `fallback` (the latest step is damaged
-where only process 1 reads: both fall back to the step before)."""
+where only process 1 reads: both fall back to the step before), `safetensors` (a safetensors
+tensor split by columns over 8 devices, counting the bytes read)."""
 
 import os
 import signal
@@ -54,6 +55,24 @@ elif mode == "partial":  # each device needs 1/8 of a one-chunk array: count wha
     for shard in restored.addressable_shards:
         assert (np.asarray(shard.data) == big[shard.index]).all()
     print("read", counted["bytes"], "of", big.nbytes, flush=True)
+elif mode == "safetensors":  # a Hugging Face file, split by columns over 8 devices
+    from counting import count_chunk_reads
+
+    weights = np.arange(256 * 64, dtype=np.float32).reshape(256, 64)
+    counted, _ = count_chunk_reads()
+    flat = jax.make_mesh((8,), ("x",))
+    target = {
+        "model": {
+            "w": jax.ShapeDtypeStruct(
+                weights.shape, np.float32, sharding=NamedSharding(flat, P(None, "x"))
+            )
+        }
+    }
+    path = os.path.join(directory, "model.safetensors")
+    restored = ac.restore(path, target, strict=False)["model"]["w"]
+    for shard in restored.addressable_shards:
+        assert (np.asarray(shard.data) == weights[shard.index]).all()
+    print("read", counted["bytes"], "of", weights.nbytes, flush=True)
 elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest step
     from jax.experimental import multihost_utils
 
