@@ -82,7 +82,7 @@ def test_each_process_reads_only_its_columns_of_a_safetensors_file(tmp_path):
     only the pieces of rows its devices hold (half the tensor), plus the file's header."""
     from safetensors.numpy import save_file
 
-    weights = np.arange(256 * 64, dtype=np.float32).reshape(256, 64)
+    weights = np.arange(32 * 32768, dtype=np.float32).reshape(32, 32768)
     save_file(
         {"model.w": weights, "model.unused": np.ones(1 << 16, np.float32)},
         str(tmp_path / "model.safetensors"),

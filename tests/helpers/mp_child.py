@@ -58,7 +58,7 @@ elif mode == "partial":  # each device needs 1/8 of a one-chunk array: count wha
 elif mode == "safetensors":  # a Hugging Face file, split by columns over 8 devices
     from counting import count_chunk_reads
 
-    weights = np.arange(256 * 64, dtype=np.float32).reshape(256, 64)
+    weights = np.arange(32 * 32768, dtype=np.float32).reshape(32, 32768)  # 16 KiB per device
     counted, _ = count_chunk_reads()
     flat = jax.make_mesh((8,), ("x",))
     target = {
