@@ -16,7 +16,7 @@ import numpy as np
 from . import _safetensors
 from ._executor import Workers
 from ._format import ArraySpec
-from ._restore import read_arrays, read_root
+from ._restore import groups_by_size, read_arrays, read_root
 from ._storage import Storage
 from .errors import CheckpointError, UnsupportedTypeError
 
@@ -110,7 +110,7 @@ def _write_safetensors(
     try:
         os.pwrite(fd, header, 0)
         written = 0
-        for group in _groups(specs, limit):
+        for group in groups_by_size(specs, lambda s: s.nbytes, limit):
             for spec, value in zip(group, read(group)):
                 _pwrite_all(fd, memoryview(value.reshape(-1).view(np.uint8)), offsets[spec.name])  # type: ignore[arg-type]
                 written += value.nbytes
@@ -123,18 +123,6 @@ def _write_safetensors(
     os.close(fd)
     os.replace(tmp, out)
     return written
-
-
-def _groups(specs: list[ArraySpec], limit: int) -> list[list[ArraySpec]]:
-    groups: list[list[ArraySpec]] = []
-    size = 0
-    for spec in specs:
-        if not groups or size + spec.nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += spec.nbytes
-    return groups
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

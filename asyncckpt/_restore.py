@@ -14,9 +14,9 @@ from __future__ import annotations
 import errno
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import jax
 import numpy as np
@@ -35,6 +35,8 @@ from .errors import (
     IncompleteCheckpointError,
     TreeMismatchError,
 )
+
+T = TypeVar("T")
 
 _ALIGN = 64  # XLA:CPU aliases (does not copy) host buffers aligned to 64 bytes
 
@@ -414,17 +416,17 @@ def from_shards(
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
-def _groups(plans: list[_Plan], limit: int) -> list[list[int]]:
-    """Consecutive plans whose shards take at most `limit` bytes of host memory together (a plan
-    larger than that on its own)."""
-    groups: list[list[int]] = []
-    size = 0
-    for i, plan in enumerate(plans):
-        if not groups or size + plan.staged_bytes > limit:
+def groups_by_size(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """Consecutive items whose sizes add up to at most `limit` bytes (an item larger than that
+    on its own): how restores and exports bound the host memory they hold at once."""
+    groups: list[list[T]] = []
+    total = 0
+    for item in items:
+        if not groups or total + size(item) > limit:
             groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += plan.staged_bytes
+            total = 0
+        groups[-1].append(item)
+        total += size(item)
     return groups
 
 
@@ -462,7 +464,9 @@ def read_arrays(
         ]
     results: list[Any] = [None] * len(items)
     coord = None
-    for number, group in enumerate(_groups(plans, max_inflight_bytes)):
+    for number, group in enumerate(
+        groups_by_size(range(len(plans)), lambda i: plans[i].staged_bytes, max_inflight_bytes)
+    ):
         members = [plans[i] for i in group]
         error, staged = None, []
         try:

@@ -29,7 +29,7 @@ import numpy as np
 from . import _restore, _tree
 from ._executor import Workers
 from ._storage import Storage, open_storage
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, TreeMismatchError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -267,19 +267,15 @@ def restore(
     used = {t.name for _, t, _ in matched}
     extra = sorted(set(tensors) - used) if strict else []
     if missing or shapes or extra:
-        lines = [f"the target tree does not match the tensors of {where}:"]
-        for title, items in (
-            ("in the target but in no tensor (pass `names=` to map them)", missing),
-            ("tensors not in the target (pass `strict=False` to skip them)", extra),
-            ("shape differs", shapes),
-        ):
-            if items:
-                shown = items[:20] + (
-                    [f"... and {len(items) - 20} more"] if len(items) > 20 else []
-                )
-                lines.append(f"  {title}: " + ", ".join(shown))
-        raise TreeMismatchError("\n".join(lines))
-    for group in _groups(matched, max_inflight_bytes):
+        raise _tree.mismatch(
+            f"the target tree does not match the tensors of {where}:",
+            [
+                ("in the target but in no tensor (pass `names=` to map them)", missing),
+                ("tensors not in the target (pass `strict=False` to skip them)", extra),
+                ("shape differs", shapes),
+            ],
+        )
+    for group in _restore.groups_by_size(matched, lambda m: m[1].nbytes, max_inflight_bytes):
         for (i, _, _), value in zip(group, _read_group(group, workers)):
             out[i] = value
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -311,20 +307,6 @@ def _shard_regions(leaf: Any, shape: tuple[int, ...]) -> tuple[Any, list[tuple[s
         )
         return sharding, [tuple(slice(a, b) for a, b in key) for key in keys]
     return None, [tuple(slice(0, n) for n in shape)]
-
-
-def _groups(
-    matched: list[tuple[int, Tensor, Any]], limit: int
-) -> list[list[tuple[int, Tensor, Any]]]:
-    groups: list[list[tuple[int, Tensor, Any]]] = []
-    size = 0
-    for item in matched:
-        if not groups or size + item[1].nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += item[1].nbytes
-    return groups
 
 
 EXACT_RUN_BYTES = 16 << 10  # shorter pieces of rows are read as whole rows (see _read_group)
@@ -432,7 +414,7 @@ def _read_all(tensors: dict[str, Tensor], workers: Workers, limit: int) -> dict[
     """Every tensor as a numpy array (no target)."""
     matched = [(i, t, np.empty(0, t.dtype)) for i, t in enumerate(tensors.values())]
     out: dict[str, np.ndarray] = {}
-    for group in _groups(matched, limit):
+    for group in _restore.groups_by_size(matched, lambda m: m[1].nbytes, limit):
         for (_, tensor, _), value in zip(group, _read_whole(group, workers)):
             out[tensor.name] = value.reshape(tensor.shape)
     return out

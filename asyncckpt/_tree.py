@@ -430,15 +430,25 @@ def check_match(
         shape = () if is_python_scalar(leaf.value) else getattr(leaf.value, "shape", None)
         if saved is not None and shape is not None and tuple(shape) != saved:
             shapes.append(f"{keystr(leaf.keypath)}: target {tuple(shape)}, checkpoint {saved}")
-    if not (missing or extra or shapes):
-        return
-    lines = [f"the target tree does not match the checkpoint {where}:"]
-    for title, items in (
-        ("in the target but not in the checkpoint", missing),
-        ("in the checkpoint but not in the target (pass `strict=False` to skip them)", extra),
-        ("shape differs", shapes),
-    ):
+    if missing or extra or shapes:
+        raise mismatch(
+            f"the target tree does not match the checkpoint {where}:",
+            [
+                ("in the target but not in the checkpoint", missing),
+                (
+                    "in the checkpoint but not in the target (pass `strict=False` to skip them)",
+                    extra,
+                ),
+                ("shape differs", shapes),
+            ],
+        )
+
+
+def mismatch(head: str, sections: list[tuple[str, list[str]]]) -> TreeMismatchError:
+    """A `TreeMismatchError` listing, under `head`, each non-empty section (20 items at most)."""
+    lines = [head]
+    for title, items in sections:
         if items:
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             lines.append(f"  {title}: " + ", ".join(shown))
-    raise TreeMismatchError("\n".join(lines))
+    return TreeMismatchError("\n".join(lines))
