@@ -659,7 +659,7 @@ def _scalar_as(value: Any, target: Any, where: str) -> Any:
                 f"(a data iterator), and the target holds a {type(target).__name__}: pass the "
                 "object whose state to set"
             )
-        target.set_state(value.value)
+        target.set_state(_tree.decode_state(value.spec))
         return target
     if _tree.is_stateful_leaf(target):
         raise TreeMismatchError(

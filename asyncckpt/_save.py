@@ -12,10 +12,11 @@ import contextlib
 import functools
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from . import _format
+from . import _format, _tree
 from ._distributed import Coordinator
 from ._executor import Workers, batches
 from ._snapshot import HostArray, Snapshot
@@ -124,10 +125,17 @@ def _write_tree(staged: Storage, snap: Snapshot, workers: Workers, *, documents:
 
 
 def _commit(
-    staged: Storage, snap: Snapshot, dest: Storage, replace: bool, fields: _format.RootFields
+    staged: Storage,
+    snap: Snapshot,
+    dest: Storage,
+    replace: bool,
+    fields: _format.RootFields,
+    tree: dict[str, Any] | None = None,
 ) -> None:
-    """The root document (written last), durable, then visible (`Storage.commit`)."""
-    root = _format.root_doc([a.spec for a in snap.arrays], snap.tree, fields, created=snap.created)
+    """The root document (written last), durable, then visible (`Storage.commit`). `tree`: the
+    description to write instead of the snapshot's (with every process's iterator states)."""
+    tree = snap.tree if tree is None else tree
+    root = _format.root_doc([a.spec for a in snap.arrays], tree, fields, created=snap.created)
     staged.write(_format.DOC, root)
     staged.sync()
     dest.commit(staged, replace=replace)
@@ -231,6 +239,9 @@ def _write_together(
                 theirs.sync()
             except BaseException as e:
                 error = e
+        states = _tree.state_nodes(snap.tree)  # data iterators: each process has its own
+        if states:
+            coord.put(f"states/{coord.process}", states)
         coord.put(f"written/{coord.process}", None if error is None else str(error))
         coord.barrier("written", f"{what}, nothing was committed")
         failed = {p: m for p, m in sorted(coord.gather("written").items()) if m is not None}
@@ -245,7 +256,12 @@ def _write_together(
         if leader and staged is not None:
             try:
                 with phases("commit"):
-                    _commit(staged, snap, dest, replace, fields)
+                    tree = None
+                    if states:
+                        gathered = coord.gather("states")
+                        per_process = [gathered[p] for p in range(coord.count)]
+                        tree = _tree.with_process_states(snap.tree, per_process)
+                    _commit(staged, snap, dest, replace, fields, tree)
             except BaseException as e:
                 error = e
             coord.put("done", None if error is None else str(error))

@@ -126,18 +126,12 @@ def is_stateful_leaf(value: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SavedState:
-    """The saved state of a stateful leaf, as read back."""
+    """A state node of the description, decoded when a target asks for it (`decode_state`)."""
 
-    value: Any
+    spec: dict[str, Any]
 
 
 def _encode_state(node: Any, where: str) -> dict[str, Any]:
-    if jax.process_count() > 1:
-        raise UnsupportedTypeError(
-            f"the {type(node).__qualname__} at {where} has per-process state, which "
-            "asyncckpt saves only in a single process for now: under jax.distributed, save "
-            "`get_state()` yourself (e.g. one file per process next to the checkpoint)"
-        )
     state = node.get_state()
     if isinstance(state, bytes):
         return {"t": "state", "b": base64.b64encode(state).decode("ascii")}
@@ -151,14 +145,29 @@ def _encode_state(node: Any, where: str) -> dict[str, Any]:
     return {"t": "state", "v": state}
 
 
-def decode_state(spec: dict[str, Any]) -> SavedState:
+def decode_state(spec: dict[str, Any]) -> Any:
+    """The state saved in a state node; under `jax.distributed` (a node per process, in
+    `processes`) this process's, which needs as many processes as saved it."""
+    if "processes" in spec:
+        nodes = spec["processes"]
+        if not isinstance(nodes, list) or not all(
+            isinstance(n, dict) and "processes" not in n for n in nodes
+        ):
+            raise _bad(f"bad state leaf {str(spec)[:100]}")
+        if len(nodes) != jax.process_count():
+            raise TreeMismatchError(
+                f"a data iterator's state was saved by {len(nodes)} processes, one each, and "
+                f"this job has {jax.process_count()}: restore it with as many processes, or "
+                "restore the arrays with strict=False and a target without the iterator"
+            )
+        return decode_state(nodes[jax.process_index()])
     if isinstance(b := spec.get("b"), str):
         try:
-            return SavedState(base64.b64decode(b, validate=True))
+            return base64.b64decode(b, validate=True)
         except ValueError:
             pass
     elif "v" in spec and "b" not in spec:
-        return SavedState(spec["v"])
+        return spec["v"]
     raise _bad(f"bad state leaf {str(spec)[:100]}")
 
 
@@ -266,6 +275,30 @@ def with_states(spec: dict[str, Any], values: list[Any]) -> dict[str, Any]:
     return out
 
 
+def state_nodes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The state nodes of a description, in order (what a process sends process 0)."""
+    if spec["t"] == "state":
+        return [spec]
+    return [n for child in spec.get("c", ()) for n in state_nodes(child)]
+
+
+def with_process_states(spec: dict[str, Any], per_process: list[list[dict[str, Any]]]) -> Any:
+    """The description `spec` with each state node replaced by `{"t": "state", "processes":
+    [node of process 0, node of process 1, ...]}` (`per_process[p]`: `state_nodes` of p's)."""
+    position = 0
+
+    def fill(node: dict[str, Any]) -> dict[str, Any]:
+        nonlocal position
+        if node["t"] == "state":
+            position += 1
+            return {"t": "state", "processes": [nodes[position - 1] for nodes in per_process]}
+        if "c" not in node:
+            return node
+        return {**node, "c": [fill(child) for child in node["c"]]}
+
+    return fill(spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rebuilding a tree from its description (no target). The description is untrusted input.
 
@@ -322,8 +355,13 @@ def unflatten(spec: Any, arrays: dict[str, Any], depth: int = 0) -> Any:
         return decode_value(spec)
     if t == "code":  # a function is not state: only a target can give it back
         return None
-    if t == "state":
-        return decode_state(spec).value
+    if t == "state":  # another number of processes: every process's state, for a look
+        nodes = spec.get("processes")
+        if isinstance(nodes, list) and len(nodes) != jax.process_count():
+            if not all(isinstance(n, dict) and "processes" not in n for n in nodes):
+                raise _bad(f"bad state leaf {str(spec)[:100]}")
+            return [decode_state(n) for n in nodes]
+        return decode_state(spec)
     children = [unflatten(c, arrays, depth + 1) for c in _spec_children(spec)]
     if t == "list":
         return children
@@ -395,7 +433,7 @@ def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dic
         name = _format.variable_name(list(keypath))
         return {name: decode_value(spec)}
     if t == "state":
-        return {_format.variable_name(list(keypath)): decode_state(spec)}
+        return {_format.variable_name(list(keypath)): SavedState(spec)}
     out: dict[str, Any] = {}
     kids = _spec_children(spec, leaf_ok=True)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")

@@ -1,5 +1,6 @@
 """Real multi-process runs: `jax.distributed` on a loopback coordinator, one machine."""
 
+import json
 import os
 import re
 import sys
@@ -91,6 +92,29 @@ def test_each_process_reads_only_its_columns_of_a_safetensors_file(tmp_path):
     for out in outputs:
         read = int(re.search(r"read (\d+) of", out).group(1))
         assert weights.nbytes // 2 <= read <= weights.nbytes // 2 + 4096, (read, weights.nbytes)
+
+
+@pytest.mark.timeout(300)
+def test_each_process_gets_back_its_own_data_iterator(tmp_path):
+    """Under jax.distributed each process has its own grain iterator (its shard of the
+    records): a step holds every process's state, and each process gets its own back."""
+    outputs = succeed(launch("mp_child.py", 2, "grain", str(tmp_path), "4"))
+    batches = [re.search(r"next batch (\[.*\])", out).group(1) for out in outputs]
+    assert batches[0] != batches[1]  # two shards, two positions
+    root = json.loads((tmp_path / "run" / "2" / "zarr.json").read_text())
+    node = root["attributes"]["asyncckpt"]["tree"]["c"][0]  # {"data": ..., "tree": ...}
+    assert node["t"] == "state" and len(node["processes"]) == 2
+
+    class Iterator:
+        def get_state(self):
+            return {}
+
+        def set_state(self, state):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ac.TreeMismatchError, match="saved by 2 processes.*this job has 1"):
+        ac.restore(tmp_path / "run" / "2", {"data": Iterator()}, strict=False)
+    assert len(ac.restore(tmp_path / "run" / "2")["data"]) == 2  # a look: every process's
 
 
 @pytest.mark.timeout(300)

@@ -6,7 +6,8 @@ Modes: `save` (a tree and three manager steps), `restore` (onto another mesh, ev
 shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes read), `die`
 (process 1 SIGKILLs itself while writing its chunks), `fallback` (the latest step is damaged
 where only process 1 reads: both fall back to the step before), `safetensors` (a safetensors
-tensor split by columns over 8 devices, counting the bytes read)."""
+tensor split by columns over 8 devices, counting the bytes read), `grain` (each process's data
+iterator saved with the steps and restored into it)."""
 
 import os
 import signal
@@ -73,6 +74,43 @@ elif mode == "safetensors":  # a Hugging Face file, split by columns over 8 devi
     for shard in restored.addressable_shards:
         assert (np.asarray(shard.data) == weights[shard.index]).all()
     print("read", counted["bytes"], "of", weights.nbytes, flush=True)
+elif mode == "grain":  # each process has its own data iterator (its shard of the records)
+    import grain
+
+    def data():
+        return iter(
+            grain.DataLoader(
+                data_source=list(range(400)),
+                sampler=grain.samplers.IndexSampler(
+                    400,
+                    shard_options=grain.sharding.ShardByJaxProcess(),
+                    shuffle=True,
+                    seed=1,
+                    num_epochs=1,
+                ),
+                operations=[grain.transforms.Batch(4)],
+                worker_count=0,
+            )
+        )
+
+    run = os.path.join(directory, "run")
+    it = data()
+    with ac.CheckpointManager(run, barrier_timeout_s=TIMEOUT_S) as mgr:
+        for step in (1, 2):
+            next(it)
+            mgr.save(step, {"tree": global_tree(mesh, step), "data": it})
+        expected = [next(it).tolist() for _ in range(2)]
+        mgr.wait_until_finished()
+        again = data()
+        restored = mgr.restore(2, {"tree": abstract_tree(other, P("y", "x")), "data": again})
+        check_tree(restored["tree"], 2)
+        assert [next(again).tolist() for _ in range(2)] == expected
+        first = data()
+        mgr.restore(1, {"tree": abstract_tree(mesh, P("x", "y")), "data": first})
+        reference = data()
+        next(reference)
+        assert next(first).tolist() == next(reference).tolist()
+    print("next batch", expected[0], flush=True)
 elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest step
     from jax.experimental import multihost_utils
 
