@@ -265,6 +265,7 @@ def ls_command(
         ("step", "right"),
         ("saved", "left"),
         ("size", "right"),
+        ("new", "right"),
         ("metrics", "left"),
         ("", "left"),
     ):
@@ -272,13 +273,14 @@ def ls_command(
     for step in steps:
         info = infos[step]
         if isinstance(info, CheckpointError):
-            table.add_row(str(step), "?", "?", f"[red]unreadable: {info}[/]", "")
+            table.add_row(str(step), "?", "?", "?", f"[red]unreadable: {info}[/]", "")
             continue
         metrics = json.dumps(info.metrics, default=str) if info.metrics is not None else ""
         table.add_row(
             str(step),
             _when(info.created),
             _human(_data_bytes(info)),
+            _human(info.new_bytes) if info.new_bytes is not None else "",
             metrics,
             f"best {metric}" if step == best else "",
         )
@@ -287,12 +289,14 @@ def ls_command(
             "-",
             "",
             "",
+            "",
             f"[red]damaged step set aside as {name}[/]",
             "kept for inspection; never restored",
         )
     for left in leftovers:
         table.add_row(
             "-",
+            "",
             "",
             "",
             f"[yellow]uncommitted leftover {left.name}[/]",
@@ -315,9 +319,11 @@ def _step_json(step: int, info: RootInfo | CheckpointError, best: bool) -> dict:
         "step": step,
         "time": info.created,
         "bytes": _data_bytes(info),
+        "new_bytes": info.new_bytes,
         "arrays": len(info.arrays),
         "metrics": info.metrics,
         "best": best,
+        "digest": info.digest,
     }
 
 
@@ -354,6 +360,8 @@ def show_command(
                 "time": info.created,
                 "metrics": info.metrics,
                 "metadata": info.metadata,
+                "digest": info.digest,
+                "new_bytes": info.new_bytes,
                 "bytes": total,
                 "arrays": len(arrays),
                 "variables": [_array_json(a) for a in arrays],
@@ -379,6 +387,10 @@ def show_command(
         f"{len(arrays)} of {len(info.arrays)} arrays, {_human(total)} "
         f"({total} bytes)" + (f", filter {pattern!r}" if pattern != "*" else "")
     )
+    if info.digest is not None:
+        out.print(f"content digest: {info.digest}")
+    if info.new_bytes is not None:
+        out.print(f"written by its save: {_human(info.new_bytes)} (the rest reused)")
     if info.metrics is not None:
         out.print(f"metrics: {json.dumps(info.metrics, default=str)}")
     if info.metadata is not None:

@@ -75,11 +75,19 @@ class Engine:
     # -- saving ----------------------------------------------------------------------------------
 
     def save(
-        self, dest: Storage, tree: Any, *, fields: _format.RootFields, force: bool
+        self,
+        dest: Storage,
+        tree: Any,
+        *,
+        fields: _format.RootFields,
+        force: bool,
+        previous: Callable[[], Storage | None] | None = None,
     ) -> Future[str]:
         """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
-        future's result is the committed location."""
+        future's result is the committed location. `previous`: called on the job thread when the
+        save writes, it names a committed checkpoint whose chunks of unchanged content are
+        reused, not written."""
         self.check_open()
         t0 = time.perf_counter()
         for _, fut in self._saves():  # one save in flight at a time bounds host memory
@@ -98,7 +106,9 @@ class Engine:
                 tree, self.workers, self._pool, process_index=coord.process if coord else 0
             )
         phases.add("blocking", time.perf_counter() - t0)
-        future = self.workers.submit_job(self._write, snap, dest, force, fields, coord, phases, t0)
+        future = self.workers.submit_job(
+            self._write, snap, dest, force, fields, coord, phases, t0, previous
+        )
         with self._lock:
             self._pending.append((dest.url, future))
         _finish_at_exit(self)
@@ -113,10 +123,18 @@ class Engine:
         coord: _distributed.Coordinator | None,
         phases: _telemetry.Phases,
         t0: float,
+        previous: Callable[[], Storage | None] | None,
     ) -> str:
         try:
             _save.write_snapshot(
-                snap, dest, self.workers, replace=replace, fields=fields, coord=coord, phases=phases
+                snap,
+                dest,
+                self.workers,
+                replace=replace,
+                fields=fields,
+                coord=coord,
+                phases=phases,
+                previous=previous() if previous is not None else None,
             )
         finally:
             if snap.arena is not None:
@@ -134,6 +152,7 @@ class Engine:
             commit_s=phases["commit"],
             retention_s=0.0,
             total_s=time.perf_counter() - t0,
+            reused_bytes=sum(d.nbytes for a in snap.arrays for c, d in a.chunks if c in a.reused),
         )
         self.last_save = stats
         # a manager's save is reported once its retention (the next job) has run

@@ -27,6 +27,7 @@ from typing import Any
 
 import crc32c as _crc32c
 import numpy as np
+import xxhash
 
 from . import _dtypes
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedTypeError
@@ -495,8 +496,49 @@ def root_fields(metadata: Any, step: StepFields | None, where: str) -> RootField
     return RootFields(metadata, step.step, metrics, step.best)
 
 
+# ---------------------------------------------------------------------------------------------
+# Content hashes: one per chunk, one digest per checkpoint
+
+HASH = "xxh3-128"
+"""The content hash of chunks: xxHash's XXH3, 128 bits, of a chunk's data (its C-order bytes,
+before checksums and bands), as 32 lower-case hex digits."""
+
+
+def chunk_hash(data: np.ndarray) -> str:
+    return xxhash.xxh3_128_hexdigest(bytes_view(data))
+
+
+def content_digest(
+    arrays: list[ArraySpec], tree: dict[str, Any], hashes: dict[str, list[str]]
+) -> str:
+    """One hash of a checkpoint's content: its tree description (structure, python scalars,
+    data-iterator states) and, for every array by name, its dtype, shape and chunk hashes. Equal
+    digests: equal content, whatever the time, metadata or metrics of the two saves."""
+    listed = sorted([a.name, dtype_text(a), list(a.shape), hashes[a.name]] for a in arrays)
+    text = json.dumps([tree, listed], sort_keys=True, separators=(",", ":"))
+    return f"{HASH}:{xxhash.xxh3_128_hexdigest(text.encode())}"
+
+
+def dtype_text(spec: ArraySpec) -> str:
+    return spec.dtype.str if spec.prng_impl is None else f"{spec.dtype.str}/{spec.prng_impl}"
+
+
+@dataclass(frozen=True, slots=True)
+class Contents:
+    """What a save learned while writing, for the root document: each array's chunk hashes (in
+    `ArraySpec.chunk_coords` order) and the chunk bytes it wrote (not reused)."""
+
+    hashes: dict[str, list[str]]
+    new_bytes: int
+
+
 def root_doc(
-    arrays: list[ArraySpec], tree: dict[str, Any], fields: RootFields, *, created: float
+    arrays: list[ArraySpec],
+    tree: dict[str, Any],
+    fields: RootFields,
+    *,
+    created: float,
+    contents: Contents | None = None,
 ) -> bytes:
     """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
 
@@ -513,6 +555,12 @@ def root_doc(
     if fields.best is not None:
         ours["best"] = {"metric": fields.best[0], "mode": fields.best[1]}
     ours.update(tree=tree, metadata=fields.metadata)
+    if contents is not None:
+        ours.update(
+            digest=content_digest(arrays, tree, contents.hashes),
+            new_bytes=contents.new_bytes,
+            chunk_hashes=contents.hashes,
+        )
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
     nodes.sort(key=lambda node: node_order(node[0]))
@@ -557,6 +605,12 @@ class RootInfo:
     """The metrics given to `CheckpointManager.save` (non-finite floats restored)."""
     best: tuple[str, str] | None = None
     """The manager's `(best_metric, best_mode)` when it ranked steps by a named metric."""
+    hashes: dict[str, list[str]] | None = None
+    """Each array's chunk hashes (`chunk_hash`), in `ArraySpec.chunk_coords` order."""
+    digest: str | None = None
+    """`content_digest` of the checkpoint, as its writer computed it."""
+    new_bytes: int | None = None
+    """The chunk bytes its save wrote; the rest it reused from the step before."""
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -746,7 +800,31 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
         step=step if isinstance(step := ours.get("step"), int) else None,
         metrics=decode_metrics(ours.get("metrics")),
         best=_best(ours.get("best")),
+        hashes=_hashes(ours.get("chunk_hashes"), arrays, where),
+        digest=digest if isinstance(digest := ours.get("digest"), str) else None,
+        new_bytes=n if isinstance(n := ours.get("new_bytes"), int) else None,
     )
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def _hashes(value: Any, arrays: dict[str, ArraySpec], where: str) -> dict[str, list[str]] | None:
+    """The chunk hashes of a root document: one 32-digit hex string per chunk of each array."""
+    if value is None:
+        return None
+    table = _object(value, where, "chunk_hashes is not an object")
+    _check(set(table) == set(arrays), where, "chunk_hashes does not name every array")
+    for name, spec in arrays.items():
+        listed = table[name]
+        _check(
+            isinstance(listed, list)
+            and len(listed) == math.prod(spec.grid)
+            and all(isinstance(h, str) and _HEX32.fullmatch(h) for h in listed),
+            where,
+            f"chunk_hashes of {name!r} is not one {HASH} hash per chunk",
+        )
+    return table
 
 
 def _best(value: Any) -> tuple[str, str] | None:

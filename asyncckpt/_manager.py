@@ -15,6 +15,7 @@ deleted steps. Everything they share (`_infos`, `_saving`, `_jobs`, `_cleanups`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -108,6 +109,10 @@ class CheckpointManager:
             is not terminated); then `reached_preemption()` is true and the next `save` is forced.
         read_only: open without the writer lock, e.g. to restore while another job trains; the
             step list is re-read on every query. `save` and `delete` then raise.
+        incremental: a chunk whose content (its xxh3-128 hash) is the same as in the step saved
+            before is not written again: it is hard-linked from that step on disk, copied
+            server-side in an object store. Every step stays a whole checkpoint of its own, and
+            deleting any step never changes another. False writes everything.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, barrier_timeout_s,
             background_nice: as for `AsyncCheckpointer`.
 
@@ -131,6 +136,7 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         save_on_preemption: bool = True,
         read_only: bool = False,
+        incremental: bool = True,
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
@@ -152,6 +158,7 @@ class CheckpointManager:
         check_count(save_interval_steps, "save_interval_steps")
         self._interval = save_interval_steps
         self._read_only = read_only
+        self._incremental = incremental
         self._barrier_timeout_s = barrier_timeout_s
         # under jax.distributed every process saves its shards; process 0 alone holds the lock,
         # cleans up and applies retention, the others re-read the step list from disk
@@ -299,12 +306,22 @@ class CheckpointManager:
             _format.StepFields(step, metrics, best),
             f"while saving step {step} to {self._dir.url}",
         )
-        saved = self._engine.save(self._path(step), tree, fields=fields, force=force)
+        previous = functools.partial(self._reuse_source, step) if self._incremental else None
+        saved = self._engine.save(
+            self._path(step), tree, fields=fields, force=force, previous=previous
+        )
         retention = self._engine.submit(self._after_save, step, saved, fields.decoded_metrics)
         with self._mutex:
             self._saving = (step, retention)
             self._jobs.append(retention)
         return True
+
+    def _reuse_source(self, step: int) -> Storage | None:
+        """The step whose unchanged chunks the save of `step` reuses: the newest committed one
+        other than `step`. Called on the job thread when that save writes, so the save before
+        it is committed and recorded by then."""
+        others = [s for s in self.all_steps() if s != step]
+        return self._path(max(others)) if others else None
 
     def _after_save(self, step: int, saved: Future[str], metrics: Any) -> None:
         """The job after the save of `step`, on the job thread of every process: once the step

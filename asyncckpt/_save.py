@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
-from . import _format, _tree
+from . import _format, _restore, _tree
 from ._distributed import Coordinator
 from ._executor import Workers, batches
+from ._format import ArraySpec
 from ._snapshot import HostArray, Snapshot
 from ._storage import Storage, open_storage
 from ._telemetry import Phases
 from .errors import CheckpointError, CheckpointWriteError
+
+log = logging.getLogger("asyncckpt")
 
 
 def begin_write(dest: Storage, replace: bool) -> Storage:
@@ -38,20 +43,51 @@ def begin_write(dest: Storage, replace: bool) -> Storage:
 _INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their array's document
 
 
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """The step before, whose chunks a save links or copies (`Storage.reuse_chunk`) where the
+    new chunk's content hash is the same, instead of writing them again."""
+
+    place: Storage
+    specs: dict[str, ArraySpec]
+    hashes: dict[str, list[str]]
+
+    @staticmethod
+    def of(previous: Storage | None) -> Reuse | None:
+        """What `previous` offers: nothing when it is gone, damaged or has no hashes."""
+        if previous is None:
+            return None
+        try:
+            info = _restore.read_root(previous)
+        except (CheckpointError, OSError) as e:
+            log.debug("asyncckpt: not reusing %s: %s", previous.url, e)
+            return None
+        if info.hashes is None:
+            return None
+        return Reuse(previous, info.arrays, info.hashes)
+
+    def has(self, spec: ArraySpec, coords: tuple[int, ...], digest: str) -> bool:
+        """Whether the step before holds this chunk's content in the same layout."""
+        if self.specs.get(spec.name) != spec:
+            return False
+        index = int(np.ravel_multi_index(coords, spec.grid)) if spec.grid else 0
+        return self.hashes[spec.name][index] == digest
+
+
 def _write_groups(staged: Storage, groups: list[str]) -> None:
     for group in groups:
         staged.make_dirs([group])
         staged.write(f"{group}/{_format.DOC}", _format.GROUP_DOC)
 
 
-def _write_arrays(staged: Storage, arrays: list[HostArray]) -> None:
+def _write_arrays(staged: Storage, arrays: list[HostArray], reuse: Reuse | None) -> None:
     """Each array's directory and document, and its chunks if they are small."""
     for array in arrays:
         name = array.spec.name
         with _context(array, staged.path(name)):
             staged.make_dirs([name], parents=False)  # its parent group exists already
             staged.write(f"{name}/{_format.DOC}", _format.array_doc(array.spec))
-        _write_chunks(staged, [(array, c, d) for c, d in array.chunks if _inline(d)])
+        _write_chunks(staged, [(array, c, d) for c, d in array.chunks if _inline(d)], reuse)
 
 
 def _inline(data: np.ndarray) -> bool:
@@ -59,13 +95,53 @@ def _inline(data: np.ndarray) -> bool:
 
 
 def _write_chunks(
-    staged: Storage, chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]]
+    staged: Storage,
+    chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]],
+    reuse: Reuse | None,
 ) -> None:
+    """Hash each chunk; link or copy it from the step before when that holds the same content,
+    else write it."""
     for array, coords, data in chunks:
         key = array.spec.chunk_key(coords)
-        band = _format.band_nbytes(array.spec) if array.spec.band_rows is not None else None
+        digest = _format.chunk_hash(data)
+        array.hashes[coords] = digest
         with _context(array, staged.path(key)):
+            if (
+                reuse is not None
+                and reuse.has(array.spec, coords, digest)
+                and staged.reuse_chunk(key, reuse.place, key)
+            ):
+                array.reused.add(coords)
+                continue
+            band = _format.band_nbytes(array.spec) if array.spec.band_rows is not None else None
             staged.write_chunk(key, data, band)
+
+
+def _contents_here(snap: Snapshot) -> dict[str, Any]:
+    """This process's part of `_format.Contents`, as JSON: its chunks' hashes and new bytes."""
+    return {
+        "hashes": {
+            a.spec.name: {",".join(map(str, c)): h for c, h in a.hashes.items()}
+            for a in snap.arrays
+        },
+        "new_bytes": sum(d.nbytes for a in snap.arrays for c, d in a.chunks if c not in a.reused),
+    }
+
+
+def _contents(snap: Snapshot, parts: list[dict[str, Any]]) -> _format.Contents:
+    """Every chunk's hash, from the parts of all processes (one part in a single process)."""
+    found: dict[str, dict[str, str]] = {}
+    for part in parts:
+        for name, table in part["hashes"].items():
+            found.setdefault(name, {}).update(table)
+    hashes = {}
+    for array in snap.arrays:
+        table = found.get(array.spec.name, {})
+        listed = [table.get(",".join(map(str, c))) for c in array.spec.chunk_coords()]
+        if any(h is None for h in listed):  # a chunk nobody wrote: a bug, never a checkpoint
+            raise CheckpointWriteError(f"no process wrote every chunk of {array.spec.name!r}")
+        hashes[array.spec.name] = cast(list[str], listed)
+    return _format.Contents(hashes, sum(int(p["new_bytes"]) for p in parts))
 
 
 @contextlib.contextmanager
@@ -81,7 +157,9 @@ def _context(array: HostArray, path: str) -> Iterator[None]:
         ) from e
 
 
-def _write_tree(staged: Storage, snap: Snapshot, workers: Workers, *, documents: bool) -> None:
+def _write_tree(
+    staged: Storage, snap: Snapshot, workers: Workers, *, documents: bool, reuse: Reuse | None
+) -> None:
     """Write the group and array documents (if `documents`) and this process's chunks.
 
     Phases, each spread over the I/O threads: group directories; array directories, documents
@@ -109,14 +187,14 @@ def _write_tree(staged: Storage, snap: Snapshot, workers: Workers, *, documents:
             min_cost=1 if net else 64,
         )
         workers.run_all(
-            [functools.partial(_write_arrays, staged, g) for g in per_array],
+            [functools.partial(_write_arrays, staged, g, reuse) for g in per_array],
             background=True,
             network=net,
         )
     rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
     workers.run_all(
         [
-            functools.partial(_write_chunks, staged, g)
+            functools.partial(_write_chunks, staged, g, reuse)
             for g in batches(rest, lambda c: c[2].nbytes + 16384, parts=parts, min_cost=1)
         ],
         background=True,
@@ -130,12 +208,15 @@ def _commit(
     dest: Storage,
     replace: bool,
     fields: _format.RootFields,
+    contents: _format.Contents,
     tree: dict[str, Any] | None = None,
 ) -> None:
     """The root document (written last), durable, then visible (`Storage.commit`). `tree`: the
     description to write instead of the snapshot's (with every process's iterator states)."""
     tree = snap.tree if tree is None else tree
-    root = _format.root_doc([a.spec for a in snap.arrays], tree, fields, created=snap.created)
+    root = _format.root_doc(
+        [a.spec for a in snap.arrays], tree, fields, created=snap.created, contents=contents
+    )
     staged.write(_format.DOC, root)
     staged.sync()
     dest.commit(staged, replace=replace)
@@ -166,19 +247,22 @@ def write_snapshot(
     fields: _format.RootFields,
     coord: Coordinator | None = None,
     phases: Phases | None = None,
+    previous: Storage | None = None,
 ) -> None:
     """Write `snap` where `dest` says, make it durable and commit it as `dest`. With `coord`:
-    see `_write_together`. `phases` receives the time spent in `write` and `commit`."""
+    see `_write_together`. `phases` receives the time spent in `write` and `commit`.
+    `previous`: a committed checkpoint whose chunks of the same content are reused (`Reuse`)."""
     phases = phases if phases is not None else Phases()
     if coord is not None:
-        return _write_together(snap, dest, workers, replace, fields, coord, phases)
+        return _write_together(snap, dest, workers, replace, fields, coord, phases, previous)
     staged = None
     try:
         with phases("write"):
+            reuse = Reuse.of(previous)
             staged = begin_write(dest, replace)
-            _write_tree(staged, snap, workers, documents=True)
+            _write_tree(staged, snap, workers, documents=True, reuse=reuse)
         with phases("commit"):
-            _commit(staged, snap, dest, replace, fields)
+            _commit(staged, snap, dest, replace, fields, _contents(snap, [_contents_here(snap)]))
     except BaseException as e:
         if staged is not None:
             dest.discard(staged)
@@ -193,6 +277,7 @@ def _write_together(
     fields: _format.RootFields,
     coord: Coordinator,
     phases: Phases,
+    previous: Storage | None,
 ) -> None:
     """The multi-process save, in three barriers.
 
@@ -208,10 +293,11 @@ def _write_together(
     staged: Storage | None = None
     error: BaseException | None = None
     t_write = time.perf_counter()
+    reuse = Reuse.of(previous)  # each process reuses its own chunks
     if leader:
         try:
             staged = begin_write(dest, replace)
-            _write_tree(staged, snap, workers, documents=True)
+            _write_tree(staged, snap, workers, documents=True, reuse=reuse)
         except BaseException as e:
             error = e
     try:
@@ -235,13 +321,15 @@ def _write_together(
         elif not leader and layout["ok"]:
             try:
                 theirs = open_storage(layout["staged"])
-                _write_tree(theirs, snap, workers, documents=False)
+                _write_tree(theirs, snap, workers, documents=False, reuse=reuse)
                 theirs.sync()
             except BaseException as e:
                 error = e
         states = _tree.state_nodes(snap.tree)  # data iterators: each process has its own
         if states:
             coord.put(f"states/{coord.process}", states)
+        if error is None:
+            coord.put(f"contents/{coord.process}", _contents_here(snap))
         coord.put(f"written/{coord.process}", None if error is None else str(error))
         coord.barrier("written", f"{what}, nothing was committed")
         failed = {p: m for p, m in sorted(coord.gather("written").items()) if m is not None}
@@ -261,7 +349,9 @@ def _write_together(
                         gathered = coord.gather("states")
                         per_process = [gathered[p] for p in range(coord.count)]
                         tree = _tree.with_process_states(snap.tree, per_process)
-                    _commit(staged, snap, dest, replace, fields, tree)
+                    gathered_contents = coord.gather("contents")
+                    parts = [gathered_contents[p] for p in range(coord.count)]
+                    _commit(staged, snap, dest, replace, fields, _contents(snap, parts), tree)
             except BaseException as e:
                 error = e
             coord.put("done", None if error is None else str(error))

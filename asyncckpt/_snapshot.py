@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -89,6 +89,10 @@ class HostArray:
     spec: ArraySpec
     chunks: list[tuple[tuple[int, ...], np.ndarray]]
     """(chunk coordinates, C-contiguous host buffer), replica-0 addressable shards only."""
+    hashes: dict[tuple[int, ...], str] = field(default_factory=dict)
+    """Filled by the writer threads: each chunk's `_format.chunk_hash`."""
+    reused: set[tuple[int, ...]] = field(default_factory=set)
+    """Filled by the writer threads: the chunks linked or copied from the step before."""
 
 
 @dataclass(frozen=True, slots=True)

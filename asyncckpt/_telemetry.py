@@ -44,6 +44,9 @@ class SaveStats:
     """Background: the manager's retention after the commit (0 for a save by path)."""
     total_s: float
     """From the call of `save()` until the step was committed and retention done."""
+    reused_bytes: int = 0
+    """Part of `bytes` not written: chunks whose content the step before already held, linked
+    or copied from it (a `CheckpointManager` with `incremental=True`)."""
 
 
 @dataclass(frozen=True, slots=True)

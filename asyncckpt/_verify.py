@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from . import _format, _tree
 from ._executor import Workers
@@ -91,6 +92,18 @@ def check(
                     ),
                 )
             )
+    if info.hashes is not None:
+        digest = _format.content_digest(list(info.arrays.values()), info.tree, info.hashes)
+        if info.digest != digest:
+            problems.append(
+                Problem(
+                    None,
+                    CorruptCheckpointError(
+                        f"{path}: the root zarr.json's content digest {info.digest} does not "
+                        f"match its chunk hashes and tree ({digest}): the document was altered"
+                    ),
+                )
+            )
     seen: set[str] = set()
     for spec in info.arrays.values():
         where = f"variable {spec.name!r} of {path}"
@@ -107,16 +120,12 @@ def check(
                 ),
             )
         )
-        for coords in spec.chunk_coords():
+        hashes = info.hashes[spec.name] if info.hashes is not None else None
+        for i, coords in enumerate(spec.chunk_coords()):
             key = spec.chunk_key(coords)
-            tasks.append(
-                (
-                    spec.chunk_nbytes,
-                    functools.partial(
-                        guarded, spec.name, functools.partial(_check_chunk, ckpt, key, spec, where)
-                    ),
-                )
-            )
+            expected = hashes[i] if hashes is not None else None
+            check_one = functools.partial(_check_chunk, ckpt, key, spec, where, expected)
+            tasks.append((spec.chunk_nbytes, functools.partial(guarded, spec.name, check_one)))
     workers.run_reads(tasks, network=ckpt.network)
     return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
 
@@ -139,17 +148,29 @@ def _check_doc(ckpt: Storage, spec: ArraySpec, where: str) -> int:
     return 0
 
 
-def _check_chunk(ckpt: Storage, key: str, spec: ArraySpec, where: str) -> int:
+def _check_chunk(ckpt: Storage, key: str, spec: ArraySpec, where: str, expected: str | None) -> int:
+    """Read the chunk `key`, checking its checksums and, where the root document records one,
+    its content hash."""
+    content = xxhash.xxh3_128()
     if spec.band_rows is None:
-        ckpt.read_chunk_into(key, np.empty(spec.chunk_shape, spec.dtype), where)
-        return spec.chunk_nbytes
-    band = _format.band_nbytes(spec)
-    nbands = spec.chunk_nbytes // band
-    step = max(1, _PIECE_BYTES // band)
-    for first in range(0, nbands, step):
-        count = min(step, nbands - first)
-        out = np.empty((count * spec.band_rows, *spec.chunk_shape[1:]), spec.dtype)
-        ckpt.read_bands_into(key, out, first, nbands, band, where)
+        out = np.empty(spec.chunk_shape, spec.dtype)
+        ckpt.read_chunk_into(key, out, where)
+        content.update(_format.bytes_view(out))
+    else:
+        band = _format.band_nbytes(spec)
+        nbands = spec.chunk_nbytes // band
+        step = max(1, _PIECE_BYTES // band)
+        for first in range(0, nbands, step):
+            count = min(step, nbands - first)
+            out = np.empty((count * spec.band_rows, *spec.chunk_shape[1:]), spec.dtype)
+            ckpt.read_bands_into(key, out, first, nbands, band, where)
+            content.update(_format.bytes_view(out))
+    if expected is not None and content.hexdigest() != expected:
+        raise CorruptCheckpointError(
+            f"{where}: chunk file {ckpt.path(key)} passes its checksums but its content is not "
+            f"what the checkpoint recorded ({_format.HASH} {content.hexdigest()}, recorded "
+            f"{expected}): it was rewritten with other data"
+        )
     return spec.chunk_nbytes
 
 

@@ -97,6 +97,26 @@ def test_runs_are_read_into_caller_memory(place):
         place.read_runs_into("d/f", [(3 << 20, memoryview(out[:10]))], "reading a test file")
 
 
+def test_a_reused_chunk_is_independent_of_its_source(place):
+    """`reuse_chunk` from a committed checkpoint: the same bytes, without writing them, and
+    deleting either checkpoint leaves the other whole. Local disk and object stores do it;
+    another backend's (or a missing) source says no, and the caller writes."""
+    source = place.child("1")
+    _commit_checkpoint(source, value=3.0)
+    staged = place.child("2").begin(replace=False)
+    staged.make_dirs(["x"])
+    assert staged.reuse_chunk("x/c.0", source, "x/c.0")
+    assert not staged.reuse_chunk("x/c.1", source, "x/missing")
+    assert not staged.reuse_chunk("x/c.1", open_storage("memory://elsewhere/1"), "x/c.0")
+    out = np.empty(4, np.float32)
+    staged.read_chunk_into("x/c.0", out, "reading the reused chunk")
+    assert (out == 3.0).all()
+    source.unlist()
+    source.remove()
+    staged.read_chunk_into("x/c.0", out, "reading it after its source was deleted")
+    assert (out == 3.0).all()
+
+
 def test_missing_files_and_oversized_documents(place):
     for call in (
         lambda: place.read_small("nope", 10),

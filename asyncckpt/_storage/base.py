@@ -205,6 +205,14 @@ class Storage(ABC):
                 np.frombuffer(buf, np.uint8)[:] = data[offset - start : offset - start + buf.nbytes]
             i = j
 
+    def reuse_chunk(self, key: str, source: Storage, source_key: str) -> bool:
+        """Make the chunk file `key` the same as `source_key` of the committed checkpoint
+        `source` without passing its bytes through this process (a hard link, a server-side
+        copy), and say whether it did; where it cannot (another file system or bucket, the
+        source gone) the caller writes the chunk. The two must stay independent: deleting
+        either never changes the other. Here: never."""
+        return False
+
     def read_chunk_file(self, key: str, sizes: tuple[int, ...], where: str) -> memoryview:
         """The whole of a chunk file, which must hold one of `sizes` bytes (checksums are the
         caller's: `_format.check_chunk_file`)."""

@@ -230,6 +230,26 @@ class ObjectStorage(Storage):
         )
         _run(store.set(full, _buffer(data)), self.path(key), "writing")
 
+    def reuse_chunk(self, key: str, source: Storage, source_key: str) -> bool:
+        """A server-side copy inside the bucket: an object of its own, no bytes uploaded."""
+        import obstore
+
+        if not isinstance(source, ObjectStorage):
+            return False
+        store, full = self._resolve(key)
+        theirs, their_key = source._resolve(source_key)
+        if store is not theirs:
+            return False
+
+        async def copy() -> None:
+            await obstore.copy_async(store.store, their_key, full)
+
+        try:
+            _run(copy(), self.path(key), "copying")
+        except OSError:
+            return False
+        return True
+
     def get(
         self,
         key: str,
