@@ -66,6 +66,14 @@ def check_directory(directory, before):
                 assert got["big"].tobytes() == want["big"].tobytes()
                 for name, value in want["small"].items():
                     np.testing.assert_array_equal(got["small"][name], value)
+                assert got["frozen"]["big"].tobytes() == want["frozen"]["big"].tobytes()
+                for name, value in want["frozen"]["small"].items():
+                    np.testing.assert_array_equal(got["frozen"]["small"][name], value)
+                # every file whole, hashes included: a deletion never took a file a step shares
+                ac.verify(os.path.join(directory, str(step)))
+            if len(steps) > 1:  # the frozen leaves are links shared by the steps
+                frozen = os.path.join(directory, str(latest), "frozen", "big", "c.0.0")
+                assert os.stat(frozen).st_nlink > 1
     return debris, set(steps)
 
 
