@@ -13,9 +13,10 @@ Systems, each in its own fresh process per run: `asyncckpt` (incremental, the de
 Per step after the first: blocking (inside `save()`), commit (from `save()` to committed, after
 `wait_until_finished()`), and the bytes the step added on disk (allocated blocks of the files of
 the step whose inodes no other step on disk has). Medians over the steps of a run, then over
-`--runs` runs; runs alternate the systems.
+`--runs` runs; runs alternate the systems. Every step is kept unless `--max-to-keep` says
+otherwise (then each commit time includes the deletion of an old step, on both sides).
 
-    python benchmarks/incremental.py --runs 3 [--steps 6]
+    python benchmarks/incremental.py --runs 3 [--steps 6] [--max-to-keep 3]
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def child(args) -> None:
     if args.system == "orbax":
         import orbax.checkpoint as ocp
 
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, max_to_keep=3)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=True, max_to_keep=args.max_to_keep
+        )
         mgr = ocp.CheckpointManager(args.root, options=options)
 
         def save(step, tree):
@@ -120,14 +123,18 @@ def child(args) -> None:
         t1 = time.perf_counter()
         mgr.wait_until_finished()
         t2 = time.perf_counter()
-        records.append(
-            {
-                "step": step,
-                "blocking_s": t1 - t0,
-                "commit_s": t2 - t0,
-                "new_bytes": new_bytes(args.root, step),
-            }
-        )
+        record = {
+            "step": step,
+            "blocking_s": t1 - t0,
+            "commit_s": t2 - t0,
+            "new_bytes": new_bytes(args.root, step),
+        }
+        if args.system != "orbax":  # asyncckpt's own phases, to see where the time goes
+            stats = mgr.last_save_stats()
+            record.update(
+                write_s=stats.write_s, sync_commit_s=stats.commit_s, stats_total_s=stats.total_s
+            )
+        records.append(record)
     mgr.close()
     print(json.dumps(records))
 
@@ -137,6 +144,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--workloads", default="lora,big")
+    parser.add_argument(
+        "--max-to-keep",
+        type=int,
+        default=None,
+        help="retention on both sides (default: keep every step, so that commit times hold no "
+        "deletions)",
+    )
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--system")
     parser.add_argument("--workload")
@@ -154,6 +168,8 @@ def main() -> None:
                 try:
                     cmd = [sys.executable, __file__, "--child", "--system", system]
                     cmd += ["--workload", workload, "--root", root, "--steps", str(args.steps)]
+                    if args.max_to_keep is not None:
+                        cmd += ["--max-to-keep", str(args.max_to_keep)]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
