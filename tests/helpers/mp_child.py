@@ -7,7 +7,8 @@ shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes 
 (process 1 SIGKILLs itself while writing its chunks), `fallback` (the latest step is damaged
 where only process 1 reads: both fall back to the step before), `safetensors` (a safetensors
 tensor split by columns over 8 devices, counting the bytes read), `grain` (each process's data
-iterator saved with the steps and restored into it)."""
+iterator saved with the steps and restored into it), `incremental` (each process links its own
+shards of a frozen matrix)."""
 
 import os
 import signal
@@ -22,7 +23,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from values import BIG, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
+from values import (  # noqa: E402
+    BIG,
+    TIMEOUT_S,
+    abstract_tree,
+    check_tree,
+    global_tree,
+    global_value,
+)
 
 import asyncckpt as ac  # noqa: E402
 
@@ -111,6 +119,24 @@ elif mode == "grain":  # each process has its own data iterator (its shard of th
         next(reference)
         assert next(first).tolist() == next(reference).tolist()
     print("next batch", expected[0], flush=True)
+elif mode == "incremental":  # a frozen global matrix: each process links its own shards
+    run = os.path.join(directory, "run")
+    frozen = global_tree(mesh, 0)["matrix"]
+    with ac.CheckpointManager(run, barrier_timeout_s=TIMEOUT_S) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"frozen": frozen, "tree": global_tree(mesh, step)})
+            mgr.wait_until_finished()
+            print("step", step, "reused", mgr.last_save_stats().reused_bytes, flush=True)
+        restored = mgr.restore(
+            2,
+            {
+                "frozen": abstract_tree(other, P("y", "x"))["matrix"],
+                "tree": abstract_tree(other, P("y", "x")),
+            },
+        )
+        check_tree(restored["tree"], 2)
+        for shard in restored["frozen"].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), global_value(0)[shard.index])
 elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest step
     from jax.experimental import multihost_utils
 
