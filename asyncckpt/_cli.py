@@ -519,11 +519,16 @@ def cp_command(src: str, dst: str, step: int | None) -> None:
     else:
         pairs = [(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)]
     with _workers() as workers:
+        previous = None  # incremental steps: what the step before holds is linked, not copied
         for a, b in pairs:
             total = _data_bytes(_restore.read_root(a))
             with _progress(f"copy {a.name}", total) as advance:
-                _copy.copy(a, b, workers, progress=advance)
-            out.print(f"copied {a.url} -> {b.url} ({_human(total)})")
+                copied = _copy.copy(a, b, workers, progress=advance, previous=previous)
+            reused = f", {_human(total - copied)} of it reused from the step before" * (
+                copied < total
+            )
+            out.print(f"copied {a.url} -> {b.url} ({_human(total)}{reused})")
+            previous = b
 
 
 @cli.command("export")

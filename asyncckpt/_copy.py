@@ -19,11 +19,20 @@ from ._storage import Storage
 
 
 def copy(
-    src: Storage, dst: Storage, workers: Workers, *, progress: Callable[[int], None] | None = None
-) -> None:
-    """Copy the committed checkpoint `src` to `dst`, which must not exist yet.
-    `progress(n)` is called from worker threads as `n` more data bytes are copied."""
+    src: Storage,
+    dst: Storage,
+    workers: Workers,
+    *,
+    progress: Callable[[int], None] | None = None,
+    previous: Storage | None = None,
+) -> int:
+    """Copy the committed checkpoint `src` to `dst`, which must not exist yet; return the chunk
+    bytes copied. `progress(n)` is called from worker threads as `n` more data bytes are done.
+    `previous`: a committed checkpoint beside `dst` (the step copied before it): a chunk whose
+    recorded content hash it holds in the same layout is linked or copied server-side from it,
+    not read from `src` (so copying the steps of an incremental run costs what they added)."""
     info = read_root(src)
+    reuse = _save.Reuse.of(previous) if info.hashes is not None else None
     root = src.read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
     dst.check_writable(replace=False)
     staged = _save.begin_write(dst, replace=False)
@@ -37,10 +46,19 @@ def copy(
             src.check_no_links(spec.name, f"copying variable {spec.name!r} of {src.url}", seen)
             staged.make_dirs([spec.name])
             tasks.append((256, functools.partial(_copy_doc, src, staged, spec)))
-            tasks += [
-                (spec.chunk_nbytes, functools.partial(_copy_chunk, src, staged, spec, c, progress))
-                for c in spec.chunk_coords()
-            ]
+            for i, coords in enumerate(spec.chunk_coords()):
+                key = spec.chunk_key(coords)
+                if (
+                    reuse is not None
+                    and info.hashes is not None
+                    and reuse.has(spec, coords, info.hashes[spec.name][i])
+                    and staged.reuse_chunk(key, reuse.place, key)
+                ):
+                    if progress is not None:
+                        progress(spec.chunk_nbytes)
+                    continue
+                copy_one = functools.partial(_copy_chunk, src, staged, spec, coords, progress)
+                tasks.append((spec.chunk_nbytes, copy_one))
         workers.run_reads(tasks, network=src.network or dst.network)
         staged.write(_format.DOC, root)
         staged.sync()
@@ -48,6 +66,7 @@ def copy(
     except BaseException:
         dst.discard(staged)
         raise
+    return sum(size for size, task in tasks if task.func is _copy_chunk)
 
 
 def _copy_doc(src: Storage, dst: Storage, spec: ArraySpec) -> None:

@@ -241,3 +241,30 @@ def test_lora_sized_run_writes_only_what_changed(tmp_path):
     assert_same(group["base/w63"][...], expected_base["w63"])
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "10/base/w00")}}
     assert_same(ts.open(spec).result().read().result(), expected_base["w00"])
+
+
+def test_cp_of_an_incremental_run_copies_what_each_step_added(root, tmp_path, mesh):
+    """`asyncckpt cp` of a manager directory links (or copies server-side) what the step copied
+    before holds, instead of reading it again; every copied step verifies."""
+    s = state(mesh, 0)
+    with ac.CheckpointManager(tmp_path / "run") as mgr:
+        for step in (1, 2, 3):
+            s = train_step(s)
+            mgr.save(step, s)
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncckpt", "cp", str(tmp_path / "run"), str(root / "copy")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    lines = [line for line in out.splitlines() if line.startswith("copied")]
+    assert len(lines) == 3 and "reused" not in lines[0]
+    assert all("256.0 KiB of it reused from the step before" in line for line in lines[1:])
+    for step in (1, 2, 3):
+        ac.verify(root / "copy" / str(step))
+    got = ac.restore(root / "copy" / "3")
+    assert_same(got["base"], state(mesh, 0)["base"])
+    if open_storage(os.fspath(root)).local_path is not None:
+        files = [root / "copy" / str(step) / "base" / "c.0.0" for step in (1, 2, 3)]
+        assert len({os.stat(f).st_ino for f in files}) == 1
