@@ -63,15 +63,14 @@ def export(
 
 
 def _converted(value: np.ndarray, cast: np.dtype | None) -> np.ndarray:
-    value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
-    if cast is not None and _is_float(value.dtype) and value.dtype != cast:
-        value = value.astype(cast)
-    if value.dtype.byteorder == ">":
-        value = value.astype(value.dtype.newbyteorder("<"))
-    return value
+    """`value` in its `_out_dtype`, C-contiguous (0-d arrays stay 0-d)."""
+    value = np.require(value, requirements="C")
+    dtype = _out_dtype(value.dtype, cast)
+    return value if value.dtype == dtype else value.astype(dtype)
 
 
 def _out_dtype(dtype: np.dtype, cast: np.dtype | None) -> np.dtype:
+    """What a variable of `dtype` is exported as: `cast` for floats, little-endian always."""
     dtype = cast if cast is not None and _is_float(dtype) else dtype
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
 

@@ -329,11 +329,8 @@ def _read_group(group: list[tuple[int, Tensor, Any]], workers: Workers) -> list[
         for region in regions:
             buf = _restore.aligned_empty(tuple(s.stop - s.start for s in region), tensor.dtype)
             bufs[_restore.index_key(region, tensor.shape)] = buf
-        short = any(
-            byte_runs(tensor.shape, tensor.dtype.itemsize, r)[1] < EXACT_RUN_BYTES
-            and len(byte_runs(tensor.shape, tensor.dtype.itemsize, r)[0]) > 1
-            for r in regions
-        )
+        runs = [byte_runs(tensor.shape, tensor.dtype.itemsize, r) for r in regions]
+        short = any(length < EXACT_RUN_BYTES and len(offsets) > 1 for offsets, length in runs)
         if short:
             first = min(r[0].start for r in regions)
             last = max(r[0].stop for r in regions)
@@ -411,23 +408,13 @@ def byte_runs(
 
 
 def _read_all(tensors: dict[str, Tensor], workers: Workers, limit: int) -> dict[str, np.ndarray]:
-    """Every tensor as a numpy array (no target)."""
+    """Every tensor as a numpy array (no target): read as for a numpy target of its dtype."""
     matched = [(i, t, np.empty(0, t.dtype)) for i, t in enumerate(tensors.values())]
     out: dict[str, np.ndarray] = {}
     for group in _restore.groups_by_size(matched, lambda m: m[1].nbytes, limit):
-        for (_, tensor, _), value in zip(group, _read_whole(group, workers)):
-            out[tensor.name] = value.reshape(tensor.shape)
+        for (_, tensor, _), value in zip(group, _read_group(group, workers)):
+            out[tensor.name] = value
     return out
-
-
-def _read_whole(group: list[tuple[int, Tensor, Any]], workers: Workers) -> list[np.ndarray]:
-    bufs = [_restore.aligned_empty(t.shape, t.dtype) for _, t, _ in group]
-    tasks = [
-        (b.nbytes, _reader(t, tuple(slice(0, n) for n in t.shape), b))
-        for (_, t, _), b in zip(group, bufs)
-    ]
-    workers.run_reads(tasks)
-    return bufs
 
 
 # ---------------------------------------------------------------------------------------------
