@@ -16,7 +16,12 @@ the step whose inodes no other step on disk has). Medians over the steps of a ru
 `--runs` runs; runs alternate the systems. Every step is kept unless `--max-to-keep` says
 otherwise (then each commit time includes the deletion of an old step, on both sides).
 
-    python benchmarks/incremental.py --runs 3 [--steps 6] [--max-to-keep 3]
+    python benchmarks/incremental.py --runs 3 [--steps 6] [--max-to-keep 3] [--slowdown-reps 3]
+    python benchmarks/incremental.py --quick --runs 1 --steps 3 --slowdown-reps 1   # smoke run
+
+After the timed steps, `--slowdown-reps` more saves each run `compare_orbax.py`'s fixed jitted
+training loop while they are written; "training while saving" is that loop's median time over
+the same loop's once the save is committed.
 """
 
 from __future__ import annotations
@@ -36,11 +41,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 SYSTEMS = ("asyncckpt", "asyncckpt-full", "orbax")
-GIB = 1 << 30
 
 
-def build(workload: str):
-    """(initial state, jitted step that donates it)."""
+def build(workload: str, quick: bool = False):
+    """(initial state, jitted step that donates it). `quick`: 64x fewer bytes (the smoke run)."""
     import functools
 
     import jax
@@ -53,7 +57,8 @@ def build(workload: str):
     sharded = NamedSharding(mesh, P("x", "y"))
     if workload == "big":
         keys = jax.random.split(jax.random.key(0), 48)
-        state = {f"w{i:02d}": jax.random.normal(k, (2048, 2816)) for i, k in enumerate(keys)}
+        shape = (256, 352) if quick else (2048, 2816)
+        state = {f"w{i:02d}": jax.random.normal(k, shape) for i, k in enumerate(keys)}
         state = jax.device_put(state, sharded)
 
         @functools.partial(jax.jit, donate_argnums=0)
@@ -62,9 +67,10 @@ def build(workload: str):
 
         return state, step_fn
     keys = jax.random.split(jax.random.key(0), 64)
-    base = {f"w{i:02d}": jax.random.normal(k, (1024, 4096)) for i, k in enumerate(keys)}
+    rows, cols = (128, 512) if quick else (1024, 4096)
+    base = {f"w{i:02d}": jax.random.normal(k, (rows, cols)) for i, k in enumerate(keys)}
     base = jax.device_put(base, sharded)
-    adapters = {n: {"a": jnp.zeros((4096, 8)), "b": jnp.full((8, 1024), 0.01)} for n in base}
+    adapters = {n: {"a": jnp.zeros((cols, 8)), "b": jnp.full((8, rows), 0.01)} for n in base}
     tx = optax.adam(1e-3)
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -96,7 +102,7 @@ def new_bytes(root: str, step: int) -> int:
 def child(args) -> None:
     import jax
 
-    state, step_fn = build(args.workload)
+    state, step_fn = build(args.workload, args.quick)
     if args.system == "orbax":
         import orbax.checkpoint as ocp
 
@@ -110,7 +116,9 @@ def child(args) -> None:
     else:
         import asyncckpt as ac
 
-        mgr = ac.CheckpointManager(args.root, max_to_keep=3, incremental=args.system == "asyncckpt")
+        mgr = ac.CheckpointManager(
+            args.root, max_to_keep=args.max_to_keep, incremental=args.system == "asyncckpt"
+        )
 
         def save(step, tree):
             mgr.save(step, tree)
@@ -135,8 +143,31 @@ def child(args) -> None:
                 write_s=stats.write_s, sync_commit_s=stats.commit_s, stats_total_s=stats.total_s
             )
         records.append(record)
+    # Training slowdown: a fixed jitted loop (compare_orbax's) while a save of a fresh step is
+    # in the background, over the same loop once that save is committed.
+    from compare_orbax import make_train_loop
+
+    train = make_train_loop(state_mesh(state))
+    idle, busy = [train()], []
+    for rep in range(args.slowdown_reps):
+        state = jax.block_until_ready(step_fn(state))
+        save(args.steps + 1 + rep, state)
+        busy.append(train())
+        mgr.wait_until_finished()
+        idle.append(train())
     mgr.close()
+    slowdown = statistics.median(busy) / statistics.median(idle)
+    for record in records:
+        record["slowdown"] = slowdown
     print(json.dumps(records))
+
+
+def state_mesh(state):
+    import jax
+
+    return next(
+        leaf.sharding.mesh for leaf in jax.tree.leaves(state) if hasattr(leaf.sharding, "mesh")
+    )
 
 
 def main() -> None:
@@ -150,6 +181,15 @@ def main() -> None:
         default=None,
         help="retention on both sides (default: keep every step, so that commit times hold no "
         "deletions)",
+    )
+    parser.add_argument(
+        "--slowdown-reps",
+        type=int,
+        default=3,
+        help="saves after the timed steps, each with the training loop running behind it",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="64x smaller trees: the smoke run of the test suite"
     )
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--system")
@@ -168,6 +208,8 @@ def main() -> None:
                 try:
                     cmd = [sys.executable, __file__, "--child", "--system", system]
                     cmd += ["--workload", workload, "--root", root, "--steps", str(args.steps)]
+                    cmd += ["--slowdown-reps", str(args.slowdown_reps)]
+                    cmd += ["--quick"] if args.quick else []
                     if args.max_to_keep is not None:
                         cmd += ["--max-to-keep", str(args.max_to_keep)]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -177,13 +219,16 @@ def main() -> None:
                 records = json.loads(out.strip().splitlines()[-1])[1:]  # after the first step
                 run_medians = {
                     k: statistics.median(r[k] for r in records)
-                    for k in ("blocking_s", "commit_s", "new_bytes")
+                    for k in ("blocking_s", "commit_s", "new_bytes", "slowdown")
                 }
                 results.setdefault((workload, system), []).append(run_medians)
                 print(workload, system, run, json.dumps(run_medians), flush=True)
     for workload in args.workloads.split(","):
         print(f"\n{workload}: medians over {args.runs} runs of the per-step medians (steps 2+)")
-        print("| system | blocking | commit | new bytes per step |\n|---|---|---|---|")
+        print(
+            "| system | blocking | commit | new bytes per step | training while saving |\n"
+            "|---|---|---|---|---|"
+        )
         table = {}
         for (w, system), runs in results.items():
             if w != workload:
@@ -192,14 +237,17 @@ def main() -> None:
             table[system] = m
             print(
                 f"| {system} | {m['blocking_s']:.3f} s | {m['commit_s']:.3f} s | "
-                f"{m['new_bytes'] / (1 << 20):.1f} MiB |"
+                f"{m['new_bytes'] / (1 << 20):.1f} MiB | {m['slowdown']:.3f}x |"
             )
         base = "orbax" if "orbax" in table else "asyncckpt-full"
         ours = table["asyncckpt"]
+        excess = (ours["slowdown"] - 1) / max(1e-9, table[base]["slowdown"] - 1)
         print(
             f"asyncckpt / {base}: commit {ours['commit_s'] / table[base]['commit_s']:.3f}, "
             f"new bytes {ours['new_bytes'] / max(1, table[base]['new_bytes']):.4f}, "
-            f"blocking {ours['blocking_s'] / table[base]['blocking_s']:.2f}"
+            f"blocking {ours['blocking_s'] / table[base]['blocking_s']:.2f}, "
+            f"training while saving {ours['slowdown'] / table[base]['slowdown']:.3f} "
+            f"(slowdown excess {excess:.2f})"
         )
 
 

@@ -3,6 +3,7 @@ every restore, asyncckpt's and Orbax's, is checked leaf by leaf inside it. No ti
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,3 +43,28 @@ def test_compare_orbax_quick_mode(tmp_path):
     for r in records:
         for metric in ("save_blocking_s", "save_commit_s", "restore_resume_s", "train_slowdown"):
             assert r[metric] > 0, (r["system"], r["workload"], metric)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_incremental_quick_mode(tmp_path):
+    """The incremental benchmark end to end on 64x smaller trees: every system's table row and
+    the ratios are printed, and an incremental lora step adds fewer bytes than a full one."""
+    script = os.path.join(os.path.dirname(SCRIPT), "incremental.py")
+    env = dict(os.environ, BENCH_DIR=str(tmp_path))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--runs", "1", "--steps", "3", "--slowdown-reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lora = proc.stdout[proc.stdout.index("\nlora: medians") : proc.stdout.index("\nbig: medians")]
+    rows = dict(re.findall(r"^\| (asyncckpt-full|asyncckpt|orbax) \|(.*)$", lora, re.M))
+    assert set(rows) == {"asyncckpt", "asyncckpt-full", "orbax"}, proc.stdout
+    mib = {k: float(re.search(r"([\d.]+) MiB", v).group(1)) for k, v in rows.items()}
+    assert mib["asyncckpt"] < 0.5 * mib["asyncckpt-full"], proc.stdout
+    assert re.search(r"asyncckpt / orbax: commit [\d.]+, new bytes [\d.]+", proc.stdout)
+    assert "asyncckpt / asyncckpt-full: commit" in proc.stdout
