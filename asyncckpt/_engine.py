@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import jax
+
 from . import _distributed, _format, _restore, _save, _telemetry
 from ._executor import Priority, Workers, at_interpreter_exit
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
@@ -76,71 +78,101 @@ class Engine:
 
     def save(
         self,
-        dest: Storage,
+        dest: Storage | None,
         tree: Any,
         *,
         fields: _format.RootFields,
         force: bool,
         previous: Callable[[], Storage | None] | None = None,
+        local: Storage | None = None,
     ) -> Future[str]:
         """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
         future's result is the committed location. `previous`: called on the job thread when the
         save writes, it names a committed checkpoint whose chunks of unchanged content are
-        reused, not written."""
+        reused, not written. `local`: also (first) write this process's part of a node-local
+        step there, every replica it holds, from the same snapshot (`_save.write_local_part`);
+        `dest` may then be None."""
         self.check_open()
+        target = dest if dest is not None else local
+        assert target is not None
         t0 = time.perf_counter()
         for _, fut in self._saves():  # one save in flight at a time bounds host memory
             self.workers.help_until(fut)  # waiting: write on this thread too
         phases = _telemetry.Phases()
         phases.add("wait_previous", time.perf_counter() - t0)
         self.check_for_errors()
-        dest.check_writable(replace=force)
-        coord = None
+        if dest is not None:
+            dest.check_writable(replace=force)
+        coord = local_coord = None
         if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(
-                _distributed.call_key(f"save {dest.url}"), self.barrier_timeout_s
-            )
+            if dest is not None:
+                coord = _distributed.Coordinator(
+                    _distributed.call_key(f"save {dest.url}"), self.barrier_timeout_s
+                )
+            if local is not None:  # each host names its own directory: key by step
+                local_coord = _distributed.Coordinator(
+                    _distributed.call_key(f"local save {fields.step}"), self.barrier_timeout_s
+                )
         with phases("snapshot"):
             snap = take_snapshot(
-                tree, self.workers, self._pool, process_index=coord.process if coord else 0
+                tree,
+                self.workers,
+                self._pool,
+                process_index=jax.process_index() if _distributed.is_multi_process() else 0,
+                every_replica=local is not None,
             )
         phases.add("blocking", time.perf_counter() - t0)
         future = self.workers.submit_job(
-            self._write, snap, dest, force, fields, coord, phases, t0, previous
+            self._write, snap, dest, force, fields, coord, phases, t0, previous, local, local_coord
         )
         with self._lock:
-            self._pending.append((dest.url, future))
+            self._pending.append((target.url, future))
         _finish_at_exit(self)
         return future
 
     def _write(
         self,
         snap: Snapshot,
-        dest: Storage,
+        dest: Storage | None,
         replace: bool,
         fields: _format.RootFields,
         coord: _distributed.Coordinator | None,
         phases: _telemetry.Phases,
         t0: float,
         previous: Callable[[], Storage | None] | None,
+        local: Storage | None,
+        local_coord: _distributed.Coordinator | None,
     ) -> str:
         try:
-            _save.write_snapshot(
-                snap,
-                dest,
-                self.workers,
-                replace=replace,
-                fields=fields,
-                coord=coord,
-                phases=phases,
-                previous=previous() if previous is not None else None,
-            )
+            if local is not None:
+                _save.write_local_part(
+                    snap,
+                    local,
+                    self.workers,
+                    replace=replace,
+                    fields=fields,
+                    coord=local_coord,
+                    phases=phases,
+                )
+            if dest is not None:
+                _save.write_snapshot(
+                    snap,
+                    dest,
+                    self.workers,
+                    replace=replace,
+                    fields=fields,
+                    coord=coord,
+                    phases=phases,
+                    previous=previous() if previous is not None else None,
+                )
         finally:
             if snap.arena is not None:
                 self._pool.release(snap.arena)
+        target = dest if dest is not None else local
+        assert target is not None
         stats = _telemetry.SaveStats(
-            path=dest.url,
+            path=target.url,
             step=fields.step,
             created=snap.created,
             arrays=len(snap.arrays),
@@ -158,7 +190,7 @@ class Engine:
         # a manager's save is reported once its retention (the next job) has run
         if fields.step is None:
             _telemetry.report("save", stats)
-        return dest.url
+        return target.url
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the job thread, after every save and job submitted before it."""
@@ -181,8 +213,17 @@ class Engine:
 
     # -- restoring -------------------------------------------------------------------------------
 
-    def restore(self, src: Storage, target: Any, *, strict: bool, step: int | None = None) -> Any:
-        """`asyncckpt.restore` of `src` with this engine's threads and options."""
+    def restore(
+        self,
+        src: Storage,
+        target: Any,
+        *,
+        strict: bool,
+        step: int | None = None,
+        local_key: str | None = None,
+    ) -> Any:
+        """`asyncckpt.restore` of `src` with this engine's threads and options (`local_key`: see
+        `_restore.restore_tree`)."""
         value, self.last_restore = timed_restore(
             src,
             target,
@@ -192,6 +233,7 @@ class Engine:
             self.map_files,
             step,
             self.barrier_timeout_s,
+            local_key,
         )
         return value
 
@@ -292,6 +334,7 @@ def timed_restore(
     map_files: bool,
     step: int | None,
     barrier_timeout_s: float,
+    local_key: str | None = None,
 ) -> tuple[Any, _telemetry.RestoreStats]:
     """`_restore.restore_tree`, timed by phase and reported (`_telemetry.report`)."""
     phases = _telemetry.Phases()
@@ -305,6 +348,7 @@ def timed_restore(
         map_files=map_files,
         phases=phases,
         barrier_timeout_s=barrier_timeout_s,
+        local_key=local_key,
     )
     stats = _telemetry.RestoreStats(
         path=src.url,

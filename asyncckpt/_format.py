@@ -23,7 +23,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import crc32c as _crc32c
 import numpy as np
@@ -532,6 +532,21 @@ class Contents:
     new_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class LocalPart:
+    """One process's part of a step in a node-local tier (MULTITIER.md): which process wrote
+    it, of how many, and which chunks each of them holds (`held[p][array]`: chunk keys
+    `"i,j"`). Written once every process's part is durable, so any part names every holder."""
+
+    process: int
+    processes: int
+    held: list[dict[str, list[str]]]
+
+    def holders(self, name: str, coords: tuple[int, ...]) -> list[int]:
+        key = ",".join(map(str, coords))
+        return [p for p, held in enumerate(self.held) if key in held.get(name, ())]
+
+
 def root_doc(
     arrays: list[ArraySpec],
     tree: dict[str, Any],
@@ -539,6 +554,7 @@ def root_doc(
     *,
     created: float,
     contents: Contents | None = None,
+    local_part: LocalPart | None = None,
 ) -> bytes:
     """The root `zarr.json`: group, consolidated metadata of every node, asyncckpt attributes.
 
@@ -555,6 +571,12 @@ def root_doc(
     if fields.best is not None:
         ours["best"] = {"metric": fields.best[0], "mode": fields.best[1]}
     ours.update(tree=tree, metadata=fields.metadata)
+    if local_part is not None:
+        ours["local_part"] = {
+            "process": local_part.process,
+            "processes": local_part.processes,
+            "held": local_part.held,
+        }
     if contents is not None:
         ours.update(
             digest=content_digest(arrays, tree, contents.hashes),
@@ -611,6 +633,8 @@ class RootInfo:
     """`content_digest` of the checkpoint, as its writer computed it."""
     new_bytes: int | None = None
     """The chunk bytes its save wrote; the rest it reused from the step before."""
+    local_part: LocalPart | None = None
+    """Set for one process's part of a node-local step: not a whole checkpoint by itself."""
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -803,7 +827,41 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
         hashes=_hashes(ours.get("chunk_hashes"), arrays, where),
         digest=digest if isinstance(digest := ours.get("digest"), str) else None,
         new_bytes=n if isinstance(n := ours.get("new_bytes"), int) else None,
+        local_part=_local_part(ours.get("local_part"), arrays, where),
     )
+
+
+def with_local_process(raw: bytes, process: int) -> bytes:
+    """The root document `raw` of one process's local part, as the part of `process` (a part
+    rebuilt from a peer's holds what that process held at save time; only its owner differs)."""
+    doc = json.loads(raw)
+    doc["attributes"][ATTR]["local_part"]["process"] = process
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _local_part(value: Any, arrays: dict[str, ArraySpec], where: str) -> LocalPart | None:
+    if value is None:
+        return None
+    part = _object(value, where, "local_part is not an object")
+    process, processes, held = part.get("process"), part.get("processes"), part.get("held")
+    _check(
+        isinstance(processes, int)
+        and isinstance(process, int)
+        and 0 <= process < processes
+        and isinstance(held, list)
+        and len(held) == processes
+        and all(
+            isinstance(h, dict)
+            and all(
+                n in arrays and isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+                for n, keys in h.items()
+            )
+            for h in held
+        ),
+        where,
+        "local_part is malformed (process, processes, held)",
+    )
+    return LocalPart(cast(int, process), cast(int, processes), cast(list, held))
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")

@@ -34,6 +34,7 @@ from ._engine import (
     Engine,
 )
 from ._executor import Priority
+from ._local import LocalTier
 from ._preemption import PreemptionWatch
 from ._retention import (
     KeepBest,
@@ -55,6 +56,7 @@ from .errors import (
     IncompleteCheckpointError,
     ReadOnlyError,
     StepNotFoundError,
+    TreeMismatchError,
 )
 
 log = logging.getLogger("asyncckpt")
@@ -115,6 +117,11 @@ class CheckpointManager:
             deleting any step never changes another. False writes everything.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, barrier_timeout_s,
             background_nice: as for `AsyncCheckpointer`.
+        local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
+            shared, where each process saves every shard its devices hold, every
+            `local_save_interval_steps` steps, keeping `local_max_to_keep` of them. `restore()`
+            and `latest_step()` consider it first; `local_steps()` lists what can be restored
+            from it now.
 
     Under `jax.distributed`, create the manager and call `save`, `delete` and `restore` in every
     process alike (after `jax.distributed.initialize`); the directory must be on storage every
@@ -143,6 +150,9 @@ class CheckpointManager:
         map_files: bool = True,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+        local_directory: Any = None,
+        local_save_interval_steps: int = 1,
+        local_max_to_keep: int = 2,
     ) -> None:
         self._dir: Storage = open_storage(directory)
         self._policies = policies_from(
@@ -156,6 +166,13 @@ class CheckpointManager:
         )
         self._best = KeepBest(1, best_metric, best_mode) if best_metric is not None else None
         check_count(save_interval_steps, "save_interval_steps")
+        check_count(local_save_interval_steps, "local_save_interval_steps")
+        check_count(local_max_to_keep, "local_max_to_keep")
+        if read_only and local_directory is not None:
+            raise ValueError(
+                "read_only=True with local_directory: a reader restores from the persistent "
+                "tier only; open the manager without local_directory"
+            )
         self._interval = save_interval_steps
         self._read_only = read_only
         self._incremental = incremental
@@ -193,7 +210,19 @@ class CheckpointManager:
             close_at_exit=self.close,
         )
         self._watch = PreemptionWatch(save_on_preemption and not read_only)
-        self.reload()
+        self._local: LocalTier | None = None
+        try:
+            if local_directory is not None:
+                self._local = LocalTier(
+                    local_directory,
+                    max_to_keep=local_max_to_keep,
+                    interval=local_save_interval_steps,
+                    barrier_timeout_s=barrier_timeout_s,
+                )
+            self.reload()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def directory(self) -> str:
@@ -215,9 +244,14 @@ class CheckpointManager:
             return sorted(self._infos)
 
     def latest_step(self) -> int | None:
-        """The highest committed step, or None."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        """The highest committed step, or None; with `local_directory`, of either tier."""
+        steps = self.all_steps() + self.local_steps()
+        return max(steps) if steps else None
+
+    def local_steps(self) -> list[int]:
+        """The steps of the node-local tier that can be restored now (every process of this job
+        holds its committed part), ascending; [] without `local_directory`."""
+        return self._local.steps() if self._local is not None else []
 
     def step_info(self, step: int) -> StepInfo:
         """Step number, save time (seconds since the epoch) and metrics of a committed step."""
@@ -256,12 +290,19 @@ class CheckpointManager:
         step = _check_step(step)
         if self._read_only:
             return False
-        return self._should_save(step, self._last_step(self.all_steps()))
+        return any(self._due(step, self._last_step(self.all_steps())))
 
-    def _should_save(self, step: int, last: int | None) -> bool:
-        if last is not None and step <= last:
-            return False
-        return self.reached_preemption(step) or last is None or step % self._interval == 0
+    def _due(self, step: int, last: int | None) -> tuple[bool, bool]:
+        """Whether `step` is due on the persistent tier and on the local tier, given `last`
+        (the newest persistent step, in flight or committed)."""
+        local = self._local.steps() if self._local is not None else []
+        newest = max([s for s in (last, *local) if s is not None], default=None)
+        if newest is not None and step <= newest:
+            return False, False
+        preempted = self.reached_preemption(step)
+        persistent = preempted or last is None or step % self._interval == 0
+        due_local = self._local is not None and (preempted or step % self._local.interval == 0)
+        return persistent, due_local
 
     def save(
         self,
@@ -288,13 +329,15 @@ class CheckpointManager:
                 f"step {step} already exists in {self._dir.url}; pass force=True to replace it"
             )
         last = self._last_step(steps)
-        if not force and not self._should_save(step, last):
-            if last is not None and step < last:
+        persistent, local = (True, self._local is not None) if force else self._due(step, last)
+        if not (persistent or local):
+            newest = max([s for s in (last, *self.local_steps()) if s is not None], default=None)
+            if newest is not None and step < newest:
                 log.warning(
                     "asyncckpt: step %d not saved: it is older than step %d, already "
                     "saved in %s (pass force=True to save it anyway)",
                     step,
-                    last,
+                    newest,
                     self._dir.url,
                 )
             return False
@@ -308,9 +351,16 @@ class CheckpointManager:
         )
         previous = functools.partial(self._reuse_source, step) if self._incremental else None
         saved = self._engine.save(
-            self._path(step), tree, fields=fields, force=force, previous=previous
+            self._path(step) if persistent else None,
+            tree,
+            fields=fields,
+            force=force,
+            previous=previous,
+            local=self._local.path(step) if local and self._local is not None else None,
         )
-        retention = self._engine.submit(self._after_save, step, saved, fields.decoded_metrics)
+        retention = self._engine.submit(
+            self._after_save, step, saved, fields.decoded_metrics, persistent, local
+        )
         with self._mutex:
             self._saving = (step, retention)
             self._jobs.append(retention)
@@ -323,10 +373,13 @@ class CheckpointManager:
         others = [s for s in self.all_steps() if s != step]
         return self._path(max(others)) if others else None
 
-    def _after_save(self, step: int, saved: Future[str], metrics: Any) -> None:
+    def _after_save(
+        self, step: int, saved: Future[str], metrics: Any, persistent: bool, local: bool
+    ) -> None:
         """The job after the save of `step`, on the job thread of every process: once the step
         is committed, record it and apply retention to the steps on disk (process 0; a step
-        deleted by something else is gone), then let the others list the steps again."""
+        deleted by something else is gone), then let the others list the steps again. A local
+        step is recorded and the local tier's retention applied by every process."""
         if saved.exception() is not None:
             return  # the save's own future raises it
         stats = self._engine.last_save
@@ -334,11 +387,13 @@ class CheckpointManager:
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
-            if self._leader:
+            if local and self._local is not None:
+                self._local.committed(step)
+            if self._leader and persistent:
                 self._apply_retention(step, stats.created, metrics)
         except BaseException as e:
             error = e
-        if _distributed.is_multi_process():
+        if _distributed.is_multi_process() and persistent:
             _distributed.Coordinator(
                 _distributed.call_key(f"retention {self._dir.url} {step}"), self._barrier_timeout_s
             ).barrier("retained", f"retention after step {step}")
@@ -446,6 +501,7 @@ class CheckpointManager:
         it is set aside (a writer moves it to `<step>.damaged-<time>`, out of the listing), and
         the newest earlier step that restores cleanly is returned."""
         self._engine.check_open()
+        self._settle()
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -454,13 +510,72 @@ class CheckpointManager:
                     "the directory (steps are folders named by their number)"
                 )
         step = _check_step(step)
-        self._settle()
+        if step in self.local_steps():
+            restored, why = self._restore_local(step, target, strict)
+            if why is None:
+                return restored
+            persistent = self.all_steps()
+            older = [s for s in persistent if s <= step]
+            if not older:
+                raise CheckpointNotFoundError(
+                    f"step {step} cannot be restored from the local tier ({why}), and "
+                    f"{self._dir.url} holds no step at or before it; persistent steps: "
+                    f"{_steps_text(persistent)}"
+                )
+            log.warning(
+                "asyncckpt: restoring step %d from the persistent tier %s instead of local "
+                "step %d: %s",
+                older[-1],
+                self._dir.url,
+                step,
+                why,
+            )
+            step = older[-1]
         self._existing(step)
         while True:
             try:
                 return self._engine.restore(self._path(step), target, strict=strict, step=step)
             except (CorruptCheckpointError, IncompleteCheckpointError) as e:
                 step = self._fall_back(step, e, fall_back)
+
+    def _restore_local(self, step: int, target: Any, strict: bool) -> tuple[Any, str | None]:
+        """Restore `step` from this job's local tier: (tree, None), or (None, why not) when some
+        process's part lacks shards its devices need or is damaged (all processes agree)."""
+        assert self._local is not None
+        place = self._local.path(step)
+        coord = None
+        if _distributed.is_multi_process():
+            coord = _distributed.Coordinator(
+                _distributed.call_key(f"local restore {step}"), self._barrier_timeout_s
+            )
+        error: Exception | None = None
+        if coord is not None and self._local.missing_parts(step):
+            try:  # a collective call: every process alike
+                self._local.repair(step)
+            except (CheckpointError, OSError) as e:
+                return None, f"its missing parts could not be rebuilt from peers: {e}"
+        try:
+            missing = self._local.missing(_restore.read_root(place), target)
+            if missing is not None:
+                error = CheckpointError(
+                    f"process {jax.process_index()}'s local part {place.url} lacks {missing}"
+                )
+        except (CheckpointError, OSError) as e:
+            error = e
+        if coord is not None:
+            error = coord.agree("covered", error, f"restoring local step {step}")
+        if error is not None:
+            return None, str(error)
+        try:
+            value = self._engine.restore(
+                place, target, strict=strict, step=step, local_key=f"local read {step}"
+            )
+        except (CorruptCheckpointError, IncompleteCheckpointError, CheckpointError) as e:
+            if isinstance(e, TreeMismatchError):
+                raise
+            return None, str(e)
+        log.info("asyncckpt: restored step %d from the local tier %s", step, self._local.dir.url)
+        return value, None
 
     def _fall_back(self, step: int, error: CheckpointError, fall_back: bool) -> int:
         """The step to restore instead of the damaged `step`, or raise."""
@@ -563,6 +678,8 @@ class CheckpointManager:
             self._watch.close()
             if self._lock is not None:
                 self._lock.release()
+            if self._local is not None:
+                self._local.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -517,8 +517,11 @@ def restore_tree(
     map_files: bool = True,
     phases: Phases | None = None,
     barrier_timeout_s: float = 300.0,
+    local_key: str | None = None,
 ) -> Any:
-    """Restore the checkpoint `ckpt` (see `asyncckpt.restore`).
+    """Restore the checkpoint `ckpt` (see `asyncckpt.restore`). `local_key`: `ckpt` is this
+    process's part of a node-local step (each process restores from its own directory), and
+    the processes coordinate under this name instead of the checkpoint's location.
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
     fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
@@ -527,14 +530,19 @@ def restore_tree(
     identity = ckpt.identity()
     with phases("plan"):
         info = read_root(ckpt)
+    if info.local_part is not None and local_key is None:
+        raise CheckpointError(
+            f"{ckpt.url} is process {info.local_part.process}'s part of a step of a node-local "
+            f"tier ({info.local_part.processes} processes), not a whole checkpoint: restore it "
+            "with CheckpointManager(..., local_directory=...).restore()"
+        )
     try:
         coordinate = None
         if _distributed.is_multi_process():
+            call = f"restore {ckpt.url}" if local_key is None else local_key
 
             def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(
-                    _distributed.call_key(f"restore {ckpt.url}"), barrier_timeout_s
-                )
+                return _distributed.Coordinator(_distributed.call_key(call), barrier_timeout_s)
 
         read = functools.partial(
             read_arrays,

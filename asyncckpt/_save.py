@@ -364,3 +364,67 @@ def _write_together(
         if leader and staged is not None:
             dest.discard(staged)  # never a committed checkpoint
         raise _as_write_error(e, dest) from None
+
+
+def write_local_part(
+    snap: Snapshot,
+    dest: Storage,
+    workers: Workers,
+    *,
+    replace: bool,
+    fields: _format.RootFields,
+    coord: Coordinator | None,
+    phases: Phases,
+) -> None:
+    """Write this process's part of a node-local step into `dest` (a directory of this host
+    only): every chunk it holds, replicas included (`HostArray.extra`).
+
+    Each process writes and syncs its part, then (with `coord`) the processes learn from each
+    other which chunks each holds; only then does each write its root document, naming every
+    holder, and commit its part. So a committed part always describes a step that every process
+    wrote in full; a process that fails or dies before that barrier leaves no committed part
+    anywhere (its debris is a temporary directory, removed by the next manager)."""
+    local = Snapshot(
+        [HostArray(a.spec, a.chunks + a.extra) for a in snap.arrays], snap.tree, snap.created, None
+    )
+    mine = {
+        a.spec.name: [",".join(map(str, c)) for c, _ in a.chunks] for a in local.arrays if a.chunks
+    }
+    what = f"saving the node-local part {dest.url}"
+    staged = None
+    try:
+        error: Exception | None = None
+        with phases("write"):
+            try:
+                staged = begin_write(dest, replace)
+                _write_tree(staged, local, workers, documents=True, reuse=None)
+                staged.sync()
+            except Exception as e:
+                error = e
+        held, process, processes = [mine], 0, 1
+        if coord is not None:  # every process's part is durable before any is committed
+            coord.put(f"held/{coord.process}", mine)
+            error = coord.agree("local-written", error, f"{what}, nothing was committed")
+            if error is None:
+                gathered = coord.gather("held")
+                held = [gathered[p] for p in range(coord.count)]
+                process, processes = coord.process, coord.count
+        if error is not None:
+            raise error
+        assert staged is not None
+        with phases("commit"):
+            part = _format.LocalPart(process, processes, held)
+            root = _format.root_doc(
+                [a.spec for a in local.arrays],
+                local.tree,
+                fields,
+                created=local.created,
+                local_part=part,
+            )
+            staged.write(_format.DOC, root)
+            staged.sync()
+            dest.commit(staged, replace=replace)
+    except BaseException as e:
+        if staged is not None:
+            dest.discard(staged)
+        raise _as_write_error(e, dest, uncommitted=True) from None

@@ -89,6 +89,9 @@ class HostArray:
     spec: ArraySpec
     chunks: list[tuple[tuple[int, ...], np.ndarray]]
     """(chunk coordinates, C-contiguous host buffer), replica-0 addressable shards only."""
+    extra: list[tuple[tuple[int, ...], np.ndarray]] = field(default_factory=list)
+    """With `every_replica`: the chunks of the other distinct shards this process holds (whose
+    replica 0 is another process's), for a node-local tier, which keeps every replica."""
     hashes: dict[tuple[int, ...], str] = field(default_factory=dict)
     """Filled by the writer threads: each chunk's `_format.chunk_hash`."""
     reused: set[tuple[int, ...]] = field(default_factory=set)
@@ -134,6 +137,7 @@ class _Template:
     coords: tuple[int, ...]
     source: int
     source_index: tuple[slice, ...]
+    primary: bool  # from a replica-0 shard: written to the persistent tier
 
 
 def _data_of(value: Any) -> Any:
@@ -152,11 +156,23 @@ def _whole_copy(data: Any) -> bool:
     )
 
 
-def _sources(data: Any) -> list[tuple[Any, tuple[slice, ...]]]:
-    """(single-device array or host array, its index in the global array) to copy from."""
+def _sources(data: Any) -> list[tuple[Any, tuple[slice, ...], bool]]:
+    """(single-device array or host array, its index in the global array, replica 0 or not) to
+    copy from: one per distinct index among this process's shards (replica 0 where held)."""
     if _whole_copy(data):
-        return [(data, ())]
-    return [(s.data, s.index) for s in data.addressable_shards if s.replica_id == 0]
+        return [(data, (), True)]
+    found: dict[Any, tuple[Any, tuple[slice, ...], bool]] = {}
+    for s in data.addressable_shards:
+        key = _format_index(s.index, data.shape)
+        if key not in found or (s.replica_id == 0 and not found[key][2]):
+            found[key] = (s.data, s.index, s.replica_id == 0)
+    return list(found.values())
+
+
+def _format_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(
+        (s.start or 0, n if s.stop is None else s.stop) for s, n in zip(index, shape, strict=True)
+    )
 
 
 def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
@@ -178,16 +194,19 @@ def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
         return spec, []
     sources = _sources(data)
     if chunk == whole:
-        return spec, [_Template((0,) * len(shape), k, ()) for k in range(len(sources))]
+        return spec, [
+            _Template((0,) * len(shape), k, (), primary)
+            for k, (_, _, primary) in enumerate(sources)
+        ]
     templates = []
-    for k, (_, index) in enumerate(sources):
+    for k, (_, index, primary) in enumerate(sources):
         starts = [s.start or 0 for s in index]
         stops = [size if s.stop is None else s.stop for s, size in zip(index, shape)]
         ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, chunk)]
         for coords in np.ndindex(*[len(r) for r in ranges]):
             cc = tuple(r[j] for r, j in zip(ranges, coords))
             sub = tuple(slice(c * n - a, c * n - a + n) for c, n, a in zip(cc, chunk, starts))
-            templates.append(_Template(cc, k, sub))
+            templates.append(_Template(cc, k, sub, primary))
     return spec, templates
 
 
@@ -310,16 +329,23 @@ def _copy_group(group: list[tuple[_Piece, np.ndarray]]) -> None:
 
 
 def take_snapshot(
-    tree: Any, workers: Workers, pool: ArenaPool, *, process_index: int = 0
+    tree: Any,
+    workers: Workers,
+    pool: ArenaPool,
+    *,
+    process_index: int = 0,
+    every_replica: bool = False,
 ) -> Snapshot:
     """Copy every leaf of `tree` that this process writes into private host memory.
 
     Under `jax.distributed` a process writes the replica-0 shards of its addressable devices;
-    values every process holds whole (numpy arrays, single-device arrays) are process 0's."""
+    values every process holds whole (numpy arrays, single-device arrays) are process 0's.
+    `every_replica`: also copy, into `HostArray.extra`, one copy of every other distinct shard
+    this process holds (the node-local tier keeps every replica)."""
     enabled = gc.isenabled()
     gc.disable()  # a full collection triggered by the ~10 objects per leaf made here cost 70 ms
     try:
-        return _take_snapshot(tree, workers, pool, process_index)
+        return _take_snapshot(tree, workers, pool, process_index, every_replica)
     except RuntimeError as e:  # JAX's "Array has been deleted", which names no leaf
         deleted = [
             keystr(kp)
@@ -338,13 +364,17 @@ def take_snapshot(
             gc.enable()
 
 
-def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, process_index: int) -> Snapshot:
+def _take_snapshot(
+    tree: Any, workers: Workers, pool: ArenaPool, process_index: int, every_replica: bool
+) -> Snapshot:
     plan, values = _plan_tree(tree)
     pieces: list[_Piece] = []  # to copy into the arena
     views: list[tuple[_Piece, np.ndarray]] = []
     to_host: list[Any] = []
+    extra: set[tuple[int, tuple[int, ...]]] = set()  # (array, coords) of HostArray.extra
     for i, leaf in enumerate(plan.leaves):
-        if process_index != 0 and leaf.local:
+        not_ours = process_index != 0 and leaf.local  # process 0 writes what all hold whole
+        if not_ours and not every_replica:
             continue
         spec = plan.arrays[i]
         data = values[leaf.position]
@@ -352,10 +382,16 @@ def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, process_index: 
             data = jax.random.key_data(data)
         elif not isinstance(data, (jax.Array, np.ndarray)):
             data = np.asarray(data)  # numpy scalars
-        sources = [(data, ())] if leaf.whole else _sources(data)
+        sources = [(data, (), True)] if leaf.whole else _sources(data)
+        templates = leaf.templates
+        if not every_replica:
+            templates = [t for t in templates if t.primary]
+            sources = [src if src[2] else (None, (), False) for src in sources]
         if leaf.device_copy:
-            to_host.extend(src for src, _ in sources)
-        for t in leaf.templates:
+            to_host.extend(src for src, _, _ in sources if src is not None)
+        for t in templates:
+            if not_ours or not t.primary:
+                extra.add((i, t.coords))
             piece = _Piece(
                 i,
                 t.coords,
@@ -376,10 +412,10 @@ def _take_snapshot(tree: Any, workers: Workers, pool: ArenaPool, process_index: 
     arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
     workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
-    chunks: list[list[tuple[tuple[int, ...], np.ndarray]]] = [[] for _ in arrays]
+    host = [HostArray(a, []) for a in arrays]
     for p, dest in views + planned:
-        chunks[p.array].append((p.coords, dest))
-    host = [HostArray(a, c) for a, c in zip(arrays, chunks)]
+        held = host[p.array]
+        (held.extra if (p.array, p.coords) in extra else held.chunks).append((p.coords, dest))
     description = plan.tree
     if plan.stateful:
         description = with_states(plan.tree, jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,336 @@
+"""The node-local tier of a `CheckpointManager` (docs/MULTITIER.md): frequent steps on each
+host's own storage, one part per process, every replica that process holds.
+
+A local step is a directory per process, `<local_directory>/<step>`, on storage that only that
+host sees. Each part is an ordinary Zarr v3 group of the whole tree's documents holding only the
+chunks of that process's shards (`_save.write_local_part`); its root document's `local_part`
+names which process holds which chunks, written once every part was durable. A step can be
+restored now when every process of this job holds its committed part; which steps those are is
+agreed among the processes when the manager opens and kept current as saves commit and
+retention deletes (so asking is no collective call).
+
+A process that lost its part (a replaced host) gets it rebuilt from the parts that survive, if
+they hold every chunk of it (replicas), through JAX collectives (`repair`). Not yet: copies of
+shards that only one process holds sent to peers at save time (`local_replicas`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _collectives, _directory, _distributed, _format, _restore, _tree
+from ._format import RootInfo
+from ._storage import Storage, WriterLock, open_storage
+from .errors import CheckpointError
+
+log = logging.getLogger("asyncckpt")
+
+
+def _process() -> tuple[int, int]:
+    if _distributed.is_multi_process():
+        return jax.process_index(), jax.process_count()
+    return 0, 1
+
+
+class LocalTier:
+    """This process's local directory and the local steps the whole job can restore."""
+
+    def __init__(
+        self, directory: Any, *, max_to_keep: int, interval: int, barrier_timeout_s: float
+    ) -> None:
+        self.dir: Storage = open_storage(directory)
+        if self.dir.network:
+            raise ValueError(
+                f"local_directory must be storage of this host (a path, e.g. on NVMe or a RAM "
+                f"disk), not {self.dir.url}; the persistent tier is the manager's directory"
+            )
+        self.max_to_keep = max_to_keep
+        self.interval = interval
+        self._timeout_s = barrier_timeout_s
+        self._mutex = threading.Lock()
+        self._lock: WriterLock | None = _directory.lock(self.dir)
+        try:
+            for place in _directory.leftovers(self.dir):
+                log.info("asyncckpt: removing %s, left by an interrupted local save", place.url)
+                _directory.remove(place, None)
+            self._holders: dict[int, list[int]] = {}  # step -> processes with a usable part
+            self._steps = self._agree(self._own_parts())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what exists ---------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """The local steps every process of this job holds its committed part of, ascending."""
+        with self._mutex:
+            return list(self._steps)
+
+    def path(self, step: int) -> Storage:
+        return _directory.step_storage(self.dir, step)
+
+    def _own_parts(self) -> list[int]:
+        """The committed parts in this host's directory that this process wrote in a job of
+        this many processes."""
+        process, count = _process()
+        steps = []
+        for step in _directory.committed_steps(self.dir):
+            try:
+                part = _restore.read_root(self.path(step)).local_part
+            except (CheckpointError, OSError) as e:
+                log.warning("asyncckpt: local step %d unreadable, not used: %s", step, e)
+                continue
+            if part is None or part.processes != count or part.process != process:
+                log.info(
+                    "asyncckpt: local step %d in %s was written by another process or job "
+                    "size; not used",
+                    step,
+                    self.dir.url,
+                )
+                continue
+            steps.append(step)
+        return steps
+
+    def _agree(self, mine: list[int]) -> list[int]:
+        """The steps the job can restore from the local tier: every process holds its part, or
+        the parts that survive hold every chunk (the missing parts are rebuilt from them by
+        `repair`). One exchange through the key-value store, and one more when parts are
+        missing."""
+        if not _distributed.is_multi_process():
+            self._holders = {s: [0] for s in mine}
+            return sorted(mine)
+        coord = _distributed.Coordinator(_distributed.call_key("local tier steps"), self._timeout_s)
+        coord.put(f"parts/{coord.process}", mine)
+        coord.barrier("parts", "listing the local steps of every process")
+        holders: dict[int, list[int]] = {}
+        for process, steps in sorted(coord.gather("parts").items()):
+            for step in steps:
+                holders.setdefault(step, []).append(process)
+        partial = sorted(s for s, h in holders.items() if len(h) < coord.count)
+        for step in partial:  # the first holder decides whether the others' parts suffice
+            if holders[step][0] == coord.process:
+                coord.put(f"covered/{step}", self._uncovered(step, holders[step]))
+        if partial:
+            coord.barrier("covered", "checking which local steps the surviving parts hold")
+        usable = []
+        for step, held_by in sorted(holders.items()):
+            if step in partial:
+                lost = coord.get(f"covered/{step}")
+                if lost is not None:
+                    log.warning(
+                        "asyncckpt: local step %d cannot be restored from the local tier: "
+                        "processes %s lack their part, and no surviving part holds %s",
+                        step,
+                        sorted(set(range(coord.count)) - set(held_by)),
+                        lost,
+                    )
+                    continue
+            usable.append(step)
+            self._holders[step] = held_by
+        return usable
+
+    def _uncovered(self, step: int, holders: list[int]) -> str | None:
+        """None if the parts of `holders` hold every chunk of `step`; else the first one that
+        no part holds (read from this process's part, which names every part's chunks)."""
+        info = _restore.read_root(self.path(step))
+        part = info.local_part
+        assert part is not None
+        for name, spec in sorted(info.arrays.items()):
+            if spec.nbytes == 0:
+                continue
+            held = set().union(*(part.held[p].get(name, []) for p in holders))
+            for coords in spec.chunk_coords():
+                if ",".join(map(str, coords)) not in held:
+                    return f"chunk {coords} of {name!r} ({spec.chunk_key(coords)})"
+        return None
+
+    def missing_parts(self, step: int) -> list[int]:
+        """The processes that lack their part of the usable local `step`."""
+        _, count = _process()
+        with self._mutex:
+            held_by = self._holders.get(step, list(range(count)))
+        return sorted(set(range(count)) - set(held_by))
+
+    def repair(self, step: int) -> None:
+        """Rebuild the parts of `step` that processes lack (a replaced host) from the parts
+        that survive, through JAX collectives; a collective call, every process alike. Each
+        chunk a missing part held comes from the first surviving process that holds it, device
+        to device; the rebuilt part is committed like a saved one. Raises (in every process)
+        if any process fails."""
+        process, count = _process()
+        with self._mutex:
+            held_by = list(self._holders[step])
+        missing = sorted(set(range(count)) - set(held_by))
+        if not missing:
+            return
+        coord = _distributed.Coordinator(
+            _distributed.call_key(f"local repair {step}"), self._timeout_s
+        )
+        source = held_by[0]
+        raw = b""
+        error: Exception | None = None
+        if process == source:
+            try:
+                raw = self.path(step).read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
+            except OSError as e:
+                error = e
+        error = coord.agree("doc", error, f"reading local step {step} of process {source}")
+        if error is not None:
+            raise error
+        raw = _collectives.broadcast_bytes(raw, is_source=process == source)
+        info = _format.parse_root_doc(raw, f"local step {step} of process {source}")
+        part = info.local_part
+        assert part is not None
+        dest = self.path(step)
+        staged = None
+        try:
+            if process in missing:
+                staged = dest.begin(replace=False)
+                names = sorted(info.arrays)
+                for group in _format.group_names(names):
+                    staged.make_dirs([group])
+                    staged.write(f"{group}/{_format.DOC}", _format.GROUP_DOC)
+                for name in names:
+                    staged.make_dirs([name])
+                    staged.write(f"{name}/{_format.DOC}", _format.array_doc(info.arrays[name]))
+            for name, spec in sorted(info.arrays.items()):
+                moves = []
+                for p in missing:
+                    for key in part.held[p].get(name, []):
+                        src = next((q for q in held_by if key in part.held[q].get(name, [])), None)
+                        assert src is not None  # `_uncovered` said every chunk is held
+                        moves.append(_collectives.Move(src, p, key))
+                if moves:
+                    self._move_chunks(spec, moves, dest, staged, error is not None)
+            if staged is not None:
+                staged.write(_format.DOC, _format.with_local_process(raw, process))
+                staged.sync()
+        except Exception as e:
+            error = e
+        error = coord.agree("repaired", error, f"rebuilding local step {step} from its peers")
+        try:
+            if error is not None:
+                raise error
+            if staged is not None:
+                dest.commit(staged, replace=False)
+                staged = None
+                log.info("asyncckpt: rebuilt local step %d of %s from peers", step, dest.url)
+        finally:
+            if staged is not None:
+                dest.discard(staged)
+        coord.barrier("committed", f"rebuilding local step {step} from its peers")
+        with self._mutex:
+            self._holders[step] = list(range(count))
+
+    def _move_chunks(
+        self,
+        spec: _format.ArraySpec,
+        moves: list[_collectives.Move],
+        source: Storage,
+        staged: Storage | None,
+        failed: bool,
+    ) -> None:
+        """Send the chunks of `moves` from their processes' parts to the processes that lack
+        them, which write them into `staged`."""
+        process, _ = _process()
+        where = f"while rebuilding {spec.name!r} of local step {source.name}"
+
+        def read(key: str) -> np.ndarray:
+            buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
+            if not failed:
+                source.read_chunk_into(f"{spec.name}/c{_suffix(key)}", buf, where)
+            return buf.reshape(-1).view(np.uint8)
+
+        def write(key: str, data: np.ndarray) -> None:
+            assert staged is not None
+            chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape)
+            band = _format.band_nbytes(spec) if spec.band_rows is not None else None
+            staged.write_chunk(f"{spec.name}/c{_suffix(key)}", chunk, band)
+
+        _collectives.move(moves, spec.chunk_nbytes, read, write)
+
+    # -- after a local save --------------------------------------------------------------------
+
+    def committed(self, step: int) -> None:
+        """Record `step` (committed by every process) and delete the parts beyond
+        `max_to_keep` from this host (job thread)."""
+        with self._mutex:
+            self._steps = sorted(set(self._steps) | {step})[-self.max_to_keep :]
+            keep = set(self._steps)
+        for s in _directory.committed_steps(self.dir):
+            if s in keep or s > step:
+                continue
+            try:
+                trash = _directory.start_delete(self.dir, s)
+            except FileNotFoundError:
+                continue
+            _directory.remove(trash, s)
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def missing(self, info: RootInfo, target: Any) -> str | None:
+        """None if this process's part holds every chunk that this process's devices need to
+        restore `target`; else what the first missing chunk is."""
+        part = info.local_part
+        assert part is not None
+        held = part.held[part.process]
+        if target is None:
+            wanted = [(name, None) for name in info.arrays]
+        else:
+            leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+            wanted = [(_tree.variable_name(kp), v) for kp, v in leaves]
+        for name, leaf in wanted:
+            spec = info.arrays.get(name)
+            if spec is None or spec.nbytes == 0:
+                continue
+            have = set(held.get(name, []))
+            for coords in _needed(spec, leaf):
+                if ",".join(map(str, coords)) not in have:
+                    return f"chunk {coords} of {name!r}"
+        return None
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _suffix(key: str) -> str:
+    """The chunk-file suffix of a chunk key `"i,j"` (`.i.j`; empty for 0-d arrays)."""
+    return "".join(f".{i}" for i in key.split(",")) if key else ""
+
+
+def _needed(spec: _format.ArraySpec, leaf: Any) -> set[tuple[int, ...]]:
+    """The chunks of `spec` that this process's devices need for the target `leaf`."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding) or not hasattr(
+        sharding, "addressable_devices_indices_map"
+    ):
+        return set(spec.chunk_coords())
+    shape = tuple(spec.shape)
+    if tuple(getattr(leaf, "shape", shape)) != shape:
+        return set(spec.chunk_coords())  # reshaped (e.g. PRNG key data): read it all
+    needed: set[tuple[int, ...]] = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        if index is None:
+            return set(spec.chunk_coords())
+        region = _restore.index_key(index, shape)
+        ranges = [
+            range(a // c, -(-b // c)) if b > a else range(0)
+            for (a, b), c in zip(region, spec.chunk_shape, strict=True)
+        ]
+        for coords in _product(ranges):
+            needed.add(coords)
+    return needed
+
+
+def _product(ranges: list[range]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for r in ranges:
+        out = [c + (i,) for c in out for i in r]
+    return out

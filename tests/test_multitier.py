@@ -1,0 +1,205 @@
+"""The node-local tier of a CheckpointManager (`local_directory=`): frequent steps on each
+host's own storage, restored before the persistent tier when the whole job holds them."""
+
+import logging
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import assert_same
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import asyncckpt as ac
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+
+
+def tree(mesh, step):
+    value = np.arange(16 * 24, dtype=np.float32).reshape(16, 24) + step
+    return {
+        "w": jax.device_put(value, NamedSharding(mesh, P("x", "y"))),
+        "b": jax.device_put(value[0], NamedSharding(mesh, P())),
+        "host": np.full(3, step, np.int32),
+        "step": step,
+    }
+
+
+def target(mesh):
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree(mesh, 0),
+    )
+
+
+def check(got, mesh, step):
+    want = tree(mesh, step)
+    for k in ("w", "b"):
+        assert_same(got[k], want[k])
+        assert got[k].sharding == want[k].sharding
+    np.testing.assert_array_equal(got["host"], want["host"])
+    assert got["step"] == step
+
+
+def manager(tmp_path, **kw):
+    return ac.CheckpointManager(
+        tmp_path / "persistent",
+        save_interval_steps=4,
+        local_directory=tmp_path / "local",
+        local_max_to_keep=2,
+        **kw,
+    )
+
+
+def test_local_steps_are_saved_often_kept_few_and_restored_first(tmp_path, mesh):
+    with manager(tmp_path) as mgr:
+        for step in range(1, 9):
+            assert mgr.save(step, tree(mesh, step))
+        assert not mgr.save(7, tree(mesh, 7))  # not newer than the newest step of either tier
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 4, 8]  # the first save, then every 4 steps
+        assert mgr.local_steps() == [7, 8]
+        assert mgr.latest_step() == 8
+        assert sorted(os.listdir(tmp_path / "local")) == [".asyncckpt.lock", "7", "8"]
+        check(mgr.restore(target=target(mesh)), mesh, 8)
+        assert mgr.last_restore_stats().path.startswith(str(tmp_path / "local"))
+        check(mgr.restore(4, target(mesh)), mesh, 4)  # only persistent
+    # a restarted job finds the local steps again, and they win: step 8 of the persistent tier
+    # (its chunks removed here) is not read
+    for chunk in (tmp_path / "persistent" / "8" / "w").iterdir():
+        chunk.unlink()
+    with manager(tmp_path) as mgr:
+        assert mgr.local_steps() == [7, 8] and mgr.latest_step() == 8
+        check(mgr.restore(target=target(mesh)), mesh, 8)
+        assert mgr.save(9, tree(mesh, 9))
+        mgr.wait_until_finished()
+        assert mgr.local_steps() == [8, 9] and mgr.all_steps() == [1, 4, 8]
+
+
+def test_a_local_part_is_not_a_checkpoint_by_itself(tmp_path, mesh):
+    with manager(tmp_path) as mgr:
+        mgr.save(1, tree(mesh, 1))
+    with pytest.raises(ac.CheckpointError, match="part of a step of a node-local tier"):
+        ac.restore(tmp_path / "local" / "1")
+
+
+def test_lost_local_directory_falls_back_to_the_persistent_tier(tmp_path, mesh, caplog):
+    with manager(tmp_path) as mgr:
+        for step in range(1, 7):
+            mgr.save(step, tree(mesh, step))
+    shutil.rmtree(tmp_path / "local")  # the host was replaced
+    with manager(tmp_path) as mgr:
+        assert mgr.local_steps() == [] and mgr.latest_step() == 4
+        check(mgr.restore(target=target(mesh)), mesh, 4)
+
+
+def test_damaged_local_step_falls_back_and_says_why(tmp_path, mesh, caplog):
+    with manager(tmp_path) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, tree(mesh, step))
+        mgr.wait_until_finished()
+        chunk = tmp_path / "local" / "5" / "w" / "c.0.0"
+        chunk.write_bytes(b"\0" * chunk.stat().st_size)
+        with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+            check(mgr.restore(target=target(mesh)), mesh, 4)
+        assert "restoring step 4 from the persistent tier" in caplog.text
+        assert "instead of local step 5" in caplog.text and "c.0.0" in caplog.text
+
+
+def test_interrupted_local_save_leaves_debris_that_the_next_manager_removes(tmp_path, mesh):
+    with manager(tmp_path) as mgr:
+        mgr.save(1, tree(mesh, 1))
+    debris = tmp_path / "local" / ".2.asyncckpt-tmp-0123456789ab"
+    shutil.copytree(tmp_path / "local" / "1", debris)  # what a killed save leaves
+    (debris / "zarr.json").unlink()
+    with manager(tmp_path) as mgr:
+        assert mgr.local_steps() == [1]
+        assert not debris.exists()
+
+
+def test_local_tier_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="local_max_to_keep"):
+        ac.CheckpointManager(tmp_path / "p", local_directory=tmp_path / "l", local_max_to_keep=0)
+    with pytest.raises(ValueError, match="read_only=True with local_directory"):
+        ac.CheckpointManager(tmp_path / "p", local_directory=tmp_path / "l", read_only=True)
+    with pytest.raises(ValueError, match="storage of this host"):
+        ac.CheckpointManager(tmp_path / "p", local_directory="memory://x")
+
+
+# -- 4 real processes on jax.distributed, each with its own local directory --------------------
+
+
+def run(script_args, processes=4):
+    from distributed import launch
+
+    procs = launch("tier_child.py", processes, *script_args)
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    return procs, outputs
+
+
+@pytest.mark.timeout(600)
+def test_four_processes_restore_from_their_local_tiers_and_survive_a_kill(tmp_path):
+    procs, outputs = run(["save", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    # the persistent tier's chunks are away: a restore that read them would fail
+    matrix = tmp_path / "persistent" / "4" / "matrix"
+    matrix.rename(tmp_path / "away")
+    procs, outputs = run(["restore", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
+    # process 1 is killed while writing its part of local step 7: nothing is committed
+    procs, outputs = run(["die", str(tmp_path)])
+    assert procs[1].returncode == -9
+    for i in (0, 2, 3):
+        assert "processes [1] of 4 did not arrive" in outputs[i], outputs[i][-3000:]
+        assert "listing ['.asyncckpt.lock', '5', '6']" in outputs[i], outputs[i][-3000:]
+    assert any(".7.asyncckpt-tmp-" in n for n in os.listdir(tmp_path / "local-1"))
+    # the restarted job restores local step 6; process 1's debris is gone
+    procs, outputs = run(["restore", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
+        assert "listing ['.asyncckpt.lock', '5', '6']" in out, out[-3000:]
+    # a host replaced: process 2's shards of the matrix were on no other host, so the job
+    # restores the persistent step, and says which shard no surviving part holds
+    shutil.rmtree(tmp_path / "local-2")
+    (tmp_path / "away").rename(matrix)
+    procs, outputs = run(["restore", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "local []" in out, out[-3000:]
+        assert "restored step 4 from persistent" in out, out[-3000:]
+        assert "processes [2] lack their part, and no surviving part holds chunk (2, 0) of " in out
+
+
+@pytest.mark.timeout(600)
+def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
+    """Data parallel: every process holds a replica of every shard. Process 2's local directory
+    is wiped (a new host); the job restores the newest local step anyway, process 2's part
+    rebuilt from its peers' through collectives, and the persistent tier is not read."""
+    procs, outputs = run(["save", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    shutil.rmtree(tmp_path / "local-2")
+    shutil.rmtree(tmp_path / "persistent" / "4")
+    procs, outputs = run(["restore", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock", "6"]
+    # the rebuilt part is a committed part like any other: the next job uses it directly
+    procs, outputs = run(["restore", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "local [5, 6]" in out, out[-3000:]
+        assert "restored step 6 from local" in out, out[-3000:]
