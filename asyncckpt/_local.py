@@ -9,15 +9,17 @@ restored now when every process of this job holds its committed part; which step
 agreed among the processes when the manager opens and kept current as saves commit and
 retention deletes (so asking is no collective call).
 
-A process that lost its part (a replaced host) gets it rebuilt from the parts that survive, if
-they hold every chunk of it (replicas), through JAX collectives (`repair`). Not yet: copies of
-shards that only one process holds sent to peers at save time (`local_replicas`).
+At save time, a chunk that fewer than `local_replicas` processes hold (fully sharded state) is
+sent to the next processes in ring order through JAX collectives and kept in their parts
+(`replicate`). A process that lost its part (a replaced host) gets it rebuilt from the parts that
+survive, if they hold every chunk of it, through JAX collectives (`repair`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +27,7 @@ import numpy as np
 
 from . import _collectives, _directory, _distributed, _format, _restore, _tree
 from ._format import RootInfo
+from ._snapshot import HostArray, Snapshot
 from ._storage import Storage, WriterLock, open_storage
 from .errors import CheckpointError
 
@@ -41,7 +44,13 @@ class LocalTier:
     """This process's local directory and the local steps the whole job can restore."""
 
     def __init__(
-        self, directory: Any, *, max_to_keep: int, interval: int, barrier_timeout_s: float
+        self,
+        directory: Any,
+        *,
+        max_to_keep: int,
+        interval: int,
+        replicas: int,
+        barrier_timeout_s: float,
     ) -> None:
         self.dir: Storage = open_storage(directory)
         if self.dir.network:
@@ -51,6 +60,7 @@ class LocalTier:
             )
         self.max_to_keep = max_to_keep
         self.interval = interval
+        self.replicas = replicas
         self._timeout_s = barrier_timeout_s
         self._mutex = threading.Lock()
         self._lock: WriterLock | None = _directory.lock(self.dir)
@@ -254,6 +264,42 @@ class LocalTier:
 
         _collectives.move(moves, spec.chunk_nbytes, read, write)
 
+    # -- saving --------------------------------------------------------------------------------
+
+    def replicate(self, snap: Snapshot) -> None:
+        """Give every chunk of `snap` at least `replicas` holders among the processes (all of
+        them, if fewer): a chunk that fewer processes hold (fully sharded state) is sent from
+        its first holder to the next processes in ring order, through JAX collectives, and
+        kept in their snapshot (`HostArray.extra`) for their local part. A collective call
+        (every process's save, on the caller's thread, right after the snapshot)."""
+        process, count = _process()
+        want = min(self.replicas, count)
+        if want <= 1:
+            return
+        coord = _distributed.Coordinator(_distributed.call_key("local replicate"), self._timeout_s)
+        arrays = {a.spec.name: a for a in snap.arrays}
+        mine = {
+            name: [_key(c) for c, _ in a.chunks + a.extra]
+            for name, a in arrays.items()
+            if a.chunks or a.extra
+        }
+        coord.put(f"held/{process}", mine)
+        coord.barrier("held", "replicating the local tier's chunks")
+        held = coord.gather("held")
+        for name in sorted(arrays):
+            array = arrays[name]
+            holders: dict[str, list[int]] = {}
+            for p in range(count):
+                for key in held.get(p, {}).get(name, []):
+                    holders.setdefault(key, []).append(p)
+            moves = []
+            for key, held_by in sorted(holders.items()):
+                ring = [(held_by[0] + i) % count for i in range(1, count)]
+                targets = [p for p in ring if p not in held_by][: max(0, want - len(held_by))]
+                moves += [_collectives.Move(held_by[0], p, key) for p in targets]
+            if moves:
+                _collectives.move(moves, array.spec.chunk_nbytes, _reader(array), _receiver(array))
+
     # -- after a local save --------------------------------------------------------------------
 
     def committed(self, step: int) -> None:
@@ -298,6 +344,35 @@ class LocalTier:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _key(coords: tuple[int, ...]) -> str:
+    return ",".join(map(str, coords))
+
+
+def _coords(key: str) -> tuple[int, ...]:
+    return tuple(int(i) for i in key.split(",")) if key else ()
+
+
+def _reader(array: HostArray) -> Callable[[str], np.ndarray]:
+    """The bytes of one chunk of `array`'s snapshot, by chunk key."""
+    buffers = {_key(c): d for c, d in array.chunks + array.extra}
+
+    def read(key: str) -> np.ndarray:
+        return buffers[key].reshape(-1).view(np.uint8)
+
+    return read
+
+
+def _receiver(array: HostArray) -> Callable[[str, np.ndarray], None]:
+    """Keep a chunk received from a peer in `array`'s snapshot, for this process's part."""
+    spec = array.spec
+
+    def receive(key: str, data: np.ndarray) -> None:
+        chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape).copy()
+        array.extra.append((_coords(key), chunk))
+
+    return receive
 
 
 def _suffix(key: str) -> str:

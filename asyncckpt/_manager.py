@@ -119,9 +119,11 @@ class CheckpointManager:
             background_nice: as for `AsyncCheckpointer`.
         local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
             shared, where each process saves every shard its devices hold, every
-            `local_save_interval_steps` steps, keeping `local_max_to_keep` of them. `restore()`
-            and `latest_step()` consider it first; `local_steps()` lists what can be restored
-            from it now.
+            `local_save_interval_steps` steps, keeping `local_max_to_keep` of them; a shard that
+            fewer than `local_replicas` processes hold is also copied to the next processes'
+            local tiers (through JAX collectives, at save time). `restore()` and
+            `latest_step()` consider it first; `local_steps()` lists what can be restored from
+            it now.
 
     Under `jax.distributed`, create the manager and call `save`, `delete` and `restore` in every
     process alike (after `jax.distributed.initialize`); the directory must be on storage every
@@ -153,6 +155,7 @@ class CheckpointManager:
         local_directory: Any = None,
         local_save_interval_steps: int = 1,
         local_max_to_keep: int = 2,
+        local_replicas: int = 2,
     ) -> None:
         self._dir: Storage = open_storage(directory)
         self._policies = policies_from(
@@ -168,6 +171,7 @@ class CheckpointManager:
         check_count(save_interval_steps, "save_interval_steps")
         check_count(local_save_interval_steps, "local_save_interval_steps")
         check_count(local_max_to_keep, "local_max_to_keep")
+        check_count(local_replicas, "local_replicas")
         if read_only and local_directory is not None:
             raise ValueError(
                 "read_only=True with local_directory: a reader restores from the persistent "
@@ -217,6 +221,7 @@ class CheckpointManager:
                     local_directory,
                     max_to_keep=local_max_to_keep,
                     interval=local_save_interval_steps,
+                    replicas=local_replicas,
                     barrier_timeout_s=barrier_timeout_s,
                 )
             self.reload()
@@ -357,6 +362,7 @@ class CheckpointManager:
             force=force,
             previous=previous,
             local=self._local.path(step) if local and self._local is not None else None,
+            after_snapshot=self._local.replicate if local and self._local is not None else None,
         )
         retention = self._engine.submit(
             self._after_save, step, saved, fields.decoded_metrics, persistent, local

@@ -127,6 +127,8 @@ def test_interrupted_local_save_leaves_debris_that_the_next_manager_removes(tmp_
 def test_local_tier_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="local_max_to_keep"):
         ac.CheckpointManager(tmp_path / "p", local_directory=tmp_path / "l", local_max_to_keep=0)
+    with pytest.raises(ValueError, match="local_replicas"):
+        ac.CheckpointManager(tmp_path / "p", local_directory=tmp_path / "l", local_replicas=0)
     with pytest.raises(ValueError, match="read_only=True with local_directory"):
         ac.CheckpointManager(tmp_path / "p", local_directory=tmp_path / "l", read_only=True)
     with pytest.raises(ValueError, match="storage of this host"):
@@ -151,7 +153,9 @@ def run(script_args, processes=4):
 
 
 @pytest.mark.timeout(600)
-def test_four_processes_restore_from_their_local_tiers_and_survive_a_kill(tmp_path):
+def test_four_processes_restore_from_their_local_tiers_and_their_peers(tmp_path):
+    """Fully sharded: each shard of the matrix is on one process, and on the next one's local
+    tier too (local_replicas=2). Restarts, a kill during a local save, one and two lost hosts."""
     procs, outputs = run(["save", str(tmp_path)])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
@@ -173,15 +177,26 @@ def test_four_processes_restore_from_their_local_tiers_and_survive_a_kill(tmp_pa
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
         assert "listing ['.asyncckpt.lock', '5', '6']" in out, out[-3000:]
-    # a host replaced: process 2's shards of the matrix were on no other host, so the job
+    # a host replaced: process 2's local directory is empty. Its shards of the matrix were
+    # copied to process 3 when saved (local_replicas=2), so its part is rebuilt from the peers
+    shutil.rmtree(tmp_path / "local-2")
+    procs, outputs = run(["restore", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "local [5, 6]" in out, out[-3000:]
+        assert "restored step 6 from local" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock", "6"]
+    # two neighbouring hosts replaced: every copy of process 2's shards is gone, so the job
     # restores the persistent step, and says which shard no surviving part holds
     shutil.rmtree(tmp_path / "local-2")
+    shutil.rmtree(tmp_path / "local-3")
     (tmp_path / "away").rename(matrix)
     procs, outputs = run(["restore", str(tmp_path)])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local []" in out, out[-3000:]
         assert "restored step 4 from persistent" in out, out[-3000:]
-        assert "processes [2] lack their part, and no surviving part holds chunk (2, 0) of " in out
+        assert (
+            "processes [2, 3] lack their part, and no surviving part holds chunk (2, 0) of " in out
+        )
 
 
 @pytest.mark.timeout(600)

@@ -6,8 +6,9 @@ Each process has its own local directory, `DIR/local-<process>`; the persistent 
 `DIR/persistent`. Modes: `save` (steps 1-6: persistent every 4, local every step, 2 kept),
 `die` (step 7, local only: process 1 SIGKILLs itself while writing its local chunks),
 `restore` (the latest step, onto the saved shardings: printed with the tier it came from).
-LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, the default)
-or `dp` (sharded over "y" only: every process holds a replica of it).
+LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
+next process's local tier by `local_replicas=2`, the default) or `dp` (sharded over "y" only:
+every process holds a replica of it).
 """
 
 import os

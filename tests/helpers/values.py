@@ -14,11 +14,11 @@ def global_value(step=0):
     return np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) + step
 
 
-def global_tree(mesh, step=0, spec=P("x", "y")):
-    """A matrix sharded over every process's devices (by `spec`), a replicated vector, a numpy
-    array, ints."""
+def global_tree(mesh, step=0, spec=None):
+    """A matrix sharded over every process's devices (by `spec`, default P("x", "y")), a
+    replicated vector, a numpy array, ints."""
     value = global_value(step)
-    sharding = NamedSharding(mesh, spec)
+    sharding = NamedSharding(mesh, P("x", "y") if spec is None else spec)
     matrix = jax.make_array_from_callback(SHAPE, sharding, lambda idx: value[idx])
     replicated = NamedSharding(mesh, P())
     vector = jax.make_array_from_callback((24,), replicated, lambda idx: value[0][idx])
