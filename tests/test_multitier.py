@@ -218,3 +218,20 @@ def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local [5, 6]" in out, out[-3000:]
         assert "restored step 6 from local" in out, out[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_another_mesh_or_process_count_falls_back_to_the_persistent_tier_clearly(tmp_path):
+    """Resharding from the local tiers is not built: another sharding of the same processes,
+    or another number of processes, restores the persistent step and the log says why."""
+    procs, outputs = run(["save", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    procs, outputs = run(["reshard", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 4 from persistent" in out, out[-3000:]
+        assert "instead of local step 6" in out and "lacks chunk" in out, out[-3000:]
+    procs, outputs = run(["restore", str(tmp_path)], processes=2)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "local []" in out, out[-3000:]
+        assert "restored step 4 from persistent" in out, out[-3000:]

@@ -5,7 +5,8 @@
 Each process has its own local directory, `DIR/local-<process>`; the persistent tier is
 `DIR/persistent`. Modes: `save` (steps 1-6: persistent every 4, local every step, 2 kept),
 `die` (step 7, local only: process 1 SIGKILLs itself while writing its local chunks),
-`restore` (the latest step, onto the saved shardings: printed with the tier it came from).
+`restore` (the latest step, onto the saved shardings: printed with the tier it came from),
+`reshard` (the latest step onto another sharding of the matrix).
 LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
 next process's local tier by `local_replicas=2`, the default) or `dp` (sharded over "y" only:
 every process holds a replica of it).
@@ -27,7 +28,7 @@ from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E4
 
 import asyncckpt as ac  # noqa: E402
 
-mesh = jax.make_mesh((4, 2), ("x", "y"))
+mesh = jax.make_mesh((jax.process_count(), 2), ("x", "y"))
 spec = P("x", "y") if layout == "fsdp" else P(None, "y")
 local = os.path.join(directory, f"local-{jax.process_index()}")
 
@@ -67,12 +68,14 @@ elif mode == "die":
         print("error:", e, flush=True)
     print("listing", sorted(os.listdir(local)), flush=True)
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
-elif mode == "restore":
+elif mode in ("restore", "reshard"):
+    if mode == "reshard":
+        spec = P("y", "x")
     with manager() as mgr:
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
         print("listing", sorted(os.listdir(local)), flush=True)
         restored = mgr.restore(target=abstract_tree(mesh, spec))
-        step = mgr.latest_step()
+        step = restored["step"]  # the saved python int: which step came back
         check_tree(restored, step)
         tier = "local" if mgr.last_restore_stats().path.startswith(local) else "persistent"
         print(f"restored step {step} from {tier}", flush=True)
