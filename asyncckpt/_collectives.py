@@ -33,14 +33,17 @@ def _row_bytes(nbytes: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _permute(devices: tuple[jax.Device, ...], perm: tuple[tuple[int, int], ...]) -> Callable:
+def _permute(
+    devices: tuple[jax.Device, ...], perm: tuple[tuple[int, int], ...], ndim: int = 1
+) -> Callable:
+    """A jitted `ppermute` of the rows of a (devices, ...) array, one row per device."""
     mesh = Mesh(np.array(devices), ("d",))
-    shard_map = jax.shard_map
+    spec = P("d", *([None] * ndim))
 
     def body(x: jax.Array) -> jax.Array:
         return jax.lax.ppermute(x, "d", perm)
 
-    return jax.jit(shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
 def _rounds(
@@ -96,7 +99,7 @@ def move(
             sharding,
             [jax.device_put(rows[i], devices[i]) for i in mine],
         )
-        y = _permute(devices, tuple((src, dst) for _, src, dst in this))(x)
+        y = _permute(devices, tuple((src, dst) for _, src, dst in this), 1)(x)
         received = {devices.index(s.device): s.data for s in y.addressable_shards}
         for m, _, dst in this:
             if m.dst == me:
@@ -116,3 +119,74 @@ def broadcast_bytes(data: bytes, *, is_source: bool) -> bytes:
         buf[:] = np.frombuffer(data, np.uint8)
     out = multihost_utils.broadcast_one_to_all(buf, is_source=is_source)
     return np.asarray(out).tobytes()
+
+
+def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ...], jax.Array]]:
+    """Send each shard of the global array `data` that fewer than `replicas` processes hold to
+    the next processes in ring order after its first holder, device to device (one `ppermute`
+    over all devices per round, each waited for). Returns what this process received: (chunk
+    coordinates in the one-chunk-per-shard grid, a single-device array of shape
+    (1, *shard shape))."""
+    devices = tuple(jax.devices())
+    count = jax.process_count()
+    me = jax.process_index()
+    shape = tuple(data.shape)
+    index_map = data.sharding.devices_indices_map(shape)
+    regions: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+    for device, index in index_map.items():
+        region = tuple(
+            (s.start or 0, n if s.stop is None else s.stop)
+            for s, n in zip(index, shape, strict=True)
+        )
+        regions.setdefault(region, []).append(device)
+    chunk = tuple(
+        max((b - a for (a, b) in (r[k] for r in regions)), default=0) for k in range(len(shape))
+    )
+    if any(c == 0 for c in chunk):
+        return []
+    moves: list[Move] = []
+    where: dict[str, tuple[tuple[tuple[int, int], ...], jax.Device]] = {}
+    for region in sorted(regions):
+        holders = sorted({d.process_index for d in regions[region]})
+        targets = [
+            p for p in ((holders[0] + i) % count for i in range(1, count)) if p not in holders
+        ]
+        targets = targets[: max(0, replicas - len(holders))]
+        key = ",".join(str(a // c) for (a, _), c in zip(region, chunk, strict=True))
+        source = next(
+            d for d in sorted(regions[region], key=devices.index) if d.process_index == holders[0]
+        )
+        where[key] = (region, source)
+        moves += [Move(holders[0], p, key) for p in targets]
+    if not moves:
+        return []
+    local = {s.device: s.data for s in data.addressable_shards}
+    mesh = Mesh(np.array(devices), ("d",))
+    sharding = NamedSharding(mesh, P("d", *([None] * len(shape))))
+    mine = [i for i, d in enumerate(devices) if d.process_index == me]
+    out: list[tuple[tuple[int, ...], jax.Array]] = []
+    for this in _rounds(moves, devices):
+        rows = {}
+        for m, src, _ in this:
+            if m.src == me:
+                region, source = where[m.key]
+                shard = local[source]
+                if tuple(shard.shape) != chunk:  # an edge shard: pad it to the chunk's shape
+                    shard = jax.numpy.pad(shard, [(0, c - n) for c, n in zip(chunk, shard.shape)])
+                rows[src] = jax.device_put(shard.reshape(1, *chunk), devices[src])
+        buffers = [
+            rows[i] if i in rows else jax.device_put(np.zeros((1, *chunk), data.dtype), devices[i])
+            for i in mine
+        ]
+        x = jax.make_array_from_single_device_arrays((len(devices), *chunk), sharding, buffers)
+        y = _permute(devices, tuple((src, dst) for _, src, dst in this), len(shape))(x)
+        # Wait for each round: with several collectives in flight XLA:CPU can start them in
+        # different orders on different devices, and gloo then waits for ever (seen here, a
+        # training loop behind it). One at a time is safe on every backend.
+        jax.block_until_ready(y)
+        received = {s.device: s.data for s in y.addressable_shards}
+        for m, _, dst in this:
+            if m.dst == me:
+                coords = tuple(int(i) for i in m.key.split(",")) if m.key else ()
+                out.append((coords, received[devices[dst]]))
+    return out

@@ -85,7 +85,7 @@ class Engine:
         force: bool,
         previous: Callable[[], Storage | None] | None = None,
         local: Storage | None = None,
-        after_snapshot: Callable[[Snapshot], None] | None = None,
+        extra: Callable[[Any], dict[str, list[tuple[tuple[int, ...], Any]]]] | None = None,
     ) -> Future[str]:
         """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
@@ -93,8 +93,9 @@ class Engine:
         save writes, it names a committed checkpoint whose chunks of unchanged content are
         reused, not written. `local`: also (first) write this process's part of a node-local
         step there, every replica it holds, from the same snapshot (`_save.write_local_part`);
-        `dest` may then be None. `after_snapshot`: called with the snapshot on this thread
-        before the write is submitted (the local tier's replication to peers)."""
+        `dest` may then be None. `extra`: called with `tree` on this thread before the
+        snapshot, it returns more chunks for the local part, by variable name (the shards peers
+        sent this process: `LocalTier.replicate`)."""
         self.check_open()
         target = dest if dest is not None else local
         assert target is not None
@@ -117,6 +118,7 @@ class Engine:
                     _distributed.call_key(f"local save {fields.step}"), self.barrier_timeout_s
                 )
         with phases("snapshot"):
+            received = extra(tree) if extra is not None else {}
             snap = take_snapshot(
                 tree,
                 self.workers,
@@ -124,13 +126,8 @@ class Engine:
                 process_index=jax.process_index() if _distributed.is_multi_process() else 0,
                 every_replica=local is not None,
             )
-            if after_snapshot is not None:
-                try:
-                    after_snapshot(snap)
-                except BaseException:
-                    if snap.arena is not None:
-                        self._pool.release(snap.arena)
-                    raise
+            for array in snap.arrays:
+                array.extra.extend(received.get(array.spec.name, ()))
         phases.add("blocking", time.perf_counter() - t0)
         future = self.workers.submit_job(
             self._write, snap, dest, force, fields, coord, phases, t0, previous, local, local_coord

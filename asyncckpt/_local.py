@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _collectives, _directory, _distributed, _format, _restore, _tree
+from . import _collectives, _directory, _distributed, _format, _restore, _snapshot, _tree
 from ._format import RootInfo
-from ._snapshot import HostArray, Snapshot
 from ._storage import Storage, WriterLock, open_storage
 from .errors import CheckpointError
 
@@ -181,6 +180,8 @@ class LocalTier:
         coord = _distributed.Coordinator(
             _distributed.call_key(f"local repair {step}"), self._timeout_s
         )
+        t0 = time.perf_counter()
+        moved = 0
         source = held_by[0]
         raw = b""
         error: Exception | None = None
@@ -217,6 +218,8 @@ class LocalTier:
                         moves.append(_collectives.Move(src, p, key))
                 if moves:
                     self._move_chunks(spec, moves, dest, staged, error is not None)
+                    moved += spec.chunk_nbytes * sum(m.dst == process for m in moves)
+            t_moved = time.perf_counter()
             if staged is not None:
                 staged.write(_format.DOC, _format.with_local_process(raw, process))
                 staged.sync()
@@ -229,7 +232,15 @@ class LocalTier:
             if staged is not None:
                 dest.commit(staged, replace=False)
                 staged = None
-                log.info("asyncckpt: rebuilt local step %d of %s from peers", step, dest.url)
+                log.info(
+                    "asyncckpt: rebuilt local step %d of %s from peers: %.1f MiB received in "
+                    "%.2f s, made durable in %.2f s",
+                    step,
+                    dest.url,
+                    moved / (1 << 20),
+                    t_moved - t0,
+                    time.perf_counter() - t_moved,
+                )
         finally:
             if staged is not None:
                 dest.discard(staged)
@@ -266,39 +277,33 @@ class LocalTier:
 
     # -- saving --------------------------------------------------------------------------------
 
-    def replicate(self, snap: Snapshot) -> None:
-        """Give every chunk of `snap` at least `replicas` holders among the processes (all of
-        them, if fewer): a chunk that fewer processes hold (fully sharded state) is sent from
-        its first holder to the next processes in ring order, through JAX collectives, and
-        kept in their snapshot (`HostArray.extra`) for their local part. A collective call
-        (every process's save, on the caller's thread, right after the snapshot)."""
-        process, count = _process()
+    def replicate(self, tree: Any) -> dict[str, list[tuple[tuple[int, ...], jax.Array]]]:
+        """Give every chunk of `tree` at least `replicas` holders among the processes (all of
+        them, if fewer): a shard that fewer processes hold (fully sharded state) is sent from
+        its first holder to the next processes in ring order, device to device, through JAX
+        collectives. Returns the shards this process received, by variable name: (chunk
+        coordinates, a single-device array of shape (1, *chunk)), for its local part; they are
+        asyncckpt's own buffers, so the writer copies them to the host later, off the caller's
+        thread.
+
+        A collective call, made inside every process's `save()` on the caller's thread before
+        the snapshot, in the same order relative to the training steps in every process; each
+        transfer is finished before the next starts and before `save()` returns, so no
+        collective of the training step can be in flight beside one of these. Where every
+        shard has enough holders (data parallelism, one process) nothing is sent."""
+        _, count = _process()
         want = min(self.replicas, count)
         if want <= 1:
-            return
-        coord = _distributed.Coordinator(_distributed.call_key("local replicate"), self._timeout_s)
-        arrays = {a.spec.name: a for a in snap.arrays}
-        mine = {
-            name: [_key(c) for c, _ in a.chunks + a.extra]
-            for name, a in arrays.items()
-            if a.chunks or a.extra
-        }
-        coord.put(f"held/{process}", mine)
-        coord.barrier("held", "replicating the local tier's chunks")
-        held = coord.gather("held")
-        for name in sorted(arrays):
-            array = arrays[name]
-            holders: dict[str, list[int]] = {}
-            for p in range(count):
-                for key in held.get(p, {}).get(name, []):
-                    holders.setdefault(key, []).append(p)
-            moves = []
-            for key, held_by in sorted(holders.items()):
-                ring = [(held_by[0] + i) % count for i in range(1, count)]
-                targets = [p for p in ring if p not in held_by][: max(0, want - len(held_by))]
-                moves += [_collectives.Move(held_by[0], p, key) for p in targets]
-            if moves:
-                _collectives.move(moves, array.spec.chunk_nbytes, _reader(array), _receiver(array))
+            return {}
+        received: dict[str, list[tuple[tuple[int, ...], jax.Array]]] = {}
+        for keypath, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not isinstance(value, jax.Array) or value.sharding.is_fully_addressable:
+                continue  # every process holds it whole (and writes it to its part)
+            data = _snapshot.data_of(value)
+            got = _collectives.replicate_shards(data, want)
+            if got:
+                received[_tree.variable_name(keypath)] = got
+        return received
 
     # -- after a local save --------------------------------------------------------------------
 
@@ -352,27 +357,6 @@ def _key(coords: tuple[int, ...]) -> str:
 
 def _coords(key: str) -> tuple[int, ...]:
     return tuple(int(i) for i in key.split(",")) if key else ()
-
-
-def _reader(array: HostArray) -> Callable[[str], np.ndarray]:
-    """The bytes of one chunk of `array`'s snapshot, by chunk key."""
-    buffers = {_key(c): d for c, d in array.chunks + array.extra}
-
-    def read(key: str) -> np.ndarray:
-        return buffers[key].reshape(-1).view(np.uint8)
-
-    return read
-
-
-def _receiver(array: HostArray) -> Callable[[str, np.ndarray], None]:
-    """Keep a chunk received from a peer in `array`'s snapshot, for this process's part."""
-    spec = array.spec
-
-    def receive(key: str, data: np.ndarray) -> None:
-        chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape).copy()
-        array.extra.append((_coords(key), chunk))
-
-    return receive
 
 
 def _suffix(key: str) -> str:

@@ -362,7 +362,7 @@ class CheckpointManager:
             force=force,
             previous=previous,
             local=self._local.path(step) if local and self._local is not None else None,
-            after_snapshot=self._local.replicate if local and self._local is not None else None,
+            extra=self._local.replicate if local and self._local is not None else None,
         )
         retention = self._engine.submit(
             self._after_save, step, saved, fields.decoded_metrics, persistent, local

@@ -366,6 +366,13 @@ def _write_together(
         raise _as_write_error(e, dest) from None
 
 
+def _on_host(chunk: tuple[tuple[int, ...], Any]) -> tuple[tuple[int, ...], np.ndarray]:
+    """A chunk of `HostArray.extra` in host memory: shards received from peers are asyncckpt's
+    own device buffers of shape (1, *chunk), read only now (off the caller's thread)."""
+    coords, data = chunk
+    return (coords, data if isinstance(data, np.ndarray) else np.asarray(data)[0])
+
+
 def write_local_part(
     snap: Snapshot,
     dest: Storage,
@@ -385,7 +392,10 @@ def write_local_part(
     wrote in full; a process that fails or dies before that barrier leaves no committed part
     anywhere (its debris is a temporary directory, removed by the next manager)."""
     local = Snapshot(
-        [HostArray(a.spec, a.chunks + a.extra) for a in snap.arrays], snap.tree, snap.created, None
+        [HostArray(a.spec, a.chunks + [_on_host(c) for c in a.extra]) for a in snap.arrays],
+        snap.tree,
+        snap.created,
+        None,
     )
     mine = {
         a.spec.name: [",".join(map(str, c)) for c, _ in a.chunks] for a in local.arrays if a.chunks

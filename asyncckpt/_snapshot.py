@@ -89,9 +89,10 @@ class HostArray:
     spec: ArraySpec
     chunks: list[tuple[tuple[int, ...], np.ndarray]]
     """(chunk coordinates, C-contiguous host buffer), replica-0 addressable shards only."""
-    extra: list[tuple[tuple[int, ...], np.ndarray]] = field(default_factory=list)
+    extra: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
     """With `every_replica`: the chunks of the other distinct shards this process holds (whose
-    replica 0 is another process's), for a node-local tier, which keeps every replica."""
+    replica 0 is another process's), for a node-local tier, which keeps every replica; and the
+    shards peers sent it (`LocalTier.replicate`: single-device arrays of shape (1, *chunk))."""
     hashes: dict[tuple[int, ...], str] = field(default_factory=dict)
     """Filled by the writer threads: each chunk's `_format.chunk_hash`."""
     reused: set[tuple[int, ...]] = field(default_factory=set)
@@ -140,7 +141,7 @@ class _Template:
     primary: bool  # from a replica-0 shard: written to the persistent tier
 
 
-def _data_of(value: Any) -> Any:
+def data_of(value: Any) -> Any:
     """The array whose bytes are stored: key data for typed PRNG keys, numpy for host values."""
     if isinstance(value, jax.Array):
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
@@ -180,7 +181,7 @@ def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
     prng_impl = None
     if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
         prng_impl = str(jax.random.key_impl(value))
-    data = _data_of(value)
+    data = data_of(value)
     dtype = _stored_dtype(np.dtype(data.dtype))
     if not _dtypes.is_supported(dtype):
         _dtypes.zarr_name(dtype, where=keystr(leaf.keypath))  # raises, naming the leaf
@@ -272,7 +273,7 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
                     pos,
                     templates,
                     _is_local(value),
-                    _whole_copy(_data_of(value)),
+                    _whole_copy(data_of(value)),
                     spec.prng_impl is not None,
                     is_jax and not on_cpu,
                     on_cpu,

@@ -68,3 +68,24 @@ def test_incremental_quick_mode(tmp_path):
     assert mib["asyncckpt"] < 0.5 * mib["asyncckpt-full"], proc.stdout
     assert re.search(r"asyncckpt / orbax: commit [\d.]+, new bytes [\d.]+", proc.stdout)
     assert "asyncckpt / asyncckpt-full: commit" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multitier_quick_mode(tmp_path):
+    """The multi-tier benchmark end to end on 1/16 of the state: 4 real processes save with and
+    without copies on peers, then recover from the local tiers, after losing one host's local
+    directory, and from S3 (moto); every restore is checked value by value inside."""
+    script = os.path.join(os.path.dirname(SCRIPT), "multitier.py")
+    env = dict(os.environ, BENCH_DIR=str(tmp_path))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, script, "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for row in ("| blocking |", "| local tiers intact |", "| one host's local directory lost |"):
+        assert row in proc.stdout, proc.stdout

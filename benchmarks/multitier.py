@@ -1,0 +1,261 @@
+"""Multi-tier checkpoints: local saves with copies on peers, and recovery from the local tiers
+against a restore of the same step from the persistent tier.
+
+A job of 4 real processes (`jax.distributed` on a loopback coordinator, gloo, 2 CPU devices
+each, a 4x2 mesh), ~1 GiB of float32 state fully sharded (each shard on one process: FSDP), each
+process with its own local directory. The persistent tier is moto's S3 server on 127.0.0.1 (an
+object store whose bandwidth, ~110 MB/s put and ~330 MB/s get here, is that of a small bucket;
+it shares this machine's 2 cores). Each phase is a fresh job (4 new processes):
+
+- save (`local_replicas=2`, and again with `local_replicas=1` into other directories): steps
+  1-8, persistent every 8 (steps 1 and 8), local every step, 2 kept. Steps 2-3: blocking (inside
+  `save()`) and commit (until `wait_until_finished()`), local only. Steps 4-6: a fixed jitted
+  training loop right after `save()`; "training" is (blocking + loop) over the same loop with
+  no save (median of 3 idle loops).
+- recover, local: a new job restores the newest step (8) from the local tiers.
+- recover, one host lost: process 2's local directory is wiped first; its part is rebuilt from
+  the copies on process 3 (through collectives), then the job restores.
+- recover, persistent: a new job restores step 8 from S3 (a manager without a local tier).
+
+Recovery times run from creating the manager to the restored arrays being ready, the slowest
+process's (the job goes on when all have). Every restore is checked value by value.
+
+    python benchmarks/multitier.py --runs 3 [--scale 1.0]
+    python benchmarks/multitier.py --quick      # 1 run, 1/16 of the state (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROCESSES = 4
+MARK = "MULTITIER-RESULT "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- child: one process of the job ------------------------------------------------------------
+
+
+def child(args) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if os.environ.get("MULTITIER_LOG"):  # e.g. MULTITIER_LOG=INFO: asyncckpt's log on stderr
+        import logging
+
+        logging.basicConfig(level=os.environ["MULTITIER_LOG"], format="%(message)s")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=PROCESSES,
+        process_id=args.process,
+    )
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import asyncckpt as ac
+
+    mesh = jax.make_mesh((PROCESSES, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+    rows, cols = max(8, int(2048 * args.scale)), 4096
+    names = [f"w{i:02d}" for i in range(32)]
+
+    def value(i: int, step: int, index) -> np.ndarray:
+        r, c = index
+        base = np.arange(r.start or 0, r.stop or rows, dtype=np.float32)[:, None] * cols
+        base = base + np.arange(c.start or 0, c.stop or cols, dtype=np.float32)[None, :]
+        return base + np.float32(i * 1000 + step)
+
+    def state(step: int) -> dict:
+        return {
+            n: jax.make_array_from_callback(
+                (rows, cols), sharding, lambda idx, i=i: value(i, step, idx)
+            )
+            for i, n in enumerate(names)
+        }
+
+    def check(restored: dict, step: int) -> None:
+        for i, n in enumerate(names):
+            for shard in restored[n].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), value(i, step, shard.index))
+
+    abstract = {n: jax.ShapeDtypeStruct((rows, cols), np.float32, sharding=sharding) for n in names}
+    local = os.path.join(args.dir, f"local{args.tag}-{args.process}")
+    out: dict = {}
+    if args.phase == "save":
+        sys.path.insert(0, HERE)
+        from compare_orbax import make_train_loop
+
+        train = make_train_loop(mesh)
+        mgr = ac.CheckpointManager(
+            args.persistent,
+            save_interval_steps=8,
+            local_directory=local,
+            local_max_to_keep=2,
+            local_replicas=args.replicas,
+        )
+        blocking, commit, busy = [], [], []
+        for step in range(1, 9):
+            tree = state(step)
+            t0 = time.perf_counter()
+            mgr.save(step, tree)
+            t1 = time.perf_counter()
+            if step in (4, 5, 6):
+                train()
+                busy.append(time.perf_counter() - t0)
+            mgr.wait_until_finished()
+            t2 = time.perf_counter()
+            if step in (2, 3):
+                blocking.append(t1 - t0)
+                commit.append(t2 - t0)
+        idle = [train() for _ in range(3)]
+        mgr.close()
+        out = {
+            "blocking_s": statistics.median(blocking),
+            "commit_s": statistics.median(commit),
+            "training": statistics.median(busy) / statistics.median(idle),
+        }
+    else:
+        t0 = time.perf_counter()
+        if args.phase == "persistent":
+            mgr = ac.CheckpointManager(args.persistent, read_only=True)
+        else:
+            mgr = ac.CheckpointManager(args.persistent, local_directory=local, local_max_to_keep=2)
+        restored = mgr.restore(8 if args.phase == "persistent" else None, abstract)
+        jax.block_until_ready(restored)
+        out = {"recover_s": time.perf_counter() - t0}
+        source = mgr.last_restore_stats().path
+        mgr.close()
+        check(restored, 8)
+        out["tier"] = "local" if source.startswith(local) else "persistent"
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("done")  # nobody leaves while others still work
+    print(MARK + json.dumps(out), flush=True)
+    os._exit(0)
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="") -> dict:
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", "--phase", phase, "--process", str(i)]
+            + ["--port", port, "--dir", directory, "--persistent", persistent]
+            + ["--scale", str(args.scale), "--replicas", str(replicas), "--tag", tag],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(PROCESSES)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        lines = [ln for ln in out.splitlines() if ln.startswith(MARK)]
+        if p.returncode != 0 or not lines:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"{phase} failed:\n{out[-4000:]}")
+        results.append(json.loads(lines[-1][len(MARK) :]))
+    merged = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        merged[key] = max(values) if isinstance(values[0], float) else values[0]
+    return merged
+
+
+def one_run(args, run: int) -> dict:
+    sys.path.insert(0, HERE)
+    from object_store import start_server
+
+    server, _ = start_server()  # a fresh server per run: moto keeps every object in memory
+    directory = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
+    try:
+        url = f"s3://asyncckpt-bench/run{run}"
+        saved = run_job("save", directory, url, args, replicas=2)
+        plain = run_job("save", directory, os.path.join(directory, "p1"), args, 1, tag="r1")
+        local = run_job("local", directory, url, args)
+        shutil.rmtree(os.path.join(directory, "local-2"))  # process 2's host was replaced
+        peer = run_job("peer", directory, url, args)
+        persistent = run_job("persistent", directory, url, args)
+        assert local["tier"] == peer["tier"] == "local", (local, peer)
+        assert persistent["tier"] == "persistent", persistent
+        return {
+            "blocking_r2": saved["blocking_s"],
+            "blocking_r1": plain["blocking_s"],
+            "commit_r2": saved["commit_s"],
+            "commit_r1": plain["commit_s"],
+            "training_r2": saved["training"],
+            "training_r1": plain["training"],
+            "recover_local": local["recover_s"],
+            "recover_peer": peer["recover_s"],
+            "recover_persistent": persistent["recover_s"],
+        }
+    finally:
+        server.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--phase")
+    parser.add_argument("--process", type=int)
+    parser.add_argument("--port")
+    parser.add_argument("--dir")
+    parser.add_argument("--persistent")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.runs, args.scale = 1, 1 / 16
+    gib = 32 * max(8, int(2048 * args.scale)) * 4096 * 4 / (1 << 30)
+    print(f"{PROCESSES} processes x 2 CPU devices, {gib:.2f} GiB of float32 state, FSDP")
+    runs = []
+    for run in range(args.runs):
+        runs.append(one_run(args, run))
+        print(f"run {run}: {json.dumps(runs[-1])}", flush=True)
+    m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"\nmedians of {args.runs} runs")
+    print("| | local_replicas=2 | local_replicas=1 | ratio |\n|---|---|---|---|")
+    for label, key in (("blocking", "blocking"), ("commit", "commit"), ("training", "training")):
+        a, b = m[f"{key}_r2"], m[f"{key}_r1"]
+        unit = "x" if key == "training" else " s"
+        print(f"| {label} | {a:.3f}{unit} | {b:.3f}{unit} | {a / b:.2f} |")
+    print("\n| recovery of step 8 | time | / persistent |\n|---|---|---|")
+    for label, key in (
+        ("local tiers intact", "recover_local"),
+        ("one host's local directory lost", "recover_peer"),
+        ("persistent tier (S3, moto)", "recover_persistent"),
+    ):
+        print(f"| {label} | {m[key]:.2f} s | {m[key] / m['recover_persistent']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
