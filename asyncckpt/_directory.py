@@ -7,11 +7,15 @@ place holds and how a step leaves the listing is the storage's (`Storage.checkpo
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 from . import _format
 from ._storage import Storage, WriterLock
 from .errors import CheckpointWriteError
+
+log = logging.getLogger("asyncckpt")
 
 
 def step_storage(directory: Storage, step: int) -> Storage:
@@ -20,10 +24,56 @@ def step_storage(directory: Storage, step: int) -> Storage:
 
 
 def committed_steps(directory: Storage) -> list[int]:
-    """The committed steps in `directory`, ascending (a missing directory has none)."""
+    """The committed steps in `directory`, ascending (a missing directory has none): folders
+    named by a step number whose root document is asyncckpt's. Anything else there (a Zarr group
+    another program saved as `<dir>/3`) is never listed, counted or deleted."""
     names = [n for n in directory.list_dir() if _format.parse_step(n) is not None]
     states = directory.checkpoint_states(names)
-    return sorted(int(n) for n, state in zip(names, states) if state == "committed")
+    return sorted(
+        int(n) for n, state in zip(names, states) if state == "committed" and _is_ours(directory, n)
+    )
+
+
+_OURS: dict[str, set[str]] = {}  # directory url -> step names known to be asyncckpt's
+_OURS_LOCK = threading.Lock()
+
+
+def _is_ours(directory: Storage, name: str) -> bool:
+    """Whether `<name>/zarr.json` is an asyncckpt root document. Its first bytes tell (the
+    writer puts its attributes first); anything else is parsed whole. Remembered per directory
+    once true, so a listing reads each step once per process."""
+    with _OURS_LOCK:
+        if name in _OURS.get(directory.url, ()):
+            return True
+    step = directory.child(name)
+    try:
+        head = step.get(_format.DOC, start=0, end=len(_format.ROOT_PREFIX)).tobytes()
+        ours = head == _format.ROOT_PREFIX or step.is_checkpoint()
+    except FileNotFoundError:
+        return False  # deleted since it was listed
+    except OSError as e:
+        _warn_once(step, f"cannot be read ({e}); it is not listed as a step until it can")
+        return False
+    if ours:
+        with _OURS_LOCK:
+            _OURS.setdefault(directory.url, set()).add(name)
+    else:
+        _warn_once(
+            step,
+            "holds a Zarr group that asyncckpt did not write; it is not a step and is left alone",
+        )
+    return ours
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(step: Storage, message: str) -> None:
+    with _OURS_LOCK:
+        if step.url in _WARNED:
+            return
+        _WARNED.add(step.url)
+    log.warning("asyncckpt: %s %s", step.url, message)
 
 
 def leftovers(directory: Storage) -> list[Storage]:

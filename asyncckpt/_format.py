@@ -597,6 +597,10 @@ def root_doc(
     )
 
 
+ROOT_PREFIX = b'{"zarr_format":3,"node_type":"group","attributes":{"asyncckpt":{'
+"""The first bytes of every root document asyncckpt writes (`root_doc`)."""
+
+
 def is_asyncckpt_root(raw: bytes) -> bool:
     """Whether the bytes of a root `zarr.json` are one that asyncckpt wrote (its attributes are
     there); anything unreadable is not."""

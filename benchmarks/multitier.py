@@ -111,9 +111,16 @@ def child(args) -> None:
             local_max_to_keep=2,
             local_replicas=args.replicas,
         )
+        from jax.experimental import multihost_utils
+
+        # every process is set up before any loop is timed (the loop has no collective of its
+        # own, so processes would drift apart), and before any save: no writeback behind them
+        multihost_utils.sync_global_devices("idle")
+        idle = [train() for _ in range(3)]
         blocking, commit, busy = [], [], []
         for step in range(1, 9):
             tree = state(step)
+            multihost_utils.sync_global_devices(f"step {step}")
             t0 = time.perf_counter()
             mgr.save(step, tree)
             t1 = time.perf_counter()
@@ -125,7 +132,6 @@ def child(args) -> None:
             if step in (2, 3):
                 blocking.append(t1 - t0)
                 commit.append(t2 - t0)
-        idle = [train() for _ in range(3)]
         mgr.close()
         out = {
             "blocking_s": statistics.median(blocking),
@@ -145,7 +151,7 @@ def child(args) -> None:
         mgr.close()
         check(restored, 8)
         out["tier"] = "local" if source.startswith(local) else "persistent"
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # noqa: F811
 
     multihost_utils.sync_global_devices("done")  # nobody leaves while others still work
     print(MARK + json.dumps(out), flush=True)

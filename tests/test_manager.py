@@ -501,3 +501,26 @@ def test_threads_checking_for_errors_while_retention_deletes(tmp_path):
                 t.join()
     assert errors == []
     assert saved_steps(tmp_path) == [149]
+
+
+FOREIGN_GROUP = b'{"attributes": {}, "zarr_format": 3, "node_type": "group"}'
+
+
+def test_a_foreign_zarr_group_named_like_a_step_is_never_a_step(root, caplog):
+    """Issue 21: a Zarr group another program saved as `<dir>/3` was listed as step 3, blocked
+    `save(2)` as older, and was deleted by max_to_keep."""
+    from asyncckpt._storage import open_storage
+
+    foreign = open_storage(os.fspath(root / "run" / "3"))
+    foreign.make_dirs([""])
+    foreign.write("zarr.json", FOREIGN_GROUP)
+    with caplog.at_level("WARNING", logger="asyncckpt"):
+        with ac.CheckpointManager(root / "run", max_to_keep=1) as mgr:
+            assert mgr.all_steps() == [] and mgr.latest_step() is None
+            assert mgr.save(2, {"v": np.zeros(4)})  # not "older than step 3"
+            mgr.save(4, {"v": np.ones(4)})
+            mgr.save(5, {"v": np.ones(4)})
+            mgr.wait_until_finished()
+            assert mgr.all_steps() == [5]
+    assert foreign.read_small("zarr.json", 1 << 20) == FOREIGN_GROUP  # left alone
+    assert "holds a Zarr group that asyncckpt did not write" in caplog.text
