@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 
 import numpy as np
 import psutil
@@ -331,3 +332,35 @@ def test_fuzz_raw_mutations_for_a_fixed_time():
             ) from e
         cases += 1
     assert cases > 100
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("victim", ["w/c.0.0", "zarr.json", "w/zarr.json"])
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_a_fifo_or_device_in_a_checkpoint_is_refused_not_waited_on(tmp_path, victim, kind):
+    """Issue 21: a FIFO hung every reader for ever; a character device (size 0 to fstat) was
+    read a byte per call up to 256 MiB. Every reader now refuses anything but a regular file."""
+    path = saved(tmp_path)
+    target = path / victim
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        try:
+            os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero
+        except PermissionError:
+            pytest.skip("mknod needs root")
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    match = rf"{re.escape(victim)} is {what}, not a regular file"
+    readers = {  # the readers that open this file
+        "w/c.0.0": [
+            lambda: ac.restore(path),
+            lambda: ac.restore(path, map_files=False),
+            lambda: ac.load_variable(path, "w"),
+        ],
+        "zarr.json": [lambda: ac.restore(path), lambda: ac.list_variables(path)],
+        "w/zarr.json": [lambda: ac.load_variable(path, "w")],
+    }[victim] + [lambda: ac.verify(path)]
+    for read in readers:
+        with pytest.raises(ac.CorruptCheckpointError, match=match):
+            read()

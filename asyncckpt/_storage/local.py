@@ -66,7 +66,7 @@ class LocalStorage(Storage):
                     f"{path} is {size} bytes, more than the {limit} allowed"
                 )
             chunks, total = [], 0
-            while total <= limit and (data := os.read(fd, min(size + 1, _MAX_IO))):
+            while total <= limit and (data := os.read(fd, min(max(size + 1, 1 << 16), _MAX_IO))):
                 chunks.append(data)
                 total += len(data)
             if total > limit:
@@ -382,13 +382,37 @@ def _link(path: str, where: str) -> CorruptCheckpointError:
 
 
 def _open(path: str, where: str) -> int:
-    """Open a file of a checkpoint for reading; a symbolic link is refused (`O_NOFOLLOW`)."""
+    """Open a file of a checkpoint for reading. Only a regular file is: a symbolic link is
+    refused (`O_NOFOLLOW`), and so is anything else (a FIFO would block every reader for ever,
+    a character device would stream without end), opened without blocking to tell."""
     try:
-        return os.open(path, _O_READ)
+        fd = os.open(path, _O_READ | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link(path, where) from None
         raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a character device"
+            if stat.S_ISCHR(mode)
+            else "a block device"
+            if stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a directory"
+            if stat.S_ISDIR(mode)
+            else "not a regular file"
+        )
+        raise CorruptCheckpointError(
+            f"{where + ': ' if where else ''}{path} is {kind}, not a regular file; a checkpoint "
+            "holds only regular files (replace it with the file it stands for, or restore "
+            "another checkpoint)"
+        )
+    return fd
 
 
 def _next_batch(pending: list[memoryview]) -> list[memoryview]:
