@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,12 +39,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROCESSES = 4
 MARK = "MULTITIER-RESULT "
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- child: one process of the job ------------------------------------------------------------
@@ -162,6 +155,9 @@ def child(args) -> None:
 
 
 def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="") -> dict:
+    sys.path.insert(0, HERE)
+    from object_store import free_port
+
     port = str(free_port())
     procs = [
         subprocess.Popen(

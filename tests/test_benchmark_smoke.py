@@ -11,33 +11,40 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("psutil")
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_orbax.py")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_compare_orbax_quick_mode(tmp_path):
-    out = tmp_path / "results.json"
-    env = dict(os.environ)
+def run_benchmark(script, *args, tmp_path):
+    """Run `benchmarks/<script>` with `args` in a fresh process (its own XLA flags, scratch
+    directories under `tmp_path`); its stdout, once it succeeded."""
+    env = dict(os.environ, BENCH_DIR=str(tmp_path))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--quick",
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
+        [sys.executable, os.path.join(BENCHMARKS, script), *args],
         capture_output=True,
         text=True,
         timeout=580,
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compare_orbax_quick_mode(tmp_path):
+    out = tmp_path / "results.json"
+    stdout = run_benchmark(
+        "compare_orbax.py",
+        "--quick",
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+        tmp_path=tmp_path,
+    )
     for workload in ("big", "small", "llm"):
-        assert f"== {workload}:" in proc.stdout
+        assert f"== {workload}:" in stdout
     records = json.loads(out.read_text())["records"]
     assert len(records) == 6 and not any("error" in r for r in records)
     for r in records:
@@ -50,24 +57,18 @@ def test_compare_orbax_quick_mode(tmp_path):
 def test_incremental_quick_mode(tmp_path):
     """The incremental benchmark end to end on 64x smaller trees: every system's table row and
     the ratios are printed, and an incremental lora step adds fewer bytes than a full one."""
-    script = os.path.join(os.path.dirname(SCRIPT), "incremental.py")
-    env = dict(os.environ, BENCH_DIR=str(tmp_path))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, script, "--quick", "--runs", "1", "--steps", "3", "--slowdown-reps", "1"],
-        capture_output=True,
-        text=True,
-        timeout=580,
-        env=env,
+    stdout = run_benchmark(
+        "incremental.py",
+        *("--quick", "--runs", "1", "--steps", "3", "--slowdown-reps", "1"),
+        tmp_path=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lora = proc.stdout[proc.stdout.index("\nlora: medians") : proc.stdout.index("\nbig: medians")]
+    lora = stdout[stdout.index("\nlora: medians") : stdout.index("\nbig: medians")]
     rows = dict(re.findall(r"^\| (asyncckpt-full|asyncckpt|orbax) \|(.*)$", lora, re.M))
-    assert set(rows) == {"asyncckpt", "asyncckpt-full", "orbax"}, proc.stdout
+    assert set(rows) == {"asyncckpt", "asyncckpt-full", "orbax"}, stdout
     mib = {k: float(re.search(r"([\d.]+) MiB", v).group(1)) for k, v in rows.items()}
-    assert mib["asyncckpt"] < 0.5 * mib["asyncckpt-full"], proc.stdout
-    assert re.search(r"asyncckpt / orbax: commit [\d.]+, new bytes [\d.]+", proc.stdout)
-    assert "asyncckpt / asyncckpt-full: commit" in proc.stdout
+    assert mib["asyncckpt"] < 0.5 * mib["asyncckpt-full"], stdout
+    assert re.search(r"asyncckpt / orbax: commit [\d.]+, new bytes [\d.]+", stdout)
+    assert "asyncckpt / asyncckpt-full: commit" in stdout
 
 
 @pytest.mark.slow
@@ -76,16 +77,6 @@ def test_multitier_quick_mode(tmp_path):
     """The multi-tier benchmark end to end on 1/16 of the state: 4 real processes save with and
     without copies on peers, then recover from the local tiers, after losing one host's local
     directory, and from S3 (moto); every restore is checked value by value inside."""
-    script = os.path.join(os.path.dirname(SCRIPT), "multitier.py")
-    env = dict(os.environ, BENCH_DIR=str(tmp_path))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, script, "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=580,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = run_benchmark("multitier.py", "--quick", tmp_path=tmp_path)
     for row in ("| blocking |", "| local tiers intact |", "| one host's local directory lost |"):
-        assert row in proc.stdout, proc.stdout
+        assert row in stdout, stdout
