@@ -5,9 +5,10 @@ A local step is a directory per process, `<local_directory>/<step>`, on storage 
 host sees. Each part is an ordinary Zarr v3 group of the whole tree's documents holding only the
 chunks of that process's shards (`_save.write_local_part`); its root document's `local_part`
 names which process holds which chunks, written once every part was durable. A step can be
-restored now when every process of this job holds its committed part; which steps those are is
-agreed among the processes when the manager opens and kept current as saves commit and
-retention deletes (so asking is no collective call).
+restored when every process of this job holds its committed part, or when the parts that
+survive hold every chunk of the missing ones; which steps those are is agreed among the
+processes when the manager opens and kept current as saves commit and retention deletes (so
+asking is no collective call).
 
 At save time, a chunk that fewer than `local_replicas` processes hold (fully sharded state) is
 sent to the next processes in ring order through JAX collectives and kept in their parts
@@ -209,22 +210,28 @@ class LocalTier:
                 for name in names:
                     staged.make_dirs([name])
                     staged.write(f"{name}/{_format.DOC}", _format.array_doc(info.arrays[name]))
-            for name, spec in sorted(info.arrays.items()):
-                moves = []
-                for p in missing:
-                    for key in part.held[p].get(name, []):
-                        src = next((q for q in held_by if key in part.held[q].get(name, [])), None)
-                        assert src is not None  # `_uncovered` said every chunk is held
-                        moves.append(_collectives.Move(src, p, key))
-                if moves:
-                    self._move_chunks(spec, moves, dest, staged, error is not None)
-                    moved += spec.chunk_nbytes * sum(m.dst == process for m in moves)
-            t_moved = time.perf_counter()
-            if staged is not None:
-                staged.write(_format.DOC, _format.with_local_process(raw, process))
-                staged.sync()
         except Exception as e:
             error = e
+        # every process takes part in every transfer, whatever failed here: the others wait
+        # in the collectives for it; failures are told at the agreement below
+        for name, spec in sorted(info.arrays.items()):
+            moves = []
+            for p in missing:
+                for key in part.held[p].get(name, []):
+                    src = next((q for q in held_by if key in part.held[q].get(name, [])), None)
+                    assert src is not None  # `_uncovered` said every chunk is held
+                    moves.append(_collectives.Move(src, p, key))
+            if moves:
+                failed = self._move_chunks(spec, moves, dest, staged if error is None else None)
+                error = error or failed
+                moved += spec.chunk_nbytes * sum(m.dst == process for m in moves)
+        t_moved = time.perf_counter()
+        if staged is not None and error is None:
+            try:
+                staged.write(_format.DOC, _format.with_local_process(raw, process))
+                staged.sync()
+            except Exception as e:
+                error = e
         error = coord.agree("repaired", error, f"rebuilding local step {step} from its peers")
         try:
             if error is not None:
@@ -254,26 +261,35 @@ class LocalTier:
         moves: list[_collectives.Move],
         source: Storage,
         staged: Storage | None,
-        failed: bool,
-    ) -> None:
+    ) -> Exception | None:
         """Send the chunks of `moves` from their processes' parts to the processes that lack
-        them, which write them into `staged`."""
-        process, _ = _process()
+        them, which write them into `staged` (None: they are dropped, this process failed
+        already). Never raises for a chunk that cannot be read or written: the transfers go on
+        (the other processes wait for them) and the first such failure is returned."""
         where = f"while rebuilding {spec.name!r} of local step {source.name}"
+        failures: list[Exception] = []
 
         def read(key: str) -> np.ndarray:
             buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
-            if not failed:
-                source.read_chunk_into(f"{spec.name}/c{_suffix(key)}", buf, where)
+            if not failures:
+                try:
+                    source.read_chunk_into(f"{spec.name}/c{_suffix(key)}", buf, where)
+                except Exception as e:  # damaged or unreadable: send something, fail later
+                    failures.append(e)
             return buf.reshape(-1).view(np.uint8)
 
         def write(key: str, data: np.ndarray) -> None:
-            assert staged is not None
+            if staged is None or failures:
+                return
             chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape)
             band = _format.band_nbytes(spec) if spec.band_rows is not None else None
-            staged.write_chunk(f"{spec.name}/c{_suffix(key)}", chunk, band)
+            try:
+                staged.write_chunk(f"{spec.name}/c{_suffix(key)}", chunk, band)
+            except Exception as e:
+                failures.append(e)
 
         _collectives.move(moves, spec.chunk_nbytes, read, write)
+        return failures[0] if failures else None
 
     # -- saving --------------------------------------------------------------------------------
 

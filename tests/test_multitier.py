@@ -235,3 +235,21 @@ def test_another_mesh_or_process_count_falls_back_to_the_persistent_tier_clearly
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local []" in out, out[-3000:]
         assert "restored step 4 from persistent" in out, out[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_a_damaged_copy_on_a_peer_fails_the_rebuild_everywhere_and_falls_back(tmp_path):
+    """The part of a replaced host is rebuilt from a peer whose copy is damaged: every process
+    learns it (none waits in a collective for ever), nothing half-rebuilt is committed, and the
+    job restores the persistent step, saying why."""
+    procs, outputs = run(["save", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    shutil.rmtree(tmp_path / "local-2")
+    chunk = tmp_path / "local-0" / "6" / "matrix" / "c.0.0"  # process 0 sends it to process 2
+    chunk.write_bytes(b"\0" * chunk.stat().st_size)
+    procs, outputs = run(["restore", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 4 from persistent" in out, out[-3000:]
+        assert "its missing parts could not be rebuilt from peers" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock"]
