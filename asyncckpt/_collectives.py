@@ -8,6 +8,7 @@ same order, from the thread that drives JAX.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from . import _format
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,25 +142,32 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
             for s, n in zip(index, shape, strict=True)
         )
         regions.setdefault(region, []).append(device)
-    chunk = tuple(
-        max((b - a for (a, b) in (r[k] for r in regions)), default=0) for k in range(len(shape))
-    )
-    if any(c == 0 for c in chunk):
+    if data.size == 0:
         return []
+    chunk = _format.chunk_shape(shape, index_map.values())  # the grid the snapshot writes
     moves: list[Move] = []
-    where: dict[str, tuple[tuple[tuple[int, int], ...], jax.Device]] = {}
+    where: dict[str, tuple[tuple[slice, ...], jax.Device]] = {}
     for region in sorted(regions):
         holders = sorted({d.process_index for d in regions[region]})
         targets = [
             p for p in ((holders[0] + i) % count for i in range(1, count)) if p not in holders
         ]
         targets = targets[: max(0, replicas - len(holders))]
-        key = ",".join(str(a // c) for (a, _), c in zip(region, chunk, strict=True))
+        if not targets:
+            continue
         source = next(
             d for d in sorted(regions[region], key=devices.index) if d.process_index == holders[0]
         )
-        where[key] = (region, source)
-        moves += [Move(holders[0], p, key) for p in targets]
+        # one move per chunk of the shard (one, when shards are even)
+        ranges = [range(a // c, b // c) for (a, b), c in zip(region, chunk, strict=True)]
+        for coords in itertools.product(*ranges):
+            key = ",".join(map(str, coords))
+            sub = tuple(
+                slice(i * c - a, (i + 1) * c - a)
+                for i, c, (a, _) in zip(coords, chunk, region, strict=True)
+            )
+            where[key] = (sub, source)
+            moves += [Move(holders[0], p, key) for p in targets]
     if not moves:
         return []
     local = {s.device: s.data for s in data.addressable_shards}
@@ -169,11 +179,11 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
         rows = {}
         for m, src, _ in this:
             if m.src == me:
-                region, source = where[m.key]
-                shard = local[source]
-                if tuple(shard.shape) != chunk:  # an edge shard: pad it to the chunk's shape
-                    shard = jax.numpy.pad(shard, [(0, c - n) for c, n in zip(chunk, shard.shape)])
-                rows[src] = jax.device_put(shard.reshape(1, *chunk), devices[src])
+                sub, source = where[m.key]
+                piece = local[source]
+                if tuple(piece.shape) != chunk:  # a shard of several chunks: this one
+                    piece = piece[sub]
+                rows[src] = jax.device_put(piece.reshape(1, *chunk), devices[src])
         buffers = [
             rows[i] if i in rows else jax.device_put(np.zeros((1, *chunk), data.dtype), devices[i])
             for i in mine
