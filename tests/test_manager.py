@@ -358,6 +358,95 @@ def test_save_on_preemption_false_leaves_sigterm_alone(root):
         assert mgr.reached_preemption(1)
 
 
+def run_python(code, timeout=120):
+    """Run `code` in a fresh interpreter (signals and forks stay out of the test process)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("order", ["first-in-first-out", "last-in-first-out"])
+def test_sigterm_terminates_again_once_every_manager_is_closed(tmp_path, order):
+    """Issue 21: two managers closed first-in-first-out left the closed one's handler, which
+    swallowed SIGTERM (the process went on and exited 0)."""
+    close = "a.close(); b.close()" if order == "first-in-first-out" else "b.close(); a.close()"
+    proc = run_python(
+        f"""
+import os, signal, time
+import asyncckpt as ac
+a = ac.CheckpointManager({str(tmp_path / "a")!r})
+b = ac.CheckpointManager({str(tmp_path / "b")!r})
+os.kill(os.getpid(), signal.SIGTERM)  # caught while they are open: both see it
+assert a.reached_preemption(1) and b.reached_preemption(1)
+{close}
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+print("survived SIGTERM")
+"""
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr
+    assert "survived" not in proc.stdout
+
+
+def test_a_forked_worker_inherits_neither_the_lock_nor_the_sigterm_handler(tmp_path):
+    """Issue 21: a multiprocessing worker forked while a manager was open kept its lock (the
+    next writer was refused) and ran asyncckpt's SIGTERM handler instead of ending."""
+    proc = run_python(
+        f"""
+import multiprocessing, signal, time
+import asyncckpt as ac
+mgr = ac.CheckpointManager({str(tmp_path / "run")!r})
+worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+worker.start()
+mgr.close()
+with ac.CheckpointManager({str(tmp_path / "run")!r}) as again:  # the lock went with close()
+    again.save(1, {{"s": 1}})
+worker.terminate()
+worker.join(20)
+print("worker exit", worker.exitcode)
+"""
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"worker exit {-signal.SIGTERM}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """The holder is SIGKILLed while a worker it forked lives on: the next writer gets in."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import multiprocessing, time
+import asyncckpt as ac
+mgr = ac.CheckpointManager({str(tmp_path / "run")!r})
+worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+worker.start()
+print(worker.pid, flush=True)
+time.sleep(60)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait(20)
+        with ac.CheckpointManager(tmp_path / "run") as mgr:
+            mgr.save(1, {"s": 1})
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        holder.stdout.close()
+
+
 def _topdir_flag(path):
     import fcntl
 

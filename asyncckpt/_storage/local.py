@@ -588,20 +588,63 @@ class _FileLock(WriterLock):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd: int | None = fd
+        _held_locks.add(self)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            # unlocked first: a process forked before this one closed its copy of the
+            # descriptor (`_close_locks_in_child`), but a copy made otherwise would keep it
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
             self._fd = None
+        _held_locks.discard(self)
+
+
+_held_locks: weakref.WeakSet[_FileLock] = weakref.WeakSet()
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child (a multiprocessing worker): close its copies of the lock descriptors,
+    without unlocking (that would unlock the parent's too). The lock then lives and dies with
+    the process that took it, not with the children it forked."""
+    for lock in list(_held_locks):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0))
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-        return f" (pid {int(info['pid'])} on {str(info['host'])[:100]}, since {since})"
+        pid, host = int(info["pid"]), str(info["host"])[:100]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+    gone = ""
+    if host == socket.gethostname() and not _alive(pid):
+        gone = (
+            "; that process is no longer running, so a process it started holds the lock (one "
+            "that inherited it across fork or exec of an older asyncckpt)"
+        )
+    return f" (pid {pid} on {host}, since {since}{gone})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
 
 
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
