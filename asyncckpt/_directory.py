@@ -27,13 +27,26 @@ def committed_steps(directory: Storage) -> list[int]:
     """The committed steps in `directory`, ascending (a missing directory has none): folders
     named by a step number whose root document is asyncckpt's. Anything else there (a Zarr group
     another program saved as `<dir>/3`) is never listed, counted or deleted."""
-    names = [n for n in directory.list_dir() if _format.parse_step(n) is not None]
-    states = directory.checkpoint_states(names)
-    return sorted(
-        int(n) for n, state in zip(names, states) if state == "committed" and _is_ours(directory, n)
-    )
+    listed = directory.list_dir()
+    for _ in range(_RELISTS):
+        names = [n for n in listed if _format.parse_step(n) is not None]
+        states = directory.checkpoint_states(names)
+        steps = sorted(
+            int(n)
+            for n, state in zip(names, states)
+            if state == "committed" and _is_ours(directory, n)
+        )
+        # A writer may have committed a step and deleted an older one between the listing and
+        # the checks (rename tmp -> <step>, <old> -> deleting): then what was checked is stale,
+        # even empty. The answer stands once a listing taken after the checks is the same.
+        again = directory.list_dir()
+        if again == listed:
+            break
+        listed = again
+    return steps
 
 
+_RELISTS = 8  # listings before the last answer is taken as it is (a writer saving very fast)
 _OURS: dict[str, set[str]] = {}  # directory url -> step names known to be asyncckpt's
 _OURS_LOCK = threading.Lock()
 

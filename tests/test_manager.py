@@ -613,3 +613,29 @@ def test_a_foreign_zarr_group_named_like_a_step_is_never_a_step(root, caplog):
             assert mgr.all_steps() == [5]
     assert foreign.read_small("zarr.json", 1 << 20) == FOREIGN_GROUP  # left alone
     assert "holds a Zarr group that asyncckpt did not write" in caplog.text
+
+
+def test_a_listing_racing_a_commit_and_a_deletion_still_sees_a_step(tmp_path, monkeypatch):
+    """Issue 21: a read-only manager restoring in a loop beside a writer with max_to_keep=1
+    sometimes found no step at all: it listed [5, .6-tmp], then the writer committed 6 and
+    deleted 5, then it checked 5. Here that happens exactly between the listing and the check."""
+    from asyncckpt import _directory
+    from asyncckpt._storage import local, open_storage
+
+    run = tmp_path / "run"
+    with ac.CheckpointManager(run) as mgr:
+        mgr.save(5, {"s": 5})
+    staged = run / ".6.asyncckpt-tmp-0123456789ab"
+    shutil.copytree(run / "5", staged)  # a complete save of step 6, not yet renamed
+    real = local.LocalStorage.checkpoint_states
+    raced = []
+
+    def racing(self, names):
+        if not raced:  # the writer commits 6 and deletes 5 right after the reader listed
+            raced.append(True)
+            os.rename(staged, run / "6")
+            os.rename(run / "5", run / ".5.asyncckpt-deleting-0123456789ab")
+        return real(self, names)
+
+    monkeypatch.setattr(local.LocalStorage, "checkpoint_states", racing)
+    assert _directory.committed_steps(open_storage(str(run))) == [6]
