@@ -15,6 +15,7 @@ FORMAT.md.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import json
@@ -30,7 +31,12 @@ import numpy as np
 import xxhash
 
 from . import _dtypes
-from .errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedTypeError
+from .errors import (
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsupportedTypeError,
+)
 
 FORMAT_VERSION = 1
 DOC = "zarr.json"
@@ -488,8 +494,16 @@ class RootFields:
 
 
 def root_fields(metadata: Any, step: StepFields | None, where: str) -> RootFields:
-    """Encode and check what `save` was given for the root document."""
-    encode_json(metadata, what="`metadata`")
+    """Encode and check what `save` was given for the root document: it must leave room for the
+    rest of it, or no reader would open the checkpoint (`MAX_ROOT_DOC_BYTES`)."""
+    size = len(encode_json(metadata, what="`metadata`"))
+    if size > MAX_ROOT_DOC_BYTES // 2:
+        raise CheckpointWriteError(
+            errno.EFBIG,
+            f"{where}: `metadata` is {size} bytes of JSON; a checkpoint's root document may "
+            f"hold at most {MAX_ROOT_DOC_BYTES} bytes in all (readers refuse more), so keep "
+            "metadata small and save large data as arrays in the tree",
+        )
     if step is None:
         return RootFields(metadata)
     metrics = None if step.metrics is None else encode_metrics(step.metrics, where)
@@ -586,7 +600,7 @@ def root_doc(
     nodes = [(g, GROUP_DOC) for g in group_names([a.name for a in arrays])]
     nodes += [(a.name, array_doc(a)) for a in arrays]
     nodes.sort(key=lambda node: node_order(node[0]))
-    return b"".join(
+    doc = b"".join(
         [
             b'{"zarr_format":3,"node_type":"group","attributes":',
             encode_json({ATTR: ours}, what="the tree description or `metadata`"),
@@ -595,6 +609,14 @@ def root_doc(
             b"}}}",
         ]
     )
+    if len(doc) > MAX_ROOT_DOC_BYTES:  # what the writer commits, its readers must open
+        raise CheckpointWriteError(
+            errno.EFBIG,
+            f"the root document would be {len(doc)} bytes for {len(arrays)} arrays, more than "
+            f"the {MAX_ROOT_DOC_BYTES} bytes readers accept: save fewer, larger leaves (e.g. "
+            "stack per-layer parameters), or less metadata",
+        )
+    return doc
 
 
 ROOT_PREFIX = b'{"zarr_format":3,"node_type":"group","attributes":{"asyncckpt":{'

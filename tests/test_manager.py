@@ -639,3 +639,22 @@ def test_a_listing_racing_a_commit_and_a_deletion_still_sees_a_step(tmp_path, mo
 
     monkeypatch.setattr(local.LocalStorage, "checkpoint_states", racing)
     assert _directory.committed_steps(open_storage(str(run))) == [6]
+
+
+def test_what_a_reader_would_refuse_is_never_committed(tmp_path, monkeypatch):
+    """Issue 21: 300 MiB of metadata (or ~650k leaves) made a root document over the 256 MiB
+    readers accept, and the writer committed it as the latest step, which then failed to
+    restore. Here the limit is made small: metadata too large is refused at save(); a tree
+    whose root document would be too large fails in the background with nothing committed."""
+    from asyncckpt import _format
+
+    monkeypatch.setattr(_format, "MAX_ROOT_DOC_BYTES", 64 << 10)
+    with ac.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"w": np.zeros(3)})
+        with pytest.raises(ac.CheckpointWriteError, match=r"`metadata` is \d+ bytes of JSON"):
+            mgr.save(2, {"w": np.zeros(3)}, metadata="x" * (40 << 10))
+        mgr.save(3, {f"leaf{i:04d}": np.zeros(1) for i in range(400)})
+        with pytest.raises(ac.CheckpointWriteError, match="root document would be .* bytes"):
+            mgr.wait_until_finished()
+        assert mgr.all_steps() == [1]
+        assert mgr.restore()["w"].shape == (3,)
