@@ -527,7 +527,7 @@ def restore_tree(
     fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
     be the same one (same inode) with its root document after every chunk was read."""
     phases = phases if phases is not None else Phases()
-    identity = ckpt.identity()
+    identity = _identity(ckpt)
     with phases("plan"):
         info = read_root(ckpt)
     if info.local_part is not None and local_key is None:
@@ -563,8 +563,22 @@ def restore_tree(
     return value
 
 
+_HEAD_BYTES = 256  # the root document's first bytes hold its save time, to the microsecond
+
+
+def _identity(ckpt: Storage) -> Any:
+    """What tells this checkpoint from one saved in its place: the place's own identity (a
+    directory's inode) and the first bytes of its root document (its save time: an object
+    store has no inode, and a replacement there is the same prefix)."""
+    try:
+        head = ckpt.get(_format.DOC, start=0, end=_HEAD_BYTES).tobytes()
+    except (OSError, CheckpointError):
+        head = None  # read_root reports it
+    return ckpt.identity(), head
+
+
 def _changed(ckpt: Storage, identity: Any) -> bool:
-    return ckpt.identity() != identity or not ckpt.exists(_format.DOC)
+    return _identity(ckpt) != identity or identity[1] is None
 
 
 def _gone(ckpt: Storage) -> CheckpointNotFoundError:
