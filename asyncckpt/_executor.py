@@ -70,7 +70,7 @@ class _Batch:
     After a failure no further task starts; `wait` returns once the started ones have ended."""
 
     def __init__(self, tasks: Sequence[Callable[[], Any]]) -> None:
-        self._tasks = list(tasks)
+        self._tasks: list[Callable[[], Any] | None] = list(tasks)
         self._next = 0
         self._running = 0
         self._cond = threading.Condition()
@@ -88,8 +88,10 @@ class _Batch:
                 if self.error is not None or self._next >= len(self._tasks):
                     return
                 task = self._tasks[self._next]
+                self._tasks[self._next] = None  # once taken, only this thread holds it
                 self._next += 1
                 self._running += 1
+            assert task is not None
             try:
                 task()
             except BaseException as e:
@@ -99,6 +101,10 @@ class _Batch:
                 if not isinstance(e, Exception):
                     raise
             finally:
+                # Let go of the task (and the buffers it holds) before the waiter wakes: a
+                # restore stages its next group as soon as `wait` returns, and the group before
+                # must be gone by then (max_inflight_bytes)
+                task = None
                 with self._cond:
                     self._running -= 1
                     self._cond.notify_all()
