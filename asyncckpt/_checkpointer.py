@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from ._engine import (
 from ._executor import Priority, Workers
 from ._storage import Storage, open_storage
 from ._telemetry import RestoreStats, SaveStats
-from .errors import CheckpointReadError, VariableNotFoundError
+from .errors import CheckpointReadError, CorruptCheckpointError, VariableNotFoundError
+
+log = logging.getLogger("asyncckpt")
 
 
 class AsyncCheckpointer:
@@ -260,7 +263,10 @@ def read_metadata(path: Any) -> Any:
 
 
 def load_variable(path: Any, name: str) -> np.ndarray:
-    """Read one variable as a numpy array; nothing else of the checkpoint is read.
+    """Read one variable as a numpy array: its chunks, its own `zarr.json` and the root
+    document, which must agree (a restore trusts the root document). With a damaged root
+    document the variable is still loaded by its own `zarr.json` (a warning says so): a way
+    to salvage data from a checkpoint that no longer restores.
 
     PRNG key arrays come back as their raw key data (`uint32`).
     """
@@ -291,6 +297,28 @@ def load_variable(path: Any, name: str) -> np.ndarray:
             "checkpoint with a target holding just them and strict=False)"
         )
     spec = _format.parse_array_doc(name, doc, where)
+    try:
+        listed = _restore.read_root(ckpt).arrays.get(name)
+    except CorruptCheckpointError as e:  # salvage: the variable's own document is all there is
+        log.warning(
+            "asyncckpt: the root document of %s is damaged (%s); loading %r by its own "
+            "zarr.json alone, unchecked against it",
+            where,
+            e,
+            name,
+        )
+        listed = spec
+    if listed != spec:  # restore trusts the root document: so must this, or say they differ
+        said = (
+            "does not list it"
+            if listed is None
+            else f"says shape {listed.shape}, dtype {listed.dtype}, chunks {listed.chunk_shape}"
+        )
+        raise CorruptCheckpointError(
+            f"{ckpt.path(doc_key)} says shape {spec.shape}, dtype {spec.dtype}, chunks "
+            f"{spec.chunk_shape}, but the root document of {where} {said}; the checkpoint was "
+            "changed after it was saved (run `asyncckpt verify` on it)"
+        )
     raw_spec = dataclasses.replace(spec, prng_impl=None)  # key data stays raw uint32
     workers = Workers(max_workers=4)
     try:

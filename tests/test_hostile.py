@@ -364,3 +364,20 @@ def test_a_fifo_or_device_in_a_checkpoint_is_refused_not_waited_on(tmp_path, vic
     for read in readers:
         with pytest.raises(ac.CorruptCheckpointError, match=match):
             read()
+
+
+def test_load_variable_checks_the_array_document_against_the_root_document(tmp_path):
+    """Issue 21: load_variable trusted `w/zarr.json` alone, so a dtype changed there (float32
+    to int32, same size) returned reinterpreted bytes where restore and verify see the saved
+    float32."""
+    path = saved(tmp_path)
+    doc = json.loads((path / "w" / "zarr.json").read_text())
+    doc["data_type"] = "int32"
+    (path / "w" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(
+        ac.CorruptCheckpointError,
+        match=r"w/zarr.json says shape \(3, 4\), dtype int32.*the root document .* says shape "
+        r"\(3, 4\), dtype float32",
+    ):
+        ac.load_variable(path, "w")
+    np.testing.assert_array_equal(ac.load_variable(path, "nested/v"), np.arange(3))
