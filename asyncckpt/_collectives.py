@@ -137,11 +137,7 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
     index_map = data.sharding.devices_indices_map(shape)
     regions: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
     for device, index in index_map.items():
-        region = tuple(
-            (s.start or 0, n if s.stop is None else s.stop)
-            for s, n in zip(index, shape, strict=True)
-        )
-        regions.setdefault(region, []).append(device)
+        regions.setdefault(_format.index_region(index, shape), []).append(device)
     if data.size == 0:
         return []
     chunk = _format.chunk_shape(shape, index_map.values())  # the grid the snapshot writes
@@ -161,7 +157,7 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
         # one move per chunk of the shard (one, when shards are even)
         ranges = [range(a // c, b // c) for (a, b), c in zip(region, chunk, strict=True)]
         for coords in itertools.product(*ranges):
-            key = ",".join(map(str, coords))
+            key = _format.chunk_id(coords)
             sub = tuple(
                 slice(i * c - a, (i + 1) * c - a)
                 for i, c, (a, _) in zip(coords, chunk, region, strict=True)
@@ -197,6 +193,5 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
         received = {s.device: s.data for s in y.addressable_shards}
         for m, _, dst in this:
             if m.dst == me:
-                coords = tuple(int(i) for i in m.key.split(",")) if m.key else ()
-                out.append((coords, received[devices[dst]]))
+                out.append((_format.chunk_id_coords(m.key), received[devices[dst]]))
     return out

@@ -97,6 +97,21 @@ def chunk_shape(
     return tuple(chunk)
 
 
+def index_region(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index into an array of `shape`, as a hashable ((start, stop), ...)."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def chunk_id(coords: tuple[int, ...]) -> str:
+    """A chunk's coordinates as the documents name them (`"0,1"`; `""` when 0-d)."""
+    return ",".join(map(str, coords))
+
+
+def chunk_id_coords(key: str) -> tuple[int, ...]:
+    """The coordinates of a `chunk_id`."""
+    return tuple(int(i) for i in key.split(",")) if key else ()
+
+
 @dataclass(frozen=True, slots=True)
 class ArraySpec:
     """One array variable as stored."""
@@ -555,10 +570,6 @@ class LocalPart:
     process: int
     processes: int
     held: list[dict[str, list[str]]]
-
-    def holders(self, name: str, coords: tuple[int, ...]) -> list[int]:
-        key = ",".join(map(str, coords))
-        return [p for p, held in enumerate(self.held) if key in held.get(name, ())]
 
 
 def root_doc(

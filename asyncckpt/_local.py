@@ -18,6 +18,7 @@ survive, if they hold every chunk of it, through JAX collectives (`repair`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -155,7 +156,7 @@ class LocalTier:
                 continue
             held = set().union(*(part.held[p].get(name, []) for p in holders))
             for coords in spec.chunk_coords():
-                if ",".join(map(str, coords)) not in held:
+                if _format.chunk_id(coords) not in held:
                     return f"chunk {coords} of {name!r} ({spec.chunk_key(coords)})"
         return None
 
@@ -273,7 +274,7 @@ class LocalTier:
             buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
             if not failures:
                 try:
-                    source.read_chunk_into(f"{spec.name}/c{_suffix(key)}", buf, where)
+                    source.read_chunk_into(spec.chunk_key(_format.chunk_id_coords(key)), buf, where)
                 except Exception as e:  # damaged or unreadable: send something, fail later
                     failures.append(e)
             return buf.reshape(-1).view(np.uint8)
@@ -284,7 +285,7 @@ class LocalTier:
             chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape)
             band = _format.band_nbytes(spec) if spec.band_rows is not None else None
             try:
-                staged.write_chunk(f"{spec.name}/c{_suffix(key)}", chunk, band)
+                staged.write_chunk(spec.chunk_key(_format.chunk_id_coords(key)), chunk, band)
             except Exception as e:
                 failures.append(e)
 
@@ -357,7 +358,7 @@ class LocalTier:
                 continue
             have = set(held.get(name, []))
             for coords in _needed(spec, leaf):
-                if ",".join(map(str, coords)) not in have:
+                if _format.chunk_id(coords) not in have:
                     return f"chunk {coords} of {name!r}"
         return None
 
@@ -365,19 +366,6 @@ class LocalTier:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
-
-def _key(coords: tuple[int, ...]) -> str:
-    return ",".join(map(str, coords))
-
-
-def _coords(key: str) -> tuple[int, ...]:
-    return tuple(int(i) for i in key.split(",")) if key else ()
-
-
-def _suffix(key: str) -> str:
-    """The chunk-file suffix of a chunk key `"i,j"` (`.i.j`; empty for 0-d arrays)."""
-    return "".join(f".{i}" for i in key.split(",")) if key else ""
 
 
 def _needed(spec: _format.ArraySpec, leaf: Any) -> set[tuple[int, ...]]:
@@ -394,18 +382,10 @@ def _needed(spec: _format.ArraySpec, leaf: Any) -> set[tuple[int, ...]]:
     for index in sharding.addressable_devices_indices_map(shape).values():
         if index is None:
             return set(spec.chunk_coords())
-        region = _restore.index_key(index, shape)
+        region = _format.index_region(index, shape)
         ranges = [
             range(a // c, -(-b // c)) if b > a else range(0)
             for (a, b), c in zip(region, spec.chunk_shape, strict=True)
         ]
-        for coords in _product(ranges):
-            needed.add(coords)
+        needed.update(itertools.product(*ranges))
     return needed
-
-
-def _product(ranges: list[range]) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [()]
-    for r in ranges:
-        out = [c + (i,) for c in out for i in r]
-    return out

@@ -359,7 +359,7 @@ def _stage(plan: _Plan) -> list[_Request]:
 
 def index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """A device's index into the global array, as a hashable ((start, stop), ...)."""
-    return tuple((s.start, s.stop) for s in _concrete(index, shape))
+    return _format.index_region(index, shape)
 
 
 def _whole(spec: ArraySpec) -> tuple[slice, ...]:

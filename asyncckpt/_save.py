@@ -121,8 +121,7 @@ def _contents_here(snap: Snapshot) -> dict[str, Any]:
     """This process's part of `_format.Contents`, as JSON: its chunks' hashes and new bytes."""
     return {
         "hashes": {
-            a.spec.name: {",".join(map(str, c)): h for c, h in a.hashes.items()}
-            for a in snap.arrays
+            a.spec.name: {_format.chunk_id(c): h for c, h in a.hashes.items()} for a in snap.arrays
         },
         "new_bytes": sum(d.nbytes for a in snap.arrays for c, d in a.chunks if c not in a.reused),
     }
@@ -137,7 +136,7 @@ def _contents(snap: Snapshot, parts: list[dict[str, Any]]) -> _format.Contents:
     hashes = {}
     for array in snap.arrays:
         table = found.get(array.spec.name, {})
-        listed = [table.get(",".join(map(str, c))) for c in array.spec.chunk_coords()]
+        listed = [table.get(_format.chunk_id(c)) for c in array.spec.chunk_coords()]
         if any(h is None for h in listed):  # a chunk nobody wrote: a bug, never a checkpoint
             raise CheckpointWriteError(f"no process wrote every chunk of {array.spec.name!r}")
         hashes[array.spec.name] = cast(list[str], listed)
@@ -398,7 +397,7 @@ def write_local_part(
         None,
     )
     mine = {
-        a.spec.name: [",".join(map(str, c)) for c, _ in a.chunks] for a in local.arrays if a.chunks
+        a.spec.name: [_format.chunk_id(c) for c, _ in a.chunks] for a in local.arrays if a.chunks
     }
     what = f"saving the node-local part {dest.url}"
     staged = None

@@ -164,16 +164,10 @@ def _sources(data: Any) -> list[tuple[Any, tuple[slice, ...], bool]]:
         return [(data, (), True)]
     found: dict[Any, tuple[Any, tuple[slice, ...], bool]] = {}
     for s in data.addressable_shards:
-        key = _format_index(s.index, data.shape)
+        key = _format.index_region(s.index, data.shape)
         if key not in found or (s.replica_id == 0 and not found[key][2]):
             found[key] = (s.data, s.index, s.replica_id == 0)
     return list(found.values())
-
-
-def _format_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(
-        (s.start or 0, n if s.stop is None else s.stop) for s, n in zip(index, shape, strict=True)
-    )
 
 
 def _plan_leaf(leaf: Leaf) -> tuple[ArraySpec, list[_Template]]:
