@@ -11,6 +11,7 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import jax
 import numpy as np
@@ -122,6 +123,133 @@ def broadcast_bytes(data: bytes, *, is_source: bool) -> bytes:
         buf[:] = np.frombuffer(data, np.uint8)
     out = multihost_utils.broadcast_one_to_all(buf, is_source=is_source)
     return np.asarray(out).tobytes()
+
+
+Received = list[tuple[tuple[int, ...], jax.Array]]
+"""Shards a process received: (chunk coordinates, a single-device array holding the chunk)."""
+
+
+def replicate(arrays: list[jax.Array], replicas: int) -> list[Received]:
+    """Send each shard of each global array that fewer than `replicas` processes hold to the
+    next processes in ring order after its first holder, device to device. Returns, per array,
+    what this process received, in the one-chunk-per-shard grid the snapshot writes.
+
+    Arrays evenly sharded by a `NamedSharding` (the usual case) go in one program per mesh:
+    one `ppermute` per array and round, dispatched without waiting (the received arrays are
+    ready when the transfers are; reading them waits). Its inputs are computed first, so that
+    the program starts in dispatch order on every device: XLA:CPU starts a program once its
+    inputs are ready, and collectives started in different orders on different devices wait
+    for ever. Other arrays go through `replicate_shards`, one waited-for round at a time."""
+    out: list[Received] = [[] for _ in arrays]
+    by_mesh: dict[Mesh, list[int]] = {}
+    for i, data in enumerate(arrays):
+        sharding = data.sharding
+        mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+        if isinstance(mesh, Mesh) and _even_named(data, cast(NamedSharding, sharding)):
+            by_mesh.setdefault(mesh, []).append(i)
+        else:
+            out[i] = replicate_shards(data, replicas)
+    for mesh, members in by_mesh.items():
+        shardings = {i: cast(NamedSharding, arrays[i].sharding) for i in members}
+        plans = [(i, _ring_rounds(arrays[i].shape, shardings[i], replicas)) for i in members]
+        plans = [(i, rounds) for i, rounds in plans if rounds]
+        if not plans:
+            continue
+        inputs = [arrays[i] for i, _ in plans]
+        jax.block_until_ready(inputs)
+        program = _ring_program(
+            mesh,
+            tuple(shardings[i].spec for i, _ in plans),
+            tuple(tuple(tuple((s, d) for s, d, _ in r) for r in rounds) for _, rounds in plans),
+        )
+        results = iter(program(*inputs))
+        flat = list(mesh.devices.flat)
+        for i, rounds in plans:
+            for r in rounds:
+                shards = {s.device: s.data for s in next(results).addressable_shards}
+                for _, dst, coords in r:
+                    if flat[dst].process_index == jax.process_index():
+                        out[i].append((coords, shards[flat[dst]]))
+    return out
+
+
+def _even_named(data: jax.Array, sharding: NamedSharding) -> bool:
+    """Whether `data` is split by its `sharding` into equal shards (what shard_map takes)."""
+    if data.size == 0:
+        return False
+    mesh = sharding.mesh
+    for dim, axes in zip(data.shape, tuple(sharding.spec) + (None,) * data.ndim):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if dim % int(np.prod([mesh.shape[a] for a in names], dtype=np.int64)):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _ring_rounds(
+    shape: tuple[int, ...], sharding: NamedSharding, replicas: int
+) -> list[list[tuple[int, int, tuple[int, ...]]]]:
+    """The transfers that give every shard of an array `replicas` holding processes, in rounds
+    of one permutation each: (source, destination) as indices into the mesh's flattened
+    devices, with the chunk coordinates of the shard. Deterministic, so every process plans
+    alike; cached, as a training loop saves the same shardings again and again."""
+    flat = list(sharding.mesh.devices.flat)
+    position = {d: k for k, d in enumerate(flat)}
+    count = jax.process_count()
+    index_map = sharding.devices_indices_map(shape)
+    chunk = _format.chunk_shape(shape, index_map.values())
+    regions: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for device, index in index_map.items():
+        regions.setdefault(_format.index_region(index, shape), []).append(position[device])
+    pending = []  # (source device, destination process, coords)
+    for region in sorted(regions):
+        holders = sorted({flat[k].process_index for k in regions[region]})
+        ring = ((holders[0] + i) % count for i in range(1, count))
+        targets = [p for p in ring if p not in holders][: max(0, replicas - len(holders))]
+        source = min(k for k in regions[region] if flat[k].process_index == holders[0])
+        coords = tuple(a // c for (a, _), c in zip(region, chunk, strict=True))
+        pending += [(source, p, coords) for p in targets]
+    by_process: dict[int, list[int]] = {}
+    for k, d in enumerate(flat):
+        by_process.setdefault(d.process_index, []).append(k)
+    rounds = []
+    while pending:
+        sending: set[int] = set()
+        receiving: set[int] = set()
+        this, later = [], []
+        for source, process, coords in pending:
+            dst = next((k for k in by_process[process] if k not in receiving), None)
+            if source in sending or dst is None:
+                later.append((source, process, coords))
+                continue
+            sending.add(source)
+            receiving.add(dst)
+            this.append((source, dst, coords))
+        rounds.append(this)
+        pending = later
+    return rounds
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_program(
+    mesh: Mesh, specs: tuple[P, ...], perms: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]
+) -> Callable:
+    """One jitted program: for each input and each of its rounds, a `ppermute` over all of the
+    mesh's devices (flattened in mesh order). Each output has one row per device: what that
+    device received (zeros where it received nothing)."""
+    axes = tuple(mesh.axis_names)
+    every = P(axes)
+
+    def body(*xs: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(
+            jax.lax.ppermute(x, axes, perm)[None]
+            for x, rounds in zip(xs, perms, strict=True)
+            for perm in rounds
+        )
+
+    out_specs = tuple(every for rounds in perms for _ in rounds)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(mapped)
 
 
 def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ...], jax.Array]]:
