@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Literal, cast
 
 import jax
 import numpy as np
@@ -160,134 +160,124 @@ class LocalTier:
                     return f"chunk {coords} of {name!r} ({spec.chunk_key(coords)})"
         return None
 
-    def missing_parts(self, step: int) -> list[int]:
-        """The processes that lack their part of the usable local `step`."""
-        _, count = _process()
-        with self._mutex:
-            held_by = self._holders.get(step, list(range(count)))
-        return sorted(set(range(count)) - set(held_by))
-
-    def repair(self, step: int) -> None:
-        """Rebuild the parts of `step` that processes lack (a replaced host) from the parts
-        that survive, through JAX collectives; a collective call, every process alike. Each
-        chunk a missing part held comes from the first surviving process that holds it, device
-        to device; the rebuilt part is committed like a saved one. Raises (in every process)
-        if any process fails."""
+    def fetch(self, step: int, target: Any) -> Storage:
+        """The place this process restores local `step` from onto `target`: its own part, or,
+        where its part lacks chunks its devices need (a replaced host lacks them all, another
+        mesh some), a view of it that also holds those chunks, received from the processes
+        whose parts hold them through JAX collectives (kept in host memory, not written: the
+        next local save writes a whole part again). A collective call, every process alike;
+        raises in every process alike when a needed chunk is in no surviving part or a transfer
+        fails (the caller then restores the persistent tier)."""
         process, count = _process()
+        own = self.path(step)
         with self._mutex:
-            held_by = list(self._holders[step])
-        missing = sorted(set(range(count)) - set(held_by))
-        if not missing:
-            return
+            held_by = list(self._holders.get(step, range(count)))
+        if count == 1:
+            info = _restore.read_root(own)
+            alone = _lacking(info, 0, target)
+            if alone:
+                name, key = next((n, k) for n, keys in sorted(alone.items()) for k in keys)
+                raise CheckpointError(
+                    f"process 0's local part {own.url} lacks {_chunk_text(info, name, key)}"
+                )
+            return own
         coord = _distributed.Coordinator(
-            _distributed.call_key(f"local repair {step}"), self._timeout_s
+            _distributed.call_key(f"local fetch {step}"), self._timeout_s
         )
-        t0 = time.perf_counter()
-        moved = 0
-        source = held_by[0]
-        raw = b""
+        raw, info = self._root_doc(step, held_by, coord)
         error: Exception | None = None
-        if process == source:
-            try:
-                raw = self.path(step).read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
-            except OSError as e:
-                error = e
-        error = coord.agree("doc", error, f"reading local step {step} of process {source}")
-        if error is not None:
-            raise error
-        raw = _collectives.broadcast_bytes(raw, is_source=process == source)
-        info = _format.parse_root_doc(raw, f"local step {step} of process {source}")
-        part = info.local_part
-        assert part is not None
-        dest = self.path(step)
-        staged = None
+        lacking: dict[str, list[str]] = {}
         try:
-            if process in missing:
-                staged = dest.begin(replace=False)
-                names = sorted(info.arrays)
-                for group in _format.group_names(names):
-                    staged.make_dirs([group])
-                    staged.write(f"{group}/{_format.DOC}", _format.GROUP_DOC)
-                for name in names:
-                    staged.make_dirs([name])
-                    staged.write(f"{name}/{_format.DOC}", _format.array_doc(info.arrays[name]))
-        except Exception as e:
-            error = e
-        # every process takes part in every transfer, whatever failed here: the others wait
-        # in the collectives for it; failures are told at the agreement below
-        for name, spec in sorted(info.arrays.items()):
-            moves = []
-            for p in missing:
-                for key in part.held[p].get(name, []):
-                    src = next((q for q in held_by if key in part.held[q].get(name, [])), None)
-                    assert src is not None  # `_uncovered` said every chunk is held
-                    moves.append(_collectives.Move(src, p, key))
-            if moves:
-                failed = self._move_chunks(spec, moves, dest, staged if error is None else None)
-                error = error or failed
-                moved += spec.chunk_nbytes * sum(m.dst == process for m in moves)
-        t_moved = time.perf_counter()
-        if staged is not None and error is None:
-            try:
-                staged.write(_format.DOC, _format.with_local_process(raw, process))
-                staged.sync()
-            except Exception as e:
-                error = e
-        error = coord.agree("repaired", error, f"rebuilding local step {step} from its peers")
-        try:
+            lacking = _lacking(info, process if process in held_by else None, target)
+        except Exception as e:  # noqa: BLE001 - told to every process at the agreement
+            error = error or e
+        coord.put(f"need/{process}", lacking)
+        coord.barrier("need", f"listing the chunks of local step {step} each process lacks")
+        needs = {int(p): n for p, n in coord.gather("need").items()}
+        plan = _plan_fetch(info, needs, held_by)
+        if isinstance(plan, str):  # every process found the same chunk nobody holds
+            raise CheckpointError(f"no surviving part of local step {step} holds {plan}")
+        if not plan:
+            error = coord.agree("fetched", error, f"restoring local step {step}")
             if error is not None:
                 raise error
-            if staged is not None:
-                dest.commit(staged, replace=False)
-                staged = None
-                log.info(
-                    "asyncckpt: rebuilt local step %d of %s from peers: %.1f MiB received in "
-                    "%.2f s, made durable in %.2f s",
-                    step,
-                    dest.url,
-                    moved / (1 << 20),
-                    t_moved - t0,
-                    time.perf_counter() - t_moved,
-                )
-        finally:
-            if staged is not None:
-                dest.discard(staged)
-        coord.barrier("committed", f"rebuilding local step {step} from its peers")
-        with self._mutex:
-            self._holders[step] = list(range(count))
+            return own
+        t0 = time.perf_counter()
+        received: dict[str, np.ndarray] = {}
+        for name, moves in sorted(plan.items()):
+            failed = self._send(info.arrays[name], moves, own, received, error is None)
+            error = error or failed
+        error = coord.agree("fetched", error, f"receiving chunks of local step {step} from peers")
+        if error is not None:
+            raise error
+        if not received and process in held_by:
+            return own
+        log.info(
+            "asyncckpt: received %.1f MiB of local step %d that %s lacks from peers in %.2f s",
+            sum(r.nbytes for r in received.values()) / (1 << 20),
+            step,
+            own.url if process in held_by else "this host (its part is gone)",
+            time.perf_counter() - t0,
+        )
+        doc = _format.with_local_process(raw, process)
+        return _Fetched(own if process in held_by else None, own.url, doc, received)
 
-    def _move_chunks(
+    def _root_doc(
+        self, step: int, held_by: list[int], coord: _distributed.Coordinator
+    ) -> tuple[bytes, RootInfo]:
+        """The root document of `step` (bytes, parsed): this process's own, or, when some
+        process lacks its part, the first holder's, sent to every process (the documents differ
+        only in the process they name). Raises in every process if it cannot be read."""
+        process, count = _process()
+        source = held_by[0]
+        everyone = len(held_by) == count
+        raw, error = b"", cast(Exception | None, None)
+        if everyone or process == source:
+            try:
+                raw = self.path(step).read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
+                _format.parse_root_doc(raw, f"local step {step} of process {process}")
+            except (CheckpointError, OSError) as e:
+                error = e
+        error = coord.agree("doc", error, f"reading the root documents of local step {step}")
+        if error is not None:
+            raise error
+        if not everyone:
+            raw = _collectives.broadcast_bytes(raw, is_source=process == source)
+        return raw, _format.parse_root_doc(raw, f"local step {step} of process {source}")
+
+    def _send(
         self,
         spec: _format.ArraySpec,
         moves: list[_collectives.Move],
         source: Storage,
-        staged: Storage | None,
+        received: dict[str, np.ndarray],
+        keep: bool,
     ) -> Exception | None:
         """Send the chunks of `moves` from their processes' parts to the processes that lack
-        them, which write them into `staged` (None: they are dropped, this process failed
-        already). Never raises for a chunk that cannot be read or written: the transfers go on
-        (the other processes wait for them) and the first such failure is returned."""
-        where = f"while rebuilding {spec.name!r} of local step {source.name}"
+        them, which keep them in `received` by chunk key (unless not `keep`: this process failed
+        already). Never raises for a chunk that cannot be read: the transfers go on (the other
+        processes wait in them) and the first such failure is returned."""
+        where = f"while sending {spec.name!r} of local step {source.name} to a peer"
         failures: list[Exception] = []
 
         def read(key: str) -> np.ndarray:
             buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
             if not failures:
+                chunk = spec.chunk_key(_format.chunk_id_coords(key))
                 try:
-                    source.read_chunk_into(spec.chunk_key(_format.chunk_id_coords(key)), buf, where)
-                except Exception as e:  # damaged or unreadable: send something, fail later
+                    if spec.band_rows is None:
+                        source.read_chunk_into(chunk, buf, where)
+                    else:
+                        nbands = spec.chunk_shape[0] // spec.band_rows
+                        band = _format.band_nbytes(spec)
+                        source.read_bands_into(chunk, buf, 0, nbands, band, where)
+                except Exception as e:  # noqa: BLE001 - damaged or unreadable: fail later
                     failures.append(e)
             return buf.reshape(-1).view(np.uint8)
 
         def write(key: str, data: np.ndarray) -> None:
-            if staged is None or failures:
-                return
-            chunk = data[: spec.chunk_nbytes].view(spec.dtype).reshape(spec.chunk_shape)
-            band = _format.band_nbytes(spec) if spec.band_rows is not None else None
-            try:
-                staged.write_chunk(spec.chunk_key(_format.chunk_id_coords(key)), chunk, band)
-            except Exception as e:
-                failures.append(e)
+            if keep:
+                received[spec.chunk_key(_format.chunk_id_coords(key))] = data[: spec.chunk_nbytes]
 
         _collectives.move(moves, spec.chunk_nbytes, read, write)
         return failures[0] if failures else None
@@ -304,23 +294,22 @@ class LocalTier:
         thread.
 
         A collective call, made inside every process's `save()` on the caller's thread before
-        the snapshot, in the same order relative to the training steps in every process; each
-        transfer is finished before the next starts and before `save()` returns, so no
-        collective of the training step can be in flight beside one of these. Where every
-        shard has enough holders (data parallelism, one process) nothing is sent."""
+        the snapshot, in the same order relative to the training steps in every process. The
+        transfers are dispatched, not waited for (`_collectives.replicate`): they run beside
+        the training steps that follow, as a step's own collectives would. Where every shard
+        has enough holders (data parallelism, one process) nothing is sent."""
         _, count = _process()
         want = min(self.replicas, count)
         if want <= 1:
             return {}
-        received: dict[str, list[tuple[tuple[int, ...], jax.Array]]] = {}
+        names, arrays = [], []
         for keypath, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not isinstance(value, jax.Array) or value.sharding.is_fully_addressable:
                 continue  # every process holds it whole (and writes it to its part)
-            data = _snapshot.data_of(value)
-            got = _collectives.replicate_shards(data, want)
-            if got:
-                received[_tree.variable_name(keypath)] = got
-        return received
+            names.append(_tree.variable_name(keypath))
+            arrays.append(_snapshot.data_of(value))
+        got = _collectives.replicate(arrays, want)
+        return {name: chunks for name, chunks in zip(names, got, strict=True) if chunks}
 
     # -- after a local save --------------------------------------------------------------------
 
@@ -341,31 +330,145 @@ class LocalTier:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def missing(self, info: RootInfo, target: Any) -> str | None:
-        """None if this process's part holds every chunk that this process's devices need to
-        restore `target`; else what the first missing chunk is."""
-        part = info.local_part
-        assert part is not None
-        held = part.held[part.process]
-        if target is None:
-            wanted = [(name, None) for name in info.arrays]
-        else:
-            leaves = jax.tree_util.tree_flatten_with_path(target)[0]
-            wanted = [(_tree.variable_name(kp), v) for kp, v in leaves]
-        for name, leaf in wanted:
-            spec = info.arrays.get(name)
-            if spec is None or spec.nbytes == 0:
-                continue
-            have = set(held.get(name, []))
-            for coords in _needed(spec, leaf):
-                if _format.chunk_id(coords) not in have:
-                    return f"chunk {coords} of {name!r}"
-        return None
-
     def close(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _lacking(info: RootInfo, process: int | None, target: Any) -> dict[str, list[str]]:
+    """The chunk ids, by variable, that this process's devices need to restore `target` and
+    the part of `process` (None: this process lost its part) does not hold."""
+    part = info.local_part
+    assert part is not None
+    held = part.held[process] if process is not None else {}
+    if target is None:
+        wanted = [(name, None) for name in info.arrays]
+    else:
+        leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+        wanted = [(_tree.variable_name(kp), v) for kp, v in leaves]
+    lacking = {}
+    for name, leaf in wanted:
+        spec = info.arrays.get(name)
+        if spec is None or spec.nbytes == 0:
+            continue  # the restore says what is wrong with a variable it lacks
+        have = set(held.get(name, []))
+        ids = sorted(_format.chunk_id(c) for c in _needed(spec, leaf))
+        if ids := [i for i in ids if i not in have]:
+            lacking[name] = ids
+    return lacking
+
+
+def _plan_fetch(
+    info: RootInfo, needs: dict[int, dict[str, list[str]]], held_by: list[int]
+) -> dict[str, list[_collectives.Move]] | str:
+    """For each variable, the transfers that give each process the chunks it lacks: each
+    from the process holding it that has the fewest bytes to send so far (deterministic).
+    A string instead names the first chunk no part in `held_by` holds."""
+    part = info.local_part
+    assert part is not None
+    sending = dict.fromkeys(held_by, 0)
+    plan: dict[str, list[_collectives.Move]] = {}
+    for dst, lacking in sorted(needs.items()):
+        for name, ids in sorted(lacking.items()):
+            spec = info.arrays[name]
+            for key in ids:
+                holders = [q for q in held_by if q != dst and key in part.held[q].get(name, [])]
+                if not holders:
+                    return _chunk_text(info, name, key)
+                src = min(holders, key=lambda q: (sending[q], q))
+                sending[src] += spec.chunk_nbytes
+                plan.setdefault(name, []).append(_collectives.Move(src, dst, key))
+    return plan
+
+
+def _chunk_text(info: RootInfo, name: str, key: str) -> str:
+    coords = _format.chunk_id_coords(key)
+    return f"chunk {coords} of {name!r} ({info.arrays[name].chunk_key(coords)})"
+
+
+class _Fetched(Storage):
+    """A process's part of a local step as its restore reads it: the root document naming this
+    process, the chunks received from peers (host memory), and the part on disk for the rest
+    (None: this host lost its part). Read only."""
+
+    def __init__(
+        self, part: Storage | None, url: str, doc: bytes, chunks: dict[str, np.ndarray]
+    ) -> None:
+        self.url = url
+        self._part = part
+        self._doc = doc
+        self._chunks = chunks
+
+    def _disk(self, key: str) -> Storage:
+        if self._part is None:
+            raise FileNotFoundError(f"{self.path(key)}: this host lost its part of the step")
+        return self._part
+
+    def child(self, key: str) -> Storage:
+        return self._disk(key).child(key)
+
+    def read_small(self, key: str, limit: int) -> bytes:
+        return self._doc if key == _format.DOC else self._disk(key).read_small(key, limit)
+
+    def exists(self, key: str) -> bool:
+        if key == _format.DOC or key in self._chunks:
+            return True
+        return self._part is not None and self._part.exists(key)
+
+    def get(
+        self,
+        key: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        suffix: int | None = None,
+    ) -> np.ndarray:
+        if key != _format.DOC:
+            return self._disk(key).get(key, start=start, end=end, suffix=suffix)
+        doc = np.frombuffer(self._doc, np.uint8)
+        return doc[-suffix:] if suffix is not None else doc[start:end]
+
+    def size(self, key: str) -> int:
+        return len(self._doc) if key == _format.DOC else self._disk(key).size(key)
+
+    def kind(self) -> Literal["missing", "file", "directory"]:
+        return "directory"
+
+    def read_chunk_into(self, key: str, out: np.ndarray, where: str) -> None:
+        if key not in self._chunks:
+            return self._disk(key).read_chunk_into(key, out, where)
+        np.frombuffer(_format.bytes_view(out), np.uint8)[:] = self._chunks[key]
+        return None
+
+    def read_bands_into(
+        self, key: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int, where: str
+    ) -> None:
+        if key not in self._chunks:
+            return self._disk(key).read_bands_into(key, out, first, nbands, band_nbytes, where)
+        view = np.frombuffer(_format.bytes_view(out), np.uint8)
+        view[:] = self._chunks[key][first * band_nbytes : first * band_nbytes + view.nbytes]
+        return None
+
+    def map_chunk(
+        self, key: str, nbytes: int, band_nbytes: int | None, where: str
+    ) -> np.ndarray | None:
+        if key in self._chunks:
+            return self._chunks[key]
+        return self._disk(key).map_chunk(key, nbytes, band_nbytes, where)
+
+    def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
+        if self._part is not None:
+            self._part.check_no_links(name, where, seen)
+
+    def identity(self) -> Any:
+        return self._part.identity() if self._part is not None else None
+
+    def _read_only(self, *_: Any, **__: Any) -> Any:
+        raise TypeError(f"{self.url}: a local step being restored is read only")
+
+    write = delete = list_dir = checkpoint_states = begin = sync = commit = discard = _read_only
+    unlist = remove = set_aside = leftovers = _read_only
 
 
 def _needed(spec: _format.ArraySpec, leaf: Any) -> set[tuple[int, ...]]:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 
@@ -545,41 +545,30 @@ class CheckpointManager:
                 step = self._fall_back(step, e, fall_back)
 
     def _restore_local(self, step: int, target: Any, strict: bool) -> tuple[Any, str | None]:
-        """Restore `step` from this job's local tier: (tree, None), or (None, why not) when some
-        process's part lacks shards its devices need or is damaged (all processes agree)."""
+        """Restore `step` from this job's local tier: (tree, None), or (None, why not) when the
+        chunks some process's devices need are in no surviving part, or damaged (all processes
+        agree). Chunks a process's own part lacks come from its peers' (`LocalTier.fetch`)."""
         assert self._local is not None
-        place = self._local.path(step)
-        coord = None
-        if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(
-                _distributed.call_key(f"local restore {step}"), self._barrier_timeout_s
-            )
-        error: Exception | None = None
-        if coord is not None and self._local.missing_parts(step):
-            try:  # a collective call: every process alike
-                self._local.repair(step)
-            except (CheckpointError, OSError) as e:
-                return None, f"its missing parts could not be rebuilt from peers: {e}"
-        try:
-            missing = self._local.missing(_restore.read_root(place), target)
-            if missing is not None:
-                error = CheckpointError(
-                    f"process {jax.process_index()}'s local part {place.url} lacks {missing}"
-                )
+        try:  # a collective call: every process alike
+            place = self._local.fetch(step, target)
         except (CheckpointError, OSError) as e:
-            error = e
-        if coord is not None:
-            error = coord.agree("covered", error, f"restoring local step {step}")
-        if error is not None:
-            return None, str(error)
+            return None, str(e)
+        value, error = None, cast(Exception | None, None)
         try:
             value = self._engine.restore(
                 place, target, strict=strict, step=step, local_key=f"local read {step}"
             )
-        except (CorruptCheckpointError, IncompleteCheckpointError, CheckpointError) as e:
-            if isinstance(e, TreeMismatchError):
-                raise
-            return None, str(e)
+        except TreeMismatchError:
+            raise
+        except CheckpointError as e:  # damaged, or changed while read (after every read)
+            error = e
+        if _distributed.is_multi_process():  # all restore the local step, or none does
+            coord = _distributed.Coordinator(
+                _distributed.call_key(f"local restore {step}"), self._barrier_timeout_s
+            )
+            error = coord.agree("restored", error, f"restoring local step {step}")
+        if error is not None:
+            return None, str(error)
         log.info("asyncckpt: restored step %d from the local tier %s", step, self._local.dir.url)
         return value, None
 

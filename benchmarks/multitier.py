@@ -179,6 +179,9 @@ def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="
                 q.kill()
             raise RuntimeError(f"{phase} failed:\n{out[-4000:]}")
         results.append(json.loads(lines[-1][len(MARK) :]))
+        if os.environ.get("MULTITIER_LOG"):
+            logged = [ln for ln in out.splitlines() if ln.startswith("asyncckpt:")]
+            print("\n".join(f"  [{phase} {len(results) - 1}] {ln}" for ln in logged), flush=True)
     merged = {}
     for key in results[0]:
         values = [r[key] for r in results]

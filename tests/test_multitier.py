@@ -178,13 +178,16 @@ def test_four_processes_restore_from_their_local_tiers_and_their_peers(tmp_path)
         assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
         assert "listing ['.asyncckpt.lock', '5', '6']" in out, out[-3000:]
     # a host replaced: process 2's local directory is empty. Its shards of the matrix were
-    # copied to process 3 when saved (local_replicas=2), so its part is rebuilt from the peers
+    # copied to process 3 when saved (local_replicas=2), so process 3 sends them to it
     shutil.rmtree(tmp_path / "local-2")
     procs, outputs = run(["restore", str(tmp_path)])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local [5, 6]" in out, out[-3000:]
         assert "restored step 6 from local" in out, out[-3000:]
-    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock", "6"]
+    assert "of local step 6 that this host (its part is gone) lacks from peers" in outputs[2]
+    # the received chunks are restored from memory, not written: the next local save writes
+    # a whole part again
+    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock"]
     # two neighbouring hosts replaced: every copy of process 2's shards is gone, so the job
     # restores the persistent step, and says which shard no surviving part holds
     shutil.rmtree(tmp_path / "local-2")
@@ -202,8 +205,8 @@ def test_four_processes_restore_from_their_local_tiers_and_their_peers(tmp_path)
 @pytest.mark.timeout(600)
 def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
     """Data parallel: every process holds a replica of every shard. Process 2's local directory
-    is wiped (a new host); the job restores the newest local step anyway, process 2's part
-    rebuilt from its peers' through collectives, and the persistent tier is not read."""
+    is wiped (a new host); the job restores the newest local step anyway, process 2's chunks
+    sent by its peers through collectives, and the persistent tier is not read."""
     procs, outputs = run(["save", str(tmp_path), "dp"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
@@ -212,25 +215,32 @@ def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
     procs, outputs = run(["restore", str(tmp_path), "dp"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
-    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock", "6"]
-    # the rebuilt part is a committed part like any other: the next job uses it directly
+    # the chunks came from both peers holding them, none from the persistent tier (step 4 is
+    # gone from it); a next job recovers the same way
+    assert "of local step 6 that this host (its part is gone) lacks from peers" in outputs[2]
     procs, outputs = run(["restore", str(tmp_path), "dp"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local [5, 6]" in out, out[-3000:]
         assert "restored step 6 from local" in out, out[-3000:]
+    # training goes on: the next local saves write process 2's whole parts again
+    procs, outputs = run(["resume", str(tmp_path), "dp"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 8] local [7, 8]" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock", "7", "8"]
 
 
 @pytest.mark.timeout(600)
-def test_another_mesh_or_process_count_falls_back_to_the_persistent_tier_clearly(tmp_path):
-    """Resharding from the local tiers is not built: another sharding of the same processes,
-    or another number of processes, restores the persistent step and the log says why."""
+def test_another_mesh_reshards_from_the_local_tiers_another_process_count_falls_back(tmp_path):
+    """Another sharding over the same processes restores the newest local step: each process
+    gets the chunks its part lacks from the parts that hold them. Another number of processes
+    restores the persistent step, and the log says why."""
     procs, outputs = run(["save", str(tmp_path)])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
     procs, outputs = run(["reshard", str(tmp_path)])
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0 and "restored step 4 from persistent" in out, out[-3000:]
-        assert "instead of local step 6" in out and "lacks chunk" in out, out[-3000:]
+        assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
+        assert "of local step 6 that" in out and "lacks from peers" in out, out[-3000:]
     procs, outputs = run(["restore", str(tmp_path)], processes=2)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "local []" in out, out[-3000:]
@@ -238,18 +248,18 @@ def test_another_mesh_or_process_count_falls_back_to_the_persistent_tier_clearly
 
 
 @pytest.mark.timeout(600)
-def test_a_damaged_copy_on_a_peer_fails_the_rebuild_everywhere_and_falls_back(tmp_path):
-    """The part of a replaced host is rebuilt from a peer whose copy is damaged: every process
-    learns it (none waits in a collective for ever), nothing half-rebuilt is committed, and the
-    job restores the persistent step, saying why."""
+def test_a_damaged_copy_on_a_peer_fails_the_local_restore_everywhere_and_falls_back(tmp_path):
+    """A replaced host's chunks come from peers, one of whose copies is damaged: every process
+    learns it (none waits in a collective for ever), and the job restores the persistent step,
+    saying why."""
     procs, outputs = run(["save", str(tmp_path), "dp"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
     shutil.rmtree(tmp_path / "local-2")
-    chunk = tmp_path / "local-0" / "6" / "matrix" / "c.0.0"  # process 0 sends it to process 2
+    chunk = tmp_path / "local-0" / "6" / "matrix" / "c.0.0"  # sent to process 2, or restored
     chunk.write_bytes(b"\0" * chunk.stat().st_size)
     procs, outputs = run(["restore", str(tmp_path), "dp"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "restored step 4 from persistent" in out, out[-3000:]
-        assert "its missing parts could not be rebuilt from peers" in out, out[-3000:]
+        assert f"checksum mismatch in chunk file {chunk}" in out, out[-3000:]
     assert sorted(os.listdir(tmp_path / "local-2")) == [".asyncckpt.lock"]

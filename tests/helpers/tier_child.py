@@ -6,12 +6,14 @@ Each process has its own local directory, `DIR/local-<process>`; the persistent 
 `DIR/persistent`. Modes: `save` (steps 1-6: persistent every 4, local every step, 2 kept),
 `die` (step 7, local only: process 1 SIGKILLs itself while writing its local chunks),
 `restore` (the latest step, onto the saved shardings: printed with the tier it came from),
-`reshard` (the latest step onto another sharding of the matrix).
+`reshard` (the latest step onto another sharding of the matrix), `resume` (the latest step
+restored, then two more saved).
 LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
 next process's local tier by `local_replicas=2`, the default) or `dp` (sharded over "y" only:
 every process holds a replica of it).
 """
 
+import logging
 import os
 import signal
 import sys
@@ -20,6 +22,8 @@ from distributed import initialize
 
 process_id, num_processes, port, mode, directory = sys.argv[1:6]
 layout = sys.argv[6] if len(sys.argv) > 6 else "fsdp"
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+logging.getLogger("asyncckpt").setLevel(logging.INFO)  # which tier, and what came from peers
 initialize(int(process_id), int(num_processes), int(port), local_devices=2)
 
 import jax  # noqa: E402
@@ -68,6 +72,13 @@ elif mode == "die":
         print("error:", e, flush=True)
     print("listing", sorted(os.listdir(local)), flush=True)
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
+elif mode == "resume":  # the latest step back, then two more steps saved
+    with manager() as mgr:
+        step = mgr.restore(target=abstract_tree(mesh, spec))["step"]
+        for step in range(step + 1, step + 3):
+            mgr.save(step, global_tree(mesh, step, spec))
+        mgr.wait_until_finished()
+        print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
 elif mode in ("restore", "reshard"):
     if mode == "reshard":
         spec = P("y", "x")
