@@ -115,7 +115,7 @@ class LocalTier:
         if not _distributed.is_multi_process():
             self._holders = {s: [0] for s in mine}
             return sorted(mine)
-        coord = _distributed.Coordinator(_distributed.call_key("local tier steps"), self._timeout_s)
+        coord = _distributed.Coordinator("local tier steps", self._timeout_s)
         coord.put(f"parts/{coord.process}", mine)
         coord.barrier("parts", "listing the local steps of every process")
         holders: dict[int, list[int]] = {}
@@ -179,9 +179,7 @@ class LocalTier:
         missing = sorted(set(range(count)) - set(held_by))
         if not missing:
             return
-        coord = _distributed.Coordinator(
-            _distributed.call_key(f"local repair {step}"), self._timeout_s
-        )
+        coord = _distributed.Coordinator(f"local repair {step}", self._timeout_s)
         t0 = time.perf_counter()
         moved = 0
         source = held_by[0]

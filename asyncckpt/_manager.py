@@ -401,7 +401,7 @@ class CheckpointManager:
             error = e
         if _distributed.is_multi_process() and persistent:
             _distributed.Coordinator(
-                _distributed.call_key(f"retention {self._dir.url} {step}"), self._barrier_timeout_s
+                f"retention {self._dir.url} {step}", self._barrier_timeout_s
             ).barrier("retained", f"retention after step {step}")
         retention_s = time.perf_counter() - t0
         stats = dataclasses.replace(
@@ -441,7 +441,7 @@ class CheckpointManager:
         coord = None
         if _distributed.is_multi_process():  # everyone checked the step before it goes
             coord = _distributed.Coordinator(
-                _distributed.call_key(f"delete {self._dir.url} {step}"), self._barrier_timeout_s
+                f"delete {self._dir.url} {step}", self._barrier_timeout_s
             )
             coord.barrier("checked", f"deleting step {step} of {self._dir.url}")
         deleted = True
@@ -551,9 +551,7 @@ class CheckpointManager:
         place = self._local.path(step)
         coord = None
         if _distributed.is_multi_process():
-            coord = _distributed.Coordinator(
-                _distributed.call_key(f"local restore {step}"), self._barrier_timeout_s
-            )
+            coord = _distributed.Coordinator(f"local restore {step}", self._barrier_timeout_s)
         error: Exception | None = None
         if coord is not None and self._local.missing_parts(step):
             try:  # a collective call: every process alike
@@ -600,7 +598,7 @@ class CheckpointManager:
         what = f"setting aside step {step} of {self._dir.url}"
         if not self._read_only and _distributed.is_multi_process():
             coord = _distributed.Coordinator(
-                _distributed.call_key(f"set aside {self._dir.url} {step}"), self._barrier_timeout_s
+                f"set aside {self._dir.url} {step}", self._barrier_timeout_s
             )
             coord.barrier("damaged", what)  # every process is done reading the step
         kept = ""

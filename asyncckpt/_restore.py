@@ -542,7 +542,7 @@ def restore_tree(
             call = f"restore {ckpt.url}" if local_key is None else local_key
 
             def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(_distributed.call_key(call), barrier_timeout_s)
+                return _distributed.Coordinator(call, barrier_timeout_s)
 
         read = functools.partial(
             read_arrays,
