@@ -524,11 +524,12 @@ def cp_command(src: str, dst: str, step: int | None, force: bool) -> None:
         return
     # into a manager directory: hold its writer lock, and remove what an interrupted copy (or
     # save) left there, as a manager opening it would
+    pairs = [(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)]
     lock = _directory.lock(dest)
     try:
         for place in _directory.leftovers(dest):
             _directory.remove(place, None)
-        _copy_each([(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)], force)
+        _copy_each(pairs, force)
     finally:
         if lock is not None:
             lock.release()
