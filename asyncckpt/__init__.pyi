@@ -28,6 +28,7 @@ from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CheckpointReadError as CheckpointReadError
 from .errors import CheckpointWriteError as CheckpointWriteError
 from .errors import ClosedError as ClosedError
+from .errors import CoordinatorUnavailableError as CoordinatorUnavailableError
 from .errors import CorruptCheckpointError as CorruptCheckpointError
 from .errors import DeletedArrayError as DeletedArrayError
 from .errors import DirectoryLockedError as DirectoryLockedError

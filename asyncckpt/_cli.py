@@ -4,7 +4,7 @@
     asyncckpt show PATH [--step N]         the variables of one checkpoint
     asyncckpt verify PATH|DIR              read every chunk and check it
     asyncckpt rm DIR --step N              delete steps
-    asyncckpt cp SRC DST                   copy a checkpoint (disk <-> object store)
+    asyncckpt cp SRC DST [--force]         copy a checkpoint (disk <-> object store); resumable
     asyncckpt export PATH OUT.safetensors  hand the weights to other tools (or OUT.npz)
     asyncckpt import-orbax SRC DST         convert an Orbax checkpoint
 
@@ -509,26 +509,47 @@ def rm_command(directory: str, steps: tuple[int, ...]) -> None:
 @click.argument("src")
 @click.argument("dst")
 @click.option("--step", type=int, help="Copy only this step of a manager directory SRC to DST.")
-def cp_command(src: str, dst: str, step: int | None) -> None:
+@click.option(
+    "--force", is_flag=True, help="Replace checkpoints at DST that differ from those of SRC."
+)
+def cp_command(src: str, dst: str, step: int | None, force: bool) -> None:
     """Copy a checkpoint, or every step of a manager directory, between disk and object stores.
 
-    The copy is checked chunk by chunk against its checksums and committed atomically."""
+    The copy is checked chunk by chunk against its checksums and committed atomically. Run
+    again after an interruption, it goes on: checkpoints DST holds already are skipped, and
+    the one under way is copied again (into a directory, what it left there is removed)."""
     dest = open_storage(dst)
     if step is not None or _is_checkpoint(open_storage(src)):
-        pairs = [(_resolve(src, step), dest)]
-    else:
-        pairs = [(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)]
+        _copy_each([(_resolve(src, step), dest)], force)
+        return
+    # into a manager directory: hold its writer lock, and remove what an interrupted copy (or
+    # save) left there, as a manager opening it would
+    pairs = [(ckpt, dest.child(ckpt.name)) for ckpt in _checkpoints(src, None)]
+    lock = _directory.lock(dest)
+    try:
+        for place in _directory.leftovers(dest):
+            _directory.remove(place, None)
+        _copy_each(pairs, force)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _copy_each(pairs: list[tuple[Storage, Storage]], force: bool) -> None:
     with _workers() as workers:
         previous = None  # incremental steps: what the step before holds is linked, not copied
         for a, b in pairs:
             total = _data_bytes(_restore.read_root(a))
             with _progress(f"copy {a.name}", total) as advance:
-                copied = _copy.copy(a, b, workers, progress=advance, previous=previous)
+                copied = _copy.copy(a, b, workers, progress=advance, previous=previous, force=force)
+            previous = b
+            if copied is None:
+                out.print(f"{b.url} holds this checkpoint already, skipped")
+                continue
             reused = f", {_human(total - copied)} of it reused from the step before" * (
                 copied < total
             )
             out.print(f"copied {a.url} -> {b.url} ({_human(total)}{reused})")
-            previous = b
 
 
 @cli.command("export")

@@ -16,6 +16,7 @@ from ._executor import Workers
 from ._format import ArraySpec
 from ._restore import read_root
 from ._storage import Storage
+from .errors import CheckpointExistsError
 
 
 def copy(
@@ -25,17 +26,29 @@ def copy(
     *,
     progress: Callable[[int], None] | None = None,
     previous: Storage | None = None,
-) -> int:
-    """Copy the committed checkpoint `src` to `dst`, which must not exist yet; return the chunk
-    bytes copied. `progress(n)` is called from worker threads as `n` more data bytes are done.
+    force: bool = False,
+) -> int | None:
+    """Copy the committed checkpoint `src` to `dst`; return the chunk bytes copied, or None
+    when `dst` holds this very checkpoint already (committed, the same root document: a copy
+    run before), which is left as it is. Another checkpoint at `dst` is refused unless `force`
+    (then replaced); an uncommitted leftover there is not a checkpoint and is written over.
+    `progress(n)` is called from worker threads as `n` more data bytes are done.
     `previous`: a committed checkpoint beside `dst` (the step copied before it): a chunk whose
     recorded content hash it holds in the same layout is linked or copied server-side from it,
     not read from `src` (so copying the steps of an incremental run costs what they added)."""
     info = read_root(src)
     reuse = _save.Reuse.of(previous) if info.hashes is not None else None
     root = src.read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES)
-    dst.check_writable(replace=False)
-    staged = _save.begin_write(dst, replace=False)
+    if dst.is_checkpoint():
+        if dst.read_small(_format.DOC, _format.MAX_ROOT_DOC_BYTES) == root:
+            return None
+        if not force:
+            raise CheckpointExistsError(
+                f"{dst.url} holds a different checkpoint than {src.url} (their root documents "
+                "differ); pass --force to replace it, or copy to another place"
+            )
+    dst.check_writable(replace=force)
+    staged = _save.begin_write(dst, replace=force)
     try:
         for group in _format.group_names(list(info.arrays)):
             staged.make_dirs([group])
@@ -62,7 +75,7 @@ def copy(
         workers.run_reads(tasks, network=src.network or dst.network)
         staged.write(_format.DOC, root)
         staged.sync()
-        dst.commit(staged, replace=False)
+        dst.commit(staged, replace=force)
     except BaseException:
         dst.discard(staged)
         raise

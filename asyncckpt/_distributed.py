@@ -18,6 +18,7 @@ import jax
 from .errors import (
     BarrierTimeoutError,
     CheckpointError,
+    CoordinatorUnavailableError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
@@ -47,12 +48,16 @@ def is_multi_process() -> bool:
 
 
 class Coordinator:
-    """Barriers and small messages among the processes, under one name space (`prefix`)."""
+    """Barriers and small messages among the processes for one collective `call` (`save
+    <path>`, `delete <dir> <step>` ...: the same call in every process), under its own name
+    space (`call_key`). Every request to the coordination service that finds it gone raises
+    `CoordinatorUnavailableError` naming the call."""
 
-    def __init__(self, prefix: str, timeout_s: float) -> None:
+    def __init__(self, call: str, timeout_s: float) -> None:
         self.process = jax.process_index()
         self.count = jax.process_count()
-        self.prefix = prefix
+        self.call = call
+        self.prefix = call_key(call)
         self.timeout_s = timeout_s
         self._client = _client()
         if self._client is None:
@@ -65,13 +70,34 @@ class Coordinator:
     def _ms(self) -> int:
         return max(1, int(self.timeout_s * 1000))
 
+    def _request(self, method: str, *args: Any) -> Any:
+        """`self._client.<method>(*args)`; the coordinator gone: `CoordinatorUnavailableError`."""
+        try:
+            return getattr(self._client, method)(*args)
+        except jax.errors.JaxRuntimeError as e:
+            if _unreachable(e):
+                raise self._unavailable(method, e) from e
+            raise
+
+    def _unavailable(self, method: str, e: Exception) -> CoordinatorUnavailableError:
+        return CoordinatorUnavailableError(
+            f"{self.call}: the coordinator of this jax.distributed job (process 0, which hosts "
+            f"JAX's coordination service) is unreachable from process {self.process} of "
+            f"{self.count} ({method}): process 0 died or its host cannot be reached. A step "
+            "is committed only if process 0 wrote its root zarr.json before; restart every "
+            "process of the job and restore the latest committed step. "
+            f"({type(e).__name__}: {str(e)[:300]})"
+        )
+
     def barrier(self, name: str, what: str) -> None:
         """Wait until every process arrives at `name`, or raise naming the ones that did not."""
         key = f"{self.prefix}/barrier/{name}"
-        self._client.key_value_set(f"{self.prefix}/arrived/{name}/{self.process}", "1")
+        self._request("key_value_set", f"{self.prefix}/arrived/{name}/{self.process}", "1")
         try:
             self._client.wait_at_barrier(key, self._ms())
         except Exception as e:  # JaxRuntimeError: DEADLINE_EXCEEDED, or the service went away
+            if isinstance(e, jax.errors.JaxRuntimeError) and _unreachable(e):
+                raise self._unavailable("wait_at_barrier", e) from e
             try:
                 arrived = {
                     int(k.rsplit("/", 1)[-1])
@@ -87,12 +113,12 @@ class Coordinator:
             ) from e
 
     def put(self, name: str, value: Any) -> None:
-        self._client.key_value_set(f"{self.prefix}/data/{name}", json.dumps(value))
+        self._request("key_value_set", f"{self.prefix}/data/{name}", json.dumps(value))
 
     def get(self, name: str) -> Any:
         """The value another process `put` under `name` (waits for it up to the deadline)."""
         return json.loads(
-            self._client.blocking_key_value_get(f"{self.prefix}/data/{name}", self._ms())
+            self._request("blocking_key_value_get", f"{self.prefix}/data/{name}", self._ms())
         )
 
     def agree(self, name: str, error: Exception | None, what: str) -> Exception | None:
@@ -117,5 +143,11 @@ class Coordinator:
 
     def gather(self, name: str) -> dict[int, Any]:
         """Values each process `put` under `name/<process>`, keyed by process (those present)."""
-        items = self._client.key_value_dir_get(f"{self.prefix}/data/{name}/")
+        items = self._request("key_value_dir_get", f"{self.prefix}/data/{name}/")
         return {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in items}
+
+
+def _unreachable(e: Exception) -> bool:
+    """Whether a coordination-service error means the service is gone (gRPC UNAVAILABLE: its
+    process died, or the network to it), not a deadline or a refused request."""
+    return str(e).lstrip().startswith("UNAVAILABLE") or "Socket closed" in str(e)

@@ -110,12 +110,10 @@ class Engine:
         coord = local_coord = None
         if _distributed.is_multi_process():
             if dest is not None:
-                coord = _distributed.Coordinator(
-                    _distributed.call_key(f"save {dest.url}"), self.barrier_timeout_s
-                )
+                coord = _distributed.Coordinator(f"save {dest.url}", self.barrier_timeout_s)
             if local is not None:  # each host names its own directory: key by step
                 local_coord = _distributed.Coordinator(
-                    _distributed.call_key(f"local save {fields.step}"), self.barrier_timeout_s
+                    f"local save {fields.step}", self.barrier_timeout_s
                 )
         with phases("snapshot"):
             received = extra(tree) if extra is not None else {}

@@ -115,7 +115,7 @@ class LocalTier:
         if not _distributed.is_multi_process():
             self._holders = {s: [0] for s in mine}
             return sorted(mine)
-        coord = _distributed.Coordinator(_distributed.call_key("local tier steps"), self._timeout_s)
+        coord = _distributed.Coordinator("local tier steps", self._timeout_s)
         coord.put(f"parts/{coord.process}", mine)
         coord.barrier("parts", "listing the local steps of every process")
         holders: dict[int, list[int]] = {}
@@ -181,9 +181,7 @@ class LocalTier:
                     f"process 0's local part {own.url} lacks {_chunk_text(info, name, key)}"
                 )
             return own
-        coord = _distributed.Coordinator(
-            _distributed.call_key(f"local fetch {step}"), self._timeout_s
-        )
+        coord = _distributed.Coordinator(f"local fetch {step}", self._timeout_s)
         raw, info = self._root_doc(step, held_by, coord)
         error: Exception | None = None
         lacking: dict[str, list[str]] = {}

@@ -401,7 +401,7 @@ class CheckpointManager:
             error = e
         if _distributed.is_multi_process() and persistent:
             _distributed.Coordinator(
-                _distributed.call_key(f"retention {self._dir.url} {step}"), self._barrier_timeout_s
+                f"retention {self._dir.url} {step}", self._barrier_timeout_s
             ).barrier("retained", f"retention after step {step}")
         retention_s = time.perf_counter() - t0
         stats = dataclasses.replace(
@@ -441,7 +441,7 @@ class CheckpointManager:
         coord = None
         if _distributed.is_multi_process():  # everyone checked the step before it goes
             coord = _distributed.Coordinator(
-                _distributed.call_key(f"delete {self._dir.url} {step}"), self._barrier_timeout_s
+                f"delete {self._dir.url} {step}", self._barrier_timeout_s
             )
             coord.barrier("checked", f"deleting step {step} of {self._dir.url}")
         deleted = True
@@ -563,9 +563,7 @@ class CheckpointManager:
         except CheckpointError as e:  # damaged, or changed while read (after every read)
             error = e
         if _distributed.is_multi_process():  # all restore the local step, or none does
-            coord = _distributed.Coordinator(
-                _distributed.call_key(f"local restore {step}"), self._barrier_timeout_s
-            )
+            coord = _distributed.Coordinator(f"local restore {step}", self._barrier_timeout_s)
             error = coord.agree("restored", error, f"restoring local step {step}")
         if error is not None:
             return None, str(error)
@@ -589,7 +587,7 @@ class CheckpointManager:
         what = f"setting aside step {step} of {self._dir.url}"
         if not self._read_only and _distributed.is_multi_process():
             coord = _distributed.Coordinator(
-                _distributed.call_key(f"set aside {self._dir.url} {step}"), self._barrier_timeout_s
+                f"set aside {self._dir.url} {step}", self._barrier_timeout_s
             )
             coord.barrier("damaged", what)  # every process is done reading the step
         kept = ""

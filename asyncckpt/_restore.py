@@ -201,21 +201,72 @@ def _read_chunk(
         _guarded(place, where, ckpt.read_chunk_into, key, chunk, where)
         _scatter(chunk, region, hits)
         return
-    # a banded chunk: read only the bands that some request overlaps
+    # a banded chunk: read only the bands that some request overlaps; those a request holds
+    # whole go straight into its buffer, the rest through buffers of at most `_PIECE_BYTES`
     band, start = spec.band_rows, region[0].start
-    spans = sorted(((o[0].start - start) // band, -(-(o[0].stop - start) // band)) for _, o in hits)
+    scattered = []
+    for req, o in hits:
+        direct = _whole_bands(spec, region, req, o)
+        if direct is None:
+            scattered.append((req, o))
+        else:
+            _read_bands(ckpt, key, spec, direct[0], direct[1], where)
+    if not scattered:
+        return
+    spans = sorted(
+        ((o[0].start - start) // band, -(-(o[0].stop - start) // band)) for _, o in scattered
+    )
     merged = [list(spans[0])]
     for lo, hi in spans[1:]:
         if lo <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
+    step = max(1, _PIECE_BYTES // _format.band_nbytes(spec))
     for lo, hi in merged:
-        part = np.empty(((hi - lo) * band, *spec.chunk_shape[1:]), spec.dtype)
-        _read_bands(ckpt, key, spec, part, lo, where)
-        rows = (slice(start + lo * band, start + hi * band), *region[1:])
-        inside = [(r, o) for r, whole in hits if (o := _overlap(whole, rows)) is not None]
-        _scatter(part, rows, inside)
+        for first in range(lo, hi, step):
+            bands = (first, min(first + step, hi))
+            _scatter_bands(ckpt, key, spec, region, bands, scattered, where)
+
+
+def _scatter_bands(
+    ckpt: Storage,
+    key: str,
+    spec: ArraySpec,
+    region: tuple[slice, ...],
+    bands: tuple[int, int],
+    hits: list[tuple[_Request, tuple[slice, ...]]],
+    where: str,
+) -> None:
+    """Read bands [first, stop) of the chunk at `region` into a buffer of their own and copy
+    what each of `hits` overlaps (the buffer is gone before the next one is made)."""
+    band, (first, stop) = cast(int, spec.band_rows), bands
+    part = np.empty(((stop - first) * band, *spec.chunk_shape[1:]), spec.dtype)
+    _read_bands(ckpt, key, spec, part, first, where)
+    rows = (slice(region[0].start + first * band, region[0].start + stop * band), *region[1:])
+    _scatter(part, rows, [(r, o) for r, whole in hits if (o := _overlap(whole, rows)) is not None])
+
+
+_PIECE_BYTES = 16 << 20
+"""Bands of a chunk that no request holds whole (a slice across columns, or part of a band)
+are read into and scattered from a buffer of at most this many bytes (or one band) at a time."""
+
+
+def _whole_bands(
+    spec: ArraySpec, region: tuple[slice, ...], req: _Request, overlap: tuple[slice, ...]
+) -> tuple[np.ndarray, int] | None:
+    """Where in `req.out` the bands of the chunk at `region` that `req` overlaps can be read
+    straight into, and the first of them: when the overlap is whole bands, full width, and the
+    request itself is that wide (so its rows are contiguous). Else None."""
+    band = cast(int, spec.band_rows)
+    lo, hi = overlap[0].start - region[0].start, overlap[0].stop - region[0].start
+    full_width = all(
+        o == r == c
+        for o, r, c in zip(overlap[1:], req.index[1:], _concrete(region, spec.shape)[1:])
+    )
+    if req.out is None or not full_width or lo % band or hi % band:
+        return None
+    return req.out[_shift(overlap, req.index)], lo // band
 
 
 def _scatter(
@@ -542,7 +593,7 @@ def restore_tree(
             call = f"restore {ckpt.url}" if local_key is None else local_key
 
             def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(_distributed.call_key(call), barrier_timeout_s)
+                return _distributed.Coordinator(call, barrier_timeout_s)
 
         read = functools.partial(
             read_arrays,

@@ -62,6 +62,11 @@ class BarrierTimeoutError(CheckpointError, TimeoutError):
     restore or deletion in time (`barrier_timeout_s`); the message names them."""
 
 
+class CoordinatorUnavailableError(CheckpointError, ConnectionError):
+    """Under `jax.distributed`, JAX's coordination service (hosted by process 0) stopped
+    answering in the middle of a save, restore or deletion; the message names the call."""
+
+
 class ClosedError(CheckpointError, RuntimeError):
     """The `CheckpointManager` or `AsyncCheckpointer` was closed; open a new one."""
 

@@ -193,6 +193,78 @@ def test_cp_round_trip(run_dir, tmp_path, request, backend, mesh):
     assert ac.read_metadata(back) == {"lr": pytest.approx(0.2)}
 
 
+def _cp_killed_in_step(src, dst, killed_in):
+    """`asyncckpt cp SRC DST` SIGKILLed by itself after the first array document it copies of
+    step `killed_in`: a copy interrupted for real, half-way through (the steps of `run_dir`
+    hold the same chunks, so steps after the first link theirs rather than copy them)."""
+    code = f"""
+import os, signal
+from asyncckpt import _cli, _copy
+real = _copy._copy_doc
+def copy_then_die(src, *args):
+    real(src, *args)
+    if src.name == {str(killed_in)!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+_copy._copy_doc = copy_then_die
+_cli.main(["cp", {str(src)!r}, {str(dst)!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+
+
+def assert_restores_as(copy, original):
+    target = ac.restore(original)  # the saved tree, as host arrays
+    got = ac.restore(copy, target)
+    jax.tree.map(
+        assert_same, jax.random.key_data(got.pop("key")), jax.random.key_data(target.pop("key"))
+    )
+    jax.tree.map(assert_same, got, target)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_an_interrupted_cp_resumes(run_dir, tmp_path, request, backend):
+    """Issue 21: `cp` killed half-way could not be resumed: running it again stopped at the
+    first step already copied ("pass force=True", an option cp does not have)."""
+    dest = make_root(request, backend, tmp_path) / "copied"
+    _cp_killed_in_step(run_dir, dest, 2)
+    assert steps(dest) == [1]  # step 2 was under way: not committed
+    assert "2" in names(dest) or any(".2.asyncckpt-tmp-" in n for n in names(dest))
+    _, out, _ = run("cp", run_dir, dest)
+    assert f"{dest}/1 holds this checkpoint already, skipped" in out
+    assert out.count("copied ") == 2  # steps 2 and 3
+    assert steps(dest) == [1, 2, 3]
+    assert not [n for n in names(dest) if "asyncckpt-tmp" in n]  # the partial copy is gone
+    for step in (1, 2, 3):
+        assert_restores_as(f"{dest}/{step}", run_dir / str(step))
+        ac.verify(f"{dest}/{step}")
+    _, out, _ = run("cp", run_dir, dest)  # nothing left to do
+    assert out.count("holds this checkpoint already, skipped") == 3
+
+
+def test_cp_replaces_a_different_checkpoint_only_with_force(run_dir, tmp_path):
+    dest = tmp_path / "copied"
+    run("cp", run_dir, dest)
+    ac.save(dest / "3", {"other": np.ones(3)}, force=True)
+    status, _, err = run("cp", run_dir, dest, ok=False)
+    assert status == 1
+    assert one_error_line(err).endswith(
+        f"{dest}/3 holds a different checkpoint than {run_dir}/3 (their root documents "
+        "differ); pass --force to replace it, or copy to another place"
+    )
+    assert "other" in ac.list_variables(dest / "3")  # left as it was
+    _, out, _ = run("cp", run_dir, dest, "--force")
+    assert out.count("holds this checkpoint already, skipped") == 2
+    assert_restores_as(dest / "3", run_dir / "3")
+    single = tmp_path / "single"  # one checkpoint, not a directory, alike
+    run("cp", run_dir, single, "--step", "2")
+    _, out, _ = run("cp", run_dir, single, "--step", "2")
+    assert "holds this checkpoint already, skipped" in out
+    status, _, err = run("cp", run_dir, single, "--step", "3", ok=False)
+    assert status == 1 and "pass --force to replace it" in one_error_line(err)
+    run("cp", run_dir, single, "--step", "3", "--force")
+    assert_restores_as(single, run_dir / "3")
+
+
 def test_cp_refuses_a_damaged_source(run_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(run_dir / "2", src)

@@ -447,6 +447,80 @@ time.sleep(60)
         holder.stdout.close()
 
 
+def _hold_the_lock_unrecorded(directory):
+    """Take `directory`'s writer lock the way a manager does, stopped before it records who it
+    is: the moment a second writer can lose the race and find no holder (or a dead one's)."""
+    import fcntl
+
+    fd = os.open(os.path.join(directory, ".asyncckpt.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _record_holder(fd, pid):
+    import json
+    import socket
+
+    record = {"pid": pid, "host": socket.gethostname(), "since": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+
+
+def test_a_writer_that_loses_the_lock_race_still_names_the_holder(tmp_path):
+    """Issue 21: the loser read the lock file before the winner wrote its pid and host into it,
+    and was refused naming nobody, or the dead writer that held the lock before."""
+    import socket
+    import subprocess
+
+    run = tmp_path / "run"
+    ac.CheckpointManager(run).close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    fd = _hold_the_lock_unrecorded(run)
+    try:
+        _record_holder(fd, dead.pid)  # a crashed writer's record, not yet replaced
+        timer = threading.Timer(0.3, _record_holder, (fd, os.getpid()))
+        timer.start()
+        with pytest.raises(
+            ac.DirectoryLockedError,
+            match=rf"\(pid {os.getpid()} on {socket.gethostname()}, since .*read_only=True",
+        ):
+            ac.CheckpointManager(run)
+    finally:
+        timer.cancel()
+        timer.join()
+        os.close(fd)
+
+
+def test_a_holder_that_never_records_itself_is_called_unknown(tmp_path):
+    run = tmp_path / "run"
+    ac.CheckpointManager(run).close()
+    fd = _hold_the_lock_unrecorded(run)
+    try:
+        os.ftruncate(fd, 0)
+        lock_file = os.path.join(run, ".asyncckpt.lock")
+        with pytest.raises(
+            ac.DirectoryLockedError,
+            match=rf"pid and host unknown: it has not recorded them in {lock_file} .*"
+            rf"`fuser -v {lock_file}` names it.*read_only=True",
+        ):
+            ac.CheckpointManager(run)
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_racing_a_closing_one_gets_the_lock(tmp_path):
+    """The holder lets go while the loser waits for its record: the loser takes the lock."""
+    run = tmp_path / "run"
+    ac.CheckpointManager(run).close()
+    fd = _hold_the_lock_unrecorded(run)
+    timer = threading.Timer(0.3, os.close, (fd,))
+    timer.start()
+    with ac.CheckpointManager(run) as mgr:
+        mgr.save(1, {"s": 1})
+    timer.join()
+
+
 def _topdir_flag(path):
     import fcntl
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -16,6 +17,7 @@ from distributed import launch  # noqa: E402
 from values import BIG, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
+from asyncckpt import _distributed  # noqa: E402
 
 P = jax.sharding.PartitionSpec
 
@@ -169,3 +171,64 @@ def test_processes_agree_on_the_preemption_step(tmp_path):
         assert "alive" in out and f"steps [{steps[0]}]" in out, out[-2000:]
     with ac.CheckpointManager(tmp_path, read_only=True) as mgr:
         assert mgr.all_steps() == [steps[0]] and mgr.restore()["step"] == steps[0]
+
+
+@pytest.mark.timeout(120)
+def test_process_0_killed_mid_save_ends_the_others_and_commits_nothing(tmp_path):
+    """Issue 21: process 0 hosts JAX's coordination service. When it dies, JAX itself ends the
+    other processes at once (SIGABRT, "Terminating process because the JAX distributed service
+    detected fatal errors"), mostly before asyncckpt's next call to the coordinator; a call
+    that fails first raises asyncckpt's error naming the coordinator. Nothing is committed."""
+    start = time.monotonic()
+    procs = launch("mp_child.py", 2, "die0", str(tmp_path), "4")
+    outputs = finish(procs, timeout=90)
+    assert procs[0].returncode == -signal.SIGKILL
+    aborted_by_jax = procs[1].returncode == -signal.SIGABRT and (
+        "Terminating process because the JAX distributed service detected fatal errors"
+        in outputs[1]
+    )
+    named = re.search(r"error: save .*: the coordinator of this jax.distributed job", outputs[1])
+    assert aborted_by_jax or named, (procs[1].returncode, outputs[1][-3000:])
+    assert "ckpt" not in os.listdir(tmp_path)  # not committed (a hidden leftover may remain)
+    with pytest.raises(ac.CheckpointNotFoundError):
+        ac.restore(tmp_path / "ckpt")
+    assert time.monotonic() - start < TIMEOUT_S + 60
+
+
+class _GoneCoordinationService:
+    """JAX's coordination client once process 0, which hosts the service, has died."""
+
+    def __getattr__(self, name):
+        def call(*args):
+            raise jax.errors.JaxRuntimeError(
+                "UNAVAILABLE: Failed to send RPC to coordination service. Either the leader "
+                "task was preempted/died/restarted unexpectedly or this task is experiencing "
+                "network issues. ... Socket closed"
+            )
+
+        return call
+
+
+@pytest.mark.parametrize("call", ["barrier", "put", "get", "gather", "agree"])
+def test_an_unreachable_coordinator_is_named_not_taken_for_missing_processes(monkeypatch, call):
+    """Where JAX does not end the process first, every call asyncckpt makes to the coordinator
+    turns its UNAVAILABLE into a `CoordinatorUnavailableError` that says which call (and so
+    which step) and what to do, instead of a raw JaxRuntimeError or a barrier error blaming
+    every other process."""
+    monkeypatch.setattr(_distributed, "_client", _GoneCoordinationService)
+    coord = _distributed.Coordinator("save /ckpt/run/1200", 10.0)
+    calls = {
+        "barrier": lambda: coord.barrier("layout", "saving /ckpt/run/1200"),
+        "put": lambda: coord.put("layout", {}),
+        "get": lambda: coord.get("layout"),
+        "gather": lambda: coord.gather("written"),
+        "agree": lambda: coord.agree("read", None, "restoring /ckpt/run/1200"),
+    }
+    with pytest.raises(
+        ac.CoordinatorUnavailableError,
+        match=r"^save /ckpt/run/1200: the coordinator of this jax.distributed job \(process 0, "
+        r"which hosts JAX's coordination service\) is unreachable .*: process 0 died or its "
+        r"host cannot be reached.* restart every process of the job .* UNAVAILABLE",
+    ) as caught:
+        calls[call]()
+    assert isinstance(caught.value, ConnectionError)

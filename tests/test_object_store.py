@@ -4,6 +4,8 @@ runs those test modules once per backend."""
 
 import datetime
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +161,40 @@ def test_server_stopped_mid_save_commits_nothing_and_loses_nothing(
         again.save(2, _tree(mesh, seed=2))
     with ac.CheckpointManager(f"{bucket}/run", read_only=True) as reader:
         assert reader.all_steps() == [1, 2]
+
+
+def test_a_short_outage_during_a_restore_is_ridden_out(s3_server, mesh, monkeypatch):
+    """Issue 21: with obstore's own retries (10, within about 1.5 s) a store that was away for
+    3 s failed the restore. asyncckpt's defaults ride out such an outage."""
+    ac.configure_storage(f"s3://{S3_BUCKET}")  # the defaults (and a fresh connection)
+    url = f"s3://{S3_BUCKET}/outage-{os.urandom(4).hex()}"
+    tree = _tree(mesh, seed=4)
+    ac.save(url, tree)
+    back_on = threading.Timer(3.0, s3_server.start)
+    reads = []
+    real_get = ObjectStorage.get
+
+    def get(storage, key, **request):
+        reads.append(key)
+        if len(reads) == 3:  # the root document and a chunk or two are in: the store goes away
+            s3_server.stop()
+            back_on.start()
+        return real_get(storage, key, **request)
+
+    monkeypatch.setattr(ObjectStorage, "get", get)
+    start = time.monotonic()
+    try:
+        back = ac.restore(url, tree)
+    finally:
+        if len(reads) >= 3:
+            back_on.join()
+        if s3_server._server is None:
+            s3_server.start()
+    assert time.monotonic() - start >= 3.0  # it did wait for the store
+    assert_same(back["w"], tree["w"])
+    for got, want in zip(back["layers"], tree["layers"]):
+        assert_same(got["b"], want["b"])
+    assert back["step"] == 4
 
 
 def test_bad_urls_say_what_to_fix(s3_server):

@@ -55,6 +55,12 @@ def configure_storage(url: str, **options: Any) -> None:
     (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, ...). Applies to
     every later read and write of that bucket in this process.
 
+    Without `retry_config` a request that fails for a server error, a refused or dropped
+    connection or a timeout is tried again for up to 30 s after it was first sent (up to 30
+    tries, backing off from 0.1 s to 2 s): an outage of up to about 25 s is ridden out, and a
+    store unreachable for longer fails the save or restore after about 30 s. A `retry_config`
+    replaces these defaults as a whole (obstore's own: 10 tries, given up after about 1.5 s).
+
         ac.configure_storage("s3://my-bucket", config={"endpoint": "http://127.0.0.1:9000"})
     """
     if not isinstance(open_storage(url), ObjectStorage):

@@ -572,18 +572,17 @@ class _FileLock(WriterLock):
         self.path = os.path.join(directory, _format.LOCK_NAME)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise DirectoryLockedError(
-                f"another CheckpointManager{holder} is writing to {directory}; two writers would "
-                "interleave their steps and deletions. Close the other one first, or open this "
-                "one with read_only=True to only restore."
-            ) from None
+            holder = _lock_or_holder(fd, self.path)
         except OSError:
             os.close(fd)
             raise
+        if holder is not None:
+            os.close(fd)
+            raise DirectoryLockedError(
+                f"another CheckpointManager ({holder}) is writing to {directory}; two writers "
+                "would interleave their steps and deletions. Close the other one first, or open "
+                "this one with read_only=True to only restore."
+            )
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
@@ -592,6 +591,7 @@ class _FileLock(WriterLock):
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no record names a writer that let go
             # unlocked first: a process forked before this one closed its copy of the
             # descriptor (`_close_locks_in_child`), but a copy made otherwise would keep it
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -621,20 +621,52 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0))
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-        pid, host = int(info["pid"]), str(info["host"])[:100]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+_HOLDER_WAIT_S = 1.0
+"""How long a writer refused the lock waits for the holder's record (or for the lock)."""
+
+
+def _lock_or_holder(fd: int, path: str) -> str | None:
+    """Take the lock on `fd` (None), or describe who holds it (pid, host, since when).
+
+    The holder records itself in the file just after it takes the lock, and clears the record
+    before it lets go, so a writer that lost the race may find no record yet, or the record of
+    a crashed holder before it. It reads again (and tries the lock again, which the holder may
+    have let go meanwhile) until the record names a running process, for `_HOLDER_WAIT_S`."""
+    deadline = time.monotonic() + _HOLDER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        record = _holder_record(fd)
+        running = record is not None and (record[1] != socket.gethostname() or _alive(record[0]))
+        if running or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    if record is None:
+        return (
+            f"pid and host unknown: it has not recorded them in {path} within "
+            f"{_HOLDER_WAIT_S:g} s, as asyncckpt does at once; `fuser -v {path}` names it"
+        )
+    pid, host, since = record
     gone = ""
-    if host == socket.gethostname() and not _alive(pid):
+    if not running:
         gone = (
             "; that process is no longer running, so a process it started holds the lock (one "
             "that inherited it across fork or exec of an older asyncckpt)"
         )
-    return f" (pid {pid} on {host}, since {since}{gone})"
+    return f"pid {pid} on {host}, since {since}{gone}"
+
+
+def _holder_record(fd: int) -> tuple[int, str, str] | None:
+    """The (pid, host, since) recorded in the lock file, or None if there is no valid one."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        return int(info["pid"]), str(info["host"])[:100], since
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ prefix holds the `.asyncckpt-uncommitted` marker, which marks its objects as asy
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import re
 import threading
@@ -89,7 +90,25 @@ def _open_store(scheme: str, bucket: str, options: dict[str, Any]) -> Any:
 
     if scheme == "memory":  # one in-memory bucket per name and process, for tests and examples
         return ObjectStore(obstore.store.MemoryStore())
+    options = {"retry_config": RETRY_CONFIG, **options}
     return ObjectStore(obstore.store.from_url(f"{scheme}://{bucket}", **options))
+
+
+RETRY_CONFIG = {
+    "max_retries": 30,
+    "retry_timeout": datetime.timedelta(seconds=30),
+    "backoff": {
+        "init_backoff": datetime.timedelta(milliseconds=100),
+        "max_backoff": datetime.timedelta(seconds=2),
+        "base": 4,
+    },
+}
+"""How each request retries (server errors, refused or dropped connections, timeouts) unless
+`configure_storage(url, retry_config=...)` says otherwise: for up to 30 s after it was first
+sent, backing off from 0.1 s to 2 s between tries (at most 30). So an outage of up to about
+25 s is ridden out (the request goes through within 2 s of the store's return), and a store
+still unreachable after 30 s fails the request. obstore's own default (10 tries, base 2) gave up
+after about 1.5 s (issue 21)."""
 
 
 def _run(coro: Any, url: str, what: str) -> Any:

@@ -157,13 +157,14 @@ elif mode == "fallback":  # only process 1 reads the damaged chunk of the latest
         restored = mgr.restore(target=abstract_tree(mesh, P("x", "y")), fall_back=True)
         check_tree(restored, 1)
         print("restored step", restored["step"], "steps", mgr.all_steps(), flush=True)
-elif mode == "die":
+elif mode in ("die", "die0"):  # process 1 (die) or process 0 (die0) dies mid-save
     from asyncckpt._storage import Storage
 
     real = Storage.write_chunk
+    victim = 1 if mode == "die" else 0
 
     def write_then_die(*args):
-        if jax.process_index() == 1:
+        if jax.process_index() == victim:
             os.kill(os.getpid(), signal.SIGKILL)
         real(*args)
 

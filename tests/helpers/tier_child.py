@@ -74,8 +74,8 @@ elif mode == "die":
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
 elif mode == "resume":  # the latest step back, then two more steps saved
     with manager() as mgr:
-        step = mgr.restore(target=abstract_tree(mesh, spec))["step"]
-        for step in range(step + 1, step + 3):
+        latest = mgr.restore(target=abstract_tree(mesh, spec))["step"]
+        for step in range(latest + 1, latest + 3):
             mgr.save(step, global_tree(mesh, step, spec))
         mgr.wait_until_finished()
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
