@@ -241,9 +241,18 @@ class CheckpointManager:
         with self._mutex:
             self._infos = {s: self._infos.get(s) for s in steps}
 
+    def _follow(self) -> None:
+        """In a writing process other than process 0: list the steps again, after process 0
+        changed them (a commit and its retention, a deletion, a step set aside) and every
+        process passed the barrier that says so. Between those the list is kept, as process 0
+        keeps its own: listing an object store on every `save()` cost each of them ~40 ms of
+        blocking."""
+        if not self._read_only and not self._leader:
+            self.reload()
+
     def all_steps(self) -> list[int]:
         """The committed steps, ascending. A step being saved appears once it is committed."""
-        if self._read_only or not self._leader:
+        if self._read_only:
             self.reload()
         with self._mutex:
             return sorted(self._infos)
@@ -403,6 +412,10 @@ class CheckpointManager:
             _distributed.Coordinator(
                 f"retention {self._dir.url} {step}", self._barrier_timeout_s
             ).barrier("retained", f"retention after step {step}")
+            try:
+                self._follow()
+            except OSError as e:
+                error = error or e
         retention_s = time.perf_counter() - t0
         stats = dataclasses.replace(
             stats, retention_s=retention_s, total_s=stats.total_s + retention_s
@@ -449,6 +462,7 @@ class CheckpointManager:
             deleted = self._engine.wait_for(self._engine.submit(self._delete_now, step))
         if coord is not None:  # the others list the step until process 0 has renamed it
             coord.barrier("deleted", f"deleting step {step} of {self._dir.url}")
+            self._follow()
         if not deleted:
             self._existing(step)  # it was gone already: raises StepNotFoundError
 
@@ -596,6 +610,7 @@ class CheckpointManager:
             kept = f"; it is kept for inspection as {moved.name}"
         if coord is not None:
             coord.barrier("moved", what)  # the others list the steps after it was moved
+            self._follow()
         log.warning(
             "asyncckpt: step %d of %s is damaged, restoring step %d instead (fall_back=True)%s: %s",
             step,
