@@ -134,18 +134,23 @@ def replicate(arrays: list[jax.Array], replicas: int) -> list[Received]:
     next processes in ring order after its first holder, device to device. Returns, per array,
     what this process received, in the one-chunk-per-shard grid the snapshot writes.
 
-    Arrays evenly sharded by a `NamedSharding` (the usual case) go in one program per mesh:
-    one `ppermute` per array and round, dispatched without waiting (the received arrays are
-    ready when the transfers are; reading them waits). Its inputs are computed first, so that
-    the program starts in dispatch order on every device: XLA:CPU starts a program once its
-    inputs are ready, and collectives started in different orders on different devices wait
-    for ever. Other arrays go through `replicate_shards`, one waited-for round at a time."""
+    Arrays evenly sharded by a `NamedSharding` over a mesh with devices of every process (the
+    usual case) go in one program per mesh: one `ppermute` per array and round, dispatched
+    without waiting (the received arrays are ready when the transfers are; reading them waits).
+    Its inputs are computed first, so that the program starts in dispatch order on every
+    device: XLA:CPU starts a program once its inputs are ready, and collectives started in
+    different orders on different devices wait for ever. Other arrays go through
+    `replicate_shards`, one waited-for round at a time."""
     out: list[Received] = [[] for _ in arrays]
     by_mesh: dict[Mesh, list[int]] = {}
     for i, data in enumerate(arrays):
         sharding = data.sharding
         mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-        if isinstance(mesh, Mesh) and _even_named(data, cast(NamedSharding, sharding)):
+        if (
+            isinstance(mesh, Mesh)
+            and _spans_every_process(mesh)
+            and _even_named(data, cast(NamedSharding, sharding))
+        ):
             by_mesh.setdefault(mesh, []).append(i)
         else:
             out[i] = replicate_shards(data, replicas)
@@ -171,6 +176,12 @@ def replicate(arrays: list[jax.Array], replicas: int) -> list[Received]:
                     if flat[dst].process_index == jax.process_index():
                         out[i].append((coords, shards[flat[dst]]))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _spans_every_process(mesh: Mesh) -> bool:
+    """Whether every process has devices in `mesh` (so the ring can reach each of them)."""
+    return {d.process_index for d in mesh.devices.flat} == set(range(jax.process_count()))
 
 
 def _even_named(data: jax.Array, sharding: NamedSharding) -> bool:

@@ -230,6 +230,22 @@ def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_copies_of_an_array_on_a_sub_mesh_survive_a_replaced_host(tmp_path):
+    """An array on a mesh of two of the four processes is copied round by round (the ring
+    reaches processes outside its mesh), beside the others' one program; a replaced host still
+    gets every shard back from its peers."""
+    procs, outputs = run(["save", str(tmp_path), "mixed"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    shutil.rmtree(tmp_path / "local-1")  # process 1 holds half of "sub"; process 2 its copy
+    shutil.rmtree(tmp_path / "persistent" / "4")
+    procs, outputs = run(["restore", str(tmp_path), "mixed"])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
+    assert "of local step 6 that this host (its part is gone) lacks from peers" in outputs[1]
+
+
+@pytest.mark.timeout(600)
 def test_another_mesh_reshards_from_the_local_tiers_another_process_count_falls_back(tmp_path):
     """Another sharding over the same processes restores the newest local step: each process
     gets the chunks its part lacks from the parts that hold them. Another number of processes

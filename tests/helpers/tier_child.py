@@ -9,8 +9,8 @@ Each process has its own local directory, `DIR/local-<process>`; the persistent 
 `reshard` (the latest step onto another sharding of the matrix), `resume` (the latest step
 restored, then two more saved).
 LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
-next process's local tier by `local_replicas=2`, the default) or `dp` (sharded over "y" only:
-every process holds a replica of it).
+next process's local tier by `local_replicas=2`, the default), `dp` (sharded over "y" only:
+every process holds a replica of it) or `mixed` (fsdp, and the arrays of EXTRA).
 """
 
 import logging
@@ -27,14 +27,52 @@ logging.getLogger("asyncckpt").setLevel(logging.INFO)  # which tier, and what ca
 initialize(int(process_id), int(num_processes), int(port), local_devices=2)
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from values import TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
 
 mesh = jax.make_mesh((jax.process_count(), 2), ("x", "y"))
-spec = P("x", "y") if layout == "fsdp" else P(None, "y")
+spec = P("x", "y") if layout in ("fsdp", "mixed") else P(None, "y")
 local = os.path.join(directory, f"local-{jax.process_index()}")
+
+
+# `mixed`: more arrays. The copies for local_replicas send "sub" round by round, not in one
+# program: its mesh holds the devices of processes 0 and 1 only.
+half = Mesh(np.array([d for d in jax.devices() if d.process_index < 2]), ("x",))
+EXTRA = {
+    "sub": ((8, 6), NamedSharding(half, P("x"))),
+    "rows": ((8, 6), NamedSharding(mesh, P("x"))),
+}
+
+
+def extra_value(name, step):
+    shape = EXTRA[name][0]
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape) * (1 + len(name)) + step
+
+
+def with_extra(tree, step, abstract=False):
+    if layout != "mixed":
+        return tree
+    for name, (shape, sharding) in EXTRA.items():
+        value = extra_value(name, step)
+        tree[name] = (
+            jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+            if abstract
+            else jax.make_array_from_callback(
+                shape, sharding, lambda i, v=value: v[i], dtype=value.dtype
+            )
+        )
+    return tree
+
+
+def check_extra(tree, step):
+    for name in EXTRA if layout == "mixed" else ():
+        for shard in tree[name].addressable_shards:
+            want = extra_value(name, step)[shard.index]
+            np.testing.assert_array_equal(np.asarray(shard.data), want, name)
 
 
 def manager():
@@ -50,7 +88,7 @@ def manager():
 if mode == "save":
     with manager() as mgr:
         for step in range(1, 7):
-            mgr.save(step, global_tree(mesh, step, spec))
+            mgr.save(step, with_extra(global_tree(mesh, step, spec), step))
         mgr.wait_until_finished()
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
 elif mode == "die":
@@ -74,9 +112,9 @@ elif mode == "die":
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
 elif mode == "resume":  # the latest step back, then two more steps saved
     with manager() as mgr:
-        latest = mgr.restore(target=abstract_tree(mesh, spec))["step"]
+        latest = mgr.restore(target=with_extra(abstract_tree(mesh, spec), 0, abstract=True))["step"]
         for step in range(latest + 1, latest + 3):
-            mgr.save(step, global_tree(mesh, step, spec))
+            mgr.save(step, with_extra(global_tree(mesh, step, spec), step))
         mgr.wait_until_finished()
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
 elif mode in ("restore", "reshard"):
@@ -85,9 +123,10 @@ elif mode in ("restore", "reshard"):
     with manager() as mgr:
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
         print("listing", sorted(os.listdir(local)), flush=True)
-        restored = mgr.restore(target=abstract_tree(mesh, spec))
+        restored = mgr.restore(target=with_extra(abstract_tree(mesh, spec), 0, abstract=True))
         step = restored["step"]  # the saved python int: which step came back
         check_tree(restored, step)
+        check_extra(restored, step)
         tier = "local" if mgr.last_restore_stats().path.startswith(local) else "persistent"
         print(f"restored step {step} from {tier}", flush=True)
 print("ok", flush=True)
