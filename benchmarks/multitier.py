@@ -3,24 +3,26 @@ against a restore of the same step from the persistent tier.
 
 A job of 4 real processes (`jax.distributed` on a loopback coordinator, gloo, 2 CPU devices
 each, a 4x2 mesh), ~1 GiB of float32 state fully sharded (each shard on one process: FSDP), each
-process with its own local directory. The persistent tier is moto's S3 server on 127.0.0.1 (an
-object store whose bandwidth, ~110 MB/s put and ~330 MB/s get here, is that of a small bucket;
-it shares this machine's 2 cores). Each phase is a fresh job (4 new processes):
+process with its own local directory (under BENCH_DIR, or the system's temporary directory). The
+persistent tier is moto's S3 server on 127.0.0.1 (it shares this machine's 2 cores), as fast as
+it goes, or, with `--persistent-mb-s N`, behind a proxy that limits the bandwidth all processes
+share to N MB/s (benchmarks/throttle.py): a store shared with many other hosts. Each phase is a
+fresh job (4 new processes):
 
-- save (`local_replicas=2`, and again with `local_replicas=1` into other directories): steps
-  1-8, persistent every 8 (steps 1 and 8), local every step, 2 kept. Steps 2-3: blocking (inside
-  `save()`) and commit (until `wait_until_finished()`), local only. Steps 4-6: a fixed jitted
-  training loop right after `save()`; "training" is (blocking + loop) over the same loop with
-  no save (median of 3 idle loops).
+- save (`local_replicas=2`, and again with `local_replicas=1` into other directories, the same
+  kind of persistent tier): steps 1-8, persistent every 8 (steps 1 and 8), local every step, 2
+  kept. Steps 2-3: blocking (inside `save()`) and commit (until `wait_until_finished()`), local
+  only. Steps 4-6: a fixed jitted training loop right after `save()`; "training" is
+  (blocking + loop) over the same loop with no save (median of 3 idle loops).
 - recover, local: a new job restores the newest step (8) from the local tiers.
-- recover, one host lost: process 2's local directory is wiped first; its part is rebuilt from
-  the copies on process 3 (through collectives), then the job restores.
+- recover, one host lost: process 2's local directory is wiped first; process 3 sends it the
+  copies of its shards (through collectives), and the job restores.
 - recover, persistent: a new job restores step 8 from S3 (a manager without a local tier).
 
 Recovery times run from creating the manager to the restored arrays being ready, the slowest
 process's (the job goes on when all have). Every restore is checked value by value.
 
-    python benchmarks/multitier.py --runs 3 [--scale 1.0]
+    python benchmarks/multitier.py --runs 3 [--scale 1.0] [--persistent-mb-s 100]
     python benchmarks/multitier.py --quick      # 1 run, 1/16 of the state (smoke)
 """
 
@@ -191,14 +193,23 @@ def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="
 
 def one_run(args, run: int) -> dict:
     sys.path.insert(0, HERE)
-    from object_store import start_server
+    from object_store import free_port, start_server
 
-    server, _ = start_server()  # a fresh server per run: moto keeps every object in memory
+    server, endpoint = start_server()  # a fresh server per run: moto keeps every object in memory
+    proxy = None
+    if args.persistent_mb_s:  # the store as slow as one whose bandwidth many hosts share
+        port = free_port()
+        proxy = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "throttle.py"), str(port)]
+            + [endpoint.rsplit(":", 1)[1], str(args.persistent_mb_s)]
+        )
+        wait_for_port(port)
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"  # the children's store
     directory = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
     try:
         url = f"s3://asyncckpt-bench/run{run}"
         saved = run_job("save", directory, url, args, replicas=2)
-        plain = run_job("save", directory, os.path.join(directory, "p1"), args, 1, tag="r1")
+        plain = run_job("save", directory, f"{url}-r1", args, 1, tag="r1")
         local = run_job("local", directory, url, args)
         shutil.rmtree(os.path.join(directory, "local-2"))  # process 2's host was replaced
         peer = run_job("peer", directory, url, args)
@@ -218,7 +229,21 @@ def one_run(args, run: int) -> dict:
         }
     finally:
         server.kill()
+        if proxy is not None:
+            proxy.kill()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def wait_for_port(port: int) -> None:
+    import socket
+
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the throttling proxy did not start on port {port}")
 
 
 def main() -> None:
@@ -234,6 +259,13 @@ def main() -> None:
     parser.add_argument("--persistent")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--persistent-mb-s",
+        type=float,
+        default=0,
+        help="limit the persistent tier (moto) to this many MB/s, shared by all processes "
+        "(benchmarks/throttle.py); 0: no limit",
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -253,11 +285,13 @@ def main() -> None:
         a, b = m[f"{key}_r2"], m[f"{key}_r1"]
         unit = "x" if key == "training" else " s"
         print(f"| {label} | {a:.3f}{unit} | {b:.3f}{unit} | {a / b:.2f} |")
+    persistent = "persistent tier (S3, moto"
+    persistent += f", {args.persistent_mb_s:g} MB/s shared)" if args.persistent_mb_s else ")"
     print("\n| recovery of step 8 | time | / persistent |\n|---|---|---|")
     for label, key in (
         ("local tiers intact", "recover_local"),
         ("one host's local directory lost", "recover_peer"),
-        ("persistent tier (S3, moto)", "recover_persistent"),
+        (persistent, "recover_persistent"),
     ):
         print(f"| {label} | {m[key]:.2f} s | {m[key] / m['recover_persistent']:.2f} |")
 
