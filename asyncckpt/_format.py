@@ -869,8 +869,8 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
 
 
 def with_local_process(raw: bytes, process: int) -> bytes:
-    """The root document `raw` of one process's local part, as the part of `process` (a part
-    rebuilt from a peer's holds what that process held at save time; only its owner differs)."""
+    """The root document `raw` of one process's local part, as the part of `process` (the
+    documents of a step's parts differ only in the process they name)."""
     doc = json.loads(raw)
     doc["attributes"][ATTR]["local_part"]["process"] = process
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()

@@ -12,8 +12,9 @@ asking is no collective call).
 
 At save time, a chunk that fewer than `local_replicas` processes hold (fully sharded state) is
 sent to the next processes in ring order through JAX collectives and kept in their parts
-(`replicate`). A process that lost its part (a replaced host) gets it rebuilt from the parts that
-survive, if they hold every chunk of it, through JAX collectives (`repair`).
+(`replicate`). At restore time, the chunks a process's devices need that its part lacks (all of
+them on a replaced host, some on another mesh) come from the parts that hold them, through JAX
+collectives, and are restored from memory (`fetch`).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class LocalTier:
 
     def _agree(self, mine: list[int]) -> list[int]:
         """The steps the job can restore from the local tier: every process holds its part, or
-        the parts that survive hold every chunk (the missing parts are rebuilt from them by
-        `repair`). One exchange through the key-value store, and one more when parts are
+        the parts that survive hold every chunk (what the missing parts held is sent from them
+        by `fetch`). One exchange through the key-value store, and one more when parts are
         missing."""
         if not _distributed.is_multi_process():
             self._holders = {s: [0] for s in mine}
@@ -282,14 +283,13 @@ class LocalTier:
 
     # -- saving --------------------------------------------------------------------------------
 
-    def replicate(self, tree: Any) -> dict[str, list[tuple[tuple[int, ...], jax.Array]]]:
+    def replicate(self, tree: Any) -> dict[str, _collectives.Received]:
         """Give every chunk of `tree` at least `replicas` holders among the processes (all of
         them, if fewer): a shard that fewer processes hold (fully sharded state) is sent from
         its first holder to the next processes in ring order, device to device, through JAX
-        collectives. Returns the shards this process received, by variable name: (chunk
-        coordinates, a single-device array of shape (1, *chunk)), for its local part; they are
-        asyncckpt's own buffers, so the writer copies them to the host later, off the caller's
-        thread.
+        collectives. Returns the shards this process received, by variable name
+        (`_collectives.Received`), for its local part; they are asyncckpt's own buffers, so the
+        writer copies them to the host later, off the caller's thread.
 
         A collective call, made inside every process's `save()` on the caller's thread before
         the snapshot, in the same order relative to the training steps in every process. The
