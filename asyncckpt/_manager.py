@@ -567,18 +567,26 @@ class CheckpointManager:
             place = self._local.fetch(step, target)
         except (CheckpointError, OSError) as e:
             return None, str(e)
-        value, error = None, cast(Exception | None, None)
+        value, error, fatal = None, cast(Exception | None, None), cast(Exception | None, None)
         try:
             value = self._engine.restore(
                 place, target, strict=strict, step=step, local_key=f"local read {step}"
             )
-        except TreeMismatchError:
-            raise
+        except TreeMismatchError as e:  # the target's fault: no other tier does better
+            fatal = e
         except CheckpointError as e:  # damaged, or changed while read (after every read)
             error = e
+        except Exception as e:  # e.g. a data iterator refusing its state: raised everywhere
+            fatal = e
         if _distributed.is_multi_process():  # all restore the local step, or none does
+            what = f"restoring local step {step}"
             coord = _distributed.Coordinator(f"local restore {step}", self._barrier_timeout_s)
-            error = coord.agree("restored", error, f"restoring local step {step}")
+            anyone = coord.agree("fatal", fatal, what)  # no process waits for one that raised
+            if anyone is not None:
+                raise fatal if fatal is not None else anyone
+            error = coord.agree("restored", error, what)
+        elif fatal is not None:
+            raise fatal
         if error is not None:
             return None, str(error)
         log.info("asyncckpt: restored step %d from the local tier %s", step, self._local.dir.url)

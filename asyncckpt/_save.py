@@ -411,13 +411,23 @@ def write_local_part(
             except Exception as e:
                 error = e
         held, process, processes = [mine], 0, 1
+        tree = local.tree
         if coord is not None:  # every process's part is durable before any is committed
             coord.put(f"held/{coord.process}", mine)
+            # data iterators: every part holds every process's state, so that a process
+            # whose part is gone restores its own state from a peer's part
+            states = _tree.state_nodes(local.tree)
+            if states:
+                coord.put(f"states/{coord.process}", states)
             error = coord.agree("local-written", error, f"{what}, nothing was committed")
             if error is None:
                 gathered = coord.gather("held")
                 held = [gathered[p] for p in range(coord.count)]
                 process, processes = coord.process, coord.count
+                if states:
+                    gathered = coord.gather("states")
+                    per_process = [gathered[p] for p in range(coord.count)]
+                    tree = _tree.with_process_states(local.tree, per_process)
         if error is not None:
             raise error
         assert staged is not None
@@ -425,7 +435,7 @@ def write_local_part(
             part = _format.LocalPart(process, processes, held)
             root = _format.root_doc(
                 [a.spec for a in local.arrays],
-                local.tree,
+                tree,
                 fields,
                 created=local.created,
                 local_part=part,

@@ -246,6 +246,26 @@ def test_copies_of_an_array_on_a_sub_mesh_survive_a_replaced_host(tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_a_replaced_host_gets_its_own_data_iterator_state_from_a_peers_part(tmp_path):
+    """Each process's grain iterator is saved with the local steps; every part holds every
+    process's state, so the replaced host's iterator goes on where its own left off (not where
+    the peer's that sent it the step's documents did)."""
+    procs, saved = run(["grain-save", str(tmp_path)])
+    for p, out in zip(procs, saved):
+        assert p.returncode == 0 and "next batch" in out, out[-3000:]
+    shutil.rmtree(tmp_path / "local-2")
+    procs, restored = run(["grain-restore", str(tmp_path)])
+    for p, out in zip(procs, restored):
+        assert p.returncode == 0 and "restored step 3 from local" in out, out[-3000:]
+
+    def batch(out):
+        return next(ln for ln in out.splitlines() if ln.startswith("next batch"))
+
+    assert [batch(out) for out in restored] == [batch(out) for out in saved]
+    assert len({batch(out) for out in saved}) == 4  # each process's own records
+
+
+@pytest.mark.timeout(600)
 def test_another_mesh_reshards_from_the_local_tiers_another_process_count_falls_back(tmp_path):
     """Another sharding over the same processes restores the newest local step: each process
     gets the chunks its part lacks from the parts that hold them. Another number of processes

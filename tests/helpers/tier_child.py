@@ -7,7 +7,8 @@ Each process has its own local directory, `DIR/local-<process>`; the persistent 
 `die` (step 7, local only: process 1 SIGKILLs itself while writing its local chunks),
 `restore` (the latest step, onto the saved shardings: printed with the tier it came from),
 `reshard` (the latest step onto another sharding of the matrix), `resume` (the latest step
-restored, then two more saved).
+restored, then two more saved), `grain-save` and `grain-restore` (steps 1-3 with each
+process's data iterator; the latest restored into a new iterator; both print the next batch).
 LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
 next process's local tier by `local_replicas=2`, the default), `dp` (sharded over "y" only:
 every process holds a replica of it) or `mixed` (fsdp, and the arrays of EXTRA).
@@ -117,6 +118,31 @@ elif mode == "resume":  # the latest step back, then two more steps saved
             mgr.save(step, with_extra(global_tree(mesh, step, spec), step))
         mgr.wait_until_finished()
         print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
+elif mode in ("grain-save", "grain-restore"):  # each process has its own data iterator
+    import grain
+
+    it = iter(
+        grain.DataLoader(
+            data_source=list(range(400)),
+            sampler=grain.samplers.IndexSampler(
+                400, shard_options=grain.sharding.ShardByJaxProcess(), shuffle=True, seed=1
+            ),
+            operations=[grain.transforms.Batch(4)],
+            worker_count=0,
+        )
+    )
+    with manager() as mgr:
+        if mode == "grain-save":
+            for step in (1, 2, 3):
+                next(it)
+                mgr.save(step, {"tree": global_tree(mesh, step, spec), "data": it})
+            mgr.wait_until_finished()
+        else:
+            restored = mgr.restore(target={"tree": abstract_tree(mesh, spec), "data": it})
+            check_tree(restored["tree"], 3)
+            tier = "local" if mgr.last_restore_stats().path.startswith(local) else "persistent"
+            print(f"restored step 3 from {tier}", flush=True)
+    print("next batch", next(it).tolist(), flush=True)
 elif mode in ("restore", "reshard"):
     if mode == "reshard":
         spec = P("y", "x")
