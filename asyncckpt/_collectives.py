@@ -79,35 +79,93 @@ def _rounds(
     return rounds
 
 
+BUNDLE_BYTES = 64 << 20
+"""At most this many bytes go from one device to another in one round (more when one buffer is
+larger): buffers bound for the same process travel together, so many small ones cost few
+rounds, and host memory for a round stays bounded."""
+
+
+def _bundle_rounds(
+    moves: list[Move], size: Callable[[str], int], devices: tuple[jax.Device, ...]
+) -> list[list[tuple[int, int, list[Move]]]]:
+    """Group the moves into rounds of one collective permutation each: (source device index,
+    destination device index, the moves carried, in order), every device sending and receiving
+    at most one bundle a round. Deterministic, so every process computes the same rounds."""
+    by_process: dict[int, list[int]] = {}
+    for i, d in enumerate(devices):
+        by_process.setdefault(d.process_index, []).append(i)
+    queues: dict[tuple[int, int], list[Move]] = {}
+    for m in moves:
+        queues.setdefault((m.src, m.dst), []).append(m)
+    rounds = []
+    while any(queues.values()):
+        sending: set[int] = set()
+        receiving: set[int] = set()
+        this = []
+        for (src, dst), queue in sorted(queues.items()):
+            while queue:
+                a = next((i for i in by_process[src] if i not in sending), None)
+                b = next((i for i in by_process[dst] if i not in receiving), None)
+                if a is None or b is None:
+                    break
+                bundle: list[Move] = []
+                total = 0
+                while queue and (not bundle or total + size(queue[0].key) <= BUNDLE_BYTES):
+                    total += size(queue[0].key)
+                    bundle.append(queue.pop(0))
+                sending.add(a)
+                receiving.add(b)
+                this.append((a, b, bundle))
+        rounds.append(this)
+    return rounds
+
+
+def _round_bytes(nbytes: int) -> int:
+    """A round's row length: a power of two up to 1 MiB, then a multiple of 1 MiB, so that few
+    shapes are compiled and little padding crosses."""
+    return _row_bytes(nbytes) if nbytes <= 1 << 20 else -(-nbytes // (1 << 20)) << 20
+
+
 def move(
     moves: list[Move],
-    nbytes: int,
+    size: Callable[[str], int],
     read: Callable[[str], np.ndarray],
     write: Callable[[str, np.ndarray], None],
 ) -> None:
-    """Carry out `moves` of buffers of `nbytes` bytes: this process `read(key)`s (uint8, at
-    least `nbytes`) what it sends and `write(key, data)`s what it receives."""
+    """Carry out `moves` of buffers of `size(key)` bytes, bundled (`BUNDLE_BYTES`): this
+    process `read(key)`s what it sends (uint8, at least `size(key)` bytes) and
+    `write(key, data)`s what it receives (a read-only uint8 view of exactly `size(key)` bytes,
+    which stays valid)."""
     devices = tuple(jax.devices())
     me = jax.process_index()
     mesh = Mesh(np.array(devices), ("d",))
     sharding = NamedSharding(mesh, P("d"))
-    row = _row_bytes(nbytes)
     mine = [i for i, d in enumerate(devices) if d.process_index == me]
-    for this in _rounds(moves, devices):
+    for this in _bundle_rounds(moves, size, devices):
+        row = _round_bytes(max(sum(size(m.key) for m in bundle) for _, _, bundle in this))
         rows = {i: np.zeros((1, row), np.uint8) for i in mine}
-        for m, src, _ in this:
-            if m.src == me:
-                rows[src][0, :nbytes] = read(m.key)[:nbytes]
+        for src, _, bundle in this:
+            if devices[src].process_index == me:
+                offset = 0
+                for m in bundle:
+                    n = size(m.key)
+                    rows[src][0, offset : offset + n] = read(m.key)[:n]
+                    offset += n
         x = jax.make_array_from_single_device_arrays(
             (len(devices), row),
             sharding,
             [jax.device_put(rows[i], devices[i]) for i in mine],
         )
-        y = _permute(devices, tuple((src, dst) for _, src, dst in this), 1)(x)
+        y = _permute(devices, tuple((src, dst) for src, dst, _ in this), 1)(x)
         received = {devices.index(s.device): s.data for s in y.addressable_shards}
-        for m, _, dst in this:
-            if m.dst == me:
-                write(m.key, np.asarray(received[dst])[0])
+        for _, dst, bundle in this:
+            if devices[dst].process_index == me:
+                data = np.asarray(received[dst])[0]
+                offset = 0
+                for m in bundle:
+                    n = size(m.key)
+                    write(m.key, data[offset : offset + n])
+                    offset += n
 
 
 def broadcast_bytes(data: bytes, *, is_source: bool) -> bytes:

@@ -203,9 +203,7 @@ class LocalTier:
             return own
         t0 = time.perf_counter()
         received: dict[str, np.ndarray] = {}
-        for name, moves in sorted(plan.items()):
-            failed = self._send(info.arrays[name], moves, own, received, error is None)
-            error = error or failed
+        error = error or self._send(info, plan, own, received, error is None)
         error = coord.agree("fetched", error, f"receiving chunks of local step {step} from peers")
         if error is not None:
             raise error
@@ -246,39 +244,45 @@ class LocalTier:
 
     def _send(
         self,
-        spec: _format.ArraySpec,
+        info: RootInfo,
         moves: list[_collectives.Move],
         source: Storage,
         received: dict[str, np.ndarray],
         keep: bool,
     ) -> Exception | None:
-        """Send the chunks of `moves` from their processes' parts to the processes that lack
-        them, which keep them in `received` by chunk key (unless not `keep`: this process failed
-        already). Never raises for a chunk that cannot be read: the transfers go on (the other
-        processes wait in them) and the first such failure is returned."""
-        where = f"while sending {spec.name!r} of local step {source.name} to a peer"
+        """Send the chunks of `moves` (keys `_move_key`) from their processes' parts to the
+        processes that lack them, which keep them in `received` by chunk key (unless not
+        `keep`: this process failed already). Never raises for a chunk that cannot be read: the
+        transfers go on (the other processes wait in them) and the first such failure is
+        returned."""
         failures: list[Exception] = []
 
+        def chunk(key: str) -> tuple[_format.ArraySpec, str]:
+            chunk_id, _, name = key.partition("@")
+            spec = info.arrays[name]
+            return spec, spec.chunk_key(_format.chunk_id_coords(chunk_id))
+
         def read(key: str) -> np.ndarray:
+            spec, file = chunk(key)
             buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
             if not failures:
-                chunk = spec.chunk_key(_format.chunk_id_coords(key))
+                where = f"while sending {spec.name!r} of local step {source.name} to a peer"
                 try:
                     if spec.band_rows is None:
-                        source.read_chunk_into(chunk, buf, where)
+                        source.read_chunk_into(file, buf, where)
                     else:
                         nbands = spec.chunk_shape[0] // spec.band_rows
                         band = _format.band_nbytes(spec)
-                        source.read_bands_into(chunk, buf, 0, nbands, band, where)
+                        source.read_bands_into(file, buf, 0, nbands, band, where)
                 except Exception as e:  # noqa: BLE001 - damaged or unreadable: fail later
                     failures.append(e)
             return buf.reshape(-1).view(np.uint8)
 
         def write(key: str, data: np.ndarray) -> None:
             if keep:
-                received[spec.chunk_key(_format.chunk_id_coords(key))] = data[: spec.chunk_nbytes]
+                received[chunk(key)[1]] = data
 
-        _collectives.move(moves, spec.chunk_nbytes, read, write)
+        _collectives.move(moves, lambda key: chunk(key)[0].chunk_nbytes, read, write)
         return failures[0] if failures else None
 
     # -- saving --------------------------------------------------------------------------------
@@ -359,14 +363,14 @@ def _lacking(info: RootInfo, process: int | None, target: Any) -> dict[str, list
 
 def _plan_fetch(
     info: RootInfo, needs: dict[int, dict[str, list[str]]], held_by: list[int]
-) -> dict[str, list[_collectives.Move]] | str:
-    """For each variable, the transfers that give each process the chunks it lacks: each
+) -> list[_collectives.Move] | str:
+    """The transfers that give each process the chunks it lacks (keys `chunk id@name`): each
     from the process holding it that has the fewest bytes to send so far (deterministic).
     A string instead names the first chunk no part in `held_by` holds."""
     part = info.local_part
     assert part is not None
     sending = dict.fromkeys(held_by, 0)
-    plan: dict[str, list[_collectives.Move]] = {}
+    plan: list[_collectives.Move] = []
     for dst, lacking in sorted(needs.items()):
         for name, ids in sorted(lacking.items()):
             spec = info.arrays[name]
@@ -376,7 +380,7 @@ def _plan_fetch(
                     return _chunk_text(info, name, key)
                 src = min(holders, key=lambda q: (sending[q], q))
                 sending[src] += spec.chunk_nbytes
-                plan.setdefault(name, []).append(_collectives.Move(src, dst, key))
+                plan.append(_collectives.Move(src, dst, f"{key}@{name}"))
     return plan
 
 

@@ -69,8 +69,8 @@ def child(args) -> None:
 
     mesh = jax.make_mesh((PROCESSES, 2), ("x", "y"))
     sharding = NamedSharding(mesh, P("x", "y"))
-    rows, cols = max(8, int(2048 * args.scale)), 4096
-    names = [f"w{i:02d}" for i in range(32)]
+    rows, cols = shape_of(args)
+    names = [f"w{i:04d}" for i in range(args.leaves)]
 
     def value(i: int, step: int, index) -> np.ndarray:
         r, c = index
@@ -165,7 +165,8 @@ def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="
         subprocess.Popen(
             [sys.executable, __file__, "--child", "--phase", phase, "--process", str(i)]
             + ["--port", port, "--dir", directory, "--persistent", persistent]
-            + ["--scale", str(args.scale), "--replicas", str(replicas), "--tag", tag],
+            + ["--scale", str(args.scale), "--replicas", str(replicas), "--tag", tag]
+            + ["--leaves", str(args.leaves)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -234,6 +235,11 @@ def one_run(args, run: int) -> dict:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def shape_of(args) -> tuple[int, int]:
+    """Each array's shape: 1 GiB (times --scale) split into --leaves arrays of 4096 columns."""
+    return max(8, int(2048 * 32 * args.scale / args.leaves) // 8 * 8), 4096
+
+
 def wait_for_port(port: int) -> None:
     import socket
 
@@ -258,6 +264,7 @@ def main() -> None:
     parser.add_argument("--dir")
     parser.add_argument("--persistent")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--leaves", type=int, default=32, help="arrays the state is split into")
     parser.add_argument("--tag", default="")
     parser.add_argument(
         "--persistent-mb-s",
@@ -272,8 +279,12 @@ def main() -> None:
         return
     if args.quick:
         args.runs, args.scale = 1, 1 / 16
-    gib = 32 * max(8, int(2048 * args.scale)) * 4096 * 4 / (1 << 30)
-    print(f"{PROCESSES} processes x 2 CPU devices, {gib:.2f} GiB of float32 state, FSDP")
+    rows, cols = shape_of(args)
+    gib = args.leaves * rows * cols * 4 / (1 << 30)
+    print(
+        f"{PROCESSES} processes x 2 CPU devices, {gib:.2f} GiB of float32 state in "
+        f"{args.leaves} arrays of {rows} x {cols}, FSDP"
+    )
     runs = []
     for run in range(args.runs):
         runs.append(one_run(args, run))

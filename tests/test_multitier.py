@@ -135,6 +135,37 @@ def test_local_tier_arguments_are_checked(tmp_path):
         ac.CheckpointManager(tmp_path / "p", local_directory="memory://x")
 
 
+def test_transfers_bundle_small_buffers_and_give_each_device_one_send_a_round():
+    """The plan of a `_collectives.move`: many small chunks for the same process travel in
+    one bundle; no device sends or receives twice in a round; every move once, in order."""
+    from types import SimpleNamespace
+
+    from asyncckpt import _collectives
+    from asyncckpt._collectives import BUNDLE_BYTES, Move
+
+    devices = tuple(SimpleNamespace(process_index=i // 2) for i in range(8))  # 4 x 2
+    moves = [Move(0, 1, f"{i}@small") for i in range(1000)]  # 1000 x 64 KiB
+    moves += [Move(3, 1, f"{i}@big") for i in range(3)]  # 3 x 48 MiB
+    moves += [Move(2, 0, "0@huge")]  # one larger than a bundle
+    sizes = {"small": 64 << 10, "big": 48 << 20, "huge": 2 * BUNDLE_BYTES}
+
+    def size(key):
+        return sizes[key.partition("@")[2]]
+
+    rounds = _collectives._bundle_rounds(moves, size, devices)
+    carried = []
+    for this in rounds:
+        assert len({a for a, _, _ in this}) == len(this) == len({b for _, b, _ in this})
+        for a, b, bundle in this:
+            assert {(devices[a].process_index, devices[b].process_index)} == {
+                (m.src, m.dst) for m in bundle
+            }
+            assert len(bundle) == 1 or sum(size(m.key) for m in bundle) <= BUNDLE_BYTES
+            carried += bundle
+    assert sorted(carried, key=moves.index) == moves and len(carried) == len(moves)
+    assert len(rounds) == 2  # not 1000: the small ones fill one bundle
+
+
 # -- 4 real processes on jax.distributed, each with its own local directory --------------------
 
 
