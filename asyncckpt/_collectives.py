@@ -110,14 +110,19 @@ def _bundle_rounds(
                     break
                 bundle: list[Move] = []
                 total = 0
-                while queue and (not bundle or total + size(queue[0].key) <= BUNDLE_BYTES):
-                    total += size(queue[0].key)
+                while queue and (not bundle or total + _slot(size(queue[0].key)) <= BUNDLE_BYTES):
+                    total += _slot(size(queue[0].key))
                     bundle.append(queue.pop(0))
                 sending.add(a)
                 receiving.add(b)
                 this.append((a, b, bundle))
         rounds.append(this)
     return rounds
+
+
+def _slot(nbytes: int) -> int:
+    """Bytes a buffer takes in a bundle: each starts 64-byte aligned (a view of any dtype)."""
+    return -(-nbytes // 64) * 64
 
 
 def _round_bytes(nbytes: int) -> int:
@@ -142,7 +147,7 @@ def move(
     sharding = NamedSharding(mesh, P("d"))
     mine = [i for i, d in enumerate(devices) if d.process_index == me]
     for this in _bundle_rounds(moves, size, devices):
-        row = _round_bytes(max(sum(size(m.key) for m in bundle) for _, _, bundle in this))
+        row = _round_bytes(max(sum(_slot(size(m.key)) for m in bundle) for _, _, bundle in this))
         rows = {i: np.zeros((1, row), np.uint8) for i in mine}
         for src, _, bundle in this:
             if devices[src].process_index == me:
@@ -150,7 +155,7 @@ def move(
                 for m in bundle:
                     n = size(m.key)
                     rows[src][0, offset : offset + n] = read(m.key)[:n]
-                    offset += n
+                    offset += _slot(n)
         x = jax.make_array_from_single_device_arrays(
             (len(devices), row),
             sharding,
@@ -165,7 +170,7 @@ def move(
                 for m in bundle:
                     n = size(m.key)
                     write(m.key, data[offset : offset + n])
-                    offset += n
+                    offset += _slot(n)
 
 
 def broadcast_bytes(data: bytes, *, is_source: bool) -> bytes:

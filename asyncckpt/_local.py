@@ -203,7 +203,8 @@ class LocalTier:
             return own
         t0 = time.perf_counter()
         received: dict[str, np.ndarray] = {}
-        error = error or self._send(info, plan, own, received, error is None)
+        failed = self._send(info, plan, own, received, error is None)  # every process takes part
+        error = error or failed
         error = coord.agree("fetched", error, f"receiving chunks of local step {step} from peers")
         if error is not None:
             raise error
@@ -250,7 +251,7 @@ class LocalTier:
         received: dict[str, np.ndarray],
         keep: bool,
     ) -> Exception | None:
-        """Send the chunks of `moves` (keys `_move_key`) from their processes' parts to the
+        """Send the chunks of `moves` (keys `chunk id@name`) from their processes' parts to the
         processes that lack them, which keep them in `received` by chunk key (unless not
         `keep`: this process failed already). Never raises for a chunk that cannot be read: the
         transfers go on (the other processes wait in them) and the first such failure is
