@@ -73,6 +73,18 @@ def test_incremental_quick_mode(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_multitier_orbax_quick_mode(tmp_path):
+    """asyncckpt's local tier beside Orbax's emergency manager, end to end on 1/16 of the state:
+    every restore is checked value by value inside; a lost host's step comes back from
+    asyncckpt's local tiers, and from Orbax's persistent tier (its only local replica lost a
+    part)."""
+    stdout = run_benchmark("multitier_orbax.py", "--quick", tmp_path=tmp_path)
+    lost = next(ln for ln in stdout.splitlines() if ln.startswith("| recovery, one host's"))
+    assert "(local) |" in lost and "(persistent) |" in lost, stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_multitier_quick_mode(tmp_path):
     """The multi-tier benchmark end to end on 1/16 of the state: 4 real processes save with and
     without copies on peers, then recover from the local tiers, after losing one host's local
