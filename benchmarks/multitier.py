@@ -157,16 +157,21 @@ def child(args) -> None:
 
 
 def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="") -> dict:
+    argv = ["--phase", phase, "--dir", directory, "--persistent", persistent]
+    argv += ["--scale", str(args.scale), "--replicas", str(replicas), "--tag", tag]
+    return run_processes(__file__, argv + ["--leaves", str(args.leaves)], MARK, phase)
+
+
+def run_processes(script: str, argv: list[str], mark: str, what: str) -> dict:
+    """Run `script --child --process I --port P *argv` in PROCESSES processes; their results
+    (the JSON after `mark` on stdout) merged: the slowest process's times, the first's others."""
     sys.path.insert(0, HERE)
     from object_store import free_port
 
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--child", "--phase", phase, "--process", str(i)]
-            + ["--port", port, "--dir", directory, "--persistent", persistent]
-            + ["--scale", str(args.scale), "--replicas", str(replicas), "--tag", tag]
-            + ["--leaves", str(args.leaves)],
+            [sys.executable, script, "--child", "--process", str(i), "--port", port, *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -176,15 +181,15 @@ def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=900)
-        lines = [ln for ln in out.splitlines() if ln.startswith(MARK)]
+        lines = [ln for ln in out.splitlines() if ln.startswith(mark)]
         if p.returncode != 0 or not lines:
             for q in procs:
                 q.kill()
-            raise RuntimeError(f"{phase} failed:\n{out[-4000:]}")
-        results.append(json.loads(lines[-1][len(MARK) :]))
+            raise RuntimeError(f"{what} failed:\n{out[-4000:]}")
+        results.append(json.loads(lines[-1][len(mark) :]))
         if os.environ.get("MULTITIER_LOG"):
             logged = [ln for ln in out.splitlines() if ln.startswith("asyncckpt:")]
-            print("\n".join(f"  [{phase} {len(results) - 1}] {ln}" for ln in logged), flush=True)
+            print("\n".join(f"  [{what} {len(results) - 1}] {ln}" for ln in logged), flush=True)
     merged = {}
     for key in results[0]:
         values = [r[key] for r in results]

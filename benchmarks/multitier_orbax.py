@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,34 +160,10 @@ def child(args) -> None:
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:
     sys.path.insert(0, HERE)
-    from object_store import free_port
+    from multitier import run_processes
 
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--child", "--system", system, "--phase", phase]
-            + ["--process", str(i), "--port", port, "--dir", directory]
-            + ["--scale", str(args.scale)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(PROCESSES)
-    ]
-    results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=900)
-        lines = [ln for ln in out.splitlines() if ln.startswith(MARK)]
-        if p.returncode != 0 or not lines:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{system} {phase} failed:\n{out[-4000:]}")
-        results.append(json.loads(lines[-1][len(MARK) :]))
-    merged = {}
-    for key in results[0]:
-        values = [r[key] for r in results]
-        merged[key] = max(values) if isinstance(values[0], float) else values[0]
-    return merged
+    argv = ["--system", system, "--phase", phase, "--dir", directory, "--scale", str(args.scale)]
+    return run_processes(__file__, argv, MARK, f"{system} {phase}")
 
 
 def one_run(system: str, args) -> dict:
