@@ -200,11 +200,11 @@ def replicate(arrays: list[jax.Array], replicas: int) -> list[Received]:
 
     Arrays evenly sharded by a `NamedSharding` over a mesh with devices of every process (the
     usual case) go in one program per mesh: one `ppermute` per array and round, dispatched
-    without waiting (the received arrays are ready when the transfers are; reading them waits).
-    Its inputs are computed first, so that the program starts in dispatch order on every
-    device: XLA:CPU starts a program once its inputs are ready, and collectives started in
-    different orders on different devices wait for ever. Other arrays go through
-    `replicate_shards`, one waited-for round at a time."""
+    without waiting on accelerators, which run a device's programs in dispatch order (the
+    received arrays are ready when the transfers are; reading them waits). Its inputs are
+    computed first. On CPU devices the program is waited for: XLA:CPU deadlocked with it in
+    flight beside a training loop. Other arrays go through `replicate_shards`, one waited-for
+    round at a time."""
     out: list[Received] = [[] for _ in arrays]
     by_mesh: dict[Mesh, list[int]] = {}
     for i, data in enumerate(arrays):
@@ -231,8 +231,14 @@ def replicate(arrays: list[jax.Array], replicas: int) -> list[Received]:
             tuple(shardings[i].spec for i, _ in plans),
             tuple(tuple(tuple((s, d) for s, d, _ in r) for r in rounds) for _, rounds in plans),
         )
-        results = iter(program(*inputs))
+        outputs = program(*inputs)
         flat = list(mesh.devices.flat)
+        if any(d.platform == "cpu" for d in flat):
+            # XLA:CPU: this program in flight beside the training steps that follow deadlocked
+            # (every device thread of both processes waiting; benchmarks/multitier.py, after
+            # ~20 saves): there, it is finished before save() returns
+            jax.block_until_ready(outputs)
+        results = iter(outputs)
         for i, rounds in plans:
             for r in rounds:
                 result = next(results)

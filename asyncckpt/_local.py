@@ -297,9 +297,10 @@ class LocalTier:
         writer copies them to the host later, off the caller's thread.
 
         A collective call, made inside every process's `save()` on the caller's thread before
-        the snapshot, in the same order relative to the training steps in every process. The
-        transfers are dispatched, not waited for (`_collectives.replicate`): they run beside
-        the training steps that follow, as a step's own collectives would. Where every shard
+        the snapshot, in the same order relative to the training steps in every process. On
+        accelerators the transfers are dispatched, not waited for (`_collectives.replicate`):
+        they run beside the training steps that follow, as a step's own collectives would; on
+        CPU devices they are finished before `save()` returns. Where every shard
         has enough holders (data parallelism, one process) nothing is sent."""
         _, count = _process()
         want = min(self.replicas, count)
