@@ -50,35 +50,6 @@ def _permute(
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
-def _rounds(
-    moves: list[Move], devices: tuple[jax.Device, ...]
-) -> list[list[tuple[Move, int, int]]]:
-    """Group the moves into rounds of one collective permutation each: (move, source device
-    index, destination device index), every device sending and receiving at most once a
-    round. Deterministic, so every process computes the same rounds."""
-    by_process: dict[int, list[int]] = {}
-    for i, d in enumerate(devices):
-        by_process.setdefault(d.process_index, []).append(i)
-    pending = list(moves)
-    rounds = []
-    while pending:
-        sending: set[int] = set()
-        receiving: set[int] = set()
-        this, later = [], []
-        for move in pending:
-            src = next((i for i in by_process[move.src] if i not in sending), None)
-            dst = next((i for i in by_process[move.dst] if i not in receiving), None)
-            if src is None or dst is None:
-                later.append(move)
-                continue
-            sending.add(src)
-            receiving.add(dst)
-            this.append((move, src, dst))
-        rounds.append(this)
-        pending = later
-    return rounds
-
-
 BUNDLE_BYTES = 64 << 20
 """At most this many bytes go from one device to another in one round (more when one buffer is
 larger): buffers bound for the same process travel together, so many small ones cost few
@@ -395,9 +366,10 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
     sharding = NamedSharding(mesh, P("d", *([None] * len(shape))))
     mine = [i for i, d in enumerate(devices) if d.process_index == me]
     out: list[tuple[tuple[int, ...], jax.Array]] = []
-    for this in _rounds(moves, devices):
+    one = BUNDLE_BYTES  # every move its own bundle: a round of single chunks
+    for this in _bundle_rounds(moves, lambda _: one, devices):
         rows = {}
-        for m, src, _ in this:
+        for src, _, (m,) in this:
             if m.src == me:
                 sub, source = where[m.key]
                 piece = local[source]
@@ -409,13 +381,13 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
             for i in mine
         ]
         x = jax.make_array_from_single_device_arrays((len(devices), *chunk), sharding, buffers)
-        y = _permute(devices, tuple((src, dst) for _, src, dst in this), len(shape))(x)
+        y = _permute(devices, tuple((src, dst) for src, dst, _ in this), len(shape))(x)
         # Wait for each round: with several collectives in flight XLA:CPU can start them in
         # different orders on different devices, and gloo then waits for ever (seen here, a
         # training loop behind it). One at a time is safe on every backend.
         jax.block_until_ready(y)
         received = {s.device: s.data for s in y.addressable_shards}
-        for m, _, dst in this:
+        for _, dst, (m,) in this:
             if m.dst == me:
                 out.append((_format.chunk_id_coords(m.key), received[devices[dst]]))
     return out

@@ -46,6 +46,49 @@ MARK = "MULTITIER-RESULT "
 # -- child: one process of the job ------------------------------------------------------------
 
 
+class Workload:
+    """The state saved: float32 matrices of one shape and sharding, each value a function of
+    (array, step, position), so that every process can check any shard it restores."""
+
+    def __init__(self, names: list[str], shape: tuple[int, int], sharding) -> None:
+        self.names, self.shape, self.sharding = names, shape, sharding
+
+    def value(self, i: int, step: int, index):
+        import numpy as np
+
+        (r, c), (rows, cols) = index, self.shape
+        base = np.arange(r.start or 0, r.stop or rows, dtype=np.float32)[:, None] * cols
+        base = base + np.arange(c.start or 0, c.stop or cols, dtype=np.float32)[None, :]
+        return base + np.float32(i * 1000 + step)
+
+    def state(self, step: int) -> dict:
+        import jax
+
+        return {
+            n: jax.make_array_from_callback(
+                self.shape, self.sharding, lambda idx, i=i: self.value(i, step, idx)
+            )
+            for i, n in enumerate(self.names)
+        }
+
+    def abstract(self) -> dict:
+        import jax
+        import numpy as np
+
+        return {
+            n: jax.ShapeDtypeStruct(self.shape, np.float32, sharding=self.sharding)
+            for n in self.names
+        }
+
+    def check(self, restored: dict, step: int) -> None:
+        import numpy as np
+
+        for i, n in enumerate(self.names):
+            for shard in restored[n].addressable_shards:
+                want = self.value(i, step, shard.index)
+                np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
 def child(args) -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -61,7 +104,6 @@ def child(args) -> None:
         num_processes=PROCESSES,
         process_id=args.process,
     )
-    import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -72,26 +114,7 @@ def child(args) -> None:
     rows, cols = shape_of(args)
     names = [f"w{i:04d}" for i in range(args.leaves)]
 
-    def value(i: int, step: int, index) -> np.ndarray:
-        r, c = index
-        base = np.arange(r.start or 0, r.stop or rows, dtype=np.float32)[:, None] * cols
-        base = base + np.arange(c.start or 0, c.stop or cols, dtype=np.float32)[None, :]
-        return base + np.float32(i * 1000 + step)
-
-    def state(step: int) -> dict:
-        return {
-            n: jax.make_array_from_callback(
-                (rows, cols), sharding, lambda idx, i=i: value(i, step, idx)
-            )
-            for i, n in enumerate(names)
-        }
-
-    def check(restored: dict, step: int) -> None:
-        for i, n in enumerate(names):
-            for shard in restored[n].addressable_shards:
-                np.testing.assert_array_equal(np.asarray(shard.data), value(i, step, shard.index))
-
-    abstract = {n: jax.ShapeDtypeStruct((rows, cols), np.float32, sharding=sharding) for n in names}
+    work = Workload(names, (rows, cols), sharding)
     local = os.path.join(args.dir, f"local{args.tag}-{args.process}")
     out: dict = {}
     if args.phase == "save":
@@ -114,7 +137,7 @@ def child(args) -> None:
         idle = [train() for _ in range(3)]
         blocking, commit, busy = [], [], []
         for step in range(1, 9):
-            tree = state(step)
+            tree = work.state(step)
             multihost_utils.sync_global_devices(f"step {step}")
             t0 = time.perf_counter()
             mgr.save(step, tree)
@@ -139,12 +162,12 @@ def child(args) -> None:
             mgr = ac.CheckpointManager(args.persistent, read_only=True)
         else:
             mgr = ac.CheckpointManager(args.persistent, local_directory=local, local_max_to_keep=2)
-        restored = mgr.restore(8 if args.phase == "persistent" else None, abstract)
+        restored = mgr.restore(8 if args.phase == "persistent" else None, work.abstract())
         jax.block_until_ready(restored)
         out = {"recover_s": time.perf_counter() - t0}
         source = mgr.last_restore_stats().path
         mgr.close()
-        check(restored, 8)
+        work.check(restored, 8)
         out["tier"] = "local" if source.startswith(local) else "persistent"
     from jax.experimental import multihost_utils  # noqa: F811
 

@@ -52,7 +52,6 @@ def child(args) -> None:
         num_processes=PROCESSES,
         process_id=args.process,
     )
-    import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -62,21 +61,11 @@ def child(args) -> None:
     rows, cols = max(8, int(2048 * args.scale)), 4096
     names = [f"w{i:02d}" for i in range(ARRAYS)]
 
-    def value(i: int, step: int, index) -> np.ndarray:
-        r, c = index
-        base = np.arange(r.start or 0, r.stop or rows, dtype=np.float32)[:, None] * cols
-        base = base + np.arange(c.start or 0, c.stop or cols, dtype=np.float32)[None, :]
-        return base + np.float32(i * 1000 + step)
+    sys.path.insert(0, HERE)
+    from multitier import Workload
 
-    def state(step: int) -> dict:
-        return {
-            n: jax.make_array_from_callback(
-                (rows, cols), sharding, lambda idx, i=i: value(i, step, idx)
-            )
-            for i, n in enumerate(names)
-        }
-
-    abstract = {n: jax.ShapeDtypeStruct((rows, cols), np.float32, sharding=sharding) for n in names}
+    work = Workload(names, (rows, cols), sharding)
+    abstract = work.abstract()
     local = os.path.join(args.dir, f"{args.system}-local-{args.process}")
     persistent = os.path.join(args.dir, f"{args.system}-persistent")
     os.makedirs(local, exist_ok=True)
@@ -133,7 +122,7 @@ def child(args) -> None:
         multihost_utils.sync_global_devices("ready")
         blocking, commit = [], []
         for step in range(1, 9):
-            tree = state(step)
+            tree = work.state(step)
             multihost_utils.sync_global_devices(f"step {step}")
             t1 = time.perf_counter()
             save(step, tree)
@@ -149,9 +138,7 @@ def child(args) -> None:
         restored, tier = restore(step)
         jax.block_until_ready(restored)
         out = {"recover_s": time.perf_counter() - t0, "tier": tier, "step": step}
-        for i, n in enumerate(names):
-            for shard in restored[n].addressable_shards:
-                np.testing.assert_array_equal(np.asarray(shard.data), value(i, 8, shard.index))
+        work.check(restored, 8)
     mgr.close()
     multihost_utils.sync_global_devices("done")
     print(MARK + json.dumps(out), flush=True)
