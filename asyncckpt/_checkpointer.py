@@ -54,6 +54,11 @@ class AsyncCheckpointer:
         map_files: restore each chunk of a local checkpoint that is exactly one device's shard by
             mapping the file's pages copy-on-write instead of copying them into new memory
             (`restore` docs). False reads every chunk into memory of its own.
+        read_once: under `jax.distributed`, a chunk that several processes' devices need is
+            read from storage by one process and sent to the others through JAX collectives,
+            so a job reads each byte once (docs/DISTRIBUTED.md). None (the default): on for
+            object stores and accelerator devices, off for files on CPU devices (where reading
+            the page cache is faster than CPU collectives).
         barrier_timeout_s: under `jax.distributed`, how long a save waits for the other
             processes at each of its barriers before it fails naming the missing ones.
         background_nice: how much the background writer threads yield the CPU to training:
@@ -70,6 +75,7 @@ class AsyncCheckpointer:
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         map_files: bool = True,
+        read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
     ) -> None:
@@ -79,6 +85,7 @@ class AsyncCheckpointer:
             reuse_host_memory=reuse_host_memory,
             max_inflight_bytes=max_inflight_bytes,
             map_files=map_files,
+            read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
         )
@@ -151,6 +158,7 @@ def restore(
     strict: bool = True,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     map_files: bool = True,
+    read_once: bool | None = None,
 ) -> Any:
     """Read the checkpoint at `path`.
 
@@ -170,6 +178,10 @@ def restore(
     asyncckpt never changes a committed file (saves write new files and rename them), but a file
     truncated in place by something else while mapped would end the process with SIGBUS: pass
     False if anything may do that.
+    `read_once`: under `jax.distributed`, a chunk that several processes' devices need (a
+    replicated target) is read from storage by one of them and sent to the others through JAX
+    collectives (docs/DISTRIBUTED.md). None (the default): on for object stores and accelerator
+    devices, off for files on CPU devices, where reading the page cache beats CPU collectives.
     """
     check_inflight(max_inflight_bytes)
     if _safetensors.is_safetensors(path):
@@ -185,6 +197,7 @@ def restore(
             map_files,
             None,
             DEFAULT_BARRIER_TIMEOUT_S,
+            read_once=read_once,
         )[0]
     finally:
         workers.close()

@@ -51,6 +51,7 @@ class Engine:
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         map_files: bool = True,
+        read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
         close_at_exit: Callable[[], None] | None = None,
@@ -66,6 +67,7 @@ class Engine:
         self.barrier_timeout_s = barrier_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
         self.map_files = map_files
+        self.read_once = read_once
         self._pool = ArenaPool(enabled=reuse_host_memory)
         # (destination, its save); callers on several threads may check and wait: under _lock
         self._pending: list[tuple[str, Future[str]]] = []
@@ -238,6 +240,7 @@ class Engine:
             step,
             self.barrier_timeout_s,
             local_key,
+            read_once=self.read_once,
         )
         return value
 
@@ -339,6 +342,8 @@ def timed_restore(
     step: int | None,
     barrier_timeout_s: float,
     local_key: str | None = None,
+    *,
+    read_once: bool | None = None,
 ) -> tuple[Any, _telemetry.RestoreStats]:
     """`_restore.restore_tree`, timed by phase and reported (`_telemetry.report`)."""
     phases = _telemetry.Phases()
@@ -353,6 +358,7 @@ def timed_restore(
         phases=phases,
         barrier_timeout_s=barrier_timeout_s,
         local_key=local_key,
+        read_once=read_once,
     )
     stats = _telemetry.RestoreStats(
         path=src.url,

@@ -23,7 +23,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from . import _collectives, _directory, _distributed, _format, _restore, _snapshot, _tree
 from ._format import RootInfo
 from ._storage import Storage, WriterLock, open_storage
+from ._storage.overlay import Overlay
 from .errors import CheckpointError
 
 log = logging.getLogger("asyncckpt")
@@ -218,7 +219,7 @@ class LocalTier:
             time.perf_counter() - t0,
         )
         doc = _format.with_local_process(raw, process)
-        return _Fetched(own if process in held_by else None, own.url, doc, received)
+        return Overlay(own if process in held_by else None, own.url, received, doc)
 
     def _root_doc(
         self, step: int, held_by: list[int], coord: _distributed.Coordinator
@@ -265,19 +266,14 @@ class LocalTier:
 
         def read(key: str) -> np.ndarray:
             spec, file = chunk(key)
-            buf = _restore.aligned_empty(spec.chunk_shape, spec.dtype)
-            if not failures:
-                where = f"while sending {spec.name!r} of local step {source.name} to a peer"
-                try:
-                    if spec.band_rows is None:
-                        source.read_chunk_into(file, buf, where)
-                    else:
-                        nbands = spec.chunk_shape[0] // spec.band_rows
-                        band = _format.band_nbytes(spec)
-                        source.read_bands_into(file, buf, 0, nbands, band, where)
-                except Exception as e:  # noqa: BLE001 - damaged or unreadable: fail later
-                    failures.append(e)
-            return buf.reshape(-1).view(np.uint8)
+            if failures:
+                return _restore.aligned_empty((spec.chunk_nbytes,), np.dtype(np.uint8))
+            where = f"while sending {spec.name!r} of local step {source.name} to a peer"
+            try:
+                return _restore.read_whole_chunk(source, spec, file, where)
+            except Exception as e:  # noqa: BLE001 - damaged or unreadable: fail later
+                failures.append(e)
+                return _restore.aligned_empty((spec.chunk_nbytes,), np.dtype(np.uint8))
 
         def write(key: str, data: np.ndarray) -> None:
             if keep:
@@ -389,90 +385,6 @@ def _plan_fetch(
 def _chunk_text(info: RootInfo, name: str, key: str) -> str:
     coords = _format.chunk_id_coords(key)
     return f"chunk {coords} of {name!r} ({info.arrays[name].chunk_key(coords)})"
-
-
-class _Fetched(Storage):
-    """A process's part of a local step as its restore reads it: the root document naming this
-    process, the chunks received from peers (host memory), and the part on disk for the rest
-    (None: this host lost its part). Read only."""
-
-    def __init__(
-        self, part: Storage | None, url: str, doc: bytes, chunks: dict[str, np.ndarray]
-    ) -> None:
-        self.url = url
-        self._part = part
-        self._doc = doc
-        self._chunks = chunks
-
-    def _disk(self, key: str) -> Storage:
-        if self._part is None:
-            raise FileNotFoundError(f"{self.path(key)}: this host lost its part of the step")
-        return self._part
-
-    def child(self, key: str) -> Storage:
-        return self._disk(key).child(key)
-
-    def read_small(self, key: str, limit: int) -> bytes:
-        return self._doc if key == _format.DOC else self._disk(key).read_small(key, limit)
-
-    def exists(self, key: str) -> bool:
-        if key == _format.DOC or key in self._chunks:
-            return True
-        return self._part is not None and self._part.exists(key)
-
-    def get(
-        self,
-        key: str,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        suffix: int | None = None,
-    ) -> np.ndarray:
-        if key != _format.DOC:
-            return self._disk(key).get(key, start=start, end=end, suffix=suffix)
-        doc = np.frombuffer(self._doc, np.uint8)
-        return doc[-suffix:] if suffix is not None else doc[start:end]
-
-    def size(self, key: str) -> int:
-        return len(self._doc) if key == _format.DOC else self._disk(key).size(key)
-
-    def kind(self) -> Literal["missing", "file", "directory"]:
-        return "directory"
-
-    def read_chunk_into(self, key: str, out: np.ndarray, where: str) -> None:
-        if key not in self._chunks:
-            return self._disk(key).read_chunk_into(key, out, where)
-        np.frombuffer(_format.bytes_view(out), np.uint8)[:] = self._chunks[key]
-        return None
-
-    def read_bands_into(
-        self, key: str, out: np.ndarray, first: int, nbands: int, band_nbytes: int, where: str
-    ) -> None:
-        if key not in self._chunks:
-            return self._disk(key).read_bands_into(key, out, first, nbands, band_nbytes, where)
-        view = np.frombuffer(_format.bytes_view(out), np.uint8)
-        view[:] = self._chunks[key][first * band_nbytes : first * band_nbytes + view.nbytes]
-        return None
-
-    def map_chunk(
-        self, key: str, nbytes: int, band_nbytes: int | None, where: str
-    ) -> np.ndarray | None:
-        if key in self._chunks:
-            return self._chunks[key]
-        return self._disk(key).map_chunk(key, nbytes, band_nbytes, where)
-
-    def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
-        if self._part is not None:
-            self._part.check_no_links(name, where, seen)
-
-    def identity(self) -> Any:
-        return self._part.identity() if self._part is not None else None
-
-    def _read_only(self, *_: Any, **__: Any) -> Any:
-        raise TypeError(f"{self.url}: a local step being restored is read only")
-
-    write = delete = list_dir = checkpoint_states = begin = sync = commit = discard = _read_only
-    unlist = remove = set_aside = leftovers = _read_only
 
 
 def _needed(spec: _format.ArraySpec, leaf: Any) -> set[tuple[int, ...]]:

@@ -115,8 +115,8 @@ class CheckpointManager:
             before is not written again: it is hard-linked from that step on disk, copied
             server-side in an object store. Every step stays a whole checkpoint of its own, and
             deleting any step never changes another. False writes everything.
-        max_workers, reuse_host_memory, max_inflight_bytes, map_files, barrier_timeout_s,
-            background_nice: as for `AsyncCheckpointer`.
+        max_workers, reuse_host_memory, max_inflight_bytes, map_files, read_once,
+            barrier_timeout_s, background_nice: as for `AsyncCheckpointer`.
         local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
             shared, where each process saves every shard its devices hold, every
             `local_save_interval_steps` steps, keeping `local_max_to_keep` of them; a shard that
@@ -150,6 +150,7 @@ class CheckpointManager:
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         map_files: bool = True,
+        read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
         local_directory: Any = None,
@@ -209,6 +210,7 @@ class CheckpointManager:
             reuse_host_memory=reuse_host_memory,
             max_inflight_bytes=max_inflight_bytes,
             map_files=map_files,
+            read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
             close_at_exit=self.close,

@@ -16,16 +16,17 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 import jax
 import numpy as np
 
-from . import _directory, _distributed, _format, _libc, _tree
+from . import _directory, _distributed, _format, _libc, _readonce, _tree
 from ._distributed import Coordinator
 from ._executor import Workers
 from ._format import ArraySpec, RootInfo
 from ._storage import Storage
+from ._storage.overlay import Overlay
 from ._telemetry import Phases
 from .errors import (
     CheckpointError,
@@ -112,6 +113,17 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + n].view(dtype).reshape(shape)
 
 
+def read_whole_chunk(ckpt: Storage, spec: ArraySpec, key: str, where: str) -> np.ndarray:
+    """The data of the chunk file `key` of `spec`, every checksum verified, as uint8 (a new
+    64-byte aligned buffer of `spec.chunk_nbytes`)."""
+    buf = aligned_empty(spec.chunk_shape, spec.dtype)
+    if spec.band_rows is None:
+        _guarded((ckpt, key), where, ckpt.read_chunk_into, key, buf, where)
+    else:
+        _read_bands(ckpt, key, spec, buf, 0, where)
+    return buf.reshape(-1).view(np.uint8)
+
+
 @dataclass(slots=True)
 class _Request:
     """A region of the global array (concrete slices) and the buffer that receives it. `out` is
@@ -166,10 +178,10 @@ def _chunk_tasks(
         inside = _concrete(region, spec.shape)
         hits = [(r, o) for r in requests if (o := _overlap(inside, r.index)) is not None]
         if hits:
-            task = functools.partial(
-                _read_chunk, ckpt, spec.chunk_key(coords), spec, region, hits, where
-            )
-            tasks.append((spec.chunk_nbytes, task))
+            key = spec.chunk_key(coords)
+            task = functools.partial(_read_chunk, ckpt, key, spec, region, hits, where)
+            held = isinstance(ckpt, Overlay) and ckpt.in_memory(key)  # costs no I/O
+            tasks.append((0 if held else spec.chunk_nbytes, task))
     return tasks
 
 
@@ -359,6 +371,7 @@ class _Plan:
     regions: list[tuple[slice, ...]]  # one per distinct shard this process's devices hold
     mapping: bool  # a region that is exactly one chunk may be mapped instead of read
     where: str
+    shared: _readonce.Shared | None = None  # restored by every process: read once per job
 
     @property
     def staged_bytes(self) -> int:
@@ -367,16 +380,38 @@ class _Plan:
         return sum(math.prod(s.stop - s.start for s in r) * size for r in self.regions)
 
     @property
+    def group_bytes(self) -> int:
+        """What it counts for in a group of `max_inflight_bytes`: its `staged_bytes`, or for
+        an array every process restores, the most any process stages (so that every process
+        makes the same groups: reading them is collective)."""
+        shared = self.shared
+        if shared is None or shared.whole:
+            return self.staged_bytes
+        size = self.spec.dtype.itemsize
+        regions = _readonce.regions_by_process(shared.sharding, tuple(self.spec.shape))
+        return max(
+            sum(math.prod(b - a for a, b in r) * size for r in mine) for mine in regions.values()
+        )
+
+    @property
     def spans_processes(self) -> bool:
         """Its sharding has devices of other processes (every process restores it together)."""
         return self.sharding is not None and not self.sharding.is_fully_addressable
 
 
-def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
-    """`mapping`: chunks that are exactly one request may be mapped instead of read."""
+def _plan(
+    spec: ArraySpec, target: Any, where: str, mapping: bool, read_once: bool = False
+) -> _Plan:
+    """`mapping`: chunks that are exactly one request may be mapped instead of read.
+    `read_once`: an array every process restores is read once per job (`_readonce`)."""
+
+    def share(sharding: Any) -> TypeGuard[jax.sharding.Sharding]:
+        return read_once and _readonce.spans_every_process(sharding)
+
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
-        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], False, where)
+        shared = _readonce.Shared(spec, sharding, True) if share(sharding) else None
+        return _Plan(spec, spec.dtype, sharding, [_whole(spec)], False, where, shared)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
         check_cast(spec.dtype, dtype, where)
@@ -387,7 +422,8 @@ def _plan(spec: ArraySpec, target: Any, where: str, mapping: bool) -> _Plan:
             if index is not None
         )
         regions = [tuple(slice(a, b) for a, b in key) for key in shards]
-        return _Plan(spec, dtype, sharding, regions, mapping, where)
+        shared = _readonce.Shared(spec, sharding, False) if share(sharding) else None
+        return _Plan(spec, dtype, sharding, regions, mapping, where, shared)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
     check_cast(spec.dtype, dtype, where)
     if _tree.is_python_scalar(target):  # returned as that python type (`_tree.python_value`)
@@ -490,6 +526,7 @@ def read_arrays(
     map_files: bool = True,
     phases: Phases | None = None,
     coordinate: Callable[[], Coordinator] | None = None,
+    read_once: bool = False,
 ) -> list[Any]:
     """Restore `(spec, target leaf or None)` pairs.
 
@@ -503,25 +540,36 @@ def read_arrays(
     makes alike). Before placing such a group the processes agree that all of them read their
     shards: a process that found damage (each reads only its own shards) would otherwise raise
     while the others wait in placement for it for ever; this way all of them raise.
+    `read_once` (with `coordinate`): a chunk of an array every process restores that several
+    processes' devices need is read by one of them and sent to the others (`_readonce`); the
+    groups are then the same in every process.
     """
     mapping = map_files and not ckpt.network
     phases = phases if phases is not None else Phases()
     phases.arrays += len(items)
     seen: set[str] = set()
     with phases("plan"):
+        once = read_once and coordinate is not None
         plans = [
-            _plan(spec, target, f"while restoring {spec.name!r} from {ckpt.url}", mapping)
+            _plan(spec, target, f"while restoring {spec.name!r} from {ckpt.url}", mapping, once)
             for spec, target in items
         ]
     results: list[Any] = [None] * len(items)
     coord = None
     for number, group in enumerate(
-        groups_by_size(range(len(plans)), lambda i: plans[i].staged_bytes, max_inflight_bytes)
+        groups_by_size(range(len(plans)), lambda i: plans[i].group_bytes, max_inflight_bytes)
     ):
         members = [plans[i] for i in group]
-        error, staged = None, []
+        error: Exception | None = None
+        staged: list[list[_Request]] = []
+        source = ckpt
         try:
-            staged = _read_group(ckpt, members, workers, phases, seen)
+            if shared := [p.shared for p in members if p.shared is not None]:
+                with phases("read"):
+                    source, nbytes, error = _readonce.share(ckpt, shared, read_whole_chunk, workers)
+                phases.bytes += nbytes
+            if error is None:
+                staged = _read_group(source, members, workers, phases, seen)
         except Exception as e:
             error = e
         if coordinate is not None and any(p.spans_processes for p in members):
@@ -569,10 +617,12 @@ def restore_tree(
     phases: Phases | None = None,
     barrier_timeout_s: float = 300.0,
     local_key: str | None = None,
+    read_once: bool | None = None,
 ) -> Any:
     """Restore the checkpoint `ckpt` (see `asyncckpt.restore`). `local_key`: `ckpt` is this
     process's part of a node-local step (each process restores from its own directory), and
-    the processes coordinate under this name instead of the checkpoint's location.
+    the processes coordinate under this name instead of the checkpoint's location (and each
+    reads its own part: no `read_once`).
 
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
     fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
@@ -603,6 +653,7 @@ def restore_tree(
             map_files=map_files,
             phases=phases,
             coordinate=coordinate,
+            read_once=local_key is None and _reads_once(ckpt, read_once),
         )
         value = _restore_tree(ckpt.url, info, target, strict, read, phases)
     except (IncompleteCheckpointError, CorruptCheckpointError) as e:
@@ -612,6 +663,15 @@ def restore_tree(
     if _changed(ckpt, identity):
         raise _gone(ckpt)
     return value
+
+
+def _reads_once(ckpt: Storage, asked: bool | None) -> bool:
+    """Whether a restore shares reads among processes (`read_once`; None: where storage is
+    slower than the collectives, i.e. not local files read by CPU devices, whose page cache is
+    faster than CPU collectives)."""
+    if asked is not None:
+        return asked
+    return ckpt.network or jax.devices()[0].platform != "cpu"
 
 
 _HEAD_BYTES = 256  # the root document's first bytes hold its save time, to the microsecond

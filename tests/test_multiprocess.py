@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from conftest import make_root, names  # noqa: E402
 from distributed import launch  # noqa: E402
-from values import BIG, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
+from values import BIG, READ_ONCE, TIMEOUT_S, abstract_tree, check_tree, global_tree  # noqa: E402
 
 import asyncckpt as ac  # noqa: E402
 from asyncckpt import _distributed  # noqa: E402
@@ -77,6 +77,30 @@ def test_each_process_reads_only_the_bands_its_devices_need(tmp_path):
         read = int(re.search(r"read (\d+) of", out).group(1))
         # half the data, plus checksums, index and the padding between bands (4 KiB a band)
         assert BIG.nbytes // 2 <= read <= BIG.nbytes // 2 + 5 * 4096, (read, BIG.nbytes)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_byte_is_read_once_per_job(tmp_path, mesh, processes):
+    """Restored replicated on every device, replicated across processes, or split across them:
+    every process's devices need the whole tree in the first two, yet the processes together
+    read it from storage once (the chunks several need are read by one and sent to the
+    others), and every shard is right."""
+    from jax.sharding import NamedSharding
+
+    tree = dict(READ_ONCE)
+    tree["w"] = jax.device_put(READ_ONCE["w"], NamedSharding(mesh, P("x", "y")))
+    ac.save(tmp_path / "ckpt", tree)
+    size = sum(v.nbytes for v in READ_ONCE.values())
+    outputs = succeed(
+        launch("mp_child.py", processes, "readonce", str(tmp_path), str(8 // processes))
+    )
+    for label in ("replicated", "across", "split"):
+        read = [int(re.search(rf"read {label} (\d+)", out).group(1)) for out in outputs]
+        assert size <= sum(read) <= 1.01 * size, (label, read, size)
+        if label == "split" and processes == 2:  # only v is shared: each reads its half
+            slack = READ_ONCE["v"].nbytes + 4 * 4096  # and checksums, index, padding
+            assert all(abs(r - size // 2) <= slack for r in read), (label, read, size)
 
 
 @pytest.mark.timeout(300)

@@ -7,6 +7,9 @@ subclass, named in `_BACKENDS` by its URL schemes.
 - local.py: local and network file systems (paths, `file://` URLs);
 - objects.py: object stores through zarr's `ObjectStore` over obstore (`s3://`, `gs://`, `az://`,
   `memory://`).
+
+overlay.py's `Overlay` is no backend: a read-only view over one, with some chunks held in
+memory (what a restore received from other processes).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ shard checked), `partial` (restore a one-chunk array 8 ways, counting the bytes 
 where only process 1 reads: both fall back to the step before), `safetensors` (a safetensors
 tensor split by columns over 8 devices, counting the bytes read), `grain` (each process's data
 iterator saved with the steps and restored into it), `incremental` (each process links its own
-shards of a frozen matrix)."""
+shards of a frozen matrix), `readonce` (a tree restored replicated, replicated across processes
+and split across them, counting the bytes each process reads)."""
 
 import os
 import signal
@@ -82,6 +83,28 @@ elif mode == "safetensors":  # a Hugging Face file, split by columns over 8 devi
     for shard in restored.addressable_shards:
         assert (np.asarray(shard.data) == weights[shard.index]).all()
     print("read", counted["bytes"], "of", weights.nbytes, flush=True)
+elif mode == "readonce":  # restore the READ_ONCE tree 3 ways, counting the bytes read
+    from counting import count_chunk_reads
+    from values import READ_ONCE
+
+    counted, _ = count_chunk_reads()
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    rows = jax.sharding.Mesh(np.array(devices).reshape(jax.process_count(), -1), ("x", "y"))
+    for label, spec in (("replicated", P()), ("across", P("y")), ("split", P("x"))):
+        target = {
+            name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(rows, spec))
+            for name, v in READ_ONCE.items()
+        }
+        before = counted["bytes"]
+        restored = ac.restore(
+            os.path.join(directory, "ckpt"), target, map_files=False, read_once=True
+        )
+        for name, want in READ_ONCE.items():
+            assert restored[name].sharding == target[name].sharding, name
+            assert restored[name].dtype == want.dtype, name
+            for shard in restored[name].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index], name)
+        print("read", label, counted["bytes"] - before, flush=True)
 elif mode == "grain":  # each process has its own data iterator (its shard of the records)
     import grain
 

@@ -8,6 +8,11 @@ from jax.sharding import PartitionSpec as P
 TIMEOUT_S = 10.0
 SHAPE = (16, 24)
 BIG = np.arange(4096 * 2048, dtype=np.float32).reshape(4096, 2048)  # 32 MiB: 8 bands of 4 MiB
+READ_ONCE = {  # saved sharded 8 ways (w), whole (e: one chunk of 2 bands, v)
+    "w": np.arange(1024 * 512, dtype=np.float32).reshape(1024, 512),
+    "e": np.arange(2048 * 1024, dtype=np.int32).reshape(2048, 1024) * 3,
+    "v": np.linspace(0, 1, 4096, dtype=np.float32),
+}
 
 
 def global_value(step=0):
