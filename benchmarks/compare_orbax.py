@@ -21,6 +21,14 @@ Save child (a training job after its first save):
                        saves, each followed (once committed and deleted) by an idle loop; the
                        median busy loop over the median of the idle loops (one more idle loop
                        runs before the first save)
+    save_cpu_s_per_gb  CPU time of the process (every thread, user + system, so the kernel's
+                       copies into the page cache count) from the timed save's call until it
+                       committed, per GB of the tree; beside it, memcpy_cpu_s_per_gb, the CPU
+                       time of one copy of the tree into touched memory, the floor
+    durable_idle_s     from `save()` until the step is committed, found by polling every 10 ms
+    durable_loaded_s   the same while the jitted training loop runs between the polls, keeping
+                       both cores busy for the whole save (issue 20's "time to durable under
+                       load"); neither waits inside the library (no `wait_until_finished`)
   Each system uses one `CheckpointManager` for all saves (orbax's with asynchronous checkpointing
   and `args.StandardSave`), with their default options (orbax's include zstd compression of the
   data; asyncckpt writes it uncompressed). A delete is timed until its files are gone.
@@ -31,6 +39,7 @@ Restore child (a job resuming from the checkpoint):
     restore_warm_s       a second restore of the same checkpoint in the same process
     restore_peak_rss_gb  peak RSS during the first restore minus RSS just before it
                          (the restored arrays themselves are part of it)
+    restore_cpu_s_per_gb CPU time of the process during the first restore, per GB
   after each restore every leaf's shape, dtype, sharding and bytes are checked against the
   seeded values, so a broken restore fails loudly.
   orbax: `CheckpointManager(root).restore(1, args=StandardRestore(target))`; asyncckpt:
@@ -97,6 +106,10 @@ METRICS = (
     "restore_warm_s",
     "restore_peak_rss_gb",
     "train_slowdown",
+    "save_cpu_s_per_gb",
+    "restore_cpu_s_per_gb",
+    "durable_idle_s",
+    "durable_loaded_s",
 )
 # issue 5's targets: the largest acceptable ratio asyncckpt / orbax of each metric's median
 TARGETS = {
@@ -118,6 +131,9 @@ TARGETS = {
     },
 }
 TARGETS["llm"] = dict(TARGETS["big"])
+# issue 20's targets, on top
+for _w, _loaded in (("big", 0.35), ("llm", 0.35), ("small", 0.2)):
+    TARGETS[_w].update(save_cpu_s_per_gb=0.3, restore_cpu_s_per_gb=0.3, durable_loaded_s=_loaded)
 TRAIN_LOOP_S = 1.5
 SLOWDOWN_STEP = 2  # and the steps after it, one per repetition
 SLOWDOWN_REPS = 5
@@ -153,6 +169,22 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def cpu_s() -> float:
+    """CPU time of this process so far, every thread, user and system (the kernel's copies into
+    and out of the page cache count; its write-back threads do not)."""
+    return time.process_time()  # CLOCK_PROCESS_CPUTIME_ID: every thread, to the nanosecond
+
+
+def memcpy_cpu_s(tree) -> float:
+    """CPU seconds of one copy of the tree's bytes into memory already touched: the floor."""
+    host = [np.asarray(x) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
+    dst = [np.ones_like(h) for h in host]
+    t0 = cpu_s()
+    for d, h in zip(dst, host):
+        np.copyto(d, h)
+    return cpu_s() - t0
 
 
 def rss() -> int:
@@ -193,6 +225,10 @@ class AsyncckptSystem:
     def restore(self, step: int, target):
         return self._mgr.restore(step, target)
 
+    def committed(self, step: int) -> bool:
+        stats = self._mgr.last_save_stats()
+        return stats is not None and stats.step == step
+
     def step_dir(self, step: int) -> str:
         return os.path.join(self.root, str(step))
 
@@ -221,6 +257,9 @@ class OrbaxSystem:
     def restore(self, step: int, target):
         return self._mgr.restore(step, args=ocp.args.StandardRestore(target))
 
+    def committed(self, step: int) -> bool:
+        return not self._mgr.is_saving_in_progress() and step in self._mgr.all_steps()
+
     def step_dir(self, step: int) -> str:
         return os.path.join(self.root, str(step))
 
@@ -234,7 +273,7 @@ def open_system(system: str, root: str):
 
 def make_train_loop(mesh):
     """A fixed jitted step loop of about TRAIN_LOOP_S seconds on an idle machine: the training
-    that a save in the background slows down. Returns `run() -> seconds`."""
+    that a save in the background slows down. Returns `run() -> seconds` and `run_n`."""
     x = jax.device_put(np.full((1024, 1024), 1e-3, np.float32), NamedSharding(mesh, P("x", None)))
     w = jax.device_put(np.eye(1024, dtype=np.float32), NamedSharding(mesh, P()))
     step = jax.jit(lambda v: jnp.tanh(v @ w))
@@ -249,7 +288,17 @@ def make_train_loop(mesh):
 
     run_n(2)  # compile
     iters = max(3, round(TRAIN_LOOP_S / (run_n(5) / 5)))
-    return lambda: run_n(iters)
+    return (lambda: run_n(iters)), run_n
+
+
+def time_to_durable(sysobj, step: int, tree, between) -> float:
+    """From `save()` until the step is committed, found by polling with `between()` in between
+    (a few training steps, or a short sleep); the caller never waits inside the library."""
+    t0 = time.perf_counter()
+    sysobj.save(step, tree)
+    while not sysobj.committed(step):
+        between()
+    return time.perf_counter() - t0
 
 
 def save_child(
@@ -257,7 +306,7 @@ def save_child(
 ) -> dict:
     specs = workload_specs(workload, scale)
     tree = build_tree(specs, seed)
-    train = make_train_loop(make_mesh())
+    train, train_n = make_train_loop(make_mesh())
     baseline = rss()
     sysobj = open_system(system, root)
     try:
@@ -268,11 +317,13 @@ def save_child(
         delete_s = time.perf_counter() - t_del
         os.sync()  # the timed save starts on a quiet file system, not behind the deletion
         with PeakRss() as mem:
+            c0 = cpu_s()
             t0 = time.perf_counter()
             sysobj.save(TIMED_STEP, tree)
             t1 = time.perf_counter()
             sysobj.wait_until_finished()
             t2 = time.perf_counter()
+            save_cpu = cpu_s() - c0
         os.sync()
         idle, busy = [train()], []
         for rep in range(slowdown_reps):
@@ -284,8 +335,16 @@ def save_child(
             sysobj.wait_until_finished()
             os.sync()
             idle.append(train())
+        durable = {}
+        for label, between in (("idle", lambda: time.sleep(0.01)), ("loaded", lambda: train_n(3))):
+            step = SLOWDOWN_STEP + slowdown_reps + len(durable)
+            durable[label] = time_to_durable(sysobj, step, tree, between)
+            sysobj.delete(step)
+            sysobj.wait_until_finished()
+            os.sync()
     finally:
         sysobj.close()
+    gb = tree_nbytes(specs) / 1e9
     disk_bytes, files = disk_usage(sysobj.step_dir(TIMED_STEP))
     return {
         "save_blocking_s": t1 - t0,
@@ -293,6 +352,10 @@ def save_child(
         "save_peak_rss_gb": (mem.peak - baseline) / GIB,
         "delete_s": delete_s,
         "train_slowdown": statistics.median(busy) / statistics.median(idle),
+        "save_cpu_s_per_gb": save_cpu / gb,
+        "memcpy_cpu_s_per_gb": memcpy_cpu_s(tree) / gb,
+        "durable_idle_s": durable["idle"],
+        "durable_loaded_s": durable["loaded"],
         "train_busy_s": busy,
         "train_idle_s": idle,
         "tree_bytes": tree_nbytes(specs),
@@ -301,10 +364,11 @@ def save_child(
     }
 
 
-def timed_restore(sysobj, target) -> tuple[float, dict]:
-    t0 = time.perf_counter()
+def timed_restore(sysobj, target) -> tuple[float, float, dict]:
+    """Seconds, CPU seconds, the restored tree."""
+    c0, t0 = cpu_s(), time.perf_counter()
     restored = jax.block_until_ready(sysobj.restore(TIMED_STEP, target))
-    return time.perf_counter() - t0, restored
+    return time.perf_counter() - t0, cpu_s() - c0, restored
 
 
 def restore_child(system: str, workload: str, root: str, scale: float, seed: int) -> dict:
@@ -314,11 +378,11 @@ def restore_child(system: str, workload: str, root: str, scale: float, seed: int
     try:
         baseline = rss()
         with PeakRss() as mem:
-            resume_s, restored = timed_restore(sysobj, target)
+            resume_s, resume_cpu, restored = timed_restore(sysobj, target)
         verify(restored, specs, seed)
         del restored
         gc.collect()
-        warm_s, restored = timed_restore(sysobj, target)
+        warm_s, _, restored = timed_restore(sysobj, target)
         verify(restored, specs, seed)
     finally:
         sysobj.close()
@@ -326,6 +390,7 @@ def restore_child(system: str, workload: str, root: str, scale: float, seed: int
         "restore_resume_s": resume_s,
         "restore_warm_s": warm_s,
         "restore_peak_rss_gb": (mem.peak - baseline) / GIB,
+        "restore_cpu_s_per_gb": resume_cpu / (tree_nbytes(specs) / 1e9),
     }
 
 
@@ -459,6 +524,8 @@ def print_tables(records: list[dict], workloads: list[str], limits: dict | None)
             files = median_of(records, workload, system, "disk_files")
             on_disk = "failed" if size is None else f"{size / MIB:.1f} MiB in {files:.0f} files"
             print(f"on disk, {system}: {on_disk}")
+        floor = median_of(records, workload, SYSTEMS[0], "memcpy_cpu_s_per_gb")
+        print(f"one memcpy of the tree (the floor): {fmt(floor)} CPU s per GB")
         print_limits(records, workload, tree, limits)
 
 

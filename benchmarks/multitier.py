@@ -185,9 +185,12 @@ def run_job(phase: str, directory: str, persistent: str, args, replicas=2, tag="
     return run_processes(__file__, argv + ["--leaves", str(args.leaves)], MARK, phase)
 
 
-def run_processes(script: str, argv: list[str], mark: str, what: str) -> dict:
-    """Run `script --child --process I --port P *argv` in PROCESSES processes; their results
-    (the JSON after `mark` on stdout) merged: the slowest process's times, the first's others."""
+def run_processes(
+    script: str, argv: list[str], mark: str, what: str, processes: int = PROCESSES
+) -> dict:
+    """Run `script --child --process I --port P *argv` in `processes` processes; their results
+    (the JSON after `mark` on stdout) merged: the slowest process's times, the sum of their
+    byte counts (keys ending in `_bytes`), the first's others."""
     sys.path.insert(0, HERE)
     from object_store import free_port
 
@@ -199,7 +202,7 @@ def run_processes(script: str, argv: list[str], mark: str, what: str) -> dict:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for i in range(PROCESSES)
+        for i in range(processes)
     ]
     results = []
     for p in procs:
@@ -216,7 +219,10 @@ def run_processes(script: str, argv: list[str], mark: str, what: str) -> dict:
     merged = {}
     for key in results[0]:
         values = [r[key] for r in results]
-        merged[key] = max(values) if isinstance(values[0], float) else values[0]
+        if key.endswith("_bytes"):
+            merged[key] = sum(values)
+        else:
+            merged[key] = max(values) if isinstance(values[0], float) else values[0]
     return merged
 
 

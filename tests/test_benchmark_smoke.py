@@ -48,7 +48,17 @@ def test_compare_orbax_quick_mode(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert len(records) == 6 and not any("error" in r for r in records)
     for r in records:
-        for metric in ("save_blocking_s", "save_commit_s", "restore_resume_s", "train_slowdown"):
+        for metric in (
+            "save_blocking_s",
+            "save_commit_s",
+            "restore_resume_s",
+            "train_slowdown",
+            "save_cpu_s_per_gb",
+            "restore_cpu_s_per_gb",
+            "memcpy_cpu_s_per_gb",
+            "durable_idle_s",
+            "durable_loaded_s",
+        ):
             assert r[metric] > 0, (r["system"], r["workload"], metric)
 
 
@@ -92,3 +102,16 @@ def test_multitier_quick_mode(tmp_path):
     stdout = run_benchmark("multitier.py", "--quick", tmp_path=tmp_path)
     for row in ("| blocking |", "| local tiers intact |", "| one host's local directory lost |"):
         assert row in stdout, stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multiprocess_quick_mode(tmp_path):
+    """Both libraries in real multi-process jobs on 1/16 of the state: save with 4 processes,
+    restore onto the same mesh, onto another mesh with 2 processes, and replicated across
+    processes (checked value by value inside); with read_once=True asyncckpt's processes read
+    the checkpoint once between them, by its own count and by the system calls."""
+    stdout = run_benchmark("multiprocess.py", "--quick", tmp_path=tmp_path)
+    once = re.search(r"\| replicated, read_once=True \| ([\d.]+) \(([\d.]+)\) \|", stdout)
+    assert once and float(once.group(1)) <= 1.1 and float(once.group(2)) <= 1.1, stdout
+    assert "| restore, other mesh, 2 processes |" in stdout, stdout
