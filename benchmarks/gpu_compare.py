@@ -2,12 +2,20 @@
 
 Each measurement is a fresh child process; runs alternate systems. A child builds the workload on
 the default device, makes a warm-up save (excluded, deleted), then times a second save:
-blocking time of the save call and time until committed. Right after the save call returns it
-donates the arrays to a jitted step (as a training loop would), then restores the checkpoint in
-the same process (`restore_s`: a warm process, not a resuming job) and checks every byte against
-the values the tree had when it was saved.
+blocking time of the save call (device to host) and time until committed. Right after the save
+call returns it donates the arrays to a jitted step (as a training loop would), then restores
+the checkpoint in the same process (`restore_s`, host to device: a warm process, not a resuming
+job) and checks every byte against the values the tree had when it was saved. Host memory:
+the peak RSS above the baseline during the save (until committed) and during the restore,
+sampled every 5 ms (pinned staging buffers are host memory and count there once touched).
+
+The same child measures the link first: one `jax.device_get` of the whole tree (device to host)
+and one `jax.device_put` of it back (host to device), GB/s. The table then gives the blocking
+time over the device-to-host copy of the tree and the restore's throughput as a share of the
+host-to-device bandwidth (issue 20's targets: blocking <= 0.2x Orbax's, restore >= 50 %).
 
     python benchmarks/gpu_compare.py [--runs 2] [--scale 1.0] [--workloads big small]
+    python benchmarks/gpu_compare.py --quick     # 1 run at 1/16 scale: the CPU smoke test
 
 Prints the device, medians and ratios asyncckpt / orbax.
 """
@@ -25,7 +33,55 @@ import tempfile
 import time
 
 RESULT_MARK = "GPU-RESULT "
-METRICS = ("save_blocking_s", "save_commit_s", "restore_s")
+METRICS = (
+    "save_blocking_s",
+    "save_commit_s",
+    "restore_s",
+    "save_peak_host_gb",
+    "restore_peak_host_gb",
+)
+
+
+class PeakRss:
+    """Samples this process's RSS every 5 ms while entered; `.peak` is the most seen."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def link_gbps(tree) -> tuple[float, float]:
+    """GB/s of one device-to-host copy of `tree` and of one host-to-device copy back."""
+    import jax
+    import numpy as np
+
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+    t0 = time.perf_counter()
+    host = jax.tree.map(np.asarray, jax.device_get(tree))
+    t1 = time.perf_counter()
+    jax.block_until_ready(jax.device_put(host, jax.devices()[0]))
+    t2 = time.perf_counter()
+    return nbytes / (t1 - t0) / 1e9, nbytes / (t2 - t1) / 1e9
 
 
 def build(workload: str, scale: float):
@@ -108,21 +164,27 @@ def child(system: str, workload: str, root: str, scale: float) -> dict:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
     )
     step = jax.jit(lambda t: jax.tree.map(lambda x: x * 2 + 1, t), donate_argnums=0)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+    d2h, h2d = link_gbps(tree)
     ckpt = {"asyncckpt": Asyncckpt, "orbax": Orbax}[system](root)
     try:
         ckpt.save(0, tree)
         ckpt.wait()
         ckpt.delete(0)
         os.sync()
-        t0 = time.perf_counter()
-        ckpt.save(1, tree)
-        t1 = time.perf_counter()
-        tree = jax.block_until_ready(step(tree))  # donates the saved arrays while writing
-        ckpt.wait()
-        t2 = time.perf_counter()
-        t3 = time.perf_counter()
-        restored = jax.block_until_ready(ckpt.restore(1, target))
-        t4 = time.perf_counter()
+        with PeakRss() as saving:
+            base = saving.peak
+            t0 = time.perf_counter()
+            ckpt.save(1, tree)
+            t1 = time.perf_counter()
+            tree = jax.block_until_ready(step(tree))  # donates the saved arrays while writing
+            ckpt.wait()
+            t2 = time.perf_counter()
+        with PeakRss() as restoring:
+            base_restore = restoring.peak
+            t3 = time.perf_counter()
+            restored = jax.block_until_ready(ckpt.restore(1, target))
+            t4 = time.perf_counter()
     finally:
         ckpt.close()
     for got, want in zip(jax.tree.leaves(restored), expected):
@@ -132,6 +194,11 @@ def child(system: str, workload: str, root: str, scale: float) -> dict:
         "save_blocking_s": t1 - t0,
         "save_commit_s": t2 - t0,
         "restore_s": t4 - t3,
+        "save_peak_host_gb": (saving.peak - base) / 2**30,
+        "restore_peak_host_gb": (restoring.peak - base_restore) / 2**30,
+        "d2h_gbps": d2h,
+        "h2d_gbps": h2d,
+        "tree_bytes": nbytes,
         "device": str(jax.devices()[0].device_kind),
     }
 
@@ -160,12 +227,15 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--workloads", nargs="+", default=["big", "small"])
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--quick", action="store_true", help="1 run at 1/16 scale (smoke test)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(RESULT_MARK + json.dumps(child(*args.child, args.scale)), flush=True)
         return 0
-    work = tempfile.mkdtemp(prefix="gpu_compare_")
+    if args.quick:
+        args.runs, args.scale = 1, 1 / 16
+    work = tempfile.mkdtemp(prefix="gpu_compare_", dir=os.environ.get("BENCH_DIR"))
     records = []
     try:
         for run in range(args.runs):
@@ -181,14 +251,28 @@ def main() -> int:
     device = next((r["device"] for r in records if "device" in r), "?")
     print(f"\ndevice: {device}; medians over {args.runs} runs; restore in a warm process")
     for workload in args.workloads:
-        print(f"== {workload} ==\n{'metric':<18}{'asyncckpt':>11}{'orbax':>11}{'ratio':>8}")
+        print(f"== {workload} ==\n{'metric':<22}{'asyncckpt':>11}{'orbax':>11}{'ratio':>8}")
         for m in METRICS:
             vals = [
                 [r[m] for r in records if r["workload"] == workload and r["system"] == s and m in r]
                 for s in ("asyncckpt", "orbax")
             ]
             a, o = (statistics.median(v) if v else float("nan") for v in vals)
-            print(f"{m:<18}{a:>11.3f}{o:>11.3f}{a / o:>8.2f}")
+            print(f"{m:<22}{a:>11.3f}{o:>11.3f}{a / o if o else float('nan'):>8.2f}")
+        for system in ("asyncckpt", "orbax"):
+            mine = [r for r in records if r["workload"] == workload and r["system"] == system]
+            mine = [r for r in mine if "error" not in r]
+            if not mine:
+                continue
+            med = {k: statistics.median(r[k] for r in mine) for k in mine[0] if k != "device"}
+            d2h_s = med["tree_bytes"] / (med["d2h_gbps"] * 1e9)
+            restore_gbps = med["tree_bytes"] / med["restore_s"] / 1e9
+            print(
+                f"{system}: link {med['d2h_gbps']:.1f} GB/s to host, {med['h2d_gbps']:.1f} GB/s "
+                f"to device; blocking = {med['save_blocking_s'] / d2h_s:.2f}x one device-to-host "
+                f"copy of the tree; restore {restore_gbps:.1f} GB/s = "
+                f"{restore_gbps / med['h2d_gbps']:.0%} of host-to-device"
+            )
     return 1 if any("error" in r for r in records) else 0
 
 

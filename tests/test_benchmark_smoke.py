@@ -115,3 +115,17 @@ def test_multiprocess_quick_mode(tmp_path):
     once = re.search(r"\| replicated, read_once=True \| ([\d.]+) \(([\d.]+)\) \|", stdout)
     assert once and float(once.group(1)) <= 1.1 and float(once.group(2)) <= 1.1, stdout
     assert "| restore, other mesh, 2 processes |" in stdout, stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_compare_quick_mode_runs_on_cpu(tmp_path):
+    """The GPU benchmark stays runnable where no GPU is (here on the CPU device): both systems
+    save, donate, restore and check every byte; the link and host-memory lines are printed."""
+    stdout = run_benchmark("gpu_compare.py", "--quick", tmp_path=tmp_path)
+    for workload in ("big", "small"):
+        assert f"== {workload} ==" in stdout, stdout
+    for metric in ("save_blocking_s", "restore_s", "save_peak_host_gb", "restore_peak_host_gb"):
+        assert metric in stdout, stdout
+    assert re.search(r"asyncckpt: link [\d.]+ GB/s to host.* of host-to-device", stdout), stdout
+    assert re.search(r"orbax: link [\d.]+ GB/s to host", stdout), stdout
