@@ -18,6 +18,7 @@ from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_URGENT_AFTER_S,
     Engine,
     check_inflight,
     timed_restore,
@@ -66,6 +67,10 @@ class AsyncCheckpointer:
             nothing else wants; or a niceness to add, 0 to 19 (0: the caller's priority). A save
             then takes longer only while the CPU is busy, and a caller that has to wait for one
             (the next `save`, `wait_until_finished`, `close`) writes on its own thread too.
+        urgent_after_s: a save still writing this many seconds after `save()` returned gets
+            one more writer thread at the caller's priority, so that a training loop keeping
+            every core busy cannot hold a step back from being durable for long (the idle
+            writers get almost no CPU time then). None: never; 0: from the start.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class AsyncCheckpointer:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
     ) -> None:
         self._engine = Engine(
             owner="this AsyncCheckpointer",
@@ -88,6 +94,7 @@ class AsyncCheckpointer:
             read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
+            urgent_after_s=urgent_after_s,
         )
 
     def save(

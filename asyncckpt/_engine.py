@@ -31,6 +31,7 @@ from .errors import ClosedError
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 DEFAULT_BARRIER_TIMEOUT_S = 300.0
 DEFAULT_BACKGROUND_NICE: Priority = "idle"
+DEFAULT_URGENT_AFTER_S: float | None = 1.0
 log = logging.getLogger("asyncckpt")
 T = TypeVar("T")
 
@@ -38,6 +39,15 @@ T = TypeVar("T")
 def check_inflight(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_inflight_bytes must be a positive number of bytes, got {value!r}")
+
+
+def check_urgent(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"urgent_after_s must be a number of seconds >= 0 or None (never), got {value!r}"
+        )
 
 
 class Engine:
@@ -54,6 +64,7 @@ class Engine:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
         close_at_exit: Callable[[], None] | None = None,
     ) -> None:
         """`close_at_exit`: what finishes the owner's work at interpreter exit (default: this
@@ -63,7 +74,10 @@ class Engine:
         self._close_at_exit = (
             close_at_exit  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
         )
-        self.workers = Workers(max_workers, background_nice=background_nice)
+        check_urgent(urgent_after_s)
+        self.workers = Workers(
+            max_workers, background_nice=background_nice, urgent_after_s=urgent_after_s
+        )
         self.barrier_timeout_s = barrier_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
         self.map_files = map_files
@@ -132,6 +146,7 @@ class Engine:
         future = self.workers.submit_job(
             self._write, snap, dest, force, fields, coord, phases, t0, previous, local, local_coord
         )
+        self.workers.urgent_after(future)
         with self._lock:
             self._pending.append((target.url, future))
         _finish_at_exit(self)

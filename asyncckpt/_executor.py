@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -43,26 +44,48 @@ def check_priority(priority: Any) -> Priority:
     raise ValueError(f"background_nice must be 'idle' or a niceness from 0 to 19, not {priority!r}")
 
 
-def _lower_priority(priority: Priority) -> None:
-    """Lower the calling thread's CPU priority (Linux: priorities are per thread). Where the
-    idle policy is not available or not allowed, niceness 19 stands in for it."""
+def _lower_priority(
+    priority: Priority, tid: int | None = None, lowered: set[int] | None = None
+) -> None:
+    """Lower the CPU priority of thread `tid` (default: the calling thread; Linux: priorities
+    are per thread) and add it to `lowered`. Where the idle policy is not available or not
+    allowed, niceness 19 stands in for it."""
+    tid = threading.get_native_id() if tid is None else tid
+    if lowered is not None:
+        lowered.add(tid)
     if priority == "idle":
         if hasattr(os, "SCHED_IDLE"):
             try:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
                 return
             except OSError:
                 pass
         priority = 19
     if priority <= 0 or not hasattr(os, "setpriority"):
         return
-    tid = threading.get_native_id()
     try:
         os.setpriority(
             os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority)
         )
     except OSError:
         pass  # not permitted here: run at normal priority
+
+
+def _restore_priority(tids: set[int], nice: int) -> set[int]:
+    """Give threads `tids` the normal policy and niceness `nice` again where this process may
+    (privileges, or an RLIMIT_NICE that allows it); the ones it could."""
+    if not hasattr(os, "setpriority"):
+        return set()
+    done = set()
+    for tid in tids:
+        try:
+            if hasattr(os, "SCHED_OTHER"):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            done.add(tid)
+        except OSError:
+            pass  # not permitted (or the thread is gone): the urgent thread still helps
+    return done
 
 
 class _Batch:
@@ -127,17 +150,26 @@ class Workers:
     Background threads yield the CPU to the training loop: a save in the background then slows
     training less, and simply takes longer when the CPU is busy. A caller that has to wait for
     a save (`help_until`) writes too, on its own thread at its own priority, so a save never
-    waits on the CPU time of a busy machine while the caller does nothing."""
+    waits on the CPU time of a busy machine while the caller does nothing. And a save still in
+    flight `urgent_after_s` after it started (`urgent_after`) gets one more writer at the
+    priority of the thread that made these workers (the caller's), and the lowered threads that
+    priority back until it is done, where the process may raise priorities: a training loop
+    that keeps every core busy would otherwise leave idle-priority writers almost no CPU time
+    (with tasks in hand that nobody else can finish), and the step would not become durable for
+    many times its idle duration."""
 
     def __init__(
         self,
         max_workers: int | None = None,
         background_nice: Priority = 0,
         network_workers: int = NETWORK_WORKERS,
+        urgent_after_s: float | None = None,
     ) -> None:
         self.size = max_workers or default_workers()
         self.network_size = network_workers
-        lower = functools.partial(_lower_priority, check_priority(background_nice))
+        self._priority = check_priority(background_nice)
+        self._lowered: set[int] = set()  # the threads of lowered priority
+        lower = functools.partial(_lower_priority, self._priority, lowered=self._lowered)
         self._network = ThreadPoolExecutor(
             network_workers, thread_name_prefix="asyncckpt-net", initializer=lower
         )
@@ -155,6 +187,14 @@ class Workers:
         )
         self._batches: list[_Batch] = []  # background batches in flight, open to helpers
         self._changed = threading.Condition()
+        self.urgent_after_s = urgent_after_s
+        self._urgent = None
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+        if urgent_after_s is not None:
+            # made now, on the caller's thread: a thread inherits its maker's priority, and one
+            # made later from a lowered thread could not be raised back without privileges
+            self._urgent = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-urgent")
+            self._urgent.submit(lambda: None).result()
 
     def _threads(self, network: bool, background: bool) -> int:
         return self.network_size if network else self.background_size if background else self.size
@@ -229,6 +269,34 @@ class Workers:
         """Run `fn(*args)` on the job thread, after every job submitted before it."""
         return self._jobs.submit(fn, *args)
 
+    def urgent_after(self, future: Future[Any]) -> None:
+        """If `future` (a save) is not done `urgent_after_s` from now, have the urgent thread
+        write for it (`help_until`) until it is (saves one after another: each waits for the
+        urgent thread to be done with the one before)."""
+        if self._urgent is None:
+            return
+        deadline = time.monotonic() + cast(float, self.urgent_after_s)
+
+        def watch() -> None:
+            try:
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+                return
+            except TimeoutError:
+                pass
+            # the lowered threads may hold tasks they get no CPU time to finish: give them
+            # the caller's priority back where allowed, and write on this thread meanwhile
+            raised = _restore_priority(set(self._lowered), self._nice)
+            try:
+                self.help_until(future)
+            finally:
+                for tid in raised:
+                    try:
+                        _lower_priority(self._priority, tid)
+                    except OSError:
+                        pass  # the thread is gone
+
+        self._urgent.submit(watch)
+
     def submit_cleanup(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the clean-up thread (deleting files nobody waits for)."""
         return self._cleanup.submit(fn, *args)
@@ -236,6 +304,8 @@ class Workers:
     def close(self) -> None:
         """Wait for submitted work, then stop the threads."""
         self._jobs.shutdown(wait=True)
+        if self._urgent is not None:
+            self._urgent.shutdown(wait=True)
         self._cleanup.shutdown(wait=True)
         self._background.shutdown(wait=True)
         self._network.shutdown(wait=True)

@@ -31,6 +31,7 @@ from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_URGENT_AFTER_S,
     Engine,
 )
 from ._executor import Priority
@@ -116,7 +117,7 @@ class CheckpointManager:
             server-side in an object store. Every step stays a whole checkpoint of its own, and
             deleting any step never changes another. False writes everything.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, read_once,
-            barrier_timeout_s, background_nice: as for `AsyncCheckpointer`.
+            barrier_timeout_s, background_nice, urgent_after_s: as for `AsyncCheckpointer`.
         local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
             shared, where each process saves every shard its devices hold, every
             `local_save_interval_steps` steps, keeping `local_max_to_keep` of them; a shard that
@@ -153,6 +154,7 @@ class CheckpointManager:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
+        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
         local_directory: Any = None,
         local_save_interval_steps: int = 1,
         local_max_to_keep: int = 2,
@@ -213,6 +215,7 @@ class CheckpointManager:
             read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
+            urgent_after_s=urgent_after_s,
             close_at_exit=self.close,
         )
         self._watch = PreemptionWatch(save_on_preemption and not read_only)

@@ -205,12 +205,12 @@ def disk_usage(path: str) -> tuple[int, int]:
 class AsyncckptSystem:
     """One `CheckpointManager` over `root`, like orbax's side; step N lives in `root/N`."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, options: dict | None = None) -> None:
         self.root = root
         # every save here writes the same tree: an incremental save would link all of it from
         # the step before, which is not what this comparison measures (benchmarks/incremental.py
         # does). Both sides write everything.
-        self._mgr = ac.CheckpointManager(root, incremental=False)
+        self._mgr = ac.CheckpointManager(root, incremental=False, **(options or {}))
 
     def save(self, step: int, tree) -> None:
         self._mgr.save(step, tree)
@@ -268,7 +268,9 @@ class OrbaxSystem:
 
 
 def open_system(system: str, root: str):
-    return {"asyncckpt": AsyncckptSystem, "orbax": OrbaxSystem}[system](root)
+    if system == "asyncckpt":
+        return AsyncckptSystem(root, json.loads(os.environ.get("ASYNCCKPT_OPTIONS", "{}")))
+    return OrbaxSystem(root)
 
 
 def make_train_loop(mesh):
@@ -591,7 +593,7 @@ def driver_main(args) -> int:
     try:
         for run in range(args.runs):
             for workload in args.workloads:
-                for system in SYSTEMS:
+                for system in args.systems:
                     records.append(measure(args, run, workload, system))
                     log_record(records[-1])
     finally:
@@ -617,6 +619,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="size factor (big: rows; small: number of leaf groups); 0.05 gives a smoke run",
     )
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["big", "small", "llm"])
+    p.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="(experiments)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where checkpoints go (default: a new dir under /tmp)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child process")
@@ -648,6 +653,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--child", nargs=3, metavar=("PHASE", "SYSTEM", "WORKLOAD"), help=argparse.SUPPRESS
     )
     p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--asyncckpt-options",
+        metavar="JSON",
+        help="keyword arguments for asyncckpt's CheckpointManager, e.g. '{\"urgent_after_s\": 0}'",
+    )
     return p.parse_args(argv)
 
 
@@ -655,6 +665,8 @@ def main() -> int:
     args = parse_args()
     if args.quick:
         args.runs, args.scale, args.slowdown_reps = 1, 0.02, 1
+    if args.asyncckpt_options is not None:  # the children read it from their environment
+        os.environ["ASYNCCKPT_OPTIONS"] = json.dumps(json.loads(args.asyncckpt_options))
     if args.child:
         child_main(args)
         return 0

@@ -123,11 +123,75 @@ def _spy_writes(monkeypatch, delay_on_writers=0.0):
 
 def test_writing_happens_off_the_callers_thread(tmp_path, monkeypatch):
     threads = _spy_writes(monkeypatch)
-    with ac.AsyncCheckpointer() as ckptr:
+    with ac.AsyncCheckpointer(urgent_after_s=None) as ckptr:
         future = ckptr.save(tmp_path / "ck", {f"x{i}": np.ones(1000) for i in range(50)})
         while not future.done():  # the caller goes on without waiting for the save
             time.sleep(0.01)
     assert len(threads) == 50 and all(t.startswith("asyncckpt-write") for t in threads)
+
+
+@pytest.mark.parametrize("urgent_after_s", [0.3, None])
+def test_a_save_still_writing_after_urgent_after_s_gets_a_writer_at_the_callers_priority(
+    tmp_path, monkeypatch, urgent_after_s
+):
+    """Idle-priority writers on a CPU that training keeps busy (each write 0.1 s slower): the
+    caller never waits, yet after `urgent_after_s` a thread at the caller's priority takes the
+    writes left (and none before), and where the process may (root here) the writers get the
+    caller's priority back until the save is done, then lose it again; with None, neither."""
+    threads = _spy_writes(monkeypatch, delay_on_writers=0.1)
+    tree = {f"x{i}": np.full(16384, i, np.float32) for i in range(64)}
+    times = []
+    from asyncckpt._storage import Storage
+
+    spy = Storage.write_chunk
+
+    idle = getattr(os, "SCHED_IDLE", None)
+
+    def policy(tid=0):
+        return os.sched_getscheduler(tid) if idle is not None else None
+
+    def timed(*args):
+        times.append((time.perf_counter(), threading.current_thread().name, policy()))
+        spy(*args)
+
+    monkeypatch.setattr(Storage, "write_chunk", timed)
+    with ac.AsyncCheckpointer(urgent_after_s=urgent_after_s) as ckptr:
+        t0 = time.perf_counter()
+        future = ckptr.save(tmp_path / "a", tree)
+        while not future.done():  # a training loop: never waits inside asyncckpt
+            time.sleep(0.01)
+        urgent = [t for t, name, _ in times if name.startswith("asyncckpt-urgent")]
+        writers = [(t, p) for t, name, p in times if name.startswith("asyncckpt-write")]
+        if urgent_after_s is None:
+            assert not urgent and all(n.startswith("asyncckpt-write") for n in threads)
+            assert all(p == idle for _, p in writers)
+        else:
+            assert urgent and min(urgent) - t0 >= urgent_after_s, (urgent, t0)
+            assert sum(n.startswith("asyncckpt-urgent") for n in threads) > len(threads) // 3
+            if idle is not None:  # the urgent thread has the caller's policy, not idle
+                urgent_thread = next(
+                    t for t in threading.enumerate() if t.name.startswith("asyncckpt-urgent")
+                )
+                assert policy(urgent_thread.native_id) == policy() != idle
+                assert all(p == idle for t, p in writers if t - t0 < urgent_after_s - 0.05)
+                if os.geteuid() == 0:  # allowed to raise them: they wrote at normal priority
+                    assert any(p != idle for t, p in writers if t - t0 > urgent_after_s)
+                deadline = time.monotonic() + 5  # and once the save is done, idle again
+                writer_ids = [
+                    t.native_id for t in threading.enumerate() if t.name.startswith("asyncckpt-w")
+                ]
+                while any(policy(tid) != idle for tid in writer_ids):
+                    assert time.monotonic() < deadline, "the writers stayed at normal priority"
+                    time.sleep(0.01)
+    back = ac.restore(tmp_path / "a")
+    for name, value in tree.items():
+        assert_same(back[name], value)
+
+
+def test_urgent_after_s_is_checked():
+    for bad in (-1, "soon", True, float("nan")):
+        with pytest.raises(ValueError, match="urgent_after_s must be a number of seconds"):
+            ac.AsyncCheckpointer(urgent_after_s=bad)
 
 
 @pytest.mark.parametrize("wait", ["wait_until_finished", "save", "close"])
