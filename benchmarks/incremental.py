@@ -147,7 +147,7 @@ def child(args) -> None:
     # in the background, over the same loop once that save is committed.
     from compare_orbax import make_train_loop
 
-    train = make_train_loop(state_mesh(state))
+    train, _ = make_train_loop(state_mesh(state))
     idle, busy = [train()], []
     for rep in range(args.slowdown_reps):
         state = jax.block_until_ready(step_fn(state))

@@ -121,7 +121,7 @@ def child(args) -> None:
         sys.path.insert(0, HERE)
         from compare_orbax import make_train_loop
 
-        train = make_train_loop(mesh)
+        train, _ = make_train_loop(mesh)
         mgr = ac.CheckpointManager(
             args.persistent,
             save_interval_steps=8,
