@@ -67,10 +67,12 @@ class AsyncCheckpointer:
             nothing else wants; or a niceness to add, 0 to 19 (0: the caller's priority). A save
             then takes longer only while the CPU is busy, and a caller that has to wait for one
             (the next `save`, `wait_until_finished`, `close`) writes on its own thread too.
-        urgent_after_s: a save still writing this many seconds after `save()` returned gets
-            one more writer thread at the caller's priority, so that a training loop keeping
-            every core busy cannot hold a step back from being durable for long (the idle
-            writers get almost no CPU time then). None: never; 0: from the start.
+        urgent_after_s: a save still writing this many seconds (default 10) after `save()`
+            returned gets one more writer thread at the caller's priority, and its writers that
+            priority back where the process may raise priorities, so that a training loop
+            keeping every core busy cannot hold a step back from being durable for long (the
+            idle writers get almost no CPU time then). Smaller: durable sooner under load, at
+            the cost of slowing training while the save writes; None: never; 0: from the start.
     """
 
     def __init__(

@@ -31,7 +31,10 @@ from .errors import ClosedError
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 DEFAULT_BARRIER_TIMEOUT_S = 300.0
 DEFAULT_BACKGROUND_NICE: Priority = "idle"
-DEFAULT_URGENT_AFTER_S: float | None = 1.0
+DEFAULT_URGENT_AFTER_S: float | None = 10.0
+"""Long enough that a save under a busy training loop normally finishes at idle priority (1 GiB:
+~7 s on this project's machine; benchmarks/README.md), so training is not slowed for it; short
+enough that none is starved for a minute (4000 small leaves once took 62 s)."""
 log = logging.getLogger("asyncckpt")
 T = TypeVar("T")
 

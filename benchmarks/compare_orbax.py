@@ -72,7 +72,6 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
@@ -81,7 +80,6 @@ import jax.numpy as jnp  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-import psutil  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from workloads import (  # noqa: E402
@@ -145,32 +143,6 @@ GIB, MIB = 1 << 30, 1 << 20
 # ------------------------------------------------------------------------------ measurement
 
 
-class PeakRss:
-    """Context manager sampling this process's RSS every `interval` s; `.peak` is the max."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.peak = 0
-
-    def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def cpu_s() -> float:
     """CPU time of this process so far, every thread, user and system (the kernel's copies into
     and out of the page cache count; its write-back threads do not)."""
@@ -189,7 +161,7 @@ def memcpy_cpu_s(tree) -> float:
 
 def rss() -> int:
     gc.collect()
-    return psutil.Process().memory_info().rss
+    return machine.rss()
 
 
 def disk_usage(path: str) -> tuple[int, int]:
@@ -318,7 +290,7 @@ def save_child(
         sysobj.delete(WARMUP_STEP)
         delete_s = time.perf_counter() - t_del
         os.sync()  # the timed save starts on a quiet file system, not behind the deletion
-        with PeakRss() as mem:
+        with machine.PeakRss() as mem:
             c0 = cpu_s()
             t0 = time.perf_counter()
             sysobj.save(TIMED_STEP, tree)
@@ -379,7 +351,7 @@ def restore_child(system: str, workload: str, root: str, scale: float, seed: int
     sysobj = open_system(system, root)
     try:
         baseline = rss()
-        with PeakRss() as mem:
+        with machine.PeakRss() as mem:
             resume_s, resume_cpu, restored = timed_restore(sysobj, target)
         verify(restored, specs, seed)
         del restored

@@ -42,34 +42,6 @@ METRICS = (
 )
 
 
-class PeakRss:
-    """Samples this process's RSS every 5 ms while entered; `.peak` is the most seen."""
-
-    def __init__(self) -> None:
-        import threading
-
-        import psutil
-
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.peak = 0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self._proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def link_gbps(tree) -> tuple[float, float]:
     """GB/s of one device-to-host copy of `tree` and of one host-to-device copy back."""
     import jax
@@ -156,6 +128,7 @@ class Orbax:
 
 def child(system: str, workload: str, root: str, scale: float) -> dict:
     import jax
+    import machine
     import numpy as np
 
     tree = build(workload, scale)
@@ -172,16 +145,16 @@ def child(system: str, workload: str, root: str, scale: float) -> dict:
         ckpt.wait()
         ckpt.delete(0)
         os.sync()
-        with PeakRss() as saving:
-            base = saving.peak
+        base = machine.rss()
+        with machine.PeakRss() as saving:
             t0 = time.perf_counter()
             ckpt.save(1, tree)
             t1 = time.perf_counter()
             tree = jax.block_until_ready(step(tree))  # donates the saved arrays while writing
             ckpt.wait()
             t2 = time.perf_counter()
-        with PeakRss() as restoring:
-            base_restore = restoring.peak
+        base_restore = machine.rss()
+        with machine.PeakRss() as restoring:
             t3 = time.perf_counter()
             restored = jax.block_until_ready(ckpt.restore(1, target))
             t4 = time.perf_counter()

@@ -1,9 +1,11 @@
 """This machine's limits, measured in the same run as the comparison: memcpy bandwidth, durable
-write bandwidth (large files, fsync'd) and page-cache read bandwidth."""
+write bandwidth (large files, fsync'd) and page-cache read bandwidth; and a process's peak
+memory while it runs something (`PeakRss`)."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -60,3 +62,38 @@ def measure(directory: str, nbytes: int) -> dict:
         "durable_write_gbps": write,
         "cached_read_gbps": read,
     }
+
+
+def rss() -> int:
+    """This process's resident memory now, bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """Context manager sampling this process's RSS every `interval` s; `.peak` is the max."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)

@@ -26,7 +26,6 @@ so that Orbax's zstd compression gains on them what it would on a real checkpoin
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -155,7 +154,8 @@ def run_job(system: str, phase: str, directory: str, args) -> dict:
     return run_processes(__file__, argv, MARK, f"{system} {phase}", PHASES[phase][0])
 
 
-def one_run(system: str, args, size: int) -> dict:
+def one_run(system: str, args) -> dict:
+    size = size_of(args)
     directory = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
     try:
         out = {}
@@ -175,32 +175,19 @@ def one_run(system: str, args, size: int) -> dict:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def size_of(args) -> int:
+    return ARRAYS * max(64, int(2048 * args.scale)) * 4096 * 4
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--system")
-    parser.add_argument("--phase")
-    parser.add_argument("--process", type=int)
-    parser.add_argument("--port")
-    parser.add_argument("--dir")
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
-    if args.quick:
-        args.runs, args.scale = 1, 1 / 16
-    rows = max(64, int(2048 * args.scale))
-    size = ARRAYS * rows * 4096 * 4
-    print(f"{ARRAYS} float32 matrices, {size / 2**30:.2f} GiB, 8 CPU devices per job", flush=True)
-    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
-    for run in range(args.runs):
-        for system in SYSTEMS if run % 2 == 0 else SYSTEMS[::-1]:
-            r = one_run(system, args, size)
-            results[system].append(r)
-            print(f"run {run} {system}: {json.dumps(r)}", flush=True)
+    sys.path.insert(0, HERE)
+    from multitier import side_by_side
+
+    def header(args) -> str:
+        gib = size_of(args) / 2**30
+        return f"{ARRAYS} float32 matrices, {gib:.2f} GiB, 8 CPU devices per job"
+
+    args, results = side_by_side(__doc__, child, one_run, header)
 
     def median(system: str, key: str) -> float:
         return statistics.median(r[key] for r in results[system])

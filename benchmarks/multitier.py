@@ -286,16 +286,53 @@ def wait_for_port(port: int) -> None:
     raise RuntimeError(f"the throttling proxy did not start on port {port}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a multi-process benchmark (this one, multitier_orbax.py,
+    multiprocess.py): the driver's and those a child process gets (`run_processes`)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--phase")
-    parser.add_argument("--process", type=int)
-    parser.add_argument("--port")
-    parser.add_argument("--dir")
+    parser.add_argument("--quick", action="store_true", help="1 run, 1/16 of the state")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--process", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    return parser
+
+
+def job_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`parser`'s arguments, `--quick` applied."""
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.scale = 1, 1 / 16
+    return args
+
+
+def side_by_side(
+    doc: str, child, one_run, header
+) -> tuple[argparse.Namespace, dict[str, list[dict]]]:
+    """The main of a benchmark of both systems in multi-process jobs: a child process runs
+    `child(args)` and exits; the driver prints `header(args)`, then runs `one_run(system,
+    args)` `--runs` times for each, alternating which goes first, printing each result.
+    Returns the arguments and the results by system."""
+    parser = job_parser(doc)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    args = job_args(parser)
+    if args.child:
+        child(args)
+        sys.exit(0)
+    print(header(args), flush=True)
+    results: dict[str, list[dict]] = {"asyncckpt": [], "orbax": []}
+    for run in range(args.runs):
+        for system in ("asyncckpt", "orbax") if run % 2 == 0 else ("orbax", "asyncckpt"):
+            results[system].append(one_run(system, args))
+            print(f"run {run} {system}: {json.dumps(results[system][-1])}", flush=True)
+    return args, results
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
     parser.add_argument("--persistent")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--leaves", type=int, default=32, help="arrays the state is split into")
@@ -307,12 +344,10 @@ def main() -> None:
         help="limit the persistent tier (moto) to this many MB/s, shared by all processes "
         "(benchmarks/throttle.py); 0: no limit",
     )
-    args = parser.parse_args()
+    args = job_args(parser)
     if args.child:
         child(args)
         return
-    if args.quick:
-        args.runs, args.scale = 1, 1 / 16
     rows, cols = shape_of(args)
     gib = args.leaves * rows * cols * 4 / (1 << 30)
     print(

@@ -26,7 +26,6 @@ process); every restore is checked value by value, and reports which tier it cam
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -179,29 +178,14 @@ def one_run(system: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--system")
-    parser.add_argument("--phase")
-    parser.add_argument("--process", type=int)
-    parser.add_argument("--port")
-    parser.add_argument("--dir")
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
-    if args.quick:
-        args.runs, args.scale = 1, 1 / 16
-    gib = ARRAYS * max(8, int(2048 * args.scale)) * 4096 * 4 / (1 << 30)
-    print(f"{PROCESSES} processes x 2 CPU devices, 2 replicas, {gib:.2f} GiB of float32 state")
-    runs: dict[str, list[dict]] = {"asyncckpt": [], "orbax": []}
-    for run in range(args.runs):
-        for system in ("asyncckpt", "orbax") if run % 2 == 0 else ("orbax", "asyncckpt"):
-            runs[system].append(one_run(system, args))
-            print(f"run {run} {system}: {json.dumps(runs[system][-1])}", flush=True)
+    sys.path.insert(0, HERE)
+    from multitier import side_by_side
+
+    def header(args) -> str:
+        gib = ARRAYS * max(8, int(2048 * args.scale)) * 4096 * 4 / (1 << 30)
+        return f"{PROCESSES} processes x 2 CPU devices, 2 replicas, {gib:.2f} GiB of float32 state"
+
+    args, runs = side_by_side(__doc__, child, one_run, header)
 
     def median(system: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[system])
