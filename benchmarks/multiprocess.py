@@ -26,7 +26,6 @@ so that Orbax's zstd compression gains on them what it would on a real checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -141,9 +140,10 @@ def child(args) -> None:
             out["counted_bytes"] = mgr.last_restore_stats().bytes
         work.check(restored, 2)
     mgr.close()
-    multihost_utils.sync_global_devices("done")
-    print(MARK + json.dumps(out), flush=True)
-    os._exit(0)
+    sys.path.insert(0, HERE)
+    from multitier import finish_child
+
+    finish_child(MARK, out)
 
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:

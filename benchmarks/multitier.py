@@ -169,11 +169,21 @@ def child(args) -> None:
         mgr.close()
         work.check(restored, 8)
         out["tier"] = "local" if source.startswith(local) else "persistent"
-    from jax.experimental import multihost_utils  # noqa: F811
+    finish_child(MARK, out)
 
-    multihost_utils.sync_global_devices("done")  # nobody leaves while others still work
-    print(MARK + json.dumps(out), flush=True)
-    os._exit(0)
+
+def finish_child(mark: str, out: dict) -> None:
+    """End a child process of a job: wait for every process (nobody leaves while others still
+    work), leave the job cleanly, print the result after `mark`, exit. Leaving cleanly first
+    matters: process 0 runs JAX's coordination service, and when it exits before the others
+    are done with it JAX aborts them, possibly after they printed their result."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("done")
+    jax.distributed.shutdown()
+    print(mark + json.dumps(out), flush=True)
+    os._exit(0)  # no interpreter teardown (Orbax's and gloo's threads)
 
 
 # -- driver ----------------------------------------------------------------------------------

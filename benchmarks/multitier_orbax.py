@@ -26,7 +26,6 @@ process); every restore is checked value by value, and reports which tier it cam
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -139,9 +138,10 @@ def child(args) -> None:
         out = {"recover_s": time.perf_counter() - t0, "tier": tier, "step": step}
         work.check(restored, 8)
     mgr.close()
-    multihost_utils.sync_global_devices("done")
-    print(MARK + json.dumps(out), flush=True)
-    os._exit(0)
+    sys.path.insert(0, HERE)
+    from multitier import finish_child
+
+    finish_child(MARK, out)
 
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:
