@@ -44,15 +44,6 @@ def check_inflight(value: Any) -> None:
         raise ValueError(f"max_inflight_bytes must be a positive number of bytes, got {value!r}")
 
 
-def check_urgent(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(
-            f"urgent_after_s must be a number of seconds >= 0 or None (never), got {value!r}"
-        )
-
-
 class Engine:
     """Threads, host memory and the ordered saves of one checkpointer or manager."""
 
@@ -77,7 +68,6 @@ class Engine:
         self._close_at_exit = (
             close_at_exit  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
         )
-        check_urgent(urgent_after_s)
         self.workers = Workers(
             max_workers, background_nice=background_nice, urgent_after_s=urgent_after_s
         )

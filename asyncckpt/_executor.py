@@ -44,6 +44,16 @@ def check_priority(priority: Any) -> Priority:
     raise ValueError(f"background_nice must be 'idle' or a niceness from 0 to 19, not {priority!r}")
 
 
+def check_urgent(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"urgent_after_s must be a number of seconds >= 0 or None (never), got {value!r}"
+        )
+    return float(value)
+
+
 def _lower_priority(
     priority: Priority, tid: int | None = None, lowered: set[int] | None = None
 ) -> None:
@@ -187,7 +197,7 @@ class Workers:
         )
         self._batches: list[_Batch] = []  # background batches in flight, open to helpers
         self._changed = threading.Condition()
-        self.urgent_after_s = urgent_after_s
+        self.urgent_after_s = check_urgent(urgent_after_s)
         self._urgent = None
         self._nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
         if urgent_after_s is not None:

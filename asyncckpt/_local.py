@@ -26,9 +26,18 @@ import time
 from typing import Any, cast
 
 import jax
-import numpy as np
 
-from . import _collectives, _directory, _distributed, _format, _restore, _snapshot, _tree
+from . import (
+    _collectives,
+    _directory,
+    _distributed,
+    _format,
+    _readonce,
+    _restore,
+    _snapshot,
+    _tree,
+)
+from ._executor import Workers
 from ._format import RootInfo
 from ._storage import Storage, WriterLock, open_storage
 from ._storage.overlay import Overlay
@@ -162,14 +171,15 @@ class LocalTier:
                     return f"chunk {coords} of {name!r} ({spec.chunk_key(coords)})"
         return None
 
-    def fetch(self, step: int, target: Any) -> Storage:
+    def fetch(self, step: int, target: Any, workers: Workers) -> Storage:
         """The place this process restores local `step` from onto `target`: its own part, or,
         where its part lacks chunks its devices need (a replaced host lacks them all, another
         mesh some), a view of it that also holds those chunks, received from the processes
         whose parts hold them through JAX collectives (kept in host memory, not written: the
         next local save writes a whole part again). A collective call, every process alike;
         raises in every process alike when a needed chunk is in no surviving part or a transfer
-        fails (the caller then restores the persistent tier)."""
+        fails (the caller then restores the persistent tier). What a process sends it reads
+        on `workers`."""
         process, count = _process()
         own = self.path(step)
         with self._mutex:
@@ -203,8 +213,9 @@ class LocalTier:
                 raise error
             return own
         t0 = time.perf_counter()
-        received: dict[str, np.ndarray] = {}
-        failed = self._send(info, plan, own, received, error is None)  # every process takes part
+        _, received, failed = _readonce.exchange(  # every process takes part
+            own, info.arrays, plan, _restore.read_whole_chunk, workers
+        )
         error = error or failed
         error = coord.agree("fetched", error, f"receiving chunks of local step {step} from peers")
         if error is not None:
@@ -243,44 +254,6 @@ class LocalTier:
         if not everyone:
             raw = _collectives.broadcast_bytes(raw, is_source=process == source)
         return raw, _format.parse_root_doc(raw, f"local step {step} of process {source}")
-
-    def _send(
-        self,
-        info: RootInfo,
-        moves: list[_collectives.Move],
-        source: Storage,
-        received: dict[str, np.ndarray],
-        keep: bool,
-    ) -> Exception | None:
-        """Send the chunks of `moves` (keys `chunk id@name`) from their processes' parts to the
-        processes that lack them, which keep them in `received` by chunk key (unless not
-        `keep`: this process failed already). Never raises for a chunk that cannot be read: the
-        transfers go on (the other processes wait in them) and the first such failure is
-        returned."""
-        failures: list[Exception] = []
-
-        def chunk(key: str) -> tuple[_format.ArraySpec, str]:
-            chunk_id, _, name = key.partition("@")
-            spec = info.arrays[name]
-            return spec, spec.chunk_key(_format.chunk_id_coords(chunk_id))
-
-        def read(key: str) -> np.ndarray:
-            spec, file = chunk(key)
-            if failures:
-                return _restore.aligned_empty((spec.chunk_nbytes,), np.dtype(np.uint8))
-            where = f"while sending {spec.name!r} of local step {source.name} to a peer"
-            try:
-                return _restore.read_whole_chunk(source, spec, file, where)
-            except Exception as e:  # noqa: BLE001 - damaged or unreadable: fail later
-                failures.append(e)
-                return _restore.aligned_empty((spec.chunk_nbytes,), np.dtype(np.uint8))
-
-        def write(key: str, data: np.ndarray) -> None:
-            if keep:
-                received[chunk(key)[1]] = data
-
-        _collectives.move(moves, lambda key: chunk(key)[0].chunk_nbytes, read, write)
-        return failures[0] if failures else None
 
     # -- saving --------------------------------------------------------------------------------
 

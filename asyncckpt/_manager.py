@@ -569,7 +569,7 @@ class CheckpointManager:
         agree). Chunks a process's own part lacks come from its peers' (`LocalTier.fetch`)."""
         assert self._local is not None
         try:  # a collective call: every process alike
-            place = self._local.fetch(step, target)
+            place = self._local.fetch(step, target, self._engine.workers)
         except (CheckpointError, OSError) as e:
             return None, str(e)
         value, error, fatal = None, cast(Exception | None, None), cast(Exception | None, None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import jax
@@ -116,23 +116,25 @@ def plan(items: list[Shared]) -> tuple[dict[str, int], list[_collectives.Move]]:
     return readers, moves
 
 
-def share(
-    ckpt: Storage,
-    items: list[Shared],
-    read: Callable[[Storage, ArraySpec, str, str], np.ndarray],
+ReadChunk = Callable[[Storage, ArraySpec, str, str], np.ndarray]
+"""`read(storage, spec, chunk key, where)`: the chunk's data as uint8, checksums verified
+(`_restore.read_whole_chunk`)."""
+
+
+def exchange(
+    source: Storage,
+    specs: Mapping[str, ArraySpec],
+    moves: list[_collectives.Move],
+    read: ReadChunk,
     workers: Workers,
-) -> tuple[Storage, int, Exception | None]:
-    """Read the shared chunks of `items` this process is the reader of (`read(ckpt, spec,
-    chunk key, where)`: the chunk's data as uint8), send them to the other processes that need
-    them, and receive those others read. A collective call, every process alike. Returns the
-    checkpoint as this process's restore reads it (those chunks from memory), the bytes this
-    process read, and the first read failure (the transfers went on regardless: the other
-    processes wait in them; the caller makes every process raise)."""
-    readers, moves = plan(items)
-    if not readers:
-        return ckpt, 0, None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Exception | None]:
+    """Carry out `moves` (keys `chunk id@variable name`, variables of `specs`): this process
+    first reads from `source`, on `workers`, the chunks it sends, then every process takes part
+    in the collective transfers. Returns the chunks this process read and those it received,
+    both by chunk key, and the first read failure: a chunk that cannot be read is sent as zeros
+    (the other processes wait in the transfers regardless), and the caller makes every process
+    raise."""
     me = jax.process_index()
-    specs = {item.spec.name: item.spec for item in items}
 
     def locate(key: str) -> tuple[ArraySpec, str]:
         chunk_id, _, name = key.partition("@")
@@ -144,18 +146,18 @@ def share(
 
     def read_one(key: str) -> None:
         spec, file = locate(key)
-        where = f"while restoring {spec.name!r} from {ckpt.url}"
+        where = f"while reading {spec.name!r} from {source.url} for another process"
         try:
-            read_here[key] = read(ckpt, spec, file, where)
+            read_here[key] = read(source, spec, file, where)
         except Exception as e:  # noqa: BLE001 - every process must still join the transfers
             failures.append(e)
 
-    mine = [k for k, reader in readers.items() if reader == me]
+    mine = sorted({m.key for m in moves if m.src == me})
     workers.run_reads(
         [(locate(k)[0].chunk_nbytes, functools.partial(read_one, k)) for k in mine],
-        network=ckpt.network,
+        network=source.network,
     )
-    chunks = {locate(k)[1]: data for k, data in read_here.items()}
+    received: dict[str, np.ndarray] = {}
 
     def size(key: str) -> int:
         return locate(key)[0].chunk_nbytes
@@ -165,8 +167,24 @@ def share(
         return data if data is not None else np.zeros(size(key), np.uint8)
 
     def receive(key: str, data: np.ndarray) -> None:
-        chunks[locate(key)[1]] = data
+        received[locate(key)[1]] = data
 
     _collectives.move(moves, size, send, receive)
-    nbytes = sum(d.nbytes for d in read_here.values())
-    return Overlay(ckpt, ckpt.url, chunks), nbytes, failures[0] if failures else None
+    own = {locate(k)[1]: data for k, data in read_here.items()}
+    return own, received, failures[0] if failures else None
+
+
+def share(
+    ckpt: Storage, items: list[Shared], read: ReadChunk, workers: Workers
+) -> tuple[Storage, int, Exception | None]:
+    """Read the shared chunks of `items` this process is the reader of, send them to the other
+    processes that need them, and receive those the others read (`exchange`). A collective
+    call, every process alike. Returns the checkpoint as this process's restore reads it
+    (those chunks from memory), the bytes this process read, and the first read failure."""
+    readers, moves = plan(items)
+    if not readers:
+        return ckpt, 0, None
+    specs = {item.spec.name: item.spec for item in items}
+    own, received, failure = exchange(ckpt, specs, moves, read, workers)
+    nbytes = sum(d.nbytes for d in own.values())
+    return Overlay(ckpt, ckpt.url, {**own, **received}), nbytes, failure

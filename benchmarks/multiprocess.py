@@ -148,10 +148,9 @@ def child(args) -> None:
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:
     sys.path.insert(0, HERE)
-    from multitier import run_processes
+    from multitier import run_phase
 
-    argv = ["--system", system, "--phase", phase, "--dir", directory, "--scale", str(args.scale)]
-    return run_processes(__file__, argv, MARK, f"{system} {phase}", PHASES[phase][0])
+    return run_phase(__file__, MARK, system, phase, directory, args, PHASES[phase][0])
 
 
 def one_run(system: str, args) -> dict:

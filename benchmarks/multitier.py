@@ -296,6 +296,14 @@ def wait_for_port(port: int) -> None:
     raise RuntimeError(f"the throttling proxy did not start on port {port}")
 
 
+def run_phase(
+    script: str, mark: str, system: str, phase: str, directory: str, args, processes=PROCESSES
+) -> dict:
+    """One phase of `system` as a job of `processes` processes of `script` (`run_processes`)."""
+    argv = ["--system", system, "--phase", phase, "--dir", directory, "--scale", str(args.scale)]
+    return run_processes(script, argv, mark, f"{system} {phase}", processes)
+
+
 def job_parser(doc: str) -> argparse.ArgumentParser:
     """The options of a multi-process benchmark (this one, multitier_orbax.py,
     multiprocess.py): the driver's and those a child process gets (`run_processes`)."""
