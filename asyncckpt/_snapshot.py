@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,16 @@ from ._tree import Leaf, flatten, is_array_leaf, is_stateful_leaf, keystr, with_
 from .errors import DeletedArrayError
 
 _ALIGN = 64
+# Large chunks start on a page: LocalStorage writes them around the page cache (O_DIRECT), which
+# wants aligned memory (_storage/direct.py).
+_PAGE, _PAGE_ALIGNED_FROM = 4096, 1 << 20
 _COPY_SPLIT = 32 << 20  # copies larger than this are split across threads
+
+
+def _place(used: int, n: int) -> int:
+    """Where a slice of `n` bytes starts in an arena of which `used` bytes are taken."""
+    align = _PAGE if n >= _PAGE_ALIGNED_FROM else _ALIGN
+    return -(-used // align) * align
 
 
 class Arena:
@@ -52,9 +62,17 @@ class Arena:
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         n = math.prod(shape) * dtype.itemsize
-        start = self._used
-        self._used = start + -(-n // _ALIGN) * _ALIGN
+        start = _place(self._used, n)
+        self._used = start + n
         return self._buf[start : start + n].view(dtype).reshape(shape)
+
+    @staticmethod
+    def size_for(sizes: Iterable[int]) -> int:
+        """The bytes an arena needs to hand out slices of `sizes`, in that order."""
+        used = 0
+        for n in sizes:
+            used = _place(used, n) + n
+        return used
 
     def reset(self) -> None:
         self._used = 0
@@ -402,7 +420,7 @@ def _take_snapshot(
                 views.append((piece, view))
     for source in to_host:  # start every device -> host transfer before waiting on any
         source.copy_to_host_async()
-    total = sum(-(-p.nbytes // _ALIGN) * _ALIGN for p in pieces)
+    total = Arena.size_for(p.nbytes for p in pieces)
     arena = pool.acquire(total) if pieces else None
     arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []

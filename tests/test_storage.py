@@ -411,3 +411,112 @@ def test_identity_changes_when_a_checkpoint_is_replaced(place):
         assert before is None  # the root document tells instead
     else:
         assert before is not None and target.identity() != before
+
+
+# ------------------------------------------------- local files: large chunks around the page cache
+
+_DIRECT_CASES = {  # name: (offset into an aligned buffer, bytes, band bytes)
+    "plain, whole pages": (0, 4 << 20, None),
+    "plain, a partial last page": (0, (4 << 20) + 100, None),
+    "plain, from unaligned memory": (3, 2 << 20, None),
+    "bands of whole pages": (0, 4 << 20, 1 << 20),
+    "packed bands": (0, 3_000_000, 300_000),
+}
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The flags of every file `os.open` opened for writing, by path."""
+    flags: dict[str, int] = {}
+    real = os.open
+
+    def spy(path, mode, *rest, **kw):
+        if mode & os.O_WRONLY:
+            flags[os.fspath(path)] = mode
+        return real(path, mode, *rest, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    return flags
+
+
+def _aligned(offset: int, nbytes: int) -> np.ndarray:
+    import mmap
+
+    buf = np.frombuffer(mmap.mmap(-1, nbytes + offset), np.uint8)
+    buf[:] = np.random.default_rng(nbytes).integers(0, 256, buf.size, dtype=np.uint8)
+    return buf[offset:]
+
+
+@pytest.mark.parametrize("case", list(_DIRECT_CASES))
+def test_large_chunk_files_are_written_around_the_page_cache(tmp_path, opened, case):
+    offset, nbytes, band = _DIRECT_CASES[case]
+    place = open_storage(tmp_path / "d")
+    _make_dirs(place, "w")
+    data = _aligned(offset, nbytes)
+    place.write_chunk("w/c", data, band)
+    assert opened[place.path("w/c")] & os.O_DIRECT
+    want = b"".join(bytes(b) for b in _format.chunk_buffers(data, band))
+    assert (tmp_path / "d/w/c").read_bytes() == want  # the same file a buffered write makes
+    out = np.empty_like(data)
+    if band is None:
+        place.read_chunk_into("w/c", out, "test")
+    else:
+        place.read_bands_into("w/c", out, 0, nbytes // band, band, "test")
+    np.testing.assert_array_equal(out, data)
+
+
+def test_small_chunks_and_configured_directories_stay_buffered(tmp_path, opened):
+    place = open_storage(tmp_path / "d")
+    _make_dirs(place, "w")
+    place.write_chunk("w/small", _aligned(0, 64 << 10), None)
+    assert not opened[place.path("w/small")] & os.O_DIRECT
+    ac.configure_storage(str(tmp_path / "d"), direct_io=False)
+    try:
+        place.write_chunk("w/big", _aligned(0, 2 << 20), None)
+        assert not opened[place.path("w/big")] & os.O_DIRECT
+        ac.configure_storage(str(tmp_path / "d/w"), direct_io=True)  # the closest one counts
+        place.write_chunk("w/big", _aligned(0, 2 << 20), None)
+        assert opened[place.path("w/big")] & os.O_DIRECT
+    finally:
+        from asyncckpt._storage import local
+
+        local._direct_io.clear()
+    with pytest.raises(ValueError, match=r"a local directory takes one option, direct_io"):
+        ac.configure_storage(str(tmp_path), page_cache=True)
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, monkeypatch, refused):
+    import errno
+
+    from asyncckpt._storage import direct
+
+    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
+
+    def no_direct_open(path, mode, *rest, **kw):
+        if mode & os.O_DIRECT and refused == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, mode, *rest, **kw)
+        if mode & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def no_direct_pwrite(fd, data, offset):
+        if (
+            fd in direct_fds
+            and offset > 0
+            and direct.fcntl.fcntl(fd, direct.fcntl.F_GETFL) & (os.O_DIRECT)
+        ):
+            raise OSError(errno.EINVAL, "Invalid argument")  # the second block on is refused
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    monkeypatch.setattr(os, "pwrite", no_direct_pwrite)
+    place = open_storage(tmp_path / "d")
+    _make_dirs(place, "w")
+    data = _aligned(0, (3 << 20) + 10)
+    place.write_chunk("w/c", data, None)
+    assert (tmp_path / "d/w/c").read_bytes() == b"".join(
+        bytes(b) for b in _format.chunk_buffers(data, None)
+    )
+    assert bool(direct_fds) == (refused == "write")

@@ -1,10 +1,11 @@
 """`LocalStorage`: checkpoints on a local (or network-mounted) file system.
 
-Chunks are written with one `writev` (data + 4-byte crc32c) straight from the snapshot buffer and
-read with one `preadv` straight into the destination buffer, so the bulk bytes cross no Python
-object; a chunk that is exactly one device's shard may be mapped copy-on-write instead of read.
-Durability comes from one `syncfs` of the file system after all files are written (Linux), much
-cheaper than an `fsync` per file, and an `fsync` of the parent after the commit rename. A save
+Chunks are written with one `writev` (data + 4-byte crc32c) straight from the snapshot buffer, or,
+from 1 MiB on, around the page cache with `O_DIRECT` (direct.py), and read with one `preadv`
+straight into the destination buffer, so the bulk bytes cross no Python object; a chunk that
+is exactly one device's shard may be mapped copy-on-write instead of read. Durability comes
+from one `syncfs` of the file system after all files are written (Linux), much cheaper than an
+`fsync` per file, and an `fsync` of the parent after the commit rename. A save
 writes into a hidden sibling directory and renames it into place; a deletion renames the
 checkpoint to a hidden name first. Files of a checkpoint are opened without following symbolic
 links: a checkpoint from elsewhere is untrusted input.
@@ -32,6 +33,7 @@ import numpy as np
 
 from .. import _format, _libc
 from ..errors import CheckpointExistsError, CorruptCheckpointError, DirectoryLockedError
+from . import direct
 from .base import State, Storage, WriterLock, _check_bands
 
 _O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -39,6 +41,24 @@ _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
 _IOV_MAX = 1024  # buffers per readv/writev call (Linux IOV_MAX)
+
+
+_direct_io: dict[str, bool] = {}  # directory -> direct_io, from configure_storage
+
+
+def configure(path: str, direct_io: bool) -> None:
+    """Whether large chunk files under `path` are written around the page cache
+    (`asyncckpt.configure_storage`)."""
+    _direct_io[os.path.abspath(path)] = bool(direct_io)
+
+
+def direct_io(path: str) -> bool:
+    """The setting of the closest configured directory above `path` (default: on)."""
+    best, on = -1, True
+    for place, value in _direct_io.items():
+        if len(place) > best and (path == place or path.startswith(place.rstrip("/") + "/")):
+            best, on = len(place), value
+    return on
 
 
 class LocalStorage(Storage):
@@ -151,6 +171,16 @@ class LocalStorage(Storage):
             os.close(fd)
             raise _format.wrong_size(path, size, sizes[0], where)
         return fd, size
+
+    def write_chunk(self, key: str, data: np.ndarray, band_nbytes: int | None) -> None:
+        """Large chunk files go around the page cache (direct.py) unless `configure_storage`
+        said otherwise for this place."""
+        buffers = [memoryview(b).cast("B") for b in _format.chunk_buffers(data, band_nbytes)]
+        path = f"{self.url}/{key}"
+        if data.nbytes >= direct.MIN_BYTES and direct_io(path):
+            if direct.write_new(path, _O_WRITE, buffers):
+                return
+        self.write(key, *buffers)
 
     def read_chunk_into(self, key: str, out: np.ndarray, where: str) -> None:
         view = _format.bytes_view(out)
