@@ -1,10 +1,12 @@
 """Writing a new file around the page cache (`O_DIRECT`), for `LocalStorage`'s large chunk files.
 
 A buffered `write` copies every byte into the page cache, and the kernel then spends more CPU
-allocating those pages, writing them back and reclaiming them; on this project's 2-core test
-machine that came to about 1.3 CPU seconds per GiB, against 0.04 s with `O_DIRECT`, and a
-1 GiB step was durable in 0.6 s instead of 1.6 s (benchmarks/README.md, "Writes around the page
-cache"). `O_DIRECT` wants the memory address, the file offset and the length of each write to be
+allocating those pages, writing them back and reclaiming them. 1 GiB of 64 MiB chunk files on this
+project's 2-core test machine: 0.43 CPU s and durable in 0.67 s buffered, 0.10 CPU s (most of it
+the checksums) and 0.53 s with `O_DIRECT`; 1.01 s against 0.55 s beside two busy processes
+(`benchmarks/direct_writes.py`; benchmarks/README.md, "Writes around the page cache").
+
+`O_DIRECT` wants the memory address, the file offset and the length of each write to be
 multiples of the device's block size: `ALIGN` (4 KiB) covers every common device. Buffers that are
 aligned (the snapshot arena hands out 4 KiB-aligned slices for large chunks) go to the device as
 they are; the bytes in between (a band's checksum and padding) are gathered in a small aligned
