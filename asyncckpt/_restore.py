@@ -627,42 +627,43 @@ def restore_tree(
     A checkpoint deleted or replaced while it is read (a manager's retention, `force=True`)
     fails with `CheckpointNotFoundError` instead of a torn result: the checkpoint directory must
     be the same one (same inode) with its root document after every chunk was read."""
-    phases = phases if phases is not None else Phases()
-    identity = _identity(ckpt)
-    with phases("plan"):
-        info = read_root(ckpt)
-    if info.local_part is not None and local_key is None:
-        raise CheckpointError(
-            f"{ckpt.url} is process {info.local_part.process}'s part of a step of a node-local "
-            f"tier ({info.local_part.processes} processes), not a whole checkpoint: restore it "
-            "with CheckpointManager(..., local_directory=...).restore()"
-        )
-    try:
-        coordinate = None
-        if _distributed.is_multi_process():
-            call = f"restore {ckpt.url}" if local_key is None else local_key
+    with _tree.paused_gc():  # thousands of leaves
+        phases = phases if phases is not None else Phases()
+        identity = _identity(ckpt)
+        with phases("plan"):
+            info = read_root(ckpt)
+        if info.local_part is not None and local_key is None:
+            raise CheckpointError(
+                f"{ckpt.url} is process {info.local_part.process}'s part of a step of a node-local "
+                f"tier ({info.local_part.processes} processes), not a whole checkpoint: restore it "
+                "with CheckpointManager(..., local_directory=...).restore()"
+            )
+        try:
+            coordinate = None
+            if _distributed.is_multi_process():
+                call = f"restore {ckpt.url}" if local_key is None else local_key
 
-            def coordinate() -> _distributed.Coordinator:
-                return _distributed.Coordinator(call, barrier_timeout_s)
+                def coordinate() -> _distributed.Coordinator:
+                    return _distributed.Coordinator(call, barrier_timeout_s)
 
-        read = functools.partial(
-            read_arrays,
-            ckpt,
-            workers=workers,
-            max_inflight_bytes=max_inflight_bytes,
-            map_files=map_files,
-            phases=phases,
-            coordinate=coordinate,
-            read_once=local_key is None and _reads_once(ckpt, read_once),
-        )
-        value = _restore_tree(ckpt.url, info, target, strict, read, phases)
-    except (IncompleteCheckpointError, CorruptCheckpointError) as e:
+            read = functools.partial(
+                read_arrays,
+                ckpt,
+                workers=workers,
+                max_inflight_bytes=max_inflight_bytes,
+                map_files=map_files,
+                phases=phases,
+                coordinate=coordinate,
+                read_once=local_key is None and _reads_once(ckpt, read_once),
+            )
+            value = _restore_tree(ckpt.url, info, target, strict, read, phases)
+        except (IncompleteCheckpointError, CorruptCheckpointError) as e:
+            if _changed(ckpt, identity):
+                raise _gone(ckpt) from e
+            raise
         if _changed(ckpt, identity):
-            raise _gone(ckpt) from e
-        raise
-    if _changed(ckpt, identity):
-        raise _gone(ckpt)
-    return value
+            raise _gone(ckpt)
+        return value
 
 
 def _reads_once(ckpt: Storage, asked: bool | None) -> bool:

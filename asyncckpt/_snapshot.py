@@ -19,7 +19,6 @@ reused here), so a steady training loop pays them only once.
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import mmap
 import os
@@ -34,7 +33,15 @@ import numpy as np
 from . import _dtypes, _format
 from ._executor import Workers, batches
 from ._format import ArraySpec
-from ._tree import Leaf, flatten, is_array_leaf, is_stateful_leaf, keystr, with_states
+from ._tree import (
+    Leaf,
+    flatten,
+    is_array_leaf,
+    is_stateful_leaf,
+    keystr,
+    paused_gc,
+    with_states,
+)
 from .errors import DeletedArrayError
 
 _ALIGN = 64
@@ -355,10 +362,9 @@ def take_snapshot(
     values every process holds whole (numpy arrays, single-device arrays) are process 0's.
     `every_replica`: also copy, into `HostArray.extra`, one copy of every other distinct shard
     this process holds (the node-local tier keeps every replica)."""
-    enabled = gc.isenabled()
-    gc.disable()  # a full collection triggered by the ~10 objects per leaf made here cost 70 ms
     try:
-        return _take_snapshot(tree, workers, pool, process_index, every_replica)
+        with paused_gc():
+            return _take_snapshot(tree, workers, pool, process_index, every_replica)
     except RuntimeError as e:  # JAX's "Array has been deleted", which names no leaf
         deleted = [
             keystr(kp)
@@ -372,9 +378,6 @@ def take_snapshot(
             "deleted or donated (e.g. by a jax.jit with donate_argnums) before save() copied "
             "it. Save the state before the call that donates it, or save that call's outputs"
         ) from e
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _take_snapshot(

@@ -10,9 +10,12 @@ The tree description written here is the one docs/FORMAT.md specifies.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import gc
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,21 @@ from . import _format
 from .errors import CorruptCheckpointError, TreeMismatchError, UnsupportedTypeError
 
 MAX_TREE_DEPTH = 256
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile. Taking apart or putting together a tree of
+    thousands of leaves makes ~10 objects per leaf (and a restore parses a root document of as
+    many), which triggers full collections that walk every object of the process: 70 ms of a
+    4000-leaf snapshot, 0.15 s of a 0.5 s restore of one. Nothing made here is cyclic."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def key_part(entry: Any) -> str:

@@ -68,7 +68,7 @@ def configure_storage(url: str, **options: Any) -> None:
 
         ac.configure_storage("s3://my-bucket", config={"endpoint": "http://127.0.0.1:9000"})
 
-    Local directories: `direct_io` (default True) writes chunk files of 1 MiB or more around
+    Local directories: `direct_io` (default True) writes files of 1 MiB or more (chunk files) around
     the page cache (`O_DIRECT`), which costs a fraction of the CPU and makes a step durable
     sooner, but leaves none of it cached: `direct_io=False` keeps a just-saved step in the page
     cache for a restore on the same host. Applies to checkpoints under that directory.

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 ALIGN = 4096
-MIN_BYTES = 1 << 20  # smaller files gain nothing: one synchronous device write each
+MIN_BYTES = 1 << 20  # smaller files gain little and pay one synchronous device write each
 _BOUNCE_BYTES = 1 << 20
 _MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)

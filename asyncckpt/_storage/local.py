@@ -99,9 +99,16 @@ class LocalStorage(Storage):
         return os.path.exists(self.path(key))
 
     def write(self, key: str, *buffers: Any) -> None:
-        fd = os.open(f"{self.url}/{key}", _O_WRITE, 0o644)
+        """A new file of `buffers`; from 1 MiB on (large chunk files) around the page cache
+        (direct.py), unless `configure_storage` said otherwise for this place."""
+        path = f"{self.url}/{key}"
+        views = [memoryview(b).cast("B") for b in buffers]
+        if sum(v.nbytes for v in views) >= direct.MIN_BYTES and direct_io(path):
+            if direct.write_new(path, _O_WRITE, views):
+                return
+        fd = os.open(path, _O_WRITE, 0o644)
         try:
-            _write_all(fd, [memoryview(b).cast("B") for b in buffers])
+            _write_all(fd, views)
         finally:
             os.close(fd)
 
@@ -171,16 +178,6 @@ class LocalStorage(Storage):
             os.close(fd)
             raise _format.wrong_size(path, size, sizes[0], where)
         return fd, size
-
-    def write_chunk(self, key: str, data: np.ndarray, band_nbytes: int | None) -> None:
-        """Large chunk files go around the page cache (direct.py) unless `configure_storage`
-        said otherwise for this place."""
-        buffers = [memoryview(b).cast("B") for b in _format.chunk_buffers(data, band_nbytes)]
-        path = f"{self.url}/{key}"
-        if data.nbytes >= direct.MIN_BYTES and direct_io(path):
-            if direct.write_new(path, _O_WRITE, buffers):
-                return
-        self.write(key, *buffers)
 
     def read_chunk_into(self, key: str, out: np.ndarray, where: str) -> None:
         view = _format.bytes_view(out)
