@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from asyncckpt._storage import local, open_storage
+import asyncckpt as ac
+from asyncckpt._storage import open_storage
 
 CHUNK = 64 << 20
 
@@ -38,7 +39,7 @@ def cached_bytes() -> int:
 
 def one_run(directory: str, data: np.ndarray, direct: bool) -> dict[str, float]:
     place = open_storage(os.path.join(directory, f"run-{time.monotonic_ns()}"))
-    local._direct_io[place.url] = direct
+    ac.configure_storage(place.url, direct_io=direct)
     place.prepare_directory()
     chunks = [data[i : i + CHUNK] for i in range(0, data.nbytes, CHUNK)]
     cached0, t0, cpu0 = cached_bytes(), time.perf_counter(), time.process_time()

@@ -9,10 +9,12 @@ the checksums) and 0.53 s with `O_DIRECT`; 1.01 s against 0.55 s beside two busy
 `O_DIRECT` wants the memory address, the file offset and the length of each write to be
 multiples of the device's block size: `ALIGN` (4 KiB) covers every common device. Buffers that are
 aligned (the snapshot arena hands out 4 KiB-aligned slices for large chunks) go to the device as
-they are; the bytes in between (a band's checksum and padding) are gathered in a small aligned
-bounce buffer; the last partial block (the file's tail, e.g. the chunk's checksum) is written
-through the page cache, so the file has exactly its size. Durability still comes from the save's
-`syncfs`, which also writes the files' metadata.
+they are; the bytes in between (a band's checksum and padding), and buffers that are not aligned
+(arrays on CPU devices, which the snapshot holds as views of XLA's buffers, 64 bytes past a
+page), are copied through a small aligned bounce buffer: one copy, still without the page
+cache's allocation and write-back; the last partial block (the file's tail, e.g. the chunk's
+checksum) is written through the page cache, so the file has exactly its size. Durability still
+comes from the save's `syncfs`, which also writes the files' metadata.
 
 A file system that refuses `O_DIRECT` (`EINVAL` on open or on a write) gets the buffered write.
 """
@@ -31,7 +33,7 @@ import numpy as np
 ALIGN = 4096
 MIN_BYTES = 1 << 20  # smaller files gain little and pay one synchronous device write each
 _BOUNCE_BYTES = 1 << 20
-_MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
+MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 _local = threading.local()
@@ -89,7 +91,7 @@ class _Writer:
                 self._write(view[pos:])
                 return
             if not self.fill and (address + pos) % ALIGN == 0 and n - pos >= ALIGN:
-                size = min((n - pos) // ALIGN * ALIGN, _MAX_IO)
+                size = min((n - pos) // ALIGN * ALIGN, MAX_IO)
                 self._write(view[pos : pos + size])
                 pos += size
                 continue

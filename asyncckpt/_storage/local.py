@@ -39,7 +39,7 @@ from .base import State, Storage, WriterLock, _check_bands
 _O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-_MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
+_MAX_IO = direct.MAX_IO
 _IOV_MAX = 1024  # buffers per readv/writev call (Linux IOV_MAX)
 
 
