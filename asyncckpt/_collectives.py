@@ -319,51 +319,75 @@ def _ring_program(
     return jax.jit(mapped)
 
 
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One chunk of shape `shape` that process `dst` keeps a copy of: the part `sub` (None: all)
+    of the shard on `device` (a device of the first process holding it), at `coords` of the
+    one-chunk-per-shard grid."""
+
+    device: jax.Device
+    dst: int
+    coords: tuple[int, ...]
+    sub: tuple[slice, ...] | None
+    shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def shard_copies(
+    shape: tuple[int, ...], sharding: jax.sharding.Sharding, replicas: int
+) -> tuple[Copy, ...]:
+    """The copies that give every shard of an array of `shape` and `sharding` `replicas` holding
+    processes: each shard that fewer processes hold goes from its first holder to the next
+    processes in ring order. Deterministic (every process plans alike); cached, as a training
+    loop saves the same shardings again and again."""
+    if 0 in shape:
+        return ()
+    count = jax.process_count()
+    devices = jax.devices()
+    index_map = sharding.devices_indices_map(shape)
+    regions: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+    for device, index in index_map.items():
+        regions.setdefault(_format.index_region(index, shape), []).append(device)
+    chunk = _format.chunk_shape(shape, index_map.values())  # the grid the snapshot writes
+    copies = []
+    for region in sorted(regions):
+        holders = sorted({d.process_index for d in regions[region]})
+        ring = ((holders[0] + i) % count for i in range(1, count))
+        targets = [p for p in ring if p not in holders][: max(0, replicas - len(holders))]
+        if not targets:
+            continue
+        source = min(
+            (d for d in regions[region] if d.process_index == holders[0]), key=devices.index
+        )
+        whole = tuple(b - a for a, b in region) == chunk
+        # one copy per chunk of the shard (one, when shards are even)
+        ranges = [range(a // c, b // c) for (a, b), c in zip(region, chunk, strict=True)]
+        for coords in itertools.product(*ranges):
+            sub = tuple(
+                slice(i * c - a, (i + 1) * c - a)
+                for i, c, (a, _) in zip(coords, chunk, region, strict=True)
+            )
+            copies += [Copy(source, p, coords, None if whole else sub, chunk) for p in targets]
+    return tuple(copies)
+
+
 def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ...], jax.Array]]:
     """Send each shard of the global array `data` that fewer than `replicas` processes hold to
     the next processes in ring order after its first holder, device to device (one `ppermute`
     over all devices per round, each waited for). Returns what this process received: (chunk
     coordinates in the one-chunk-per-shard grid, a single-device array of shape
     (1, *shard shape))."""
+    copies = shard_copies(tuple(data.shape), data.sharding, replicas)
+    if not copies:
+        return []
     devices = tuple(jax.devices())
-    count = jax.process_count()
     me = jax.process_index()
-    shape = tuple(data.shape)
-    index_map = data.sharding.devices_indices_map(shape)
-    regions: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
-    for device, index in index_map.items():
-        regions.setdefault(_format.index_region(index, shape), []).append(device)
-    if data.size == 0:
-        return []
-    chunk = _format.chunk_shape(shape, index_map.values())  # the grid the snapshot writes
-    moves: list[Move] = []
-    where: dict[str, tuple[tuple[slice, ...], jax.Device]] = {}
-    for region in sorted(regions):
-        holders = sorted({d.process_index for d in regions[region]})
-        targets = [
-            p for p in ((holders[0] + i) % count for i in range(1, count)) if p not in holders
-        ]
-        targets = targets[: max(0, replicas - len(holders))]
-        if not targets:
-            continue
-        source = next(
-            d for d in sorted(regions[region], key=devices.index) if d.process_index == holders[0]
-        )
-        # one move per chunk of the shard (one, when shards are even)
-        ranges = [range(a // c, b // c) for (a, b), c in zip(region, chunk, strict=True)]
-        for coords in itertools.product(*ranges):
-            key = _format.chunk_id(coords)
-            sub = tuple(
-                slice(i * c - a, (i + 1) * c - a)
-                for i, c, (a, _) in zip(coords, chunk, region, strict=True)
-            )
-            where[key] = (sub, source)
-            moves += [Move(holders[0], p, key) for p in targets]
-    if not moves:
-        return []
+    chunk = copies[0].shape
+    moves = [Move(c.device.process_index, c.dst, _format.chunk_id(c.coords)) for c in copies]
+    where = {_format.chunk_id(c.coords): c for c in copies}
     local = {s.device: s.data for s in data.addressable_shards}
     mesh = Mesh(np.array(devices), ("d",))
-    sharding = NamedSharding(mesh, P("d", *([None] * len(shape))))
+    sharding = NamedSharding(mesh, P("d", *([None] * len(chunk))))
     mine = [i for i, d in enumerate(devices) if d.process_index == me]
     out: list[tuple[tuple[int, ...], jax.Array]] = []
     one = BUNDLE_BYTES  # every move its own bundle: a round of single chunks
@@ -371,17 +395,17 @@ def replicate_shards(data: jax.Array, replicas: int) -> list[tuple[tuple[int, ..
         rows = {}
         for src, _, (m,) in this:
             if m.src == me:
-                sub, source = where[m.key]
-                piece = local[source]
-                if tuple(piece.shape) != chunk:  # a shard of several chunks: this one
-                    piece = piece[sub]
+                c = where[m.key]
+                piece = local[c.device]
+                if c.sub is not None:  # a shard of several chunks: this one
+                    piece = piece[c.sub]
                 rows[src] = jax.device_put(piece.reshape(1, *chunk), devices[src])
         buffers = [
             rows[i] if i in rows else jax.device_put(np.zeros((1, *chunk), data.dtype), devices[i])
             for i in mine
         ]
         x = jax.make_array_from_single_device_arrays((len(devices), *chunk), sharding, buffers)
-        y = _permute(devices, tuple((src, dst) for src, dst, _ in this), len(shape))(x)
+        y = _permute(devices, tuple((src, dst) for src, dst, _ in this), len(chunk))(x)
         # Wait for each round: with several collectives in flight XLA:CPU can start them in
         # different orders on different devices, and gloo then waits for ever (seen here, a
         # training loop behind it). One at a time is safe on every backend.

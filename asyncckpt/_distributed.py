@@ -24,7 +24,9 @@ from .errors import (
 )
 
 
-def _client() -> Any:
+def client() -> Any:
+    """This process's client of the coordination service (None before
+    `jax.distributed.initialize`)."""
     from jax._src import distributed  # the coordination client has no public handle
 
     return distributed.global_state.client
@@ -59,7 +61,7 @@ class Coordinator:
         self.call = call
         self.prefix = call_key(call)
         self.timeout_s = timeout_s
-        self._client = _client()
+        self._client = client()
         if self._client is None:
             raise CheckpointError(
                 "jax.distributed is not initialised; call "

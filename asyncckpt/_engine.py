@@ -95,7 +95,8 @@ class Engine:
         force: bool,
         previous: Callable[[], Storage | None] | None = None,
         local: Storage | None = None,
-        extra: Callable[[Any], dict[str, list[tuple[tuple[int, ...], Any]]]] | None = None,
+        extra: Callable[[Any], tuple[dict[str, list[Any]], Callable[[], None] | None]]
+        | None = None,
     ) -> Future[str]:
         """Snapshot `tree` (the only blocking part) and write it to `dest` on the job thread,
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
@@ -105,7 +106,8 @@ class Engine:
         step there, every replica it holds, from the same snapshot (`_save.write_local_part`);
         `dest` may then be None. `extra`: called with `tree` on this thread before the
         snapshot, it returns more chunks for the local part, by variable name (the shards peers
-        sent this process: `LocalTier.replicate`)."""
+        send this process: `LocalTier.replicate`), and work for the job thread to do first when
+        it writes the local part (offering this process's shards to its peers), or None."""
         self.check_open()
         target = dest if dest is not None else local
         assert target is not None
@@ -126,7 +128,7 @@ class Engine:
                     f"local save {fields.step}", self.barrier_timeout_s
                 )
         with phases("snapshot"):
-            received = extra(tree) if extra is not None else {}
+            received, offer = extra(tree) if extra is not None else ({}, None)
             snap = take_snapshot(
                 tree,
                 self.workers,
@@ -138,7 +140,18 @@ class Engine:
                 array.extra.extend(received.get(array.spec.name, ()))
         phases.add("blocking", time.perf_counter() - t0)
         future = self.workers.submit_job(
-            self._write, snap, dest, force, fields, coord, phases, t0, previous, local, local_coord
+            self._write,
+            snap,
+            dest,
+            force,
+            fields,
+            coord,
+            phases,
+            t0,
+            previous,
+            local,
+            local_coord,
+            offer,
         )
         self.workers.urgent_after(future)
         with self._lock:
@@ -158,6 +171,7 @@ class Engine:
         previous: Callable[[], Storage | None] | None,
         local: Storage | None,
         local_coord: _distributed.Coordinator | None,
+        offer: Callable[[], None] | None,
     ) -> str:
         try:
             if local is not None:
@@ -169,6 +183,7 @@ class Engine:
                     fields=fields,
                     coord=local_coord,
                     phases=phases,
+                    offer=offer,
                 )
             if dest is not None:
                 _save.write_snapshot(

@@ -14,7 +14,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, TypeVar, cast
 
@@ -274,6 +274,14 @@ class Workers:
             min_cost=1 if network else 1 << 20,
         )
         self.run_all([functools.partial(_run_group, g) for g in groups], network=network)
+
+    def adopt(self, tids: Iterable[int]) -> None:
+        """Give threads this module did not start (`tids`: native ids, e.g. jaxlib's transfer
+        threads that carry a save's copies to peers) the background priority, and raise them
+        with the other lowered threads when a save turns urgent."""
+        for tid in tids:
+            if tid not in self._lowered:
+                _lower_priority(self._priority, tid, self._lowered)
 
     def submit_job(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the job thread, after every job submitted before it."""

@@ -23,6 +23,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import jax
@@ -35,6 +36,7 @@ from . import (
     _readonce,
     _restore,
     _snapshot,
+    _transfer,
     _tree,
 )
 from ._executor import Workers
@@ -257,32 +259,41 @@ class LocalTier:
 
     # -- saving --------------------------------------------------------------------------------
 
-    def replicate(self, tree: Any) -> dict[str, _collectives.Received]:
+    def replicate(
+        self, tree: Any, workers: Workers
+    ) -> tuple[dict[str, _collectives.Received], Callable[[], None] | None]:
         """Give every chunk of `tree` at least `replicas` holders among the processes (all of
         them, if fewer): a shard that fewer processes hold (fully sharded state) is sent from
-        its first holder to the next processes in ring order, device to device, through JAX
-        collectives. Returns the shards this process received, by variable name
-        (`_collectives.Received`), for its local part; they are asyncckpt's own buffers, so the
-        writer copies them to the host later, off the caller's thread.
+        its first holder to the next processes in ring order. Returns the shards this process
+        receives, by variable name (`_collectives.Received`), for its local part (asyncckpt's
+        own buffers, read to the host later by the writer, off the caller's thread), and what
+        the writer does first (None, or offering this process's shards: `_transfer`).
 
         A collective call, made inside every process's `save()` on the caller's thread before
         the snapshot, in the same order relative to the training steps in every process. On
-        accelerators the transfers are dispatched, not waited for (`_collectives.replicate`):
-        they run beside the training steps that follow, as a step's own collectives would; on
-        CPU devices they are finished before `save()` returns. Where every shard
-        has enough holders (data parallelism, one process) nothing is sent."""
+        accelerators the transfers go device to device through JAX collectives, dispatched,
+        not waited for (`_collectives.replicate`): they run beside the training steps that
+        follow, as a step's own collectives would. On CPU devices the shards are offered to
+        JAX's transfer server and the receivers pull them on their writer threads
+        (`_transfer.replicate`; its threads get `workers`' background priority). Where every
+        shard has enough holders (data parallelism, one process) nothing is sent."""
         _, count = _process()
         want = min(self.replicas, count)
         if want <= 1:
-            return {}
+            return {}, None
         names, arrays = [], []
         for keypath, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not isinstance(value, jax.Array) or value.sharding.is_fully_addressable:
                 continue  # every process holds it whole (and writes it to its part)
             names.append(_tree.variable_name(keypath))
             arrays.append(_snapshot.data_of(value))
-        got = _collectives.replicate(arrays, want)
-        return {name: chunks for name, chunks in zip(names, got, strict=True) if chunks}
+        if _transfer.usable(arrays):  # CPU devices: not waited for inside save()
+            # a receiver gives up on a silent peer before the others' barrier deadline (the
+            # same timeout, started a little later), so that they learn why
+            got, offer = _transfer.replicate(arrays, want, 0.75 * self._timeout_s, workers.adopt)
+        else:
+            got, offer = _collectives.replicate(arrays, want), None
+        return {name: chunks for name, chunks in zip(names, got, strict=True) if chunks}, offer
 
     # -- after a local save --------------------------------------------------------------------
 

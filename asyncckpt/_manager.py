@@ -376,7 +376,11 @@ class CheckpointManager:
             force=force,
             previous=previous,
             local=self._local.path(step) if local and self._local is not None else None,
-            extra=self._local.replicate if local and self._local is not None else None,
+            extra=(
+                functools.partial(self._local.replicate, workers=self._engine.workers)
+                if local and self._local is not None
+                else None
+            ),
         )
         retention = self._engine.submit(
             self._after_save, step, saved, fields.decoded_metrics, persistent, local

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -381,35 +381,45 @@ def write_local_part(
     fields: _format.RootFields,
     coord: Coordinator | None,
     phases: Phases,
+    offer: Callable[[], None] | None = None,
 ) -> None:
     """Write this process's part of a node-local step into `dest` (a directory of this host
-    only): every chunk it holds, replicas included (`HostArray.extra`).
+    only): every chunk it holds, replicas included (`HostArray.extra`), after `offer()` (this
+    process's shards offered to the peers that keep copies of them: `LocalTier.replicate`).
 
     Each process writes and syncs its part, then (with `coord`) the processes learn from each
     other which chunks each holds; only then does each write its root document, naming every
     holder, and commit its part. So a committed part always describes a step that every process
     wrote in full; a process that fails or dies before that barrier leaves no committed part
     anywhere (its debris is a temporary directory, removed by the next manager)."""
-    local = Snapshot(
-        [HostArray(a.spec, a.chunks + [_on_host(c) for c in a.extra]) for a in snap.arrays],
-        snap.tree,
-        snap.created,
-        None,
-    )
-    mine = {
-        a.spec.name: [_format.chunk_id(c) for c, _ in a.chunks] for a in local.arrays if a.chunks
-    }
     what = f"saving the node-local part {dest.url}"
     staged = None
+    local = Snapshot([], snap.tree, snap.created, None)
     try:
         error: Exception | None = None
         with phases("write"):
-            try:
+            try:  # a failure here (a peer's copies that never came) reaches every process
+                if offer is not None:
+                    offer()
+                local = Snapshot(
+                    [
+                        HostArray(a.spec, a.chunks + [_on_host(c) for c in a.extra])
+                        for a in snap.arrays
+                    ],
+                    snap.tree,
+                    snap.created,
+                    None,
+                )
                 staged = begin_write(dest, replace)
                 _write_tree(staged, local, workers, documents=True, reuse=None)
                 staged.sync()
             except Exception as e:
                 error = e
+        mine = {
+            a.spec.name: [_format.chunk_id(c) for c, _ in a.chunks]
+            for a in local.arrays
+            if a.chunks
+        }
         held, process, processes = [mine], 0, 1
         tree = local.tree
         if coord is not None:  # every process's part is durable before any is committed

@@ -188,6 +188,42 @@ def test_a_save_still_writing_after_urgent_after_s_gets_a_writer_at_the_callers_
         assert_same(back[name], value)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_threads_of_others_carrying_a_save_get_the_writers_priority_and_are_raised_with_them():
+    """jaxlib's transfer threads carry a local step's copies to peers on CPU (`_transfer`):
+    adopted, they run at the background writers' priority, and where the process may raise
+    priorities (root here) a save still in flight after `urgent_after_s` raises them with the
+    writers until it is done."""
+    from asyncckpt._executor import Workers
+
+    stop = threading.Event()
+    foreign = threading.Thread(target=stop.wait)  # stands in for a thread jaxlib started
+    foreign.start()
+    workers = Workers(2, background_nice="idle", urgent_after_s=0.2)
+    try:
+        assert os.sched_getscheduler(foreign.native_id) != os.SCHED_IDLE
+        workers.adopt({foreign.native_id})
+        assert os.sched_getscheduler(foreign.native_id) == os.SCHED_IDLE
+        if os.geteuid() != 0:
+            return
+        done = threading.Event()
+        save = workers.submit_job(done.wait, 30)  # a save that is still in flight
+        workers.urgent_after(save)
+        deadline = time.monotonic() + 10
+        while os.sched_getscheduler(foreign.native_id) == os.SCHED_IDLE:
+            assert time.monotonic() < deadline, "the adopted thread was not raised"
+            time.sleep(0.01)
+        done.set()
+        save.result(timeout=10)
+        while os.sched_getscheduler(foreign.native_id) != os.SCHED_IDLE:
+            assert time.monotonic() < deadline, "the adopted thread stayed raised"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        foreign.join()
+        workers.close()
+
+
 def test_urgent_after_s_is_checked():
     for bad in (-1, "soon", True, float("nan")):
         with pytest.raises(ValueError, match="urgent_after_s must be a number of seconds"):

@@ -3,6 +3,7 @@ host's own storage, restored before the persistent tier when the whole job holds
 
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -261,10 +262,14 @@ def test_a_replaced_host_gets_its_part_from_the_replicas_on_its_peers(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_copies_of_an_array_on_a_sub_mesh_survive_a_replaced_host(tmp_path):
-    """An array on a mesh of two of the four processes is copied round by round (the ring
-    reaches processes outside its mesh), beside the others' one program; a replaced host still
-    gets every shard back from its peers."""
+@pytest.mark.parametrize("copies", ["transfer server", "collectives"])
+def test_copies_of_an_array_on_a_sub_mesh_survive_a_replaced_host(tmp_path, copies, monkeypatch):
+    """An array on a mesh of two of the four processes is copied too (the ring reaches
+    processes outside its mesh): on CPU through JAX's transfer server; through collectives
+    (what accelerators use: round by round for it, beside the others' one program) when
+    ASYNCCKPT_PEER_COPIES says so. A replaced host still gets every shard back from its peers."""
+    if copies == "collectives":
+        monkeypatch.setenv("ASYNCCKPT_PEER_COPIES", "collectives")
     procs, outputs = run(["save", str(tmp_path), "mixed"])
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
@@ -274,6 +279,35 @@ def test_copies_of_an_array_on_a_sub_mesh_survive_a_replaced_host(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "restored step 6 from local" in out, out[-3000:]
     assert "of local step 6 that this host (its part is gone) lacks from peers" in outputs[1]
+
+
+@pytest.mark.timeout(600)
+def test_copies_on_cpu_leave_after_save_returns_and_a_silent_peer_fails_only_that_step(tmp_path):
+    """On CPU devices the copies to peers go through JAX's transfer server: `save()` returns
+    before they are pulled (here 2 s late), the saved arrays may be donated and overwritten
+    meanwhile, and the copies still hold the saved values (process 2's shards restored from
+    process 3's copy after its directory is wiped); jaxlib's transfer threads run at the
+    background writers' priority. A process that never sends its copies fails
+    that local step everywhere after the deadline, naming itself; the steps before stay."""
+    procs, outputs = run(["save", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [5, 6]" in out, out[-3000:]
+    procs, outputs = run(["slow-peer", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "persistent [1, 4] local [6, 7]" in out, out[-3000:]
+        took, committed = map(float, re.findall(r"in ([0-9.]+) s", out)[:2])
+        assert took < 1.0 and committed > 2.0, out[-3000:]
+        assert "transfer threads at idle priority: True" in out, out[-3000:]
+    shutil.rmtree(tmp_path / "local-2")
+    shutil.rmtree(tmp_path / "persistent" / "4")
+    procs, outputs = run(["restore", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "restored step 7 from local" in out, out[-3000:]
+    assert "of local step 7 that this host (its part is gone) lacks from peers" in outputs[2]
+    procs, outputs = run(["mute", str(tmp_path)])
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "local [6, 7]" in out, out[-3000:]
+        assert "process 1 did not send process 2 the copies of its shards" in out, out[-3000:]
 
 
 @pytest.mark.timeout(600)

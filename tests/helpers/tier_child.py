@@ -7,8 +7,11 @@ Each process has its own local directory, `DIR/local-<process>`; the persistent 
 `die` (step 7, local only: process 1 SIGKILLs itself while writing its local chunks),
 `restore` (the latest step, onto the saved shardings: printed with the tier it came from),
 `reshard` (the latest step onto another sharding of the matrix), `resume` (the latest step
-restored, then two more saved), `grain-save` and `grain-restore` (steps 1-3 with each
-process's data iterator; the latest restored into a new iterator; both print the next batch).
+restored, then two more saved), `slow-peer` (step 7, local only: every copy a process receives
+is pulled 2 s late, and the saved matrix is donated right after `save()`), `mute` (step 9,
+local only: process 1 never offers its shards for its peer's copy), `grain-save` and
+`grain-restore` (steps 1-3 with each process's data iterator; the latest restored into a new
+iterator; both print the next batch).
 LAYOUT: `fsdp` (the matrix sharded over every device: each shard on one process, copied to the
 next process's local tier by `local_replicas=2`, the default), `dp` (sharded over "y" only:
 every process holds a replica of it) or `mixed` (fsdp, and the arrays of EXTRA).
@@ -111,6 +114,57 @@ elif mode == "die":
         print("error:", e, flush=True)
     print("listing", sorted(os.listdir(local)), flush=True)
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
+elif mode == "slow-peer":  # step 7, local only: the copies each process receives come 2 s late
+    import time
+
+    from asyncckpt import _transfer
+
+    real_pull = _transfer._Batch._pull
+
+    def late_pull(self):
+        time.sleep(2)
+        return real_pull(self)
+
+    _transfer._Batch._pull = late_pull
+    overwrite = jax.jit(lambda x: x * 0 - 1, donate_argnums=0)
+    with manager() as mgr:
+        tree = global_tree(mesh, 7, spec)
+        t0 = time.perf_counter()
+        mgr.save(7, tree)
+        took = time.perf_counter() - t0
+        # the saved matrix donated and overwritten while its copies still wait to be pulled
+        tree["matrix"] = overwrite(tree["matrix"])
+        jax.block_until_ready(tree["matrix"])
+        mgr.wait_until_finished()
+        print(f"save returned in {took:.2f} s, committed in {time.perf_counter() - t0:.2f} s")
+        threads = _transfer._peers().threads  # jaxlib's transfer threads: background priority
+        idle = {os.sched_getscheduler(t) == os.SCHED_IDLE for t in threads}
+        print("transfer threads at idle priority:", bool(threads) and idle == {True}, flush=True)
+        print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
+elif mode == "mute":  # step 9, local only: process 1 never offers its shards to its peer
+    from asyncckpt import _transfer
+
+    class Mute:
+        def __init__(self, server):
+            self.server = server
+
+        def await_pull(self, *args, **kwargs):
+            pass
+
+        def connect(self, address):
+            return self.server.connect(address)
+
+    real_server = _transfer._Peers.server
+    if jax.process_index() == 1:
+        _transfer._Peers.server = lambda self, adopt: Mute(real_server(self, adopt))
+    mgr = manager()
+    try:
+        mgr.save(9, global_tree(mesh, 9, spec))
+        mgr.wait_until_finished()
+    except ac.CheckpointError as e:
+        print("error:", e, flush=True)
+    print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
+    mgr.close()
 elif mode == "resume":  # the latest step back, then two more steps saved
     with manager() as mgr:
         latest = mgr.restore(target=with_extra(abstract_tree(mesh, spec), 0, abstract=True))["step"]
