@@ -73,8 +73,7 @@ def replicate(
     call = peers.next_call()
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
     offered: list[tuple[int, np.ndarray, jax.Device]] = []  # (to process, piece, its device)
-    incoming: dict[int, list[tuple[int, tuple[int, ...], jax.ShapeDtypeStruct]]] = {}
-    receiver = next(d for d in jax.local_devices() if d.platform == "cpu")
+    incoming: dict[int, list[tuple[int, tuple[int, ...], tuple[int, ...], np.dtype]]] = {}
     for i, (data, plan) in enumerate(zip(arrays, plans, strict=True)):
         local = None
         for c in plan:
@@ -84,15 +83,14 @@ def replicate(
                 view = np.asarray(local[c.device])  # CPU: the buffer itself
                 offered.append((c.dst, view if c.sub is None else view[c.sub], c.device))
             elif c.dst == me:
-                spec = jax.ShapeDtypeStruct(
-                    c.shape, data.dtype, sharding=jax.sharding.SingleDeviceSharding(receiver)
+                incoming.setdefault(c.device.process_index, []).append(
+                    (i, c.coords, c.shape, data.dtype)
                 )
-                incoming.setdefault(c.device.process_index, []).append((i, c.coords, spec))
     out: list[_collectives.Received] = [[] for _ in arrays]
     for src, wanted in sorted(incoming.items()):
         uuid = _uuid(call, src, me, count)
-        batch = _Batch(peers, src, uuid, [s for _, _, s in wanted], timeout_s, adopt)
-        for k, (i, coords, _) in enumerate(wanted):
+        batch = _Batch(peers, src, uuid, [(s, t) for _, _, s, t in wanted], timeout_s, adopt)
+        for k, (i, coords, _, _) in enumerate(wanted):
             out[i].append((coords, _Pulled(batch, k)))
 
     def offer() -> None:
@@ -201,7 +199,7 @@ class _Batch:
         peers: _Peers,
         src: int,
         uuid: int,
-        specs: list[jax.ShapeDtypeStruct],
+        specs: list[tuple[tuple[int, ...], np.dtype]],
         timeout_s: float,
         adopt: Callable[[set[int]], None],
     ) -> None:
@@ -223,7 +221,11 @@ class _Batch:
     def _pull(self) -> list[np.ndarray]:
         start = time.monotonic()
         connection = self._peers.connection(self._src, self._timeout_s, self._adopt)
-        pulled = connection.pull(self._uuid, self._specs)
+        on = jax.sharding.SingleDeviceSharding(
+            next(d for d in jax.local_devices() if d.platform == "cpu")
+        )
+        specs = [jax.ShapeDtypeStruct(s, t, sharding=on) for s, t in self._specs]
+        pulled = connection.pull(self._uuid, specs)
         for a in pulled:  # a peer that never sends would make np.asarray wait for ever
             while not a.is_ready():
                 if time.monotonic() - start > self._timeout_s:

@@ -239,7 +239,7 @@ def test_an_unreachable_coordinator_is_named_not_taken_for_missing_processes(mon
     turns its UNAVAILABLE into a `CoordinatorUnavailableError` that says which call (and so
     which step) and what to do, instead of a raw JaxRuntimeError or a barrier error blaming
     every other process."""
-    monkeypatch.setattr(_distributed, "_client", _GoneCoordinationService)
+    monkeypatch.setattr(_distributed, "client", _GoneCoordinationService)
     coord = _distributed.Coordinator("save /ckpt/run/1200", 10.0)
     calls = {
         "barrier": lambda: coord.barrier("layout", "saving /ckpt/run/1200"),
