@@ -89,6 +89,15 @@ def manager():
     )
 
 
+def save_or_say_why(mgr, step):
+    """Save `step` and wait for it; a save that fails prints its error."""
+    try:
+        mgr.save(step, global_tree(mesh, step, spec))
+        mgr.wait_until_finished()
+    except ac.CheckpointError as e:
+        print("error:", e, flush=True)
+
+
 if mode == "save":
     with manager() as mgr:
         for step in range(1, 7):
@@ -106,12 +115,7 @@ elif mode == "die":
         return real(self, *args)
 
     Storage.write_chunk = write_then_die
-    mgr = manager()
-    try:
-        mgr.save(7, global_tree(mesh, 7, spec))
-        mgr.wait_until_finished()
-    except ac.CheckpointError as e:
-        print("error:", e, flush=True)
+    save_or_say_why(manager(), 7)
     print("listing", sorted(os.listdir(local)), flush=True)
     os._exit(0)  # process 1 is gone; do not wait for it in jax.distributed's shutdown
 elif mode == "slow-peer":  # step 7, local only: the copies each process receives come 2 s late
@@ -158,11 +162,7 @@ elif mode == "mute":  # step 9, local only: process 1 never offers its shards to
     if jax.process_index() == 1:
         _transfer._Peers.server = lambda self, adopt: Mute(real_server(self, adopt))
     mgr = manager()
-    try:
-        mgr.save(9, global_tree(mesh, 9, spec))
-        mgr.wait_until_finished()
-    except ac.CheckpointError as e:
-        print("error:", e, flush=True)
+    save_or_say_why(mgr, 9)
     print("persistent", mgr.all_steps(), "local", mgr.local_steps(), flush=True)
     mgr.close()
 elif mode == "resume":  # the latest step back, then two more steps saved
