@@ -84,6 +84,24 @@ def test_local_steps_are_saved_often_kept_few_and_restored_first(tmp_path, mesh)
         assert mgr.local_steps() == [8, 9] and mgr.all_steps() == [1, 4, 8]
 
 
+def test_preemption_saves_the_next_step_to_both_tiers_at_once(tmp_path, mesh):
+    """SIGTERM (or `notify_preemption()`): the next step is saved whatever the intervals, to the
+    local tier (the fast way back) and to the persistent one."""
+    with manager(tmp_path, local_save_interval_steps=50) as mgr:
+        assert mgr.save(1, tree(mesh, 1))  # the first save: persistent only
+        assert not mgr.save(2, tree(mesh, 2))  # due on neither tier
+        mgr.notify_preemption()
+        assert mgr.save(3, tree(mesh, 3))
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 3] and mgr.local_steps() == [3]
+    os.replace(tmp_path / "persistent", tmp_path / "away")  # step 3 comes from the local tier
+    with ac.CheckpointManager(
+        tmp_path / "persistent", local_directory=tmp_path / "local", local_max_to_keep=2
+    ) as mgr:
+        check(mgr.restore(target=target(mesh)), mesh, 3)
+        assert mgr.last_restore_stats().path.startswith(str(tmp_path / "local"))
+
+
 def test_a_local_part_is_not_a_checkpoint_by_itself(tmp_path, mesh):
     with manager(tmp_path) as mgr:
         mgr.save(1, tree(mesh, 1))
