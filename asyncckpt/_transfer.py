@@ -3,12 +3,12 @@ jaxlib's point-to-point transport between the processes of a job): no program, n
 
 Used for the node-local tier's copies when the devices are CPUs. There a program of collectives
 in flight beside the training steps deadlocked XLA:CPU (gloo), so `_collectives.replicate` has to
-finish it inside `save()` (~0.45 s for 256 MiB a process). Here `save()` only offers the shards
-(`await_pull`: a zero-copy view of each, which a later donation cannot reuse: XLA:CPU copies a
-donated buffer that has a view); the receiving process pulls them on its writer thread, beside
-the training steps, and waits for them at most `timeout_s` (a peer that never sends fails the
-local save there, it does not hang it). On accelerators the collectives stay (device to device,
-dispatched without waiting, run in dispatch order).
+finish it inside `save()` (~0.45 s for 256 MiB a process). Here `save()` only takes a zero-copy
+view of each shard to send (which a later donation cannot reuse: XLA:CPU copies a donated buffer
+that has a view); the sender's writer thread offers them (`await_pull`), and the receiving
+process pulls them on its writer thread, beside the training steps, waiting at most `timeout_s`
+(a peer that never sends fails the local save there, it does not hang it). On accelerators the
+collectives stay (device to device, dispatched without waiting, run in dispatch order).
 
 `ASYNCCKPT_PEER_COPIES=collectives` in the environment keeps the collectives on CPU too (the
 tests use it to run that path, which accelerators take, on this machine).
@@ -220,7 +220,10 @@ class _Batch:
 
     def _pull(self) -> list[np.ndarray]:
         start = time.monotonic()
-        connection = self._peers.connection(self._src, self._timeout_s, self._adopt)
+        try:
+            connection = self._peers.connection(self._src, self._timeout_s, self._adopt)
+        except jax.errors.JaxRuntimeError as e:  # its server's address never came
+            raise self._silent(f"{type(e).__name__}: {str(e)[:300]}") from e
         on = jax.sharding.SingleDeviceSharding(
             next(d for d in jax.local_devices() if d.platform == "cpu")
         )
@@ -229,15 +232,18 @@ class _Batch:
         for a in pulled:  # a peer that never sends would make np.asarray wait for ever
             while not a.is_ready():
                 if time.monotonic() - start > self._timeout_s:
-                    raise CheckpointError(
-                        f"process {self._src} did not send process {jax.process_index()} the "
-                        f"copies of its shards for the local tier within {self._timeout_s:g} s "
-                        "(3/4 of barrier_timeout_s): it died, hangs, or gets no CPU time (then "
-                        "raise barrier_timeout_s). This local step is not committed; the ones "
-                        "before it and the persistent tier are unaffected."
-                    )
+                    raise self._silent(f"transfer {self._uuid} not ready")
                 time.sleep(0.002)
         return [np.asarray(a) for a in pulled]
+
+    def _silent(self, detail: str) -> CheckpointError:
+        return CheckpointError(
+            f"process {self._src} did not send process {jax.process_index()} the copies of its "
+            f"shards for the local tier within {self._timeout_s:g} s (3/4 of "
+            "barrier_timeout_s): it died, hangs, or gets no CPU time (then raise "
+            "barrier_timeout_s). This local step is not committed; the ones before it and the "
+            f"persistent tier are unaffected. ({detail})"
+        )
 
 
 class _Pulled:
