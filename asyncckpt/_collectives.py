@@ -258,24 +258,15 @@ def _ring_rounds(
 ) -> list[list[tuple[int, int, tuple[int, ...]]]]:
     """The transfers that give every shard of an array `replicas` holding processes, in rounds
     of one permutation each: (source, destination) as indices into the mesh's flattened
-    devices, with the chunk coordinates of the shard. Deterministic, so every process plans
-    alike; cached, as a training loop saves the same shardings again and again."""
+    devices, with the chunk coordinates of the shard (`shard_copies`: evenly sharded, each
+    shard is one chunk). Deterministic, so every process plans alike; cached, as a training
+    loop saves the same shardings again and again."""
     flat = list(sharding.mesh.devices.flat)
     position = {d: k for k, d in enumerate(flat)}
-    count = jax.process_count()
-    index_map = sharding.devices_indices_map(shape)
-    chunk = _format.chunk_shape(shape, index_map.values())
-    regions: dict[tuple[tuple[int, int], ...], list[int]] = {}
-    for device, index in index_map.items():
-        regions.setdefault(_format.index_region(index, shape), []).append(position[device])
-    pending = []  # (source device, destination process, coords)
-    for region in sorted(regions):
-        holders = sorted({flat[k].process_index for k in regions[region]})
-        ring = ((holders[0] + i) % count for i in range(1, count))
-        targets = [p for p in ring if p not in holders][: max(0, replicas - len(holders))]
-        source = min(k for k in regions[region] if flat[k].process_index == holders[0])
-        coords = tuple(a // c for (a, _), c in zip(region, chunk, strict=True))
-        pending += [(source, p, coords) for p in targets]
+    # (source device, destination process, coords)
+    pending = [
+        (position[c.device], c.dst, c.coords) for c in shard_copies(shape, sharding, replicas)
+    ]
     by_process: dict[int, list[int]] = {}
     for k, d in enumerate(flat):
         by_process.setdefault(d.process_index, []).append(k)
@@ -322,8 +313,8 @@ def _ring_program(
 @dataclass(frozen=True, slots=True)
 class Copy:
     """One chunk of shape `shape` that process `dst` keeps a copy of: the part `sub` (None: all)
-    of the shard on `device` (a device of the first process holding it), at `coords` of the
-    one-chunk-per-shard grid."""
+    of the shard on `device` (the first device, in `jax.devices()` order, of the first process
+    holding it), at `coords` of the one-chunk-per-shard grid."""
 
     device: jax.Device
     dst: int

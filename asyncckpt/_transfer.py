@@ -145,7 +145,7 @@ class _Peers:
             from . import _distributed
 
             host = _own_address()
-            client = next(d for d in jax.local_devices() if d.platform == "cpu").client
+            client = _cpu_device().client
             before = _native_threads()
             self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"])
             self.threads = _native_threads() - before
@@ -164,6 +164,11 @@ class _Peers:
                 )
                 self._connections[process] = server.connect(address)
             return self._connections[process]
+
+
+def _cpu_device() -> jax.Device:
+    """A CPU device of this process: where the server's client lives and copies arrive."""
+    return next(d for d in jax.local_devices() if d.platform == "cpu")
 
 
 def _native_threads() -> set[int]:
@@ -224,9 +229,7 @@ class _Batch:
             connection = self._peers.connection(self._src, self._timeout_s, self._adopt)
         except jax.errors.JaxRuntimeError as e:  # its server's address never came
             raise self._silent(f"{type(e).__name__}: {str(e)[:300]}") from e
-        on = jax.sharding.SingleDeviceSharding(
-            next(d for d in jax.local_devices() if d.platform == "cpu")
-        )
+        on = jax.sharding.SingleDeviceSharding(_cpu_device())
         specs = [jax.ShapeDtypeStruct(s, t, sharding=on) for s, t in self._specs]
         pulled = connection.pull(self._uuid, specs)
         for a in pulled:  # a peer that never sends would make np.asarray wait for ever
