@@ -417,17 +417,6 @@ def tail(text: str | bytes | None, lines: int = 40) -> str:
     return "\n".join((text or "").splitlines()[-lines:])
 
 
-def drop_caches() -> str | None:
-    """Flush dirty pages and drop the page cache; return the error, or None if it worked."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-    except OSError as e:
-        return str(e)
-    return None
-
-
 def measure(args, run: int, workload: str, system: str) -> dict:
     """One save child and one restore child; the checkpoint is removed afterwards."""
     root = os.path.join(args.workdir, f"{workload}-{system}-run{run}")
@@ -435,7 +424,7 @@ def measure(args, run: int, workload: str, system: str) -> dict:
     try:
         record.update(run_child(args, "save", system, workload, root))
         if args.drop_caches:
-            record["drop_caches_error"] = drop_caches()
+            record["drop_caches_error"] = machine.drop_caches()
         record.update(run_child(args, "restore", system, workload, root))
     except ChildFailed as e:
         record["error"] = str(e)

@@ -55,6 +55,17 @@ def write_read_gbps(directory: str, nbytes: int) -> tuple[float, float]:
         os.unlink(path)
 
 
+def drop_caches() -> str | None:
+    """Flush dirty pages and drop the page cache; return the error, or None if it worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        return str(e)
+    return None
+
+
 def measure(directory: str, nbytes: int) -> dict:
     write, read = write_read_gbps(directory, nbytes)
     return {

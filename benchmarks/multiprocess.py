@@ -16,11 +16,14 @@ and checked value by value. `read_gb`: bytes all processes of the job read throu
 during the restore (`rchar` of /proc/self/io, summed: file reads; the collectives' sockets do
 not show there), against the checkpoint's size; for asyncckpt also its own count
 (`RestoreStats.bytes`), which includes the chunk files it maps instead of reading.
-Checkpoints are on local disk (`BENCH_DIR=/dev/shm` puts them on a RAM disk); restores read the
-page cache (the save just wrote them). The values' low bits look random, as trained weights' do,
-so that Orbax's zstd compression gains on them what it would on a real checkpoint.
+Checkpoints are on local disk (`BENCH_DIR=/dev/shm` puts them on a RAM disk). Restores read
+what the page cache holds of the save just made (Orbax's writes leave all of it there,
+asyncckpt's large files none, since they skip the page cache); `--drop-caches` drops it before
+every restore job, for both (a job resuming on fresh hosts, or after the cache was reused).
+The values' low bits look random, as trained weights' do, so that Orbax's zstd compression
+gains on them what it would on a real checkpoint.
 
-    python benchmarks/multiprocess.py --runs 3 [--scale 1.0]
+    python benchmarks/multiprocess.py --runs 3 [--scale 1.0] [--drop-caches]
     python benchmarks/multiprocess.py --quick      # 1 run, 1/16 of the state (smoke)
 """
 
@@ -146,6 +149,10 @@ def child(args) -> None:
     finish_child(MARK, out)
 
 
+sys.path.insert(0, HERE)
+import machine  # noqa: E402
+
+
 def run_job(system: str, phase: str, directory: str, args) -> dict:
     sys.path.insert(0, HERE)
     from multitier import run_phase
@@ -164,6 +171,8 @@ def one_run(system: str, args) -> dict:
         if system == "asyncckpt":
             phases.append("replicated-read-once")
         for phase in phases:
+            if args.drop_caches and (error := machine.drop_caches()):
+                sys.exit(f"--drop-caches: {error}")
             r = run_job(system, phase, directory, args)
             out[phase] = r["restore_s"]
             out[f"{phase} read"] = r["read_bytes"] / size
@@ -186,7 +195,14 @@ def main() -> None:
         gib = size_of(args) / 2**30
         return f"{ARRAYS} float32 matrices, {gib:.2f} GiB, 8 CPU devices per job"
 
-    args, results = side_by_side(__doc__, child, one_run, header)
+    def arguments(parser) -> None:
+        parser.add_argument(
+            "--drop-caches",
+            action="store_true",
+            help="sync and drop the page cache before each restore job (needs root)",
+        )
+
+    args, results = side_by_side(__doc__, child, one_run, header, arguments)
 
     def median(system: str, key: str) -> float:
         return statistics.median(r[key] for r in results[system])

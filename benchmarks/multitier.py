@@ -328,14 +328,17 @@ def job_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def side_by_side(
-    doc: str, child, one_run, header
+    doc: str, child, one_run, header, arguments=None
 ) -> tuple[argparse.Namespace, dict[str, list[dict]]]:
     """The main of a benchmark of both systems in multi-process jobs: a child process runs
     `child(args)` and exits; the driver prints `header(args)`, then runs `one_run(system,
     args)` `--runs` times for each, alternating which goes first, printing each result.
-    Returns the arguments and the results by system."""
+    `arguments(parser)` adds the benchmark's own options. Returns the arguments and the
+    results by system."""
     parser = job_parser(doc)
     parser.add_argument("--system", help=argparse.SUPPRESS)
+    if arguments is not None:
+        arguments(parser)
     args = job_args(parser)
     if args.child:
         child(args)

@@ -7,6 +7,7 @@ processes, each restoring it `--restores` times onto the saved shardings and pri
 
     python benchmarks/restore_phases.py --workload big --runs 3
     python benchmarks/restore_phases.py --workload llm --src /path/to/other/checkout
+    python benchmarks/restore_phases.py --workload small --drop-caches   # resume from disk
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import machine  # noqa: E402
 
 
 def child(args) -> None:
@@ -77,12 +81,16 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=3, help="fresh processes")
     p.add_argument("--restores", type=int, default=3, help="restores per process")
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="sync and drop the page cache before each fresh process (needs root)",
+    )
     p.add_argument("--src", help="import asyncckpt from this checkout (to compare two)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--save", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
-    sys.path.insert(0, HERE)
     if args.child or args.save:
         (child if args.child else save)(args)
         return 0
@@ -104,6 +112,8 @@ def main() -> int:
     try:
         subprocess.run([*base, "--save", "--root", root], env=env, check=True)
         for run in range(args.runs):
+            if args.drop_caches and (error := machine.drop_caches()):
+                print(f"could not drop the page cache: {error}")
             out = subprocess.run(
                 [*base, "--child", "--root", root, "--restores", str(args.restores)],
                 env=env,

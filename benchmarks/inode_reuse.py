@@ -1,0 +1,124 @@
+"""What a step of many small arrays costs the file system: new inodes after a delete, against
+reusing the inodes of the step deleted before.
+
+A diagnostic for issue 20 (the CPU of a save of thousands of small leaves), asyncckpt not
+involved. Each step writes the files a save of `--arrays` small arrays writes (in groups of 100:
+a directory per array holding a ~400-byte `zarr.json` and a 16 KiB chunk file), then `sync`s,
+then goes away before the next one, as under a manager keeping one step:
+  fresh  every step creates its directories and files (mkdir, open O_CREAT|O_EXCL, write),
+         and the step before is removed (`shutil.rmtree`);
+  reuse  the step before is renamed into the new step's place (one rename) and its files are
+         overwritten where they are (open O_WRONLY, write): no inode allocated or freed.
+Reported per step: CPU seconds of the process (user + system) while writing, wall time of the
+writes, of the sync and of the removal. The first `fresh` step of a run writes after the
+previous run's removal.
+
+    python benchmarks/inode_reuse.py [--arrays 4000] [--steps 4] [--dir DIR] [--pause 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+DOC = b'{"zarr_format":3,"node_type":"array","shape":[4096],"data_type":"float32"}'.ljust(400)
+CHUNK = os.urandom(16 * 1024 + 4)  # 16 KiB of float32 and its CRC-32C
+PER_GROUP = 100
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def array_dirs(root: str, arrays: int) -> list[str]:
+    return [f"{root}/g{i // PER_GROUP:03d}/a{i % PER_GROUP:03d}" for i in range(arrays)]
+
+
+def write_fresh(root: str, arrays: int) -> None:
+    os.mkdir(root)
+    for g in range(-(-arrays // PER_GROUP)):
+        os.mkdir(f"{root}/g{g:03d}")
+    for d in array_dirs(root, arrays):
+        os.mkdir(d)
+        for name, data in (("zarr.json", DOC), ("c.0", CHUNK)):
+            fd = os.open(f"{d}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+
+def write_reused(root: str, pool: str, arrays: int) -> None:
+    os.rename(pool, root)
+    for d in array_dirs(root, arrays):
+        for name, data in (("zarr.json", DOC), ("c.0", CHUNK)):
+            fd = os.open(f"{d}/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+
+def run(mode: str, base: str, args) -> list[dict]:
+    pool = f"{base}/pool"
+    out = []
+    for step in range(args.steps):
+        root = f"{base}/{mode}-{step}"
+        c0, t0 = cpu_s(), time.perf_counter()
+        if mode == "reuse" and os.path.exists(pool):
+            write_reused(root, pool, args.arrays)
+        else:
+            write_fresh(root, args.arrays)
+        c1, t1 = cpu_s(), time.perf_counter()
+        os.sync()
+        t2 = time.perf_counter()
+        if mode == "reuse":
+            os.rename(root, pool)
+        else:
+            shutil.rmtree(root)
+        os.sync()
+        t3 = time.perf_counter()
+        r = {"cpu": c1 - c0, "write": t1 - t0, "sync": t2 - t1, "remove": t3 - t2}
+        print(
+            f"{mode:6s} step {step}: cpu {r['cpu']:.3f} s  write {r['write']:.3f} s  "
+            f"sync {r['sync']:.3f} s  remove {r['remove']:.3f} s",
+            flush=True,
+        )
+        out.append(r)
+        time.sleep(args.pause)
+    shutil.rmtree(pool, ignore_errors=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arrays", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--dir", help="where the steps go (default: a new directory in the current one)")
+    p.add_argument("--pause", type=float, default=0, help="seconds between steps")
+    args = p.parse_args()
+    base = tempfile.mkdtemp(prefix="inode_reuse_", dir=args.dir or ".")
+    try:
+        results = {mode: run(mode, base, args) for mode in ("fresh", "reuse")}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\nmedians over steps 1-{args.steps - 1} ({args.arrays} arrays, 2 files each)")
+    for mode, rs in results.items():
+        later = rs[1:] or rs
+        print(
+            f"{mode:6s} cpu {statistics.median(r['cpu'] for r in later):.3f} s  write "
+            f"{statistics.median(r['write'] for r in later):.3f} s  remove "
+            f"{statistics.median(r['remove'] for r in later):.3f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
