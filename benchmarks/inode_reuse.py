@@ -8,12 +8,14 @@ then goes away before the next one, as under a manager keeping one step:
   fresh  every step creates its directories and files (mkdir, open O_CREAT|O_EXCL, write),
          and the step before is removed (`shutil.rmtree`);
   reuse  the step before is renamed into the new step's place (one rename) and its files are
-         overwritten where they are (open O_WRONLY, write): no inode allocated or freed.
+         overwritten where they are (open O_WRONLY, write): no inode allocated or freed;
+  reuse-trunc  the same, each file truncated first (O_TRUNC: blocks freed and allocated again);
+  reuse-dirs   only the directories reused: each file unlinked and created again.
 Reported per step: CPU seconds of the process (user + system) while writing, wall time of the
 writes, of the sync and of the removal. The first `fresh` step of a run writes after the
 previous run's removal.
 
-    python benchmarks/inode_reuse.py [--arrays 4000] [--steps 4] [--dir DIR] [--pause 0]
+    python benchmarks/inode_reuse.py [--arrays 4000] [--steps 4] [--dir D] [--pause 0] [--modes M]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 DOC = b'{"zarr_format":3,"node_type":"array","shape":[4096],"data_type":"float32"}'.ljust(400)
 CHUNK = os.urandom(16 * 1024 + 4)  # 16 KiB of float32 and its CRC-32C
 PER_GROUP = 100
+MODES = ("fresh", "reuse", "reuse-trunc", "reuse-dirs")
 
 
 def cpu_s() -> float:
@@ -55,11 +58,19 @@ def write_fresh(root: str, arrays: int) -> None:
                 os.close(fd)
 
 
-def write_reused(root: str, pool: str, arrays: int) -> None:
+def write_reused(root: str, pool: str, arrays: int, how: str) -> None:
+    """`how`: "reuse" overwrites each file where it is; "reuse-trunc" truncates it first
+    (O_TRUNC: its blocks are freed and allocated again); "reuse-dirs" keeps only the
+    directories (each file is unlinked and created again)."""
     os.rename(pool, root)
     for d in array_dirs(root, arrays):
         for name, data in (("zarr.json", DOC), ("c.0", CHUNK)):
-            fd = os.open(f"{d}/{name}", os.O_WRONLY)
+            path = f"{d}/{name}"
+            if how == "reuse-dirs":
+                os.unlink(path)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            else:
+                fd = os.open(path, os.O_WRONLY | (os.O_TRUNC if how == "reuse-trunc" else 0))
             try:
                 os.write(fd, data)
             finally:
@@ -72,14 +83,14 @@ def run(mode: str, base: str, args) -> list[dict]:
     for step in range(args.steps):
         root = f"{base}/{mode}-{step}"
         c0, t0 = cpu_s(), time.perf_counter()
-        if mode == "reuse" and os.path.exists(pool):
-            write_reused(root, pool, args.arrays)
+        if mode != "fresh" and os.path.exists(pool):
+            write_reused(root, pool, args.arrays, mode)
         else:
             write_fresh(root, args.arrays)
         c1, t1 = cpu_s(), time.perf_counter()
         os.sync()
         t2 = time.perf_counter()
-        if mode == "reuse":
+        if mode != "fresh":
             os.rename(root, pool)
         else:
             shutil.rmtree(root)
@@ -87,7 +98,7 @@ def run(mode: str, base: str, args) -> list[dict]:
         t3 = time.perf_counter()
         r = {"cpu": c1 - c0, "write": t1 - t0, "sync": t2 - t1, "remove": t3 - t2}
         print(
-            f"{mode:6s} step {step}: cpu {r['cpu']:.3f} s  write {r['write']:.3f} s  "
+            f"{mode:11s} step {step}: cpu {r['cpu']:.3f} s  write {r['write']:.3f} s  "
             f"sync {r['sync']:.3f} s  remove {r['remove']:.3f} s",
             flush=True,
         )
@@ -103,17 +114,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--dir", help="where the steps go (default: a new directory in the current one)")
     p.add_argument("--pause", type=float, default=0, help="seconds between steps")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = p.parse_args()
     base = tempfile.mkdtemp(prefix="inode_reuse_", dir=args.dir or ".")
     try:
-        results = {mode: run(mode, base, args) for mode in ("fresh", "reuse")}
+        results = {mode: run(mode, base, args) for mode in args.modes}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\nmedians over steps 1-{args.steps - 1} ({args.arrays} arrays, 2 files each)")
     for mode, rs in results.items():
         later = rs[1:] or rs
         print(
-            f"{mode:6s} cpu {statistics.median(r['cpu'] for r in later):.3f} s  write "
+            f"{mode:11s} cpu {statistics.median(r['cpu'] for r in later):.3f} s  write "
             f"{statistics.median(r['write'] for r in later):.3f} s  remove "
             f"{statistics.median(r['remove'] for r in later):.3f} s"
         )
