@@ -1,10 +1,12 @@
 """What a step of many small arrays costs the file system: new inodes after a delete, against
 reusing the inodes of the step deleted before.
 
-A diagnostic for issue 20 (the CPU of a save of thousands of small leaves), asyncckpt not
-involved. Each step writes the files a save of `--arrays` small arrays writes (in groups of 100:
-a directory per array holding a ~400-byte `zarr.json` and a 16 KiB chunk file), then `sync`s,
-then goes away before the next one, as under a manager keeping one step:
+A diagnostic for issue 20 (the CPU of a save of thousands of small leaves); asyncckpt does not
+write here, but the directory is prepared as a manager's is (`chattr +T` on ext4: each step is
+placed in a block group of the file system's choosing; `--no-spread`: not). Each step writes
+the files that a save of `--arrays` small arrays writes (in groups of 100: a directory per
+array holding a ~400-byte `zarr.json` and a 16 KiB chunk file), then `sync`s, then goes away
+before the next one, as under a manager keeping one step:
   fresh  every step creates its directories and files (mkdir, open O_CREAT|O_EXCL, write),
          and the step before is removed (`shutil.rmtree`);
   reuse  the step before is renamed into the new step's place (one rename) and its files are
@@ -15,7 +17,7 @@ Reported per step: CPU seconds of the process (user + system) while writing, wal
 writes, of the sync and of the removal. The first `fresh` step of a run writes after the
 previous run's removal.
 
-    python benchmarks/inode_reuse.py [--arrays 4000] [--steps 4] [--dir D] [--pause 0] [--modes M]
+    python benchmarks/inode_reuse.py [--arrays 4000] [--steps 4] [--dir D] [--modes M]
 """
 
 from __future__ import annotations
@@ -114,9 +116,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--dir", help="where the steps go (default: a new directory in the current one)")
     p.add_argument("--pause", type=float, default=0, help="seconds between steps")
+    p.add_argument("--no-spread", action="store_true", help="leave the directory as it is")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = p.parse_args()
     base = tempfile.mkdtemp(prefix="inode_reuse_", dir=args.dir or ".")
+    if not args.no_spread:
+        from asyncckpt._storage.local import spread_subdirectories
+
+        print(f"chattr +T on {base}: {spread_subdirectories(base)}")
     try:
         results = {mode: run(mode, base, args) for mode in args.modes}
     finally:
