@@ -22,7 +22,7 @@ fresh job (4 new processes):
 Recovery times run from creating the manager to the restored arrays being ready, the slowest
 process's (the job goes on when all have). Every restore is checked value by value.
 
-    python benchmarks/multitier.py --runs 3 [--scale 1.0] [--persistent-mb-s 100]
+    python benchmarks/multitier.py --runs 3 [--scale 1.0] [--persistent-mb-s 100] [--local-buffered]
     python benchmarks/multitier.py --quick      # 1 run, 1/16 of the state (smoke)
 """
 
@@ -116,6 +116,8 @@ def child(args) -> None:
 
     work = Workload(names, (rows, cols), sharding)
     local = os.path.join(args.dir, f"local{args.tag}-{args.process}")
+    if os.environ.get("MULTITIER_LOCAL_BUFFERED"):  # --local-buffered
+        ac.configure_storage(args.dir, direct_io=False)
     out: dict = {}
     if args.phase == "save":
         sys.path.insert(0, HERE)
@@ -365,10 +367,17 @@ def main() -> None:
         help="limit the persistent tier (moto) to this many MB/s, shared by all processes "
         "(benchmarks/throttle.py); 0: no limit",
     )
+    parser.add_argument(
+        "--local-buffered",
+        action="store_true",
+        help="local tiers write through the page cache (configure_storage(..., direct_io=False))",
+    )
     args = job_args(parser)
     if args.child:
         child(args)
         return
+    if args.local_buffered:  # the children read it from their environment
+        os.environ["MULTITIER_LOCAL_BUFFERED"] = "1"
     rows, cols = shape_of(args)
     gib = args.leaves * rows * cols * 4 / (1 << 30)
     print(

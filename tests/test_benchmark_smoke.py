@@ -129,3 +129,42 @@ def test_gpu_compare_quick_mode_runs_on_cpu(tmp_path):
         assert metric in stdout, stdout
     assert re.search(r"asyncckpt: link [\d.]+ GB/s to host.* of host-to-device", stdout), stdout
     assert re.search(r"orbax: link [\d.]+ GB/s to host", stdout), stdout
+
+
+@pytest.mark.timeout(300)
+def test_restore_phases_runs_and_checks_what_it_restores(tmp_path):
+    """The restore diagnostic on a twentieth of the small tree: a save, then a fresh process
+    that restores it twice (verified leaf by leaf inside) and reports each phase."""
+    stdout = run_benchmark(
+        "restore_phases.py",
+        "--workload",
+        "small",
+        "--scale",
+        "0.05",
+        "--runs",
+        "1",
+        "--restores",
+        "2",
+        tmp_path=tmp_path,
+    )
+    assert re.search(r"run 0 resume total [\d.]+ s  plan [\d.]+", stdout), stdout
+    assert re.search(r"run 0 warm   total [\d.]+ s", stdout), stdout
+
+
+@pytest.mark.timeout(300)
+def test_inode_reuse_runs_every_mode(tmp_path):
+    """The file-system diagnostic on 200 arrays, two steps of each way of writing them; it
+    leaves nothing behind."""
+    stdout = run_benchmark(
+        "inode_reuse.py",
+        "--arrays",
+        "200",
+        "--steps",
+        "2",
+        "--dir",
+        str(tmp_path),
+        tmp_path=tmp_path,
+    )
+    for mode in ("fresh", "reuse", "reuse-trunc", "reuse-dirs"):
+        assert re.search(rf"^{mode} +cpu [\d.]+ s", stdout, re.M), stdout
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
