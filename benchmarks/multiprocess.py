@@ -37,6 +37,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import machine  # noqa: E402
+
 MARK = "MULTIPROCESS-RESULT "
 ARRAYS = 32
 SYSTEMS = ("asyncckpt", "orbax")
@@ -147,10 +151,6 @@ def child(args) -> None:
     from multitier import finish_child
 
     finish_child(MARK, out)
-
-
-sys.path.insert(0, HERE)
-import machine  # noqa: E402
 
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:
