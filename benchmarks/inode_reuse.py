@@ -33,6 +33,7 @@ import time
 
 DOC = b'{"zarr_format":3,"node_type":"array","shape":[4096],"data_type":"float32"}'.ljust(400)
 CHUNK = os.urandom(16 * 1024 + 4)  # 16 KiB of float32 and its CRC-32C
+FILES = (("zarr.json", DOC), ("c.0", CHUNK))  # what each array's directory holds
 PER_GROUP = 100
 MODES = ("fresh", "reuse", "reuse-trunc", "reuse-dirs")
 
@@ -46,18 +47,22 @@ def array_dirs(root: str, arrays: int) -> list[str]:
     return [f"{root}/g{i // PER_GROUP:03d}/a{i % PER_GROUP:03d}" for i in range(arrays)]
 
 
+def put(path: str, flags: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def write_fresh(root: str, arrays: int) -> None:
     os.mkdir(root)
     for g in range(-(-arrays // PER_GROUP)):
         os.mkdir(f"{root}/g{g:03d}")
     for d in array_dirs(root, arrays):
         os.mkdir(d)
-        for name, data in (("zarr.json", DOC), ("c.0", CHUNK)):
-            fd = os.open(f"{d}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+        for name, data in FILES:
+            put(f"{d}/{name}", os.O_CREAT | os.O_EXCL, data)
 
 
 def write_reused(root: str, pool: str, arrays: int, how: str) -> None:
@@ -65,18 +70,12 @@ def write_reused(root: str, pool: str, arrays: int, how: str) -> None:
     (O_TRUNC: its blocks are freed and allocated again); "reuse-dirs" keeps only the
     directories (each file is unlinked and created again)."""
     os.rename(pool, root)
+    flags = {"reuse": 0, "reuse-trunc": os.O_TRUNC, "reuse-dirs": os.O_CREAT | os.O_EXCL}[how]
     for d in array_dirs(root, arrays):
-        for name, data in (("zarr.json", DOC), ("c.0", CHUNK)):
-            path = f"{d}/{name}"
+        for name, data in FILES:
             if how == "reuse-dirs":
-                os.unlink(path)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            else:
-                fd = os.open(path, os.O_WRONLY | (os.O_TRUNC if how == "reuse-trunc" else 0))
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+                os.unlink(f"{d}/{name}")
+            put(f"{d}/{name}", flags, data)
 
 
 def run(mode: str, base: str, args) -> list[dict]:

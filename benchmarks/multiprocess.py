@@ -75,8 +75,6 @@ def child(args) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    sys.path.insert(0, HERE)
     from multitier import Workload
 
     class Noisy(Workload):
@@ -147,14 +145,12 @@ def child(args) -> None:
             out["counted_bytes"] = mgr.last_restore_stats().bytes
         work.check(restored, 2)
     mgr.close()
-    sys.path.insert(0, HERE)
     from multitier import finish_child
 
     finish_child(MARK, out)
 
 
 def run_job(system: str, phase: str, directory: str, args) -> dict:
-    sys.path.insert(0, HERE)
     from multitier import run_phase
 
     return run_phase(__file__, MARK, system, phase, directory, args, PHASES[phase][0])
@@ -188,7 +184,6 @@ def size_of(args) -> int:
 
 
 def main() -> None:
-    sys.path.insert(0, HERE)
     from multitier import side_by_side
 
     def header(args) -> str:

@@ -113,7 +113,7 @@ def main() -> int:
         subprocess.run([*base, "--save", "--root", root], env=env, check=True)
         for run in range(args.runs):
             if args.drop_caches and (error := machine.drop_caches()):
-                print(f"could not drop the page cache: {error}")
+                sys.exit(f"--drop-caches: {error}")  # a warm restore must not pass for a cold one
             out = subprocess.run(
                 [*base, "--child", "--root", root, "--restores", str(args.restores)],
                 env=env,
