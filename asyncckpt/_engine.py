@@ -94,6 +94,7 @@ class Engine:
         fields: _format.RootFields,
         force: bool,
         previous: Callable[[], Storage | None] | None = None,
+        spare: Callable[[], Storage | None] | None = None,
         local: Storage | None = None,
         extra: Callable[[Any], tuple[dict[str, list[Any]], Callable[[], None] | None]]
         | None = None,
@@ -102,12 +103,14 @@ class Engine:
         with the root-document `fields` (`_format.root_fields`, checked by the caller); the
         future's result is the committed location. `previous`: called on the job thread when the
         save writes, it names a committed checkpoint whose chunks of unchanged content are
-        reused, not written. `local`: also (first) write this process's part of a node-local
-        step there, every replica it holds, from the same snapshot (`_save.write_local_part`);
-        `dest` may then be None. `extra`: called with `tree` on this thread before the
-        snapshot, it returns more chunks for the local part, by variable name (the shards peers
-        send this process: `LocalTier.replicate`), and work for the job thread to do first when
-        it writes the local part (offering this process's shards to its peers), or None."""
+        reused, not written. `spare`: called likewise, it hands over the files of a deleted
+        step to write over (`_save.begin_write`). `local`: also (first) write this process's
+        part of a node-local step there, every replica it holds, from the same snapshot
+        (`_save.write_local_part`); `dest` may then be None. `extra`: called with `tree` on
+        this thread before the snapshot, it returns more chunks for the local part, by variable
+        name (the shards peers send this process: `LocalTier.replicate`), and work for the job
+        thread to do first when it writes the local part (offering this process's shards to
+        its peers), or None."""
         self.check_open()
         target = dest if dest is not None else local
         assert target is not None
@@ -149,6 +152,7 @@ class Engine:
             phases,
             t0,
             previous,
+            spare,
             local,
             local_coord,
             offer,
@@ -169,6 +173,7 @@ class Engine:
         phases: _telemetry.Phases,
         t0: float,
         previous: Callable[[], Storage | None] | None,
+        spare: Callable[[], Storage | None] | None,
         local: Storage | None,
         local_coord: _distributed.Coordinator | None,
         offer: Callable[[], None] | None,
@@ -195,6 +200,7 @@ class Engine:
                     coord=coord,
                     phases=phases,
                     previous=previous() if previous is not None else None,
+                    spare=spare() if spare is not None else None,
                 )
         finally:
             if snap.arena is not None:

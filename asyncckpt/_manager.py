@@ -116,6 +116,15 @@ class CheckpointManager:
             before is not written again: it is hard-linked from that step on disk, copied
             server-side in an object store. Every step stays a whole checkpoint of its own, and
             deleting any step never changes another. False writes everything.
+        reuse_deleted_files: on a local or mounted file system, the files of the step that
+            retention deleted last are kept (under a hidden name, out of the listing) until the
+            next save, which writes over them instead of creating as many new files, then
+            removes what it did not write: for trees of thousands of small arrays that is about
+            3x less kernel time a file, and no removal in the background. A file another step
+            links (`incremental`) or that any process holds open or mapped (a restored array)
+            is never written over: it is replaced by a new one. At most one deleted step waits
+            like this; `close()` removes it, and `delete()` removes a step's files at once.
+            False removes every deleted step at once.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, read_once,
             barrier_timeout_s, background_nice, urgent_after_s: as for `AsyncCheckpointer`.
         local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
@@ -147,6 +156,7 @@ class CheckpointManager:
         save_on_preemption: bool = True,
         read_only: bool = False,
         incremental: bool = True,
+        reuse_deleted_files: bool = True,
         max_workers: int | None = None,
         reuse_host_memory: bool = True,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
@@ -183,6 +193,7 @@ class CheckpointManager:
         self._interval = save_interval_steps
         self._read_only = read_only
         self._incremental = incremental
+        self._reuse_deleted = reuse_deleted_files and self._dir.recycles
         self._barrier_timeout_s = barrier_timeout_s
         # under jax.distributed every process saves its shards; process 0 alone holds the lock,
         # cleans up and applies retention, the others re-read the step list from disk
@@ -192,6 +203,7 @@ class CheckpointManager:
         self._saving: tuple[int, Future[None]] | None = None  # a step until it is recorded
         self._jobs: list[Future[None]] = []  # retention jobs not yet checked
         self._cleanups: list[Future[None]] = []  # file removals not yet checked
+        self._spare: tuple[int, Storage] | None = None  # a deleted step's files, to write over
         self._last_save: SaveStats | None = None
         self._lock = None
         if not read_only and self._leader:
@@ -375,6 +387,7 @@ class CheckpointManager:
             fields=fields,
             force=force,
             previous=previous,
+            spare=self._take_spare if self._reuse_deleted else None,
             local=self._local.path(step) if local and self._local is not None else None,
             extra=(
                 functools.partial(self._local.replicate, workers=self._engine.workers)
@@ -442,7 +455,7 @@ class CheckpointManager:
                 self._infos[step] = StepInfo(step, created, metrics)
             infos = [self.step_info(s) for s in self._committed()]
             for old in steps_to_delete(infos, self._policies, protect=[step]):
-                self._delete_now(old)
+                self._delete_now(old, keep_files=self._reuse_deleted)
         except OSError as e:
             raise CheckpointWriteError(
                 e.errno,
@@ -475,9 +488,11 @@ class CheckpointManager:
         if not deleted:
             self._existing(step)  # it was gone already: raises StepNotFoundError
 
-    def _delete_now(self, step: int) -> bool:
-        """Take `step` out of the listing, durably; remove its files on the clean-up thread.
-        False if the step was gone already (removed by something else: it is dropped)."""
+    def _delete_now(self, step: int, *, keep_files: bool = False) -> bool:
+        """Take `step` out of the listing, durably; remove its files on the clean-up thread, or
+        (`keep_files`) keep them for the next save to write over (`reuse_deleted_files`), in
+        place of the step kept so before, which goes. False if the step was gone already
+        (removed by something else: it is dropped)."""
         with self._mutex:
             if step not in self._infos:
                 return False
@@ -494,11 +509,25 @@ class CheckpointManager:
                 self._infos.pop(step, None)
             return False
         log.debug("asyncckpt: deleting step %d of %s", step, self._dir.url)
-        cleanup = self._engine.submit_cleanup(_directory.remove, trash, step)
+        drop: tuple[int, Storage] | None = (step, trash)
         with self._mutex:
             self._infos.pop(step, None)
-            self._cleanups.append(cleanup)
+            if keep_files:
+                drop, self._spare = self._spare, (step, trash)
+        if drop is not None:
+            self._remove_files(drop[1], drop[0])
         return True
+
+    def _remove_files(self, place: Storage, step: int) -> None:
+        cleanup = self._engine.submit_cleanup(_directory.remove, place, step)
+        with self._mutex:
+            self._cleanups.append(cleanup)
+
+    def _take_spare(self) -> Storage | None:
+        """The files of a deleted step for the save that writes now (job thread), or None."""
+        with self._mutex:
+            spare, self._spare = self._spare, None
+        return spare[1] if spare is not None else None
 
     def _set_aside(self, step: int) -> Storage:
         """Move the damaged `step` out of the listing, kept whole for inspection (job thread)."""
@@ -667,7 +696,8 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Block until the last save is committed and retention (file removal included) is done;
-        raise the first background failure."""
+        raise the first background failure. (The files of a deleted step that the next save
+        writes over stay: `reuse_deleted_files`.)"""
         self._engine.wait_until_finished()
         while job := self._take(self._jobs, done_only=False):
             self._engine.wait_for(job)
@@ -698,6 +728,11 @@ class CheckpointManager:
             return
         try:
             self.wait_until_finished()
+            with self._mutex:
+                spare, self._spare = self._spare, None
+            if spare is not None:
+                self._remove_files(spare[1], spare[0])
+                self.wait_until_finished()
         finally:
             self._engine.close()
             self._watch.close()

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,14 +30,59 @@ from .errors import CheckpointError, CheckpointWriteError
 log = logging.getLogger("asyncckpt")
 
 
-def begin_write(dest: Storage, replace: bool) -> Storage:
-    """Where the save writes (`Storage.begin`, which refuses what it must not replace)."""
+def begin_write(
+    dest: Storage, replace: bool, spare: Storage | None = None, specs: list[ArraySpec] | None = None
+) -> Storage:
+    """Where the save writes (`Storage.begin`, which refuses what it must not replace); with
+    `spare` (a step taken out of the listing), over its files where the storage can
+    (`_begin_in`), the files of the arrays `specs` do not name removed first."""
     try:
+        if spare is not None:
+            staged = _begin_in(dest, spare, replace, specs or [])
+            if staged is not None:
+                return staged
         return dest.begin(replace=replace)
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointWriteError(e.errno, f"cannot save to {dest.url}: {e.strerror}") from e
+
+
+def _begin_in(
+    dest: Storage, spare: Storage, replace: bool, specs: list[ArraySpec]
+) -> Storage | None:
+    """`Storage.begin_in`, after reading which files `spare` holds (its root document), then
+    without those the new checkpoint does not write, so that no file of the new one is a
+    directory of the old, or the reverse. None, `spare` removed, where that cannot be done."""
+    try:
+        old = _restore.read_root(spare).arrays.values() if dest.recycles else None
+        staged = dest.begin_in(spare, replace=replace) if old is not None else None
+    except (CheckpointError, OSError) as e:
+        log.debug("asyncckpt: not writing over %s: %s", spare.url, e)
+        staged = None
+    if staged is None:
+        with contextlib.suppress(OSError):
+            spare.remove()
+        return None
+    try:
+        old_files, old_dirs = _step_files(old or [])
+        new_files, new_dirs = _step_files(specs)
+        staged.remove_stale(old_files - new_files, old_dirs - new_dirs)
+    except BaseException:
+        dest.discard(staged)
+        raise
+    return staged
+
+
+def _step_files(specs: Iterable[ArraySpec]) -> tuple[set[str], set[str]]:
+    """The files and directories of a checkpoint of the arrays `specs`, without its root
+    document (docs/FORMAT.md)."""
+    specs = list(specs)
+    names = [s.name for s in specs]
+    dirs = set(names).union(_format.group_names(names))
+    files = {f"{d}/{_format.DOC}" for d in dirs}
+    files.update(s.chunk_key(c) for s in specs for c in s.chunk_coords())
+    return files, dirs
 
 
 _INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their array's document
@@ -247,18 +292,20 @@ def write_snapshot(
     coord: Coordinator | None = None,
     phases: Phases | None = None,
     previous: Storage | None = None,
+    spare: Storage | None = None,
 ) -> None:
     """Write `snap` where `dest` says, make it durable and commit it as `dest`. With `coord`:
     see `_write_together`. `phases` receives the time spent in `write` and `commit`.
-    `previous`: a committed checkpoint whose chunks of the same content are reused (`Reuse`)."""
+    `previous`: a committed checkpoint whose chunks of the same content are reused (`Reuse`).
+    `spare`: a deleted step whose files to write over (`begin_write`); it is used or removed."""
     phases = phases if phases is not None else Phases()
     if coord is not None:
-        return _write_together(snap, dest, workers, replace, fields, coord, phases, previous)
+        return _write_together(snap, dest, workers, replace, fields, coord, phases, previous, spare)
     staged = None
     try:
         with phases("write"):
             reuse = Reuse.of(previous)
-            staged = begin_write(dest, replace)
+            staged = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
             _write_tree(staged, snap, workers, documents=True, reuse=reuse)
         with phases("commit"):
             _commit(staged, snap, dest, replace, fields, _contents(snap, [_contents_here(snap)]))
@@ -277,6 +324,7 @@ def _write_together(
     coord: Coordinator,
     phases: Phases,
     previous: Storage | None,
+    spare: Storage | None,
 ) -> None:
     """The multi-process save, in three barriers.
 
@@ -295,7 +343,7 @@ def _write_together(
     reuse = Reuse.of(previous)  # each process reuses its own chunks
     if leader:
         try:
-            staged = begin_write(dest, replace)
+            staged = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
             _write_tree(staged, snap, workers, documents=True, reuse=reuse)
         except BaseException as e:
             error = e

@@ -168,3 +168,14 @@ def test_inode_reuse_runs_every_mode(tmp_path):
     for mode in ("fresh", "reuse", "reuse-trunc", "reuse-dirs"):
         assert re.search(rf"^{mode} +cpu [\d.]+ s", stdout, re.M), stdout
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_retention_loop_quick_mode(tmp_path):
+    """Training with retention, both libraries, asyncckpt with and without writing over the
+    deleted step's files: every child succeeds and the table has a row for each."""
+    stdout = run_benchmark(
+        "retention_loop.py", "--quick", "--workdir", str(tmp_path / "w"), tmp_path=tmp_path
+    )
+    for system in ("asyncckpt", "asyncckpt-fresh", "orbax"):
+        assert re.search(rf"^\| small \| {system} \| [\d.]+ \| [\d.]+ \|", stdout, re.M), stdout

@@ -192,7 +192,8 @@ def test_retention_deletes_in_the_background_and_never_blocks_save(tmp_path, mon
         real_remove(path, step)
 
     monkeypatch.setattr(_manager._directory, "remove", slow_remove)
-    mgr = ac.CheckpointManager(tmp_path, max_to_keep=1)
+    # (with reuse_deleted_files, the default, step 3 would write over step 1's files instead)
+    mgr = ac.CheckpointManager(tmp_path, max_to_keep=1, reuse_deleted_files=False)
     mgr.save(1, state_at(1))
     mgr.save(2, state_at(2))
     mgr.save(3, state_at(3))  # returns while step 1's files are still being removed

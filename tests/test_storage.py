@@ -426,16 +426,28 @@ _DIRECT_CASES = {  # name: (offset into an aligned buffer, bytes, band bytes)
 
 @pytest.fixture
 def opened(monkeypatch):
-    """The flags of every file `os.open` opened for writing, by path."""
+    """The flags of every file `os.open` opened for writing, by path, with `O_DIRECT` added where
+    `fcntl` switched the file to it (as direct.py does)."""
+    import fcntl
+
     flags: dict[str, int] = {}
-    real = os.open
+    paths: dict[int, str] = {}
+    real_open, real_fcntl = os.open, fcntl.fcntl
 
     def spy(path, mode, *rest, **kw):
+        fd = real_open(path, mode, *rest, **kw)
         if mode & os.O_WRONLY:
             flags[os.fspath(path)] = mode
-        return real(path, mode, *rest, **kw)
+            paths[fd] = os.fspath(path)
+        return fd
+
+    def spy_fcntl(fd, cmd, arg=0, *rest):
+        if cmd == fcntl.F_SETFL and isinstance(arg, int) and arg & os.O_DIRECT and fd in paths:
+            flags[paths[fd]] |= os.O_DIRECT
+        return real_fcntl(fd, cmd, arg, *rest)
 
     monkeypatch.setattr(os, "open", spy)
+    monkeypatch.setattr(fcntl, "fcntl", spy_fcntl)
     return flags
 
 
@@ -485,32 +497,26 @@ def test_small_chunks_and_configured_directories_stay_buffered(tmp_path, opened)
         ac.configure_storage(str(tmp_path), page_cache=True)
 
 
-@pytest.mark.parametrize("refused", ["open", "write"])
+@pytest.mark.parametrize("refused", ["switch", "write"])
 def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, monkeypatch, refused):
     import errno
+    import fcntl
 
-    from asyncckpt._storage import direct
+    real_fcntl, real_pwrite, direct_fds = fcntl.fcntl, os.pwrite, set()
 
-    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
-
-    def no_direct_open(path, mode, *rest, **kw):
-        if mode & os.O_DIRECT and refused == "open":
-            raise OSError(errno.EINVAL, "Invalid argument")
-        fd = real_open(path, mode, *rest, **kw)
-        if mode & os.O_DIRECT:
+    def no_direct_fcntl(fd, cmd, arg=0, *rest):
+        if cmd == fcntl.F_SETFL and isinstance(arg, int) and arg & os.O_DIRECT:
+            if refused == "switch":
+                raise OSError(errno.EINVAL, "Invalid argument")
             direct_fds.add(fd)
-        return fd
+        return real_fcntl(fd, cmd, arg, *rest)
 
     def no_direct_pwrite(fd, data, offset):
-        if (
-            fd in direct_fds
-            and offset > 0
-            and direct.fcntl.fcntl(fd, direct.fcntl.F_GETFL) & (os.O_DIRECT)
-        ):
+        if fd in direct_fds and offset > 0 and real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")  # the second block on is refused
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "open", no_direct_open)
+    monkeypatch.setattr(fcntl, "fcntl", no_direct_fcntl)
     monkeypatch.setattr(os, "pwrite", no_direct_pwrite)
     place = open_storage(tmp_path / "d")
     _make_dirs(place, "w")

@@ -16,7 +16,8 @@ What it offers, by group:
   where the backend can, else None);
 - listing: `list_dir`, `list_dirs`, `checkpoint_states`;
 - writing a checkpoint: `check_writable` (early and cheap), `begin` (where to write, refusing
-  what must not be replaced), `sync`, `commit` (durable, then visible in one step), `discard`;
+  what must not be replaced), or `begin_in` (over a deleted checkpoint's files) and
+  `remove_stale`, `sync`, `commit` (durable, then visible in one step), `discard`;
 - deleting one: `unlist` (out of every listing at once, durably), `remove` (the files),
   `set_aside` (moved whole under another name); `leftovers` of crashed saves and deletions;
 - `lock`: the writer lock of a manager directory, where the backend has one.
@@ -61,6 +62,9 @@ class Storage(ABC):
     """Requests wait on a network: run many at once (the network pool)."""
     has_directories: bool = False
     """A directory exists on its own, empty or not (a prefix exists only through its objects)."""
+    recycles: bool = False
+    """`begin_in` writes a new checkpoint over the files of a deleted one (a file system, where
+    creating a file costs several times more than writing over one)."""
 
     # -- places ----------------------------------------------------------------------------------
 
@@ -102,7 +106,8 @@ class Storage(ABC):
 
     @abstractmethod
     def write(self, key: str, *buffers: Any) -> None:
-        """Create or replace `key` with the concatenation of `buffers` (any buffer objects)."""
+        """Create or replace `key` with the concatenation of `buffers` (any buffer objects). A
+        file that another checkpoint or a reader shares is never changed: it is replaced."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -297,6 +302,23 @@ class Storage(ABC):
     def begin(self, *, replace: bool) -> Storage:
         """Start writing a checkpoint here: the place to write it into until `commit`. Refuses
         (`CheckpointExistsError`) foreign data, and an existing checkpoint without `replace`."""
+
+    def begin_in(self, spare: Storage, *, replace: bool) -> Storage | None:
+        """Like `begin`, but the place to write is `spare`, the files of a checkpoint taken out
+        of the listing (`unlist`), moved to where `begin` would write: the save writes over
+        them (`write` never changes a file another checkpoint or process holds) and removes
+        what it does not write (`remove_stale`). None where this backend cannot (`recycles`):
+        begin afresh and remove `spare`. Here: never."""
+        return None
+
+    def remove_stale(self, files: Iterable[str], dirs: Iterable[str]) -> None:
+        """Remove the `files` and the directories `dirs` (with whatever is in them) of a
+        checkpoint being written over (`begin_in`), which the new one does not write."""
+        for key in files:
+            try:
+                self.delete(key)
+            except FileNotFoundError:
+                pass
 
     @abstractmethod
     def sync(self) -> None:

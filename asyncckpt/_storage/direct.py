@@ -1,4 +1,4 @@
-"""Writing a new file around the page cache (`O_DIRECT`), for `LocalStorage`'s large chunk files.
+"""Writing a file around the page cache (`O_DIRECT`), for `LocalStorage`'s large chunk files.
 
 A buffered `write` copies every byte into the page cache, and the kernel then spends more CPU
 allocating those pages, writing them back and reclaiming them. 1 GiB of 64 MiB chunk files on this
@@ -47,25 +47,23 @@ def _bounce() -> np.ndarray:
     return buf
 
 
-def write_new(path: str, flags: int, buffers: Sequence[memoryview]) -> bool:
-    """Write `buffers`, one after another, into a new file at `path` opened with `flags` plus
-    `O_DIRECT`. False, with nothing written, when the file system refuses `O_DIRECT`: the caller
-    writes the file its usual way."""
+def write(fd: int, buffers: Sequence[memoryview]) -> bool:
+    """Write `buffers`, one after another, from the start of the file open for writing as `fd`,
+    switching it to `O_DIRECT` (and back, for the tail). False, with nothing written, when the
+    file system refuses `O_DIRECT`: the caller writes the file its usual way."""
     if not O_DIRECT:
         return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        fd = os.open(path, flags | O_DIRECT, 0o644)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
     except OSError as e:
         if e.errno == errno.EINVAL:
             return False
         raise
-    try:
-        writer = _Writer(fd)
-        for view in buffers:
-            writer.put(view)
-        writer.finish()
-    finally:
-        os.close(fd)
+    writer = _Writer(fd)
+    for view in buffers:
+        writer.put(view)
+    writer.finish()
     return True
 
 

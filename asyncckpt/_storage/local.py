@@ -7,7 +7,9 @@ is exactly one device's shard may be mapped copy-on-write instead of read. Durab
 from one `syncfs` of the file system after all files are written (Linux), much cheaper than an
 `fsync` per file, and an `fsync` of the parent after the commit rename. A save
 writes into a hidden sibling directory and renames it into place; a deletion renames the
-checkpoint to a hidden name first. Files of a checkpoint are opened without following symbolic
+checkpoint to a hidden name first. A save may write over the files of a deleted step
+(`begin_in`): creating a file costs ext4 several times what writing over one does; a file with
+other links, or that anyone holds open or mapped, is replaced instead (`_open_to_write`). Files of a checkpoint are opened without following symbolic
 links: a checkpoint from elsewhere is untrusted input.
 """
 
@@ -36,7 +38,8 @@ from ..errors import CheckpointExistsError, CorruptCheckpointError, DirectoryLoc
 from . import direct
 from .base import State, Storage, WriterLock, _check_bands
 
-_O_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_O_OVER = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _MAX_IO = direct.MAX_IO
@@ -63,6 +66,7 @@ def direct_io(path: str) -> bool:
 
 class LocalStorage(Storage):
     has_directories = True
+    recycles = True
 
     def __init__(self, path: str) -> None:
         self.url = os.path.abspath(path)
@@ -99,16 +103,18 @@ class LocalStorage(Storage):
         return os.path.exists(self.path(key))
 
     def write(self, key: str, *buffers: Any) -> None:
-        """A new file of `buffers`; from 1 MiB on (large chunk files) around the page cache
-        (direct.py), unless `configure_storage` said otherwise for this place."""
+        """A file of `buffers` (`_open_to_write`: new, or written over in place); from 1 MiB on
+        (large chunk files) around the page cache (direct.py), unless `configure_storage` said
+        otherwise for this place."""
         path = f"{self.url}/{key}"
         views = [memoryview(b).cast("B") for b in buffers]
-        if sum(v.nbytes for v in views) >= direct.MIN_BYTES and direct_io(path):
-            if direct.write_new(path, _O_WRITE, views):
-                return
-        fd = os.open(path, _O_WRITE, 0o644)
+        nbytes = sum(v.nbytes for v in views)
+        fd, held = _open_to_write(path)
         try:
-            _write_all(fd, views)
+            if not (nbytes >= direct.MIN_BYTES and direct_io(path) and direct.write(fd, views)):
+                _write_all(fd, views)
+            if held > nbytes:
+                os.ftruncate(fd, nbytes)
         finally:
             os.close(fd)
 
@@ -135,14 +141,23 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def reuse_chunk(self, key: str, source: Storage, source_key: str) -> bool:
-        """A hard link: one inode, freed when the last step that links it is deleted."""
+        """A hard link: one inode, freed when the last step that links it is deleted. In a
+        recycled step (`begin_in`) the file there may be that inode already (both steps linked
+        it from a third), or another, which goes (only this link of it)."""
         if not isinstance(source, LocalStorage):
             return False
-        src = source.path(source_key)
+        src, dest = source.path(source_key), self.path(key)
         try:
-            if not stat.S_ISREG(os.lstat(src).st_mode):  # never a link or anything odd
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode):  # never a link or anything odd
                 return False
-            os.link(src, self.path(key), follow_symlinks=False)
+            try:
+                os.link(src, dest, follow_symlinks=False)
+            except FileExistsError:
+                if os.path.samestat(st, os.lstat(dest)):
+                    return True
+                os.unlink(dest)
+                os.link(src, dest, follow_symlinks=False)
         except OSError:
             return False
         return True
@@ -295,7 +310,11 @@ class LocalStorage(Storage):
             if parents:
                 os.makedirs(self.path(key), exist_ok=True)
             else:
-                os.mkdir(self.path(key))
+                try:
+                    os.mkdir(self.path(key))
+                except FileExistsError:  # a recycled step's (`begin_in`)
+                    if not os.path.isdir(self.path(key)):
+                        raise
 
     def check_writable(self, *, replace: bool) -> None:
         if not os.path.lexists(self.url):
@@ -314,6 +333,42 @@ class LocalStorage(Storage):
         staged = LocalStorage(os.path.join(parent, _format.temporary_name(self.name)))
         os.mkdir(staged.url)
         return staged
+
+    def begin_in(self, spare: Storage, *, replace: bool) -> LocalStorage | None:
+        """`spare` renamed to a fresh hidden sibling, its root document removed: a save writes
+        over its files (`write`) instead of creating as many (benchmarks/inode_reuse.py: 3x
+        less kernel time a file, and nothing to remove). Only a place in the same directory."""
+        if not isinstance(spare, LocalStorage) or os.path.dirname(spare.url) != os.path.dirname(
+            self.url
+        ):
+            return None
+        staged = LocalStorage(
+            os.path.join(os.path.dirname(self.url), _format.temporary_name(self.name))
+        )
+        os.rename(spare.url, staged.url)
+        try:
+            os.unlink(staged.path(_format.DOC))  # so nothing there looks committed
+        except FileNotFoundError:
+            pass
+        return staged
+
+    def remove_stale(self, files: Iterable[str], dirs: Iterable[str]) -> None:
+        for key in files:
+            try:
+                os.unlink(self.path(key))
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                shutil.rmtree(self.path(key))
+        for key in sorted(dirs, key=lambda k: -k.count("/")):  # the deepest first
+            try:
+                os.rmdir(self.path(key))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                shutil.rmtree(self.path(key))  # something its document did not name
 
     def sync(self) -> None:
         """Linux: one `syncfs` of the file system (one call instead of thousands of fsyncs).
@@ -440,6 +495,44 @@ def _open(path: str, where: str) -> int:
             "another checkpoint)"
         )
     return fd
+
+
+def _open_to_write(path: str) -> tuple[int, int]:
+    """Open `path` to write it whole: (descriptor, bytes it holds). A new file; or, where there
+    is one (a recycled step's, `begin_in`), that file to be written over in place, if nothing
+    else shares it: no other step links it (incremental saves) and no process holds it open or
+    mapped (a restored array may be a mapping of it). Else that name is unlinked and the file
+    created anew, so whoever holds the old one keeps its bytes."""
+    try:
+        return os.open(path, _O_NEW, 0o644), 0
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, _O_OVER | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and _alone(fd):
+            return fd, st.st_size  # (O_NONBLOCK does nothing to a regular file)
+        os.close(fd)
+    os.unlink(path)
+    return os.open(path, _O_NEW, 0o644), 0
+
+
+def _alone(fd: int) -> bool:
+    """Whether no other open file or mapping of this file exists, in any process: the kernel
+    grants a write lease only then (taken and given back at once)."""
+    setlease = getattr(fcntl, "F_SETLEASE", None)
+    if setlease is None:
+        return False
+    try:
+        fcntl.fcntl(fd, setlease, fcntl.F_WRLCK)
+    except OSError:
+        return False  # in use, or no leases here (another owner, a network file system)
+    fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
+    return True
 
 
 def _next_batch(pending: list[memoryview]) -> list[memoryview]:
