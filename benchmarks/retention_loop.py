@@ -18,10 +18,18 @@ idle loop, then for each of `--reps` saves:
                      median): what a save with its retention costs the host
     train_slowdown   the loop, run right after `save()` returns, over the median idle loop (one
                      idle loop after each cycle, once everything is finished and synced)
-and last, twice, durable_loaded_s: from `save()` until the step is committed, while the loop
-runs between polls (compare_orbax.py's "time to durable under load"). Medians per child, then
-medians over the runs. The table gives each system's figures and asyncckpt's ratios to Orbax:
-CPU, slowdown excess ((slowdown - 1) / (Orbax's - 1)) and durable under load.
+and last, twice:
+    durable_loaded_s from `save()` until the step is committed, while the loop runs between
+                     polls (compare_orbax.py's "time to durable under load")
+    train_lost_s     over that same time, the training time lost: the time minus the loop steps
+                     it ran times one step's idle time. A save that writes slowly spreads its
+                     cost thin and slows the loop right after `save()` little, a fast one slows
+                     it more for less time: `train_slowdown` sees only the first 1.5 s, this the
+                     whole save (not the removal of the step before, which asyncckpt-fresh
+                     does after the commit, on its clean-up thread)
+Medians per child, then medians over the runs. The table gives each system's figures and
+asyncckpt's ratios to Orbax: CPU, slowdown excess ((slowdown - 1) / (Orbax's - 1)), durable
+under load and training lost.
 
 Usage:  python benchmarks/retention_loop.py [--runs 3] [--workloads small llm] [--reps 4]
         python benchmarks/retention_loop.py --quick      # a smoke run (its timings mean nothing)
@@ -99,9 +107,17 @@ def child(system: str, workload: str, root: str, scale: float, reps: int, option
             c0 = co.cpu_s()
             idle.append(train())
             idle_cpu.append(co.cpu_s() - c0)
-        durable = []
+        iter_s = statistics.median(train_n(30) / 30 for _ in range(3))  # one step, idle
+        durable, lost = [], []
         for _ in range(2):
-            durable.append(co.time_to_durable(sysobj, step, tree, lambda: train_n(3)))
+            iters = 0
+            t0 = time.perf_counter()
+            sysobj.save(step, tree)
+            while not sysobj.committed(step):
+                train_n(3)
+                iters += 3
+            durable.append(time.perf_counter() - t0)
+            lost.append(durable[-1] - iters * iter_s)
             sysobj.wait_until_finished()
             step += 1
             os.sync()
@@ -112,25 +128,15 @@ def child(system: str, workload: str, root: str, scale: float, reps: int, option
         "cycle_cpu_s": statistics.median(c - loop_cpu for c in cycle_cpu),
         "train_slowdown": statistics.median(busy) / statistics.median(idle),
         "durable_loaded_s": statistics.median(durable),
+        "train_lost_s": statistics.median(lost),
         "tree_gb": tree_nbytes(specs) / 1e9,
         "leaves": len(jax.tree_util.tree_leaves(tree)),
     }
 
 
 def run_child(args, system: str, workload: str, root: str) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        system,
-        workload,
-        "--root",
-        root,
-        "--scale",
-        str(args.scale),
-        "--reps",
-        str(args.reps),
-    ]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", system, workload]
+    cmd += ["--root", root, "--scale", str(args.scale), "--reps", str(args.reps)]
     if args.asyncckpt_options:
         cmd += ["--asyncckpt-options", args.asyncckpt_options]
     try:
@@ -156,36 +162,38 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def print_table(records: list[dict], workloads: list[str], systems: list[str]) -> None:
     print(
-        "\n| workload | system | cycle CPU s | slowdown | durable under load s "
-        "| CPU / orbax | slowdown excess / orbax | durable / orbax |"
+        "\n| workload | system | cycle CPU s | slowdown | durable under load s | training lost s "
+        "| CPU / orbax | slowdown excess / orbax | durable / orbax | lost / orbax |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for w in workloads:
         o = {k: median(records, w, "orbax", k) for k in co_keys()}
         for s in systems:
             m = {k: median(records, w, s, k) for k in co_keys()}
             if m["cycle_cpu_s"] is None:
-                print(f"| {w} | {s} | failed | | | | | |")
+                print(f"| {w} | {s} | failed | | | | | | | |")
                 continue
             excess = (m["train_slowdown"] - 1, (o["train_slowdown"] or 1) - 1)
             cells = [
                 f"{m['cycle_cpu_s']:.3f}",
                 f"{m['train_slowdown']:.3f}",
                 f"{m['durable_loaded_s']:.3f}",
+                f"{m['train_lost_s']:.3f}",
             ]
             if s != "orbax":
                 cells += [
                     ratio(m["cycle_cpu_s"], o["cycle_cpu_s"]),
                     ratio(*excess),
                     ratio(m["durable_loaded_s"], o["durable_loaded_s"]),
+                    ratio(m["train_lost_s"], o["train_lost_s"]),
                 ]
             else:
-                cells += ["", "", ""]
+                cells += ["", "", "", ""]
             print(f"| {w} | {s} | " + " | ".join(cells) + " |")
 
 
 def co_keys() -> tuple[str, ...]:
-    return ("cycle_cpu_s", "train_slowdown", "durable_loaded_s")
+    return ("cycle_cpu_s", "train_slowdown", "durable_loaded_s", "train_lost_s")
 
 
 def main() -> int:
@@ -242,7 +250,8 @@ def main() -> int:
                     print(
                         f"  run {run} {workload:>5} {system:>15}: cycle CPU "
                         f"{record['cycle_cpu_s']:.3f} s, slowdown {record['train_slowdown']:.3f}"
-                        f", durable under load {record['durable_loaded_s']:.3f} s "
+                        f", durable under load {record['durable_loaded_s']:.3f} s, lost "
+                        f"{record['train_lost_s']:.3f} s "
                         f"({time.perf_counter() - t0:.0f} s)",
                         flush=True,
                     )

@@ -32,6 +32,19 @@ def assert_same(a, b):
     assert a_np.tobytes() == b_np.tobytes()
 
 
+def abstract(tree):
+    """`tree` as a restore target: each `jax.Array` a `jax.ShapeDtypeStruct` with its shape,
+    dtype and sharding; other leaves as they are."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )
+
+
 # ------------------------------------------------------------------------- storage backends
 # Tests that take `root` run once per backend: on local disk, and in an S3 bucket served by moto
 # on 127.0.0.1 (a real S3-protocol server, in this process, on a free port).

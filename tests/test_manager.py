@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import UrlPath, assert_same, names, read_file, write_file
+from conftest import UrlPath, abstract, assert_same, names, read_file, write_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,14 +43,7 @@ def test_save_restore_latest_and_by_step(root, mesh):
             assert mgr.save(step, state_at(step, mesh)) is True
         mgr.wait_until_finished()
         assert mgr.all_steps() == [0, 1, 2] and mgr.latest_step() == 2
-        target = jax.tree.map(
-            lambda x: (
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                if isinstance(x, jax.Array)
-                else x
-            ),
-            state_at(0, mesh),
-        )
+        target = abstract(state_at(0, mesh))
         latest = mgr.restore(target=target)
         assert latest["step"] == 2 and latest["w"].sharding == target["w"].sharding
         assert_same(latest["w"], state_at(2)["w"])

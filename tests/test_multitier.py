@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same
+from conftest import abstract, assert_same
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,14 +30,7 @@ def tree(mesh, step):
 
 
 def target(mesh):
-    return jax.tree.map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            if isinstance(x, jax.Array)
-            else x
-        ),
-        tree(mesh, 0),
-    )
+    return abstract(tree(mesh, 0))
 
 
 def check(got, mesh, step):

@@ -9,8 +9,9 @@ from one `syncfs` of the file system after all files are written (Linux), much c
 writes into a hidden sibling directory and renames it into place; a deletion renames the
 checkpoint to a hidden name first. A save may write over the files of a deleted step
 (`begin_in`): creating a file costs ext4 several times what writing over one does; a file with
-other links, or that anyone holds open or mapped, is replaced instead (`_open_to_write`). Files of a checkpoint are opened without following symbolic
-links: a checkpoint from elsewhere is untrusted input.
+other links, or that anyone holds open or mapped, is replaced instead (`_open_to_write`).
+Files of a checkpoint are opened without following symbolic links: a checkpoint from elsewhere
+is untrusted input.
 """
 
 from __future__ import annotations
