@@ -178,4 +178,5 @@ def test_retention_loop_quick_mode(tmp_path):
         "retention_loop.py", "--quick", "--workdir", str(tmp_path / "w"), tmp_path=tmp_path
     )
     for system in ("asyncckpt", "asyncckpt-fresh", "orbax"):
-        assert re.search(rf"^\| small \| {system} \| [\d.]+ \| [\d.]+ \|", stdout, re.M), stdout
+        row = rf"^\| small \| {system} \| -?[\d.]+ \| [\d.]+ \|"  # (noise: CPU may be < 0)
+        assert re.search(row, stdout, re.M), stdout
