@@ -52,9 +52,9 @@ def begin_write(
 def _begin_in(
     dest: Storage, spare: Storage, replace: bool, specs: list[ArraySpec]
 ) -> Storage | None:
-    """`Storage.begin_in`, after reading which files `spare` holds (its root document), then
-    without those the new checkpoint does not write, so that no file of the new one is a
-    directory of the old, or the reverse. None, `spare` removed, where that cannot be done."""
+    """`Storage.begin_in`, after learning which files `spare` holds (`_recall`), then without
+    those the new checkpoint does not write, so that no file of the new one is a directory of
+    the old, or the reverse. None, `spare` removed, where that cannot be done."""
     try:
         old = _recall(spare) if dest.recycles else None
         staged = dest.begin_in(spare, replace=replace) if old is not None else None
