@@ -525,9 +525,13 @@ class CheckpointManager:
 
     def _take_spare(self) -> Storage | None:
         """The files of a deleted step for the save that writes now (job thread), or None."""
+        spare = self._pop_spare()
+        return spare[1] if spare is not None else None
+
+    def _pop_spare(self) -> tuple[int, Storage] | None:
         with self._mutex:
             spare, self._spare = self._spare, None
-        return spare[1] if spare is not None else None
+        return spare
 
     def _set_aside(self, step: int) -> Storage:
         """Move the damaged `step` out of the listing, kept whole for inspection (job thread)."""
@@ -728,9 +732,7 @@ class CheckpointManager:
             return
         try:
             self.wait_until_finished()
-            with self._mutex:
-                spare, self._spare = self._spare, None
-            if spare is not None:
+            if (spare := self._pop_spare()) is not None:
                 self._remove_files(spare[1], spare[0])
                 self.wait_until_finished()
         finally:

@@ -57,6 +57,7 @@ import asyncckpt as ac  # noqa: E402
 
 SYSTEMS = ("asyncckpt", "asyncckpt-fresh", "orbax")
 MARK = "RETENTION_RESULT "
+KEYS = ("cycle_cpu_s", "train_slowdown", "durable_loaded_s", "train_lost_s")
 
 
 class Asyncckpt(co.AsyncckptSystem):
@@ -149,13 +150,6 @@ def run_child(args, system: str, workload: str, root: str) -> dict:
     return json.loads(marked[-1][len(MARK) :])
 
 
-def median(records: list[dict], workload: str, system: str, key: str) -> float | None:
-    values = [
-        r[key] for r in records if r["workload"] == workload and r["system"] == system and key in r
-    ]
-    return statistics.median(values) if values else None
-
-
 def ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b <= 0 else f"{a / b:.2f}"
 
@@ -167,9 +161,9 @@ def print_table(records: list[dict], workloads: list[str], systems: list[str]) -
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for w in workloads:
-        o = {k: median(records, w, "orbax", k) for k in co_keys()}
+        o = {k: co.median_of(records, w, "orbax", k) for k in KEYS}
         for s in systems:
-            m = {k: median(records, w, s, k) for k in co_keys()}
+            m = {k: co.median_of(records, w, s, k) for k in KEYS}
             if m["cycle_cpu_s"] is None:
                 print(f"| {w} | {s} | failed | | | | | | | |")
                 continue
@@ -190,10 +184,6 @@ def print_table(records: list[dict], workloads: list[str], systems: list[str]) -
             else:
                 cells += ["", "", "", ""]
             print(f"| {w} | {s} | " + " | ".join(cells) + " |")
-
-
-def co_keys() -> tuple[str, ...]:
-    return ("cycle_cpu_s", "train_slowdown", "durable_loaded_s", "train_lost_s")
 
 
 def main() -> int:
