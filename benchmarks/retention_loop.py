@@ -108,17 +108,12 @@ def child(system: str, workload: str, root: str, scale: float, reps: int, option
             c0 = co.cpu_s()
             idle.append(train())
             idle_cpu.append(co.cpu_s() - c0)
-        iter_s = statistics.median(train_n(30) / 30 for _ in range(3))  # one step, idle
+        step_s = co.idle_step_s(train_n)
         durable, lost = [], []
         for _ in range(2):
-            iters = 0
-            t0 = time.perf_counter()
-            sysobj.save(step, tree)
-            while not sysobj.committed(step):
-                train_n(3)
-                iters += 3
-            durable.append(time.perf_counter() - t0)
-            lost.append(durable[-1] - iters * iter_s)
+            seconds, steps = co.time_to_durable(sysobj, step, tree, co.train_steps(train_n))
+            durable.append(seconds)
+            lost.append(seconds - steps * step_s)
             sysobj.wait_until_finished()
             step += 1
             os.sync()

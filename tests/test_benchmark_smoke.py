@@ -2,6 +2,7 @@
 every restore, asyncckpt's and Orbax's, is checked leaf by leaf inside it. No timing asserted."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -60,6 +61,8 @@ def test_compare_orbax_quick_mode(tmp_path):
             "durable_loaded_s",
         ):
             assert r[metric] > 0, (r["system"], r["workload"], metric)
+        # at quick mode's scale the loop's own drift can exceed what a save costs: a number
+        assert math.isfinite(r["train_lost_s"]), r
 
 
 @pytest.mark.slow
