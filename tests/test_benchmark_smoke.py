@@ -173,6 +173,7 @@ def test_inode_reuse_runs_every_mode(tmp_path):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_retention_loop_quick_mode(tmp_path):
     """Training with retention, both libraries, asyncckpt with and without writing over the
