@@ -46,7 +46,7 @@ class AsyncCheckpointer:
     is raised by the next `save()`, `wait_until_finished()`, `check_for_errors()` or `close()`.
 
     Args:
-        max_workers: threads for file I/O and host copies (default: 4 per core, 4 to 32).
+        max_workers: threads for file I/O and host copies (default: 2 per core, 4 to 32).
         reuse_host_memory: keep the host buffers of a finished save for the next one. Saves of
             the same tree then skip first-touch page faults, at the cost of holding one host copy
             of the tree between saves. `close()` frees it.
