@@ -122,8 +122,8 @@ class CheckpointManager:
             removes what it did not write: for trees of thousands of small arrays that is about
             3x less kernel time a file, and no removal in the background. A file another step
             links (`incremental`) or that any process holds open or mapped (a restored array)
-            is never written over: it is replaced by a new one. At most one deleted step waits
-            like this; `close()` removes it, and `delete()` removes a step's files at once.
+            is never written over: it is replaced by a new one. The same holds for a step
+            `delete()` deleted. At most one deleted step waits like this; `close()` removes it.
             False removes every deleted step at once.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, read_once,
             barrier_timeout_s, background_nice, urgent_after_s: as for `AsyncCheckpointer`.
@@ -466,9 +466,12 @@ class CheckpointManager:
     # -- deleting ------------------------------------------------------------------------------
 
     def delete(self, step: int) -> None:
-        """Delete a committed step: it leaves the listing at once (one rename); its files are
-        removed in the background (`wait_until_finished` waits for that). The saves this
-        manager has in flight are waited for first."""
+        """Delete a committed step: it leaves the listing at once (one rename). As with
+        retention, on a local or mounted file system its files then wait under a hidden name
+        for the next save to write over (`reuse_deleted_files`; the step deleted before is
+        removed then), and `close()` removes them if no save comes; otherwise they are removed
+        in the background (`wait_until_finished` waits for that). The saves this manager has
+        in flight are waited for first."""
         self._check_writable("delete")
         step = _check_step(step)
         self._settle()
@@ -481,7 +484,11 @@ class CheckpointManager:
             coord.barrier("checked", f"deleting step {step} of {self._dir.url}")
         deleted = True
         if self._leader:
-            deleted = self._engine.wait_for(self._engine.submit(self._delete_now, step))
+            deleted = self._engine.wait_for(
+                self._engine.submit(
+                    functools.partial(self._delete_now, keep_files=self._reuse_deleted), step
+                )
+            )
         if coord is not None:  # the others list the step until process 0 has renamed it
             coord.barrier("deleted", f"deleting step {step} of {self._dir.url}")
             self._follow()

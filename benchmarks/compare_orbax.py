@@ -35,7 +35,9 @@ Save child (a training job after its first save):
                        that spreads its work thin and one that finishes fast compare fairly
   Each system uses one `CheckpointManager` for all saves (orbax's with asynchronous checkpointing
   and `args.StandardSave`), with their default options (orbax's include zstd compression of the
-  data; asyncckpt writes it uncompressed). A delete is timed until its files are gone.
+  data; asyncckpt writes it uncompressed). A delete is timed until its files are gone, or for
+  asyncckpt on a file system (`reuse_deleted_files`, the default) until they are out of the listing,
+  kept for the next save to write over: each save here follows a deletion, as under retention.
 
 Restore child (a job resuming from the checkpoint):
   builds the abstract target (`jax.ShapeDtypeStruct` with the saved shardings, no data), then
@@ -197,7 +199,9 @@ class AsyncckptSystem:
 
     def delete(self, step: int) -> None:
         self._mgr.delete(step)
-        self._mgr.wait_until_finished()  # its files are removed in the background: count them
+        # its files wait for the next save, and those deleted before are removed in the
+        # background: count that
+        self._mgr.wait_until_finished()
 
     def restore(self, step: int, target):
         return self._mgr.restore(step, target)

@@ -184,3 +184,14 @@ def test_retention_loop_quick_mode(tmp_path):
     for system in ("asyncckpt", "asyncckpt-fresh", "orbax"):
         row = rf"^\| small \| {system} \| -?[\d.]+ \| [\d.]+ \|"  # (noise: CPU may be < 0)
         assert re.search(row, stdout, re.M), stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_save_after_delete_quick_mode(tmp_path):
+    stdout = run_benchmark(
+        "save_after_delete.py", "--quick", "--dir", str(tmp_path), tmp_path=tmp_path
+    )
+    rows = re.findall(r"^\| (delete|delete-fresh|retain) \| ([0-9.]+) \|", stdout, re.M)
+    assert [mode for mode, _ in rows] == ["delete", "delete-fresh", "retain"]
+    assert all(math.isfinite(float(t)) and float(t) > 0 for _, t in rows)

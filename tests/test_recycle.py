@@ -4,7 +4,8 @@ retention deleted last, instead of creating thousands of files and removing as m
 What must hold: every step reads back bit for bit; a recycled step holds exactly the files a
 fresh save of the same tree holds; a file another step links, or that anyone holds open or
 mapped, never changes; a save that fails in the middle leaves every committed step whole;
-`close()`, `delete()` and object stores leave no deleted files behind."""
+`close()` and object stores leave no deleted files behind, and `delete()` keeps none but the
+step it deleted."""
 
 import errno
 import mmap
@@ -198,7 +199,9 @@ def test_a_save_that_fails_writing_over_a_deleted_step_leaves_every_step_whole(
 
 
 def test_deleted_steps_leave_no_files_where_nothing_is_reused(root, mesh):
-    """Object stores, `reuse_deleted_files=False` and `delete()` remove a step's files at once."""
+    """Object stores and `reuse_deleted_files=False` remove a step's files at once, whether
+    retention or `delete()` deleted it; on a file system with reuse, `delete()` keeps the files
+    of the step it deleted (in place of those retention kept) for the next save to write over."""
     local = not str(root).startswith("s3://")
     for reuse in (True, False) if local else (True,):
         run = root / f"run-{reuse}"
@@ -210,11 +213,14 @@ def test_deleted_steps_leave_no_files_where_nothing_is_reused(root, mesh):
             names = open_storage(str(run)).list_dir()
             assert "3" in names
             assert len([n for n in names if n not in ("3", ".asyncckpt.lock")]) == kept
+            third = files(run / "3") if kept else {}
             mgr.delete(3)
             mgr.wait_until_finished()
             assert mgr.all_steps() == []
-            names = open_storage(str(run)).list_dir()  # step 3's files went at once
-            assert len([n for n in names if n != ".asyncckpt.lock"]) == kept
+            names = [n for n in open_storage(str(run)).list_dir() if n != ".asyncckpt.lock"]
+            assert len(names) == kept  # step 2's files went at once, and step 3's unless kept
+            if kept:  # the files waiting now are step 3's
+                assert files(run / names[0]) == third
             mgr.save(4, tree_a(mesh, 4))
             mgr.wait_until_finished()
             assert mgr.all_steps() == [4]
@@ -222,6 +228,10 @@ def test_deleted_steps_leave_no_files_where_nothing_is_reused(root, mesh):
             store = open_storage(str(run))
             assert [n for n in store.list_dir() if not n.startswith(".asyncckpt.lock")] == ["4"]
             assert store.leftovers() == []
+            if kept:  # step 4 was written over step 3's files
+                fourth = files(run / "4")
+                chunks = [k for k in third if k != "zarr.json"]
+                assert [fourth[k][1] for k in chunks] == [third[k][1] for k in chunks]
 
 
 @pytest.mark.parametrize("nbytes", [100, 3 << 20], ids=["buffered", "O_DIRECT"])
