@@ -255,8 +255,14 @@ def test_links_out_of_a_checkpoint_are_refused(place, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(outside, os.path.join(place.url, "evil"))
+    os.symlink(outside, os.path.join(place.url, "ok", "deep"))
     with pytest.raises(ac.CorruptCheckpointError, match=r"evil is a symbolic link"):
         place.check_no_links("evil/x", "test", set())
+    seen: set[str] = set()  # one restore: each directory is listed once, links found in it
+    place.check_no_links("ok/x", "test", seen)
+    for name, link in (("ok/deep/x", "ok/deep"), ("evil/y", "evil")):
+        with pytest.raises(ac.CorruptCheckpointError, match=rf"{link} is a symbolic link"):
+            place.check_no_links(name, "test", seen)
 
 
 # ----------------------------------------------------------------------------------- listing

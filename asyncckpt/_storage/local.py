@@ -260,18 +260,27 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
-        path = self.url
+        """Each directory on the way is listed once (`scandir`: the entry types come with the
+        names, no `lstat` of each) and its entries that are no links go into `seen`: a restore
+        of thousands of arrays in a few groups makes a few listings, not thousands of `lstat`s
+        (on a cold cache each reads an inode on the caller's thread)."""
+        parent = self.url
         for part in name.split("/"):
-            path = os.path.join(path, part)
-            if path in seen:
-                continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return  # the read reports what is missing
-            if stat.S_ISLNK(st.st_mode):
-                raise _link(path, where)
-            seen.add(path)
+            path = f"{parent}/{part}"
+            if path not in seen:
+                listed = f"{parent}/\0"  # a marker: `parent` was listed into `seen`
+                if listed not in seen:
+                    seen.add(listed)
+                    try:
+                        with os.scandir(parent) as entries:
+                            seen.update(e.path for e in entries if not e.is_symlink())
+                    except FileNotFoundError:
+                        return  # the read reports what is missing
+                if path not in seen:  # a link, or missing (the read reports that)
+                    if os.path.islink(path):
+                        raise _link(path, where)
+                    return
+            parent = path
 
     def identity(self) -> tuple[int, int] | None:
         """(device, inode) of the directory: a replaced checkpoint has another."""
