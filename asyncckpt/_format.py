@@ -157,7 +157,10 @@ class ArraySpec:
 
     def chunk_coords(self) -> list[tuple[int, ...]]:
         """Coordinates of every chunk in C order (`[()]` when 0-d, none when empty)."""
-        return [tuple(c) for c in np.ndindex(*self.grid)] if self.shape else [()]
+        grid = self.grid
+        if all(n == 1 for n in grid):  # one chunk (most small arrays): no np.ndindex
+            return [(0,) * len(grid)]
+        return [tuple(c) for c in np.ndindex(*grid)]
 
     def chunk_slices(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, self.chunk_shape))
