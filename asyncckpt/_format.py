@@ -62,14 +62,10 @@ def escape_part(part: str) -> str:
     """Escape one keypath part into a valid Zarr node name (injective up to hash collisions)."""
     if part == "":
         return "~"
-    if (  # most parts need no escaping: checked in C, as restores escape thousands of names
-        len(part) <= _MAX_PART
-        and _SAFE.issuperset(part)
-        and part not in _RESERVED
-        and not part.startswith("__")
-    ):
-        return part
-    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
+    if _SAFE.issuperset(part):  # most parts: checked in C (restores escape thousands of names)
+        out = part
+    else:
+        out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
     if out in _RESERVED or out.startswith("__"):
         out = f"%{ord(out[0]):02X}{out[1:]}"
     if len(out) > _MAX_PART:

@@ -170,7 +170,7 @@ def _chunk_tasks(
     ckpt: Storage, spec: ArraySpec, requests: list[_Request], where: str, seen: set[str]
 ) -> list[Any]:
     """One (cost, task) per chunk that some request needs; chunks nobody needs are never read.
-    `seen`: directories already checked not to be symbolic links."""
+    `seen`: what `check_no_links` found already in this restore."""
     ckpt.check_no_links(spec.name, where, seen)
     tasks = []
     for coords in spec.chunk_coords():

@@ -235,7 +235,8 @@ class Storage(ABC):
 
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         """Refuse a variable whose directory is or passes through a symbolic link (which could
-        lead outside the checkpoint); `seen`: directories already checked."""
+        lead outside the checkpoint); `seen`: what the backend found already, kept by the caller
+        across the arrays of one restore (an empty set for the first)."""
         return None  # the default: nothing to do
 
     def identity(self) -> Any:
