@@ -270,37 +270,43 @@ def test_writing_a_file_that_exists_changes_it_only_where_nobody_else_holds_it(t
     assert (tmp_path / "mapped").read_bytes() == new.tobytes()
 
 
-def test_the_arrays_of_a_step_written_here_are_known_without_reading_it_back(
+def test_a_step_written_here_is_known_without_parsing_its_root_document(
     tmp_path, mesh, monkeypatch
 ):
-    """Listing what a deleted step holds costs ~25 us an array from its root document: a step
-    this process committed is known already, unless its directory was replaced since."""
-    import shutil
+    """Parsing a root document costs ~25 us an array: what a step this process committed holds
+    (chunk hashes for the next save to reuse, files for a save that writes over it once it is
+    deleted) is remembered, and used while its root document is byte for byte the one
+    written; a document changed since is parsed."""
+    import json
+    import sys
 
-    from asyncckpt import _save
+    from asyncckpt import _format
 
-    read = []
-    real = _save._restore.read_root
+    parsed = []
+    real = _format.parse_root_doc
 
-    def spy(ckpt):
-        if ".asyncckpt-deleting-" in ckpt.url:
-            read.append(ckpt.url)
-        return real(ckpt)
+    def spy(raw, where):
+        if sys._getframe(1).f_code.co_name == "_read_written":
+            parsed.append(where)
+        return real(raw, where)
 
-    monkeypatch.setattr(_save._restore, "read_root", spy)
+    monkeypatch.setattr(_format, "parse_root_doc", spy)
     run = tmp_path / "run"
     with ac.CheckpointManager(run, max_to_keep=1) as mgr:
         for k in (1, 2, 3):
-            mgr.save(k, tree_a(mesh, k))
+            mgr.save(k, tree_a(mesh, 1))  # the same content: every chunk reused
             mgr.wait_until_finished()
-        assert read == []  # step 3 was written over step 1 without reading it
-        shutil.copytree(run / "3", run / "3.copy")  # step 3 replaced behind the manager's back
-        shutil.rmtree(run / "3")
-        os.rename(run / "3.copy", run / "3")
+        assert parsed == []  # steps 2 and 3 reused and wrote over earlier steps: none parsed
+        stats = mgr.last_save_stats()
+        assert stats.reused_bytes == stats.bytes > 0
+        doc = run / "3" / "zarr.json"  # the same document in other bytes
+        doc.write_text(json.dumps(json.loads(doc.read_text()), indent=1))
         for k in (4, 5):
-            mgr.save(k, tree_c(mesh) if k == 5 else tree_a(mesh, k))
+            mgr.save(k, tree_c(mesh) if k == 5 else tree_a(mesh, 1))
             mgr.wait_until_finished()
-        assert len(read) == 1  # step 5, over step 3's files: read, since they are not as written
+        # step 4 reused step 3's chunks, step 5 wrote over step 3's files: both parsed it
+        assert len(parsed) == 2 and parsed[0].endswith("/run/3")
+        assert ".3.asyncckpt-deleting-" in parsed[1]
         restores(mgr, 5, tree_c(mesh))
     ac.save(tmp_path / "fresh", tree_c(mesh))
     assert files(run / "5").keys() == files(tmp_path / "fresh").keys()
