@@ -35,6 +35,12 @@ NETWORK_WORKERS = 64
 per-request latency (tens of ms) bounds throughput unless many are in flight."""
 
 
+STALL_S = 0.05
+"""How long a batch of tasks that runs on fewer threads than it could (`run_all(lanes=...)`)
+may go without a task starting or ending before a waiting caller joins it: its threads may be
+getting no CPU time (lowered priority under a busy loop)."""
+
+
 Priority = int | Literal["idle"]
 """How much background threads yield the CPU: "idle" (Linux `SCHED_IDLE`: they run only on CPU
 time no other thread wants), or a niceness to add (0 to 19; 0 keeps the caller's priority)."""
@@ -104,18 +110,32 @@ def _restore_priority(tids: set[int], nice: int) -> set[int]:
 
 class _Batch:
     """Tasks that the threads of a pool, and callers that wait for them, take one at a time.
-    After a failure no further task starts; `wait` returns once the started ones have ended."""
+    After a failure no further task starts; `wait` returns once the started ones have ended.
+    `lanes`: the pool threads it runs on, if fewer than the pool's; callers then join it only
+    once it stalls (`wants_help`)."""
 
-    def __init__(self, tasks: Sequence[Callable[[], Any]]) -> None:
+    def __init__(self, tasks: Sequence[Callable[[], Any]], lanes: int | None = None) -> None:
         self._tasks: list[Callable[[], Any] | None] = list(tasks)
         self._next = 0
         self._running = 0
         self._cond = threading.Condition()
         self.error: BaseException | None = None
+        self.lanes = lanes
+        self._progress = time.monotonic()  # when a task last started or ended
 
     def has_work(self) -> bool:
         with self._cond:
             return self.error is None and self._next < len(self._tasks)
+
+    def wants_help(self) -> bool:
+        """Whether a waiting caller should take tasks: there are some, and the batch runs on
+        all the threads it may, or no task of it started or ended for `STALL_S`."""
+        with self._cond:
+            return (
+                self.error is None
+                and self._next < len(self._tasks)
+                and (self.lanes is None or time.monotonic() - self._progress >= STALL_S)
+            )
 
     def run(self) -> None:
         """Run tasks until none is left. An exception that is not an `Exception` (a
@@ -128,6 +148,7 @@ class _Batch:
                 self._tasks[self._next] = None  # once taken, only this thread holds it
                 self._next += 1
                 self._running += 1
+                self._progress = time.monotonic()
             assert task is not None
             try:
                 task()
@@ -144,6 +165,7 @@ class _Batch:
                 task = None
                 with self._cond:
                     self._running -= 1
+                    self._progress = time.monotonic()
                     self._cond.notify_all()
 
     def wait(self) -> None:
@@ -221,23 +243,33 @@ class Workers:
         return 4 * threads if background and not network else threads
 
     def run_all(
-        self, tasks: Sequence[Callable[[], Any]], *, background: bool = False, network: bool = False
+        self,
+        tasks: Sequence[Callable[[], Any]],
+        *,
+        background: bool = False,
+        network: bool = False,
+        lanes: int | None = None,
     ) -> None:
         """Run `tasks` on a pool and wait; on the first failure start no more and raise it.
         `network`: the tasks make object-store requests (the larger, lower-priority pool).
-        `background`: a save's writes, which a caller in `help_until` also runs."""
+        `background`: a save's writes, which a caller in `help_until` also runs.
+        `lanes`: on at most this many of the pool's threads, for tasks that hold the GIL most of
+        their time (thousands of small files): more threads only hand it to each other (a save
+        of 4000 small leaves on 2 writers took 0.76 CPU s, on 1 0.33 s; benchmarks/README.md);
+        a caller in `help_until` joins them only if they stall."""
         if len(tasks) <= 1 and not background:
             for task in tasks:
                 task()
             return
         pool = self._network if network else self._background if background else self._pool
-        batch = _Batch(tasks)
+        threads = self._threads(network, background)
+        batch = _Batch(tasks, lanes if lanes is not None and lanes < threads else None)
         if background:
             with self._changed:
                 self._batches.append(batch)
                 self._changed.notify_all()
         try:
-            for _ in range(min(len(tasks), self._threads(network, background))):
+            for _ in range(min(len(tasks), batch.lanes or threads)):
                 pool.submit(batch.run)
             batch.wait()
         finally:
@@ -249,15 +281,15 @@ class Workers:
 
     def help_until(self, future: Future[Any]) -> None:
         """Run the background writes of the saves in flight on the calling thread until `future`
-        is done: the caller waits for a save, so it lends its thread (and priority) to it."""
+        is done: the caller waits for a save, so it lends its thread (and priority) to it;
+        to a batch on fewer threads than the pool's (`lanes`) only once it stalls."""
         future.add_done_callback(lambda _: self._notify())
         while not future.done():
             with self._changed:
-                batch = next((b for b in self._batches if b.has_work()), None)
+                batch = next((b for b in self._batches if b.wants_help()), None)
                 if batch is None:
-                    self._changed.wait_for(
-                        lambda: future.done() or any(b.has_work() for b in self._batches)
-                    )
+                    if not future.done():  # woken by a batch, the save's end, or to look again
+                        self._changed.wait(STALL_S if any(b.lanes for b in self._batches) else None)
                     continue
             batch.run()
 

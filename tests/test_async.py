@@ -130,6 +130,33 @@ def test_writing_happens_off_the_callers_thread(tmp_path, monkeypatch):
     assert len(threads) == 50 and all(t.startswith("asyncckpt-write") for t in threads)
 
 
+def test_small_files_are_written_by_one_thread_that_a_waiting_caller_leaves_alone(
+    tmp_path, monkeypatch
+):
+    """Thousands of small files are Python's work more than the disk's: one writer thread takes
+    them (two only hand the GIL to each other), and a caller that waits for the save joins in
+    only if that thread stalls (`STALL_S`; here never), while large chunks go to every writer."""
+    from asyncckpt import _executor
+
+    monkeypatch.setattr(_executor, "STALL_S", 60.0)
+    threads = _spy_writes(monkeypatch, delay_on_writers=0.002)
+    small = {f"x{i}": np.full(1024, i, np.float32) for i in range(300)}
+    with ac.AsyncCheckpointer(max_workers=8) as ckptr:
+        ckptr.save(tmp_path / "small", small)
+        ckptr.wait_until_finished()
+        assert len(threads) == 300 and len(set(threads)) == 1, set(threads)
+        assert threads[0].startswith("asyncckpt-write")
+        threads.clear()
+        large = {f"y{i}": np.full(1 << 18, i, np.float32) for i in range(16)}  # 1 MiB each
+        ckptr.save(tmp_path / "large", large)
+        ckptr.wait_until_finished()
+        assert len(threads) == 16 and len(set(threads)) > 1, set(threads)
+    for path, tree in ((tmp_path / "small", small), (tmp_path / "large", large)):
+        back = ac.restore(path)
+        for name, value in tree.items():
+            assert_same(back[name], value)
+
+
 @pytest.mark.parametrize("urgent_after_s", [0.3, None])
 def test_a_save_still_writing_after_urgent_after_s_gets_a_writer_at_the_callers_priority(
     tmp_path, monkeypatch, urgent_after_s
