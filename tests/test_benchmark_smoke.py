@@ -195,3 +195,23 @@ def test_save_after_delete_quick_mode(tmp_path):
     rows = re.findall(r"^\| (delete|delete-fresh|retain) \| ([0-9.]+) \|", stdout, re.M)
     assert [mode for mode, _ in rows] == ["delete", "delete-fresh", "retain"]
     assert all(math.isfinite(float(t)) and float(t) > 0 for _, t in rows)
+
+
+@pytest.mark.timeout(300)
+def test_save_loop_reports_each_checkout_idle_and_under_load(tmp_path):
+    """The save-loop diagnostic on a twentieth of the small tree, two checkouts taking turns
+    (here the same one twice): medians of the saves after the first two, CPU time idle and
+    training lost under the loop."""
+    src = os.path.dirname(BENCHMARKS)
+    common = ["--scale", "0.05", "--saves", "4", "--rounds", "1", "--dir", str(tmp_path)]
+    stdout = run_benchmark("save_loop.py", *common, "--src", src, "--src", src, tmp_path=tmp_path)
+    rows = re.findall(
+        r"^(.+): +blocking ([\d.]+) s  commit ([\d.]+) s  cpu ([\d.]+) s$", stdout, re.M
+    )
+    assert [r[0] for r in rows] == [src, src], stdout
+    assert all(float(v) > 0 for r in rows for v in r[1:]), stdout
+    stdout = run_benchmark("save_loop.py", *common, "--load", tmp_path=tmp_path)
+    assert re.search(
+        r"^this checkout: +blocking [\d.]+ s  commit [\d.]+ s  lost -?[\d.]+ s$", stdout, re.M
+    ), stdout
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
