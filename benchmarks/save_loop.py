@@ -39,29 +39,13 @@ SKIPPED = 2  # saves of each process left out: the first writes every file, the 
 
 def child(args) -> None:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from compare_orbax import make_train_loop
     from workloads import build_tree, make_mesh, workload_specs
 
     import asyncckpt as ac
 
-    mesh = make_mesh()
     tree = build_tree(workload_specs(args.workload, args.scale), args.seed)
-    x = jax.device_put(np.full((1024, 1024), 1e-3, np.float32), NamedSharding(mesh, P("x", None)))
-    w = jax.device_put(np.eye(1024, dtype=np.float32), NamedSharding(mesh, P()))
-    train_step = jax.jit(lambda v: jnp.tanh(v @ w))  # compare_orbax.py's training loop
-
-    def train(n: int) -> float:
-        t0 = time.perf_counter()
-        y = x
-        for _ in range(n):
-            y = train_step(y)
-        jax.block_until_ready(y)
-        return time.perf_counter() - t0
-
-    train(2)  # compile
+    _, train = make_train_loop(make_mesh())  # compare_orbax.py's training loop: train(n steps)
     step_s = statistics.median(train(30) / 30 for _ in range(3))
 
     def bump(t):
