@@ -95,7 +95,7 @@ _WRITTEN_LOCK = threading.Lock()
 def _remember(root: bytes, written: _Written) -> None:
     """What the checkpoint whose root document is `root` holds, for the next save that reuses
     its chunks (`Reuse.of`) or writes over its files once it is deleted (`_recall`): parsing its
-    4000 array documents back costs ~25 us each, a third of a small save's CPU time."""
+    4000 array documents back costs ~25 us each, a tenth of a small save's CPU time."""
     with _WRITTEN_LOCK:
         _WRITTEN[xxhash.xxh3_128_hexdigest(root)] = written
         while len(_WRITTEN) > _WRITTEN_MAX:
