@@ -288,8 +288,10 @@ def _write_tree(
             network=net,
             lanes=lanes,
         )
-        small = [a for a in snap.arrays if _inline_bytes(a) <= _SERIAL_BYTES]
-        large = [a for a in snap.arrays if _inline_bytes(a) > _SERIAL_BYTES]
+        small: list[HostArray] = []
+        large: list[HostArray] = []
+        for array in snap.arrays:
+            (small if _inline_bytes(array) <= _SERIAL_BYTES else large).append(array)
         for arrays, n, lane in ((small, serial_parts, lanes), (large, parts, None)):
             workers.run_all(
                 [
