@@ -17,13 +17,13 @@ from . import _format, _restore, _safetensors, _tree
 from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
+    DEFAULT_DURABLE_WITHIN_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
-    DEFAULT_URGENT_AFTER_S,
     Engine,
     check_inflight,
     timed_restore,
 )
-from ._executor import Priority, Workers
+from ._executor import UNSET, Priority, Workers, _Unset
 from ._storage import Storage, open_storage
 from ._telemetry import RestoreStats, SaveStats
 from .errors import CheckpointReadError, CorruptCheckpointError, VariableNotFoundError
@@ -67,12 +67,17 @@ class AsyncCheckpointer:
             nothing else wants; or a niceness to add, 0 to 19 (0: the caller's priority). A save
             then takes longer only while the CPU is busy, and a caller that has to wait for one
             (the next `save`, `wait_until_finished`, `close`) writes on its own thread too.
-        urgent_after_s: a save still writing this many seconds (default 10) after `save()`
-            returned gets one more writer thread at the caller's priority, and its writers that
-            priority back where the process may raise priorities, so that a training loop
-            keeping every core busy cannot hold a step back from being durable for long (the
-            idle writers get almost no CPU time then). Smaller: durable sooner under load, at
-            the cost of slowing training while the save writes; None: never; 0: from the start.
+        durable_within_s: how soon a save should be durable (default 3 s after `save()`) even
+            when a training loop keeps every core busy and leaves the idle-priority writers
+            almost no CPU time: one more writer thread, at the caller's priority, writes only
+            while the save is behind a straight line from `save()` to 80% of this time, so the
+            CPU time the save takes from training is spread over it rather than taken at once
+            (where the process may raise priorities, threads holding work the save waits for
+            get the caller's priority while it is behind). On an idle CPU a save is done
+            sooner, by the idle writers. Smaller: durable sooner under load, training slowed
+            more meanwhile; 0: written at the caller's priority from the start; None: only by
+            the idle writers (and a caller that waits). `urgent_after_s`, its former name
+            (deprecated), is read as `durable_within_s`.
     """
 
     def __init__(
@@ -85,7 +90,8 @@ class AsyncCheckpointer:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
-        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
+        durable_within_s: float | None = DEFAULT_DURABLE_WITHIN_S,
+        urgent_after_s: float | None | _Unset = UNSET,
     ) -> None:
         self._engine = Engine(
             owner="this AsyncCheckpointer",
@@ -96,6 +102,7 @@ class AsyncCheckpointer:
             read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
+            durable_within_s=durable_within_s,
             urgent_after_s=urgent_after_s,
         )
 

@@ -23,7 +23,14 @@ from typing import Any, TypeVar
 import jax
 
 from . import _distributed, _format, _restore, _save, _telemetry
-from ._executor import Priority, Workers, at_interpreter_exit
+from ._executor import (
+    UNSET,
+    Priority,
+    Workers,
+    _Unset,
+    at_interpreter_exit,
+    check_durable_within,
+)
 from ._snapshot import ArenaPool, Snapshot, take_snapshot
 from ._storage import Storage
 from .errors import ClosedError
@@ -31,11 +38,12 @@ from .errors import ClosedError
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 DEFAULT_BARRIER_TIMEOUT_S = 300.0
 DEFAULT_BACKGROUND_NICE: Priority = "idle"
-DEFAULT_URGENT_AFTER_S: float | None = 10.0
-"""Long enough that training is not slowed for a save while it runs (idle-priority writers: 1.01x
-against 1.14-1.18x with 0), short enough that none is starved for a minute under a loop that
-keeps every core busy (1 GiB then becomes durable when the urgent writer steps in; 4000 small
-leaves once took 62 s). benchmarks/README.md, "Writes around the page cache"."""
+DEFAULT_DURABLE_WITHIN_S: float | None = 3.0
+"""A save under a loop that keeps every core busy is paced to be written in 2.4 s (`LINE_END`)
+and durable in about 3 (2.5-2.8 s for 1 GB under a loop on both cores here, where the idle
+writers alone took 10 s and more), slow enough that the 1.5 s of training after `save()` lose
+about half of what a save written at once costs them (4000 small leaves: two thirds);
+benchmarks/README.md, "Paced writes"."""
 log = logging.getLogger("asyncckpt")
 T = TypeVar("T")
 
@@ -59,7 +67,8 @@ class Engine:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
-        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
+        durable_within_s: float | None = DEFAULT_DURABLE_WITHIN_S,
+        urgent_after_s: float | None | _Unset = UNSET,
         close_at_exit: Callable[[], None] | None = None,
     ) -> None:
         """`close_at_exit`: what finishes the owner's work at interpreter exit (default: this
@@ -70,7 +79,9 @@ class Engine:
             close_at_exit  # for messages: "this AsyncCheckpointer", "this CheckpointManager of X"
         )
         self.workers = Workers(
-            max_workers, background_nice=background_nice, urgent_after_s=urgent_after_s
+            max_workers,
+            background_nice=background_nice,
+            durable_within_s=check_durable_within(durable_within_s, urgent_after_s),
         )
         self.barrier_timeout_s = barrier_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
@@ -142,7 +153,7 @@ class Engine:
             for array in snap.arrays:
                 array.extra.extend(received.get(array.spec.name, ()))
         phases.add("blocking", time.perf_counter() - t0)
-        future = self.workers.submit_job(
+        future = self.workers.submit_save(
             self._write,
             snap,
             dest,
@@ -157,7 +168,6 @@ class Engine:
             local_coord,
             offer,
         )
-        self.workers.urgent_after(future)
         with self._lock:
             self._pending.append((target.url, future))
         _finish_at_exit(self)

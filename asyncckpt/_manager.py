@@ -30,11 +30,11 @@ from . import _directory, _distributed, _format, _restore, _telemetry
 from ._engine import (
     DEFAULT_BACKGROUND_NICE,
     DEFAULT_BARRIER_TIMEOUT_S,
+    DEFAULT_DURABLE_WITHIN_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
-    DEFAULT_URGENT_AFTER_S,
     Engine,
 )
-from ._executor import Priority
+from ._executor import UNSET, Priority, _Unset
 from ._local import LocalTier
 from ._preemption import PreemptionWatch
 from ._retention import (
@@ -126,7 +126,7 @@ class CheckpointManager:
             `delete()` deleted. At most one deleted step waits like this; `close()` removes it.
             False removes every deleted step at once.
         max_workers, reuse_host_memory, max_inflight_bytes, map_files, read_once,
-            barrier_timeout_s, background_nice, urgent_after_s: as for `AsyncCheckpointer`.
+            barrier_timeout_s, background_nice, durable_within_s: as for `AsyncCheckpointer`.
         local_directory: a node-local tier (docs/MULTITIER.md): a path on each host, never
             shared, where each process saves every shard its devices hold, every
             `local_save_interval_steps` steps, keeping `local_max_to_keep` of them; a shard that
@@ -164,7 +164,8 @@ class CheckpointManager:
         read_once: bool | None = None,
         barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
         background_nice: Priority = DEFAULT_BACKGROUND_NICE,
-        urgent_after_s: float | None = DEFAULT_URGENT_AFTER_S,
+        durable_within_s: float | None = DEFAULT_DURABLE_WITHIN_S,
+        urgent_after_s: float | None | _Unset = UNSET,
         local_directory: Any = None,
         local_save_interval_steps: int = 1,
         local_max_to_keep: int = 2,
@@ -227,6 +228,7 @@ class CheckpointManager:
             read_once=read_once,
             barrier_timeout_s=barrier_timeout_s,
             background_nice=background_nice,
+            durable_within_s=durable_within_s,
             urgent_after_s=urgent_after_s,
             close_at_exit=self.close,
         )

@@ -650,7 +650,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--asyncckpt-options",
         metavar="JSON",
-        help="keyword arguments for asyncckpt's CheckpointManager, e.g. '{\"urgent_after_s\": 0}'",
+        help="keyword arguments for asyncckpt's CheckpointManager, "
+        "e.g. '{\"durable_within_s\": 0}'",
     )
     return p.parse_args(argv)
 

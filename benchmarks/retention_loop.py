@@ -196,7 +196,7 @@ def main() -> int:
         "--asyncckpt-options",
         metavar="JSON",
         help="more keyword arguments for asyncckpt's CheckpointManager, e.g. "
-        "'{\"urgent_after_s\": 0}'",
+        "'{\"durable_within_s\": 0}'",
     )
     p.add_argument("--child", nargs=2, metavar=("SYSTEM", "WORKLOAD"), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)

@@ -2,14 +2,15 @@
 what the file system makes of a save that must create thousands of inodes.
 
 Why: in compare_orbax.py's small workload (4000 arrays: 8041 files and directories a step),
-about a third of the saves under load with `urgent_after_s=0` took 4-23 s instead of ~1.5 s,
-all of it kernel time in the writers' `mkdir` and `open(O_CREAT)`. `perf` put it in ext4's inode
-allocation: on ext4 *without a journal* (`recently_deleted()`) the allocator skips every inode
-freed in the last minute or so, reading each one's deletion time, so a step created right after
-another was deleted searches past thousands. Journaled ext4 and tmpfs do not check.
+about a third of the saves under load with `urgent_after_s=0` (now `durable_within_s=0`) took
+4-23 s instead of ~1.5 s, all of it kernel time in the writers' `mkdir` and `open(O_CREAT)`.
+`perf` put it in ext4's inode allocation: on ext4 *without a journal* (`recently_deleted()`) the
+allocator skips every inode freed in the last minute or so, reading each one's deletion time,
+so a step created right after another was deleted searches past thousands. Journaled ext4 and
+tmpfs do not check.
 
 Each mode is a fresh child process with one `CheckpointManager(incremental=False,
-urgent_after_s=0)`, saving the `small` tree (workloads.py) `--saves` times, each save timed from
+durable_within_s=0)`, saving the `small` tree (workloads.py) `--saves` times, each save timed from
 `save()` until committed while compare_orbax.py's loop trains between polls (its "time to
 durable under load"), then, once the step is gone, `os.sync()`:
   delete        `mgr.delete(step)` after each commit (the defaults: its files wait for the next
@@ -48,7 +49,7 @@ MARK = "SAVE_AFTER_DELETE "
 def child(mode: str, root: str, saves: int, scale: float) -> dict:
     tree = build_tree(workload_specs("small", scale), 0)
     _, train_n = co.make_train_loop(make_mesh())
-    options: dict = {"urgent_after_s": 0}  # AsyncckptSystem adds incremental=False
+    options: dict = {"durable_within_s": 0}  # AsyncckptSystem adds incremental=False
     if mode == "delete-fresh":
         options["reuse_deleted_files"] = False
     if mode == "retain":

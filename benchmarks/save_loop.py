@@ -12,7 +12,7 @@ are left out. With several `--src`, the checkouts take turns, process by process
 
     python benchmarks/save_loop.py --workload small
     python benchmarks/save_loop.py --workload small --src /tmp/before --src . --rounds 4
-    python benchmarks/save_loop.py --load --asyncckpt-options '{"urgent_after_s": 0}'
+    python benchmarks/save_loop.py --load --asyncckpt-options '{"durable_within_s": 0}'
 """
 
 from __future__ import annotations
