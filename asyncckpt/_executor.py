@@ -155,9 +155,9 @@ class _Schedule:
             self.done += cost
 
     def behind_for(self, now: float) -> float:
-        """Seconds the work done is behind the line (negative: ahead of it by that much). Work
-        expected that never reports done (the commit) leaves a save behind past the line's end,
-        and so does a save with no work announced."""
+        """Seconds the work done is behind the line (negative: ahead of it by that much). Past
+        the line's end a save still in flight is behind however much it reported done (its
+        commit, on the job thread, reports nothing), and so is a save with no work announced."""
         with self._lock:
             due_at = self.line_s * (self.done / self.total if self.total else 1.0)
         return now - self.start - due_at
@@ -448,7 +448,7 @@ class Workers:
                     # past the line's end: every thread the save waits for, at full priority
                     raised, tried = _restore_priority(set(self._lowered), self._nice), True
                 behind = schedule.behind_for(now)
-                if behind < 0:  # (never past the line's end: the commit is not done)
+                if behind < 0:  # (never past the line's end)
                     empty_since, tried = None, False
                     raised = self._lower(raised)
                     with self._changed:

@@ -314,11 +314,7 @@ def _write_tree(
             None,
         )
     )
-    # the root document and commit: the job thread's, in the schedule so that the pacing
-    # thread sees the save still behind once every task is done
-    workers.expect(
-        sum(sum(costs) for _, costs, _ in phases) + _FILE_COST * (1 + len(snap.arrays) // 16)
-    )
+    workers.expect(sum(sum(costs) for _, costs, _ in phases))
     for tasks, costs, lane in phases:
         workers.run_all(tasks, background=True, network=net, lanes=lane, costs=costs)
 
