@@ -65,6 +65,8 @@ def configure_storage(url: str, **options: Any) -> None:
     tries, backing off from 0.1 s to 2 s): an outage of up to about 25 s is ridden out, and a
     store unreachable for longer fails the save or restore after about 30 s. A `retry_config`
     replaces these defaults as a whole (obstore's own: 10 tries, given up after about 1.5 s).
+    A connection that drops under a request (reset, closed), which obstore's object_store gives
+    up on at once in some versions, is tried again by asyncckpt within the same limits.
 
         ac.configure_storage("s3://my-bucket", config={"endpoint": "http://127.0.0.1:9000"})
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import itertools
 import re
 import threading
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import numpy as np
@@ -94,7 +97,7 @@ def _open_store(scheme: str, bucket: str, options: dict[str, Any]) -> Any:
     return ObjectStore(obstore.store.from_url(f"{scheme}://{bucket}", **options))
 
 
-RETRY_CONFIG = {
+RETRY_CONFIG: dict[str, Any] = {
     "max_retries": 30,
     "retry_timeout": datetime.timedelta(seconds=30),
     "backoff": {
@@ -111,18 +114,54 @@ still unreachable after 30 s fails the request. obstore's own default (10 tries,
 after about 1.5 s (issue 21)."""
 
 
-def _run(coro: Any, url: str, what: str) -> Any:
-    """Run one request on zarr's event loop; errors become OSErrors that say what to check."""
+def _run(request: Callable[[], Coroutine[Any, Any, Any]], url: str, what: str) -> Any:
+    """Run one request (or one batch: `request()` makes its coroutine) on zarr's event loop;
+    errors become OSErrors that say what to check.
+
+    A connection that dropped under a request (reset, closed, a pooled one found dead) is tried
+    again here within the bucket's retry window (`RETRY_CONFIG` unless configured): obstore's
+    object_store retries such errors only in some of its versions and only for some of their
+    forms ("error sending request ... retries: 0"). Every request asyncckpt sends may be sent
+    twice: reads, listings, and writes and deletions of whole objects."""
     from zarr.core.sync import sync
 
-    try:
-        return sync(coro)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise OSError(e.errno or errno.EIO, f"{what} {url} failed: {e}") from e
-    except Exception as e:  # obstore's errors: credentials, endpoint, bucket, network
-        raise OSError(errno.EIO, f"{what} {url} failed: {_hint(e)}") from e
+    retries, window = _retry_limits(url)
+    deadline = time.monotonic() + window
+    delay = 0.1
+    for attempt in itertools.count():
+        try:
+            return sync(request())
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if attempt < retries and _dropped_connection(e) and time.monotonic() < deadline:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+                continue
+            if isinstance(e, OSError):
+                raise OSError(e.errno or errno.EIO, f"{what} {url} failed: {e}") from e
+            # obstore's errors: credentials, endpoint, bucket, network
+            raise OSError(errno.EIO, f"{what} {url} failed: {_hint(e)}") from e
+    raise AssertionError("unreachable")
+
+
+_DROPPED = ("error sending request", "connection reset", "connection closed", "broken pipe")
+
+
+def _dropped_connection(e: Exception) -> bool:
+    """Whether `e` says a connection dropped under the request (not a refusal, not a status)."""
+    text = str(e).lower()
+    return any(s in text for s in _DROPPED)
+
+
+def _retry_limits(url: str) -> tuple[int, float]:
+    """(tries after the first, seconds) that a dropped connection is retried for at `url`."""
+    scheme, bucket = _bucket(url)
+    with _stores_lock:
+        config = _options.get((scheme, bucket), {}).get("retry_config") or RETRY_CONFIG
+    timeout = config.get("retry_timeout", RETRY_CONFIG["retry_timeout"])
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+    return int(config.get("max_retries", RETRY_CONFIG["max_retries"])), float(seconds)
 
 
 def _hint(e: Exception) -> str:
@@ -237,7 +276,7 @@ class ObjectStorage(Storage):
 
     def exists(self, key: str) -> bool:
         store, full = self._resolve(key)
-        return bool(_run(store.exists(full), self.path(key), "looking for"))
+        return bool(_run(lambda: store.exists(full), self.path(key), "looking for"))
 
     def write(self, key: str, *buffers: Any) -> None:
         store, full = self._resolve(key)
@@ -247,7 +286,7 @@ class ObjectStorage(Storage):
             if len(views) == 1
             else np.concatenate([np.frombuffer(v, np.uint8) for v in views])
         )
-        _run(store.set(full, _buffer(data)), self.path(key), "writing")
+        _run(lambda: store.set(full, _buffer(data)), self.path(key), "writing")
 
     def reuse_chunk(self, key: str, source: Storage, source_key: str) -> bool:
         """A server-side copy inside the bucket: an object of its own, no bytes uploaded."""
@@ -264,7 +303,7 @@ class ObjectStorage(Storage):
             await obstore.copy_async(store.store, their_key, full)
 
         try:
-            _run(copy(), self.path(key), "copying")
+            _run(copy, self.path(key), "copying")
         except OSError:
             return False
         return True
@@ -292,14 +331,16 @@ class ObjectStorage(Storage):
         elif start is not None or end is not None:
             start = start or 0
             request = OffsetByteRequest(start) if end is None else RangeByteRequest(start, end)
-        buf = _run(store.get(full, default_buffer_prototype(), request), self.path(key), "reading")
+        buf = _run(
+            lambda: store.get(full, default_buffer_prototype(), request), self.path(key), "reading"
+        )
         if buf is None:
             raise FileNotFoundError(errno.ENOENT, "no such object", self.path(key))
         return buf.as_numpy_array()
 
     def size(self, key: str) -> int:
         store, full = self._resolve(key)
-        return int(_run(store.getsize(full), self.path(key), "looking at"))
+        return int(_run(lambda: store.getsize(full), self.path(key), "looking at"))
 
     def kind(self) -> Literal["missing", "file", "directory"]:
         if self.list_dir():
@@ -308,7 +349,7 @@ class ObjectStorage(Storage):
 
     def delete(self, key: str) -> None:
         store, full = self._resolve(key)
-        _run(store.delete(full), self.path(key), "deleting")
+        _run(lambda: store.delete(full), self.path(key), "deleting")
 
     # -- listing ---------------------------------------------------------------------------------
 
@@ -331,7 +372,7 @@ class ObjectStorage(Storage):
             return list(await asyncio.gather(*(collect(p) for p in prefixes)))
 
         what = self.path(keys[0]) + (" ..." if len(keys) > 1 else "")
-        return _run(collect_all(), what, "listing")
+        return _run(collect_all, what, "listing")
 
     def checkpoint_states(self, names: list[str]) -> list[State]:
         states: list[State] = []
@@ -408,7 +449,7 @@ class ObjectStorage(Storage):
             await asyncio.gather(*(one(k) for k in keys if k != marker))
             await store.delete(marker)
 
-        _run(remove(), self.url, "deleting")
+        _run(remove, self.url, "deleting")
 
     def set_aside(self, name: str) -> ObjectStorage:
         """Copy every object to the sibling prefix `name` inside the bucket (server-side: no
@@ -429,7 +470,7 @@ class ObjectStorage(Storage):
 
             await asyncio.gather(*(one(k) for k in keys))
 
-        _run(copy(), self.url, "copying")
+        _run(copy, self.url, "copying")
         self.unlist()
         return dest
 
