@@ -48,7 +48,7 @@ def copy(
                 "differ); pass --force to replace it, or copy to another place"
             )
     dst.check_writable(replace=force)
-    staged = _save.begin_write(dst, replace=force)
+    staged, _ = _save.begin_write(dst, replace=force)
     try:
         for group in _format.group_names(list(info.arrays)):
             staged.make_dirs([group])

@@ -34,16 +34,19 @@ log = logging.getLogger("asyncckpt")
 
 def begin_write(
     dest: Storage, replace: bool, spare: Storage | None = None, specs: list[ArraySpec] | None = None
-) -> Storage:
+) -> tuple[Storage, bool]:
     """Where the save writes (`Storage.begin`, which refuses what it must not replace); with
     `spare` (a step taken out of the listing), over its files where the storage can
-    (`_begin_in`), the files of the arrays `specs` do not name removed first."""
+    (`_begin_in`), the files of the arrays `specs` do not name removed first. And whether the
+    directories and documents of `specs` are there already, as this save would write them:
+    `spare` held the same arrays, written in this format (the usual case: the same tree saved
+    again, the step that retention deleted written over), so only chunks need writing."""
     try:
         if spare is not None:
-            staged = _begin_in(dest, spare, replace, specs or [])
-            if staged is not None:
-                return staged
-        return dest.begin(replace=replace)
+            begun = _begin_in(dest, spare, replace, specs or [])
+            if begun is not None:
+                return begun
+        return dest.begin(replace=replace), False
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise
@@ -52,38 +55,44 @@ def begin_write(
 
 def _begin_in(
     dest: Storage, spare: Storage, replace: bool, specs: list[ArraySpec]
-) -> Storage | None:
+) -> tuple[Storage, bool] | None:
     """`Storage.begin_in`, after learning which files `spare` holds (`_recall`), then without
     those the new checkpoint does not write, so that no file of the new one is a directory of
-    the old, or the reverse. None, `spare` removed, where that cannot be done."""
+    the old, or the reverse; and whether its documents are the new one's (`begin_write`).
+    None, `spare` removed, where that cannot be done."""
+    written: _Written | None = None
+    staged: Storage | None = None
     try:
-        old = _recall(spare) if dest.recycles else None
-        staged = dest.begin_in(spare, replace=replace) if old is not None else None
+        if dest.recycles:
+            written = _recall(spare)
+            staged = dest.begin_in(spare, replace=replace)
     except (CheckpointError, OSError) as e:
         log.debug("asyncckpt: not writing over %s: %s", spare.url, e)
         staged = None
-    if staged is None:
+    if staged is None or written is None:
         with contextlib.suppress(OSError):
             spare.remove()
         return None
+    old = written.specs
     try:
         if old != specs:  # (the same tree, the usual case: nothing to compare)
-            old_files, old_dirs = _step_files(old or [])
+            old_files, old_dirs = _step_files(old)
             new_files, new_dirs = _step_files(specs)
             staged.remove_stale(old_files - new_files, old_dirs - new_dirs)
     except BaseException:
         dest.discard(staged)
         raise
-    return staged
+    return staged, old == specs and written.format_version == _format.FORMAT_VERSION
 
 
 @dataclass(frozen=True, slots=True)
 class _Written:
     """What a committed checkpoint holds: its arrays and their chunk hashes (None: its root
-    document has none)."""
+    document has none), in the format of `format_version`."""
 
     specs: list[ArraySpec]
     hashes: dict[str, list[str]] | None
+    format_version: int = _format.FORMAT_VERSION
 
 
 # the checkpoints this process committed last, by the hash of their root document's bytes
@@ -113,12 +122,12 @@ def _read_written(place: Storage, *, forget: bool = False) -> _Written:
     if written is not None:
         return written
     info = _format.parse_root_doc(raw, f"checkpoint {place.url}")
-    return _Written(list(info.arrays.values()), info.hashes)
+    return _Written(list(info.arrays.values()), info.hashes, info.format_version)
 
 
-def _recall(spare: Storage) -> list[ArraySpec]:
-    """The arrays of the deleted checkpoint `spare`."""
-    return _read_written(spare, forget=True).specs
+def _recall(spare: Storage) -> _Written:
+    """What the deleted checkpoint `spare` holds."""
+    return _read_written(spare, forget=True)
 
 
 def _step_files(specs: Iterable[ArraySpec]) -> tuple[set[str], set[str]]:
@@ -172,13 +181,17 @@ def _write_groups(staged: Storage, groups: list[str]) -> None:
         staged.write(f"{group}/{_format.DOC}", _format.GROUP_DOC)
 
 
-def _write_arrays(staged: Storage, arrays: list[HostArray], reuse: Reuse | None) -> None:
-    """Each array's directory and document, and its chunks if they are small."""
+def _write_arrays(
+    staged: Storage, arrays: list[HostArray], reuse: Reuse | None, documents: bool
+) -> None:
+    """Each array's directory and document (if `documents`), and its chunks if they are
+    small."""
     for array in arrays:
-        name = array.spec.name
-        with _context(array, staged.path(name)):
-            staged.make_dirs([name], parents=False)  # its parent group exists already
-            staged.write(f"{name}/{_format.DOC}", _format.array_doc(array.spec))
+        if documents:
+            name = array.spec.name
+            with _context(array, staged.path(name)):
+                staged.make_dirs([name], parents=False)  # its parent group exists already
+                staged.write(f"{name}/{_format.DOC}", _format.array_doc(array.spec))
         _write_chunks(staged, [(array, c, d) for c, d in array.chunks if _inline(d)], reuse)
 
 
@@ -268,9 +281,10 @@ def _write_tree(
 
     Phases, each spread over the I/O threads: group directories; array directories, documents
     and small chunks (one task touches one directory at a time, few barriers for thousands of
-    small leaves); large chunks. Without `documents` the directories exist already (another
-    process made them) and only chunks are written. In an object store the same phases run on
-    the network pool, with many more requests in flight.
+    small leaves); large chunks. Without `documents` the directories and documents exist
+    already (another process made them, or the deleted step written over holds them as they
+    would be written: `begin_write`) and only chunks are written. In an object store the same
+    phases run on the network pool, with many more requests in flight.
     """
     net = staged.network
     parts = workers.parts(net, background=True)
@@ -292,20 +306,22 @@ def _write_tree(
                 lanes,
             )
         )
-        small: list[HostArray] = []
-        large: list[HostArray] = []
-        for array in snap.arrays:
+    small: list[HostArray] = []
+    large: list[HostArray] = []
+    for array in snap.arrays:
+        if documents or any(_inline(d) for _, d in array.chunks):
             (small if _inline_bytes(array) <= _SERIAL_BYTES else large).append(array)
-        for arrays, n, lane in ((small, serial_parts, lanes), (large, parts, None)):
-            some = batches(arrays, _array_cost, parts=n, min_cost=1 if net else 8 * _FILE_COST)
-            phases.append(
-                (
-                    [functools.partial(_write_arrays, staged, g, reuse) for g in some],
-                    [sum(map(_array_cost, g)) for g in some],
-                    lane,
-                )
+    cost = functools.partial(_array_cost, documents=documents)
+    for arrays, n, lane in ((small, serial_parts, lanes), (large, parts, None)):
+        some = batches(arrays, cost, parts=n, min_cost=1 if net else 8 * _FILE_COST)
+        phases.append(
+            (
+                [functools.partial(_write_arrays, staged, g, reuse, documents) for g in some],
+                [sum(map(cost, g)) for g in some],
+                lane,
             )
-    rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not (documents and _inline(d))]
+        )
+    rest = [(a, c, d) for a in snap.arrays for c, d in a.chunks if not _inline(d)]
     chunks = batches(rest, _chunk_cost, parts=parts, min_cost=1)
     phases.append(
         (
@@ -319,8 +335,9 @@ def _write_tree(
         workers.run_all(tasks, background=True, network=net, lanes=lane, costs=costs)
 
 
-def _array_cost(array: HostArray) -> int:
-    return _FILE_COST + sum(d.nbytes + _FILE_COST for _, d in array.chunks if _inline(d))
+def _array_cost(array: HostArray, documents: bool = True) -> int:
+    doc = _FILE_COST if documents else 0
+    return doc + sum(d.nbytes + _FILE_COST for _, d in array.chunks if _inline(d))
 
 
 def _chunk_cost(chunk: tuple[HostArray, tuple[int, ...], np.ndarray]) -> int:
@@ -393,8 +410,8 @@ def write_snapshot(
     try:
         with phases("write"):
             reuse = Reuse.of(previous)
-            staged = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
-            _write_tree(staged, snap, workers, documents=True, reuse=reuse)
+            staged, in_place = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
+            _write_tree(staged, snap, workers, documents=not in_place, reuse=reuse)
         with phases("commit"):
             _commit(staged, snap, dest, replace, fields, _contents(snap, [_contents_here(snap)]))
     except BaseException as e:
@@ -431,8 +448,8 @@ def _write_together(
     reuse = Reuse.of(previous)  # each process reuses its own chunks
     if leader:
         try:
-            staged = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
-            _write_tree(staged, snap, workers, documents=True, reuse=reuse)
+            staged, in_place = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
+            _write_tree(staged, snap, workers, documents=not in_place, reuse=reuse)
         except BaseException as e:
             error = e
     try:
@@ -546,7 +563,7 @@ def write_local_part(
                     snap.created,
                     None,
                 )
-                staged = begin_write(dest, replace)
+                staged, _ = begin_write(dest, replace)
                 _write_tree(staged, local, workers, documents=True, reuse=None)
                 staged.sync()
             except Exception as e:

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zarr
 from conftest import abstract, assert_same
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
+from asyncckpt import _format, _save
 from asyncckpt._storage import open_storage
 from asyncckpt._storage.local import LocalStorage
 
@@ -101,6 +103,75 @@ def test_a_save_writes_over_the_files_of_the_step_retention_deleted(tmp_path, me
     chunks = [k for k in first if k != "zarr.json"]
     assert [third[k][1] for k in chunks] == [first[k][1] for k in chunks]
     assert third["big/c.0"][0] != first["big/c.0"][0]
+
+
+@pytest.mark.parametrize("remembered", [True, False])
+def test_a_recycled_step_of_the_same_tree_keeps_its_documents_and_writes_only_chunks(
+    tmp_path, mesh, monkeypatch, remembered
+):
+    """Saving the same tree over the files of the step retention deleted, the directories and
+    documents there are the new step's already: only chunks and the root document are written
+    (whether this process remembers writing that step or reads what it held from its root
+    document), and the result is the checkpoint a fresh save makes."""
+    run = tmp_path / "run"
+    written = []
+    real_write = LocalStorage.write
+
+    def write(self, key, *buffers):
+        written.append(key)
+        return real_write(self, key, *buffers)
+
+    with ac.CheckpointManager(run, max_to_keep=1) as mgr:
+        mgr.save(1, tree_a(mesh, 1))
+        mgr.wait_until_finished()
+        first = files(run / "1")
+        docs = {k: os.stat(run / "1" / k).st_mtime_ns for k in first if k.endswith("zarr.json")}
+        mgr.save(2, tree_a(mesh, 2))
+        mgr.wait_until_finished()
+        if not remembered:
+            monkeypatch.setattr(_save, "_WRITTEN", {})
+        monkeypatch.setattr(LocalStorage, "write", write)
+        mgr.save(3, tree_a(mesh, 3))
+        mgr.wait_until_finished()
+        monkeypatch.setattr(LocalStorage, "write", real_write)
+        third = files(run / "3")
+        restores(mgr, 3, tree_a(mesh, 3))
+    chunks = sorted(k for k in first if not k.endswith("zarr.json"))
+    assert sorted(written) == sorted([*chunks, "zarr.json"])
+    for key, mtime in docs.items():
+        if key != "zarr.json":
+            assert third[key] == first[key], key  # the same file, untouched
+            assert os.stat(run / "3" / key).st_mtime_ns == mtime, key
+    ac.save(tmp_path / "fresh", tree_a(mesh, 3))
+    fresh = files(tmp_path / "fresh")
+    assert third.keys() == fresh.keys()
+    for key in fresh:
+        if key != "zarr.json":
+            assert third[key][0] == fresh[key][0], key
+    ac.verify(run / "3")
+    b = zarr.open_array(run / "3" / "b", mode="r")  # plain Zarr, as a fresh save's
+    assert b.shape == (64, 32)
+    assert_same(b[:], np.asarray(tree_a(mesh, 3)["b"]))
+
+
+def test_a_recycled_step_of_another_format_version_gets_new_documents(tmp_path, mesh, monkeypatch):
+    run = tmp_path / "run"
+    with ac.CheckpointManager(run, max_to_keep=1) as mgr:
+        mgr.save(1, tree_a(mesh, 1))
+        mgr.save(2, tree_a(mesh, 2))
+        mgr.wait_until_finished()
+        # as if step 1 had been written by an asyncckpt of an older format
+        monkeypatch.setattr(_format, "FORMAT_VERSION", _format.FORMAT_VERSION + 1)
+        written = []
+        real_write = LocalStorage.write
+        monkeypatch.setattr(
+            LocalStorage,
+            "write",
+            lambda self, key, *b: (written.append(key), real_write(self, key, *b))[1],
+        )
+        mgr.save(3, tree_a(mesh, 3))
+        mgr.wait_until_finished()
+    assert {"a/zarr.json", "b/zarr.json", "z/zarr.json", "z/w/zarr.json"} <= set(written)
 
 
 def test_a_recycled_step_holds_exactly_what_a_fresh_save_holds(tmp_path, mesh):

@@ -41,6 +41,7 @@ from .base import State, Storage, WriterLock, _check_bands
 
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _O_OVER = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _MAX_IO = direct.MAX_IO
@@ -71,6 +72,7 @@ class LocalStorage(Storage):
 
     def __init__(self, path: str) -> None:
         self.url = os.path.abspath(path)
+        self._recycled = False  # a deleted step's files, written over (`begin_in`)
 
     @property
     def local_path(self) -> str:
@@ -109,9 +111,13 @@ class LocalStorage(Storage):
         path = f"{self.url}/{key}"
         views = [memoryview(b).cast("B") for b in buffers]
         nbytes = sum(v.nbytes for v in views)
-        fd, held = _open_to_write(path)
+        fd, held = _open_to_write(path, self._recycled)
         try:
-            if not (nbytes >= direct.MIN_BYTES and direct_io(path) and direct.write(fd, views)):
+            if nbytes < direct.MIN_BYTES and len(views) <= _IOV_MAX:
+                done = os.writev(fd, views)  # small files (most of them): one call
+                if done < nbytes:
+                    _write_all(fd, _after(views, done))
+            elif not (direct_io(path) and direct.write(fd, views)):
                 _write_all(fd, views)
             if held > nbytes:
                 os.ftruncate(fd, nbytes)
@@ -357,6 +363,7 @@ class LocalStorage(Storage):
             os.unlink(staged.path(_format.DOC))  # so nothing there looks committed
         except FileNotFoundError:
             pass
+        staged._recycled = True
         return staged
 
     def remove_stale(self, files: Iterable[str], dirs: Iterable[str]) -> None:
@@ -507,18 +514,22 @@ def _open(path: str, where: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _open_to_write(path: str) -> tuple[int, int]:
+def _open_to_write(path: str, recycled: bool = False) -> tuple[int, int]:
     """Open `path` to write it whole: (descriptor, bytes it holds). A new file; or, where there
     is one (a recycled step's, `begin_in`), that file to be written over in place, if nothing
     else shares it: no other step links it (incremental saves) and no process holds it open or
     mapped (a restored array may be a mapping of it). Else that name is unlinked and the file
-    created anew, so whoever holds the old one keeps its bytes."""
+    created anew, so whoever holds the old one keeps its bytes. `recycled`: the file is likely
+    there, so that is tried first (one failed call fewer a file)."""
+    if not recycled:
+        try:
+            return os.open(path, _O_NEW, 0o644), 0
+        except FileExistsError:
+            pass
     try:
+        fd = os.open(path, _O_OVER | _O_NONBLOCK)
+    except FileNotFoundError:
         return os.open(path, _O_NEW, 0o644), 0
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(path, _O_OVER | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
             raise
@@ -562,6 +573,13 @@ def _advance(pending: list[memoryview], done: int) -> None:
         pending.pop(0)
     if done:
         pending[0] = pending[0][done:]
+
+
+def _after(buffers: list[memoryview], done: int) -> list[memoryview]:
+    """What of `buffers` is left after the first `done` bytes."""
+    pending = [b for b in buffers if b.nbytes]
+    _advance(pending, done)
+    return pending
 
 
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
