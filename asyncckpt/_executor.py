@@ -517,14 +517,24 @@ def batches(
     """Split `items` into about `parts` groups of similar total cost, none (but the last) cheaper
     than `min_cost`: enough groups to keep every thread busy, few enough that the per-task cost
     of the pool does not dominate thousands of small items."""
-    total = sum(cost(i) for i in items)
-    target = max(min_cost, total // max(1, parts))
-    groups: list[list[T]] = [[]]
-    acc = 0
-    for item in items:
-        if acc >= target and groups[-1]:
+    return weighed_batches(items, cost, parts=parts, min_cost=min_cost)[0]
+
+
+def weighed_batches(
+    items: Sequence[T], cost: Callable[[T], int], *, parts: int, min_cost: int
+) -> tuple[list[list[T]], list[int]]:
+    """`batches`, and the total cost of each (`cost` is called once an item)."""
+    costs = [cost(i) for i in items]
+    target = max(min_cost, sum(costs) // max(1, parts))
+    groups: list[list[T]] = []
+    totals: list[int] = []
+    acc = target
+    for item, c in zip(items, costs):
+        if acc >= target:
             groups.append([])
+            totals.append(0)
             acc = 0
         groups[-1].append(item)
-        acc += cost(item)
-    return [g for g in groups if g]
+        totals[-1] += c
+        acc += c
+    return groups, totals

@@ -293,8 +293,11 @@ def crc_bytes(buf: Any) -> bytes:
     return crc32c(buf).to_bytes(CRC_BYTES, "little")
 
 
-def bytes_view(a: np.ndarray) -> memoryview:
-    """The bytes of a C-contiguous array (any dtype, bfloat16 too) without a copy."""
+def bytes_view(a: np.ndarray | memoryview) -> memoryview:
+    """The bytes of a C-contiguous array (any dtype, bfloat16 too) without a copy (a memoryview
+    is taken to be such bytes already)."""
+    if isinstance(a, memoryview):
+        return a
     return memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
@@ -332,7 +335,9 @@ def chunk_file_sizes(nbytes: int, band_nbytes: int | None) -> tuple[int, ...]:
     return tuple(nbands * s + index_nbytes(nbands) for s in band_strides(band_nbytes))
 
 
-def chunk_buffers(data: np.ndarray, band_nbytes: int | None) -> list[memoryview | bytes]:
+def chunk_buffers(
+    data: np.ndarray | memoryview, band_nbytes: int | None
+) -> list[memoryview | bytes]:
     """The buffers that, written one after another, make the chunk file of `data` (no copy of
     the data: one `writev` writes them)."""
     view = bytes_view(data)
@@ -545,7 +550,7 @@ HASH = "xxh3-128"
 before checksums and bands), as 32 lower-case hex digits."""
 
 
-def chunk_hash(data: np.ndarray) -> str:
+def chunk_hash(data: np.ndarray | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(bytes_view(data))
 
 

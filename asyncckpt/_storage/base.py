@@ -135,8 +135,9 @@ class Storage(ABC):
 
     # -- chunk files (docs/FORMAT.md "Chunk files") ----------------------------------------------
 
-    def write_chunk(self, key: str, data: np.ndarray, band_nbytes: int | None) -> None:
-        """Write the chunk file of `data`: plain, or in row bands of `band_nbytes`."""
+    def write_chunk(self, key: str, data: np.ndarray | memoryview, band_nbytes: int | None) -> None:
+        """Write the chunk file of `data` (an array, or its bytes: `_format.bytes_view`): plain,
+        or in row bands of `band_nbytes`."""
         self.write(key, *_format.chunk_buffers(data, band_nbytes))
 
     def _get(self, key: str, where: str, expected: int | None = None, **request: int) -> np.ndarray:
