@@ -733,6 +733,36 @@ def _int_list(value: Any, where: str, what: str, *, positive: bool) -> tuple[int
     return tuple(value)
 
 
+def _parse_array_node(
+    name: str,
+    doc: dict[str, Any],
+    where: str,
+    seen: dict[Any, list[tuple[dict[str, Any], ArraySpec]]],
+) -> ArraySpec:
+    """`parse_array_doc`, once for each distinct document of a root document's arrays (4000
+    small leaves share a few): `seen` holds those parsed, by data type and shape."""
+    shape, kind = doc.get("shape"), doc.get("data_type")
+    key = (kind, tuple(shape)) if isinstance(shape, list) else None
+    try:
+        same = seen.setdefault(key, []) if key is not None else []
+    except TypeError:  # not numbers (parse_array_doc says what is wrong)
+        key, same = None, []
+    for parsed, spec in same:
+        if parsed == doc:
+            return ArraySpec(
+                check_name(name, f"{where}, array {name!r}"),
+                spec.shape,
+                spec.dtype,
+                spec.chunk_shape,
+                spec.prng_impl,
+                spec.band_rows,
+            )
+    spec = parse_array_doc(name, doc, where)
+    if key is not None and len(same) < 4:  # (a few kinds of one shape and type)
+        same.append((doc, spec))
+    return spec
+
+
 def parse_array_doc(name: str, doc: Any, where: str) -> ArraySpec:
     """Validate one array `zarr.json` (as written by asyncckpt) and return its spec."""
     where = f"{where}, array {name!r}"
@@ -862,8 +892,9 @@ def parse_root_doc(raw: bytes, where: str) -> RootInfo:
         where,
         "missing consolidated metadata",
     )
+    seen: dict[Any, list[tuple[dict[str, Any], ArraySpec]]] = {}
     arrays = {
-        name: parse_array_doc(name, node, where)
+        name: _parse_array_node(name, node, where, seen)
         for name, node in nodes.items()
         if isinstance(node, dict) and node.get("node_type") == "array"
     }

@@ -416,12 +416,7 @@ def _plan(
         dtype = np.dtype(target.dtype)
         check_cast(spec.dtype, dtype, where)
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shards = dict.fromkeys(
-            index_key(index, spec.shape)
-            for index in sharding.addressable_devices_indices_map(spec.shape).values()
-            if index is not None
-        )
-        regions = [tuple(slice(a, b) for a, b in key) for key in shards]
+        regions = list(_regions(sharding, spec.shape))
         shared = _readonce.Shared(spec, sharding, False) if share(sharding) else None
         return _Plan(spec, dtype, sharding, regions, mapping, where, shared)
     dtype = np.dtype(target.dtype) if isinstance(target, (np.ndarray, np.generic)) else spec.dtype
@@ -429,6 +424,19 @@ def _plan(
     if _tree.is_python_scalar(target):  # returned as that python type (`_tree.python_value`)
         check_cast(spec.dtype, np.asarray(target).dtype, where)
     return _Plan(spec, dtype, None, [_whole(spec)], mapping, where)
+
+
+@functools.lru_cache(maxsize=1024)  # thousands of leaves share a few (sharding, shape)
+def _regions(
+    sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+) -> tuple[tuple[slice, ...], ...]:
+    """The distinct regions of an array of `shape` that this process's devices hold."""
+    shards = dict.fromkeys(
+        index_key(index, shape)
+        for index in sharding.addressable_devices_indices_map(shape).values()
+        if index is not None
+    )
+    return tuple(tuple(slice(a, b) for a, b in key) for key in shards)
 
 
 def _stage(plan: _Plan) -> list[_Request]:

@@ -381,3 +381,38 @@ def test_load_variable_checks_the_array_document_against_the_root_document(tmp_p
     ):
         ac.load_variable(path, "w")
     np.testing.assert_array_equal(ac.load_variable(path, "nested/v"), np.arange(3))
+
+
+def test_arrays_alike_but_one_field_are_each_read_as_their_own_document(tmp_path):
+    """A root document's array documents are parsed once for each distinct one (thousands of
+    small leaves share a few): documents of one shape and data type that differ elsewhere are
+    still told apart, and a bad name or a damaged document among many alike is refused."""
+    leaves = {f"a{i}": np.full((4, 4), i, np.float32) for i in range(6)}
+    path = tmp_path / "ck"
+    ac.save(path, leaves)
+
+    def a_key(doc):
+        node(doc, "a3")["attributes"] = {"asyncckpt": {"prng_impl": "threefry2x32"}}
+
+    edit_root(path, a_key)
+    info = _format.parse_root_doc((path / "zarr.json").read_bytes(), "ck")
+    impls = [info.arrays[f"a{i}"].prng_impl for i in range(6)]
+    assert impls == [None, None, None, "threefry2x32", None, None]
+    assert [info.arrays[f"a{i}"].name for i in range(6)] == [f"a{i}" for i in range(6)]
+
+    def damaged(doc):
+        node(doc, "a4")["codecs"] = [{"name": "gzip"}]
+
+    ac.save(path, leaves, force=True)
+    edit_root(path, damaged)
+    with pytest.raises(ac.CorruptCheckpointError, match="array 'a4'.*unsupported codecs"):
+        ac.restore(path)
+
+    def renamed(doc):
+        nodes = doc["consolidated_metadata"]["metadata"]
+        nodes["../a5"] = nodes.pop("a5")
+
+    ac.save(path, leaves, force=True)
+    edit_root(path, renamed)
+    with pytest.raises(ac.CorruptCheckpointError, match=r"\.\./a5"):
+        ac.restore(path)
