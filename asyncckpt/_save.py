@@ -354,7 +354,7 @@ def _chunk_cost(chunk: tuple[HostArray, tuple[int, ...], np.ndarray]) -> int:
 
 _FILE_COST = 128 << 10
 """What writing a file costs beyond its bytes, in bytes' worth of CPU time (a save of 4000 small
-leaves spends ~40 us per file, a large save ~0.35 s per GB): the weights of tasks when they are
+leaves spends ~20-40 us per file, a large save ~0.35 s per GB): the weights of tasks when they are
 split over threads and when the pacing thread paces a save (`Workers.submit_save`)."""
 
 
