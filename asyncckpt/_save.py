@@ -73,16 +73,16 @@ def _begin_in(
         with contextlib.suppress(OSError):
             spare.remove()
         return None
-    old = written.specs
+    same = written.specs == specs  # (the same tree, the usual case: nothing to remove)
     try:
-        if old != specs:  # (the same tree, the usual case: nothing to compare)
-            old_files, old_dirs = _step_files(old)
+        if not same:
+            old_files, old_dirs = _step_files(written.specs)
             new_files, new_dirs = _step_files(specs)
             staged.remove_stale(old_files - new_files, old_dirs - new_dirs)
     except BaseException:
         dest.discard(staged)
         raise
-    return staged, old == specs and written.format_version == _format.FORMAT_VERSION
+    return staged, same and written.format_version == _format.FORMAT_VERSION
 
 
 @dataclass(frozen=True, slots=True)
