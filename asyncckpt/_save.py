@@ -13,8 +13,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -88,11 +88,14 @@ def _begin_in(
 @dataclass(frozen=True, slots=True)
 class _Written:
     """What a committed checkpoint holds: its arrays and their chunk hashes (None: its root
-    document has none), in the format of `format_version`."""
+    document has none), in the format of `format_version`; and, where this process wrote it
+    after a step before, for each array the number of saves in a row, up to this one, in which
+    it changed whole (`Reuse.changed_runs`; empty: not known)."""
 
     specs: list[ArraySpec]
     hashes: dict[str, list[str]] | None
     format_version: int = _format.FORMAT_VERSION
+    changed: Mapping[str, int] = field(default_factory=dict)
 
 
 # the checkpoints this process committed last, by the hash of their root document's bytes
@@ -143,6 +146,11 @@ def _step_files(specs: Iterable[ArraySpec]) -> tuple[set[str], set[str]]:
 
 _INLINE_CHUNK_BYTES = 4 << 20  # chunks up to this size are written with their array's document
 
+GUESS_CHANGED_AFTER = 2
+"""An array that changed whole in this many saves in a row is taken to change in the next too
+(`Reuse.worth_hashing_first`): one that changes every other save (gradient accumulation, saves
+every step) keeps having its unchanged steps' chunks linked."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reuse:
@@ -152,6 +160,9 @@ class Reuse:
     place: Storage
     specs: dict[str, ArraySpec]
     hashes: dict[str, list[str]]
+    changed: Mapping[str, int] = field(default_factory=dict)
+    """For each array, the saves in a row up to the step before in which it changed whole
+    (`_Written.changed`)."""
 
     @staticmethod
     def of(previous: Storage | None) -> Reuse | None:
@@ -165,11 +176,39 @@ class Reuse:
             return None
         if written.hashes is None:
             return None
-        return Reuse(previous, {s.name: s for s in written.specs}, written.hashes)
+        specs = {s.name: s for s in written.specs}
+        return Reuse(previous, specs, written.hashes, written.changed)
+
+    def holds(self, spec: ArraySpec) -> bool:
+        """Whether the step before holds this array in the same layout: only then can a chunk's
+        content be there already (`has`)."""
+        return self.specs.get(spec.name) == spec
+
+    def worth_hashing_first(self, spec: ArraySpec) -> bool:
+        """Whether to hash the chunks of `spec` before writing them, to find those of the same
+        content as in the step before: where it `holds` the array, unless the array changed
+        whole in the last `GUESS_CHANGED_AFTER` saves (training's parameters and optimizer
+        state, save after save). Then a chunk is hashed as it is written, in the checksums'
+        pass (`Storage.write_chunk`), a pass over its bytes fewer; one that turns out the same
+        is written again, and the save after that hashes its array first."""
+        return self.holds(spec) and self.changed.get(spec.name, 0) < GUESS_CHANGED_AFTER
+
+    def changed_runs(self, specs: list[ArraySpec], hashes: dict[str, list[str]]) -> dict[str, int]:
+        """For each array of `specs` that the step before holds, the saves in a row, up to
+        the one whose chunks' new hashes are `hashes`, in which it changed whole."""
+        return {
+            s.name: (
+                0
+                if any(map(str.__eq__, hashes[s.name], self.hashes[s.name]))
+                else self.changed.get(s.name, 0) + 1
+            )
+            for s in specs
+            if self.holds(s)
+        }
 
     def has(self, spec: ArraySpec, coords: tuple[int, ...], digest: str) -> bool:
         """Whether the step before holds this chunk's content in the same layout."""
-        if self.specs.get(spec.name) != spec:
+        if not self.holds(spec):
             return False
         index = int(np.ravel_multi_index(coords, spec.grid)) if spec.grid else 0
         return self.hashes[spec.name][index] == digest
@@ -212,24 +251,25 @@ def _write_chunks(
     chunks: list[tuple[HostArray, tuple[int, ...], np.ndarray]],
     reuse: Reuse | None,
 ) -> None:
-    """Hash each chunk; link or copy it from the step before when that holds the same content,
-    else write it. (One `try` for all: thousands of small chunks a save.)"""
+    """Write each chunk and keep its content hash; where the step before may hold the same
+    content (`Reuse.worth_hashing_first`), hash the chunk first, and link or copy it from there
+    instead when it does. (One `try` for all: thousands of small chunks a save.)"""
     array, key = None, ""
     try:
         for array, coords, data in chunks:
             key = array.spec.chunk_key(coords)
             view = _format.bytes_view(data)
-            digest = _format.chunk_hash(view)
-            array.hashes[coords] = digest
-            if (
-                reuse is not None
-                and reuse.has(array.spec, coords, digest)
-                and staged.reuse_chunk(key, reuse.place, key)
-            ):
-                array.reused.add(coords)
-                continue
+            digest = None
+            if reuse is not None and reuse.worth_hashing_first(array.spec):
+                digest = _format.chunk_hash(view)
+                if reuse.has(array.spec, coords, digest) and staged.reuse_chunk(
+                    key, reuse.place, key
+                ):
+                    array.hashes[coords] = digest
+                    array.reused.add(coords)
+                    continue
             band = _format.band_nbytes(array.spec) if array.spec.band_rows is not None else None
-            staged.write_chunk(key, view, band)
+            array.hashes[coords] = staged.write_chunk(key, view, band, digest)
     except OSError as e:
         if array is None or isinstance(e, CheckpointError):
             raise
@@ -366,9 +406,11 @@ def _commit(
     fields: _format.RootFields,
     contents: _format.Contents,
     tree: dict[str, Any] | None = None,
+    reuse: Reuse | None = None,
 ) -> None:
     """The root document (written last), durable, then visible (`Storage.commit`). `tree`: the
-    description to write instead of the snapshot's (with every process's iterator states)."""
+    description to write instead of the snapshot's (with every process's iterator states).
+    `reuse`: the step before, whose chunks the save reused."""
     tree = snap.tree if tree is None else tree
     root = _format.root_doc(
         [a.spec for a in snap.arrays], tree, fields, created=snap.created, contents=contents
@@ -376,7 +418,9 @@ def _commit(
     staged.write(_format.DOC, root)
     staged.sync()
     dest.commit(staged, replace=replace)
-    _remember(root, _Written([a.spec for a in snap.arrays], contents.hashes))
+    specs = [a.spec for a in snap.arrays]
+    changed = {} if reuse is None else reuse.changed_runs(specs, contents.hashes)
+    _remember(root, _Written(specs, contents.hashes, changed=changed))
 
 
 def _as_write_error(e: BaseException, dest: Storage, *, uncommitted: bool = False) -> BaseException:
@@ -421,7 +465,7 @@ def write_snapshot(
             staged, in_place = begin_write(dest, replace, spare, [a.spec for a in snap.arrays])
             _write_tree(staged, snap, workers, documents=not in_place, reuse=reuse)
         with phases("commit"):
-            _commit(staged, snap, dest, replace, fields, _contents(snap))
+            _commit(staged, snap, dest, replace, fields, _contents(snap), reuse=reuse)
     except BaseException as e:
         if staged is not None:
             dest.discard(staged)
@@ -511,7 +555,8 @@ def _write_together(
                         tree = _tree.with_process_states(snap.tree, per_process)
                     gathered_contents = coord.gather("contents")
                     parts = [gathered_contents[p] for p in range(coord.count)]
-                    _commit(staged, snap, dest, replace, fields, _contents(snap, parts), tree)
+                    contents = _contents(snap, parts)
+                    _commit(staged, snap, dest, replace, fields, contents, tree, reuse)
             except BaseException as e:
                 error = e
             coord.put("done", None if error is None else str(error))

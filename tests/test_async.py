@@ -26,7 +26,7 @@ def held_writer(monkeypatch):
 
     def held(*args):
         assert release.wait(60), "the test never released the writer"
-        original(*args)
+        return original(*args)
 
     monkeypatch.setattr(Storage, "write_chunk", held)
     return release
@@ -115,7 +115,7 @@ def _spy_writes(monkeypatch, delay_on_writers=0.0):
         threads.append(name)
         if name.startswith("asyncckpt-write"):
             time.sleep(delay_on_writers)
-        original(*args)
+        return original(*args)
 
     monkeypatch.setattr(Storage, "write_chunk", spy)
     return threads
@@ -180,7 +180,7 @@ def test_a_save_is_paced_by_a_writer_at_the_callers_priority_to_be_durable_withi
 
     def timed(*args):
         times.append((time.perf_counter(), threading.current_thread().name, policy()))
-        spy(*args)
+        return spy(*args)
 
     monkeypatch.setattr(Storage, "write_chunk", timed)
     with ac.AsyncCheckpointer(durable_within_s=within) as ckptr:

@@ -215,3 +215,20 @@ def test_save_loop_reports_each_checkout_idle_and_under_load(tmp_path):
         r"^this checkout: +blocking [\d.]+ s  commit [\d.]+ s  lost -?[\d.]+ s$", stdout, re.M
     ), stdout
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_chunk_passes_writes_each_way_and_they_agree(tmp_path):
+    """The one-pass benchmark on 32 MiB: every layout and alignment, the three ways' content
+    hashes equal (the script checks), a CPU figure for each."""
+    args = ["--gib", "0.03125", "--chunk-mib", "4", "--band-mib", "1", "--rounds", "1"]
+    stdout = run_benchmark("chunk_passes.py", *args, "--dir", str(tmp_path), tmp_path=tmp_path)
+    number = r"(-?[\d.]+)"
+    rows = re.findall(
+        rf"^ *(page-aligned|64 B past a page), (plain|banded) +CPU s per GB  one pass: {number}"
+        rf"  hash first: {number}  three passes: {number}$",
+        stdout,
+        re.M,
+    )
+    assert len(rows) == 4, stdout
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)

@@ -24,7 +24,7 @@ def slow(*args):
     time.sleep(0.3)
     if mode.endswith("fail"):
         raise OSError(28, "No space left on device")
-    original(*args)
+    return original(*args)
 
 Storage.write_chunk = slow
 tree = {"w": np.arange(1000.0), "b": np.ones(3)}

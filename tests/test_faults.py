@@ -319,9 +319,9 @@ def test_directory_deleted_during_a_save(tmp_path, monkeypatch):
         mgr.wait_until_finished()
         original = _save._commit
 
-        def commit(tmp, *args):
+        def commit(tmp, *args, **kwargs):
             shutil.rmtree(run)  # someone removes the whole directory mid-save
-            return original(tmp, *args)
+            return original(tmp, *args, **kwargs)
 
         monkeypatch.setattr(_save, "_commit", commit)
         mgr.save(2, tree(2.0))

@@ -71,6 +71,51 @@ def test_unchanged_chunks_are_reused_not_written(root, mesh):
         assert os.stat(files[0]).st_nlink == 4
 
 
+def test_arrays_that_changed_whole_are_hashed_as_written_and_the_others_first(
+    root, mesh, monkeypatch
+):
+    """An array that changed whole in the last two saves is taken to change again: its chunks
+    are hashed in the checksums' pass as they are written, not read once more before. One that
+    then stops changing is written once more, then reused like any other."""
+    from asyncckpt._storage import Storage
+
+    real = Storage.write_chunk
+    writes: list[tuple[str, bool]] = []  # (array, hashed before the write)
+
+    def spy(self, key, data, band, digest=None):
+        writes.append((key.rsplit("/", 1)[0], digest is not None))
+        return real(self, key, data, band, digest)
+
+    monkeypatch.setattr(Storage, "write_chunk", spy)
+    s = state(mesh, 0)
+    steps = {}
+    with ac.CheckpointManager(root / "run") as mgr:
+        for step in range(1, 7):
+            # the adapter trains until step 4, then stays as it is
+            s = train_step(s) if step <= 4 else {**s, "step": s["step"] + 1}
+            steps[step] = jax.tree.map(np.asarray, s)
+            writes.clear()
+            mgr.save(step, s)
+            mgr.wait_until_finished()
+            written = {a: {first for b, first in writes if b == a} for a, _ in writes}
+            reused = mgr.last_save_stats().reused_bytes
+            if step == 1:  # nothing before it
+                assert written == {"base": {False}, "adapter": {False}, "step": {False}}
+            elif step in (2, 3):  # nothing known of step 1, then one change: hashed first
+                assert written == {"adapter": {True}, "step": {True}}, (step, written)
+            elif step in (4, 5):  # adapter and step changed whole in the two saves before
+                assert written == {"adapter": {False}, "step": {False}}, (step, written)
+            else:  # the adapter stayed the same in step 5: hashed first, reused
+                assert written == {"step": {False}}, written
+            adapter = 8 * 16 * 4
+            assert reused == {1: 0, 6: FROZEN_BYTES + adapter}.get(step, FROZEN_BYTES), step
+        for step, want in steps.items():  # each step whole, its hashes right
+            got = mgr.restore(step, target=jax.tree.map(lambda x: x, state(mesh, step)))
+            for name in want:
+                assert_same(got[name], want[name])
+            ac.verify(root / "run" / str(step))
+
+
 def test_deleting_any_steps_leaves_the_others_whole(root, mesh):
     s = state(mesh, 0)
     with ac.CheckpointManager(root / "run", max_to_keep=2) as mgr:

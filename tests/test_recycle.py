@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
 from asyncckpt import _format, _save
-from asyncckpt._storage import open_storage
+from asyncckpt._storage import Storage, open_storage
 from asyncckpt._storage.local import LocalStorage
 
 
@@ -115,11 +115,13 @@ def test_a_recycled_step_of_the_same_tree_keeps_its_documents_and_writes_only_ch
     document), and the result is the checkpoint a fresh save makes."""
     run = tmp_path / "run"
     written = []
-    real_write = LocalStorage.write
 
-    def write(self, key, *buffers):
-        written.append(key)
-        return real_write(self, key, *buffers)
+    def spy(real):
+        def write(self, key, *args):
+            written.append(key)
+            return real(self, key, *args)
+
+        return write
 
     with ac.CheckpointManager(run, max_to_keep=1) as mgr:
         mgr.save(1, tree_a(mesh, 1))
@@ -130,10 +132,19 @@ def test_a_recycled_step_of_the_same_tree_keeps_its_documents_and_writes_only_ch
         mgr.wait_until_finished()
         if not remembered:
             monkeypatch.setattr(_save, "_WRITTEN", {})
-        monkeypatch.setattr(LocalStorage, "write", write)
-        mgr.save(3, tree_a(mesh, 3))
-        mgr.wait_until_finished()
-        monkeypatch.setattr(LocalStorage, "write", real_write)
+        with monkeypatch.context() as m:  # every file written: chunks, documents
+            m.setattr(Storage, "write_chunk", spy(Storage.write_chunk))
+            real_write = LocalStorage.write
+            m.setattr(
+                LocalStorage,
+                "write",
+                lambda self, key, *b: (
+                    key.endswith(_format.DOC) and written.append(key),
+                    real_write(self, key, *b),
+                )[1],
+            )
+            mgr.save(3, tree_a(mesh, 3))
+            mgr.wait_until_finished()
         third = files(run / "3")
         restores(mgr, 3, tree_a(mesh, 3))
     chunks = sorted(k for k in first if not k.endswith("zarr.json"))
@@ -249,11 +260,11 @@ def test_a_save_that_fails_writing_over_a_deleted_step_leaves_every_step_whole(
         real = LocalStorage.write_chunk
         calls = []
 
-        def failing(self, key, data, band):
+        def failing(self, key, data, band, digest=None):
             calls.append(key)
             if len(calls) == 3:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(self, key, data, band)
+            return real(self, key, data, band, digest)
 
         monkeypatch.setattr(LocalStorage, "write_chunk", failing)
         mgr.save(3, tree_a(mesh, 3))

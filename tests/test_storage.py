@@ -426,7 +426,10 @@ _DIRECT_CASES = {  # name: (offset into an aligned buffer, bytes, band bytes)
     "plain, a partial last page": (0, (4 << 20) + 100, None),
     "plain, from unaligned memory": (3, 2 << 20, None),
     "bands of whole pages": (0, 4 << 20, 1 << 20),
+    "bands from memory 64 bytes past a page (XLA's CPU buffers)": (64, 4 << 20, 1 << 20),
     "packed bands": (0, 3_000_000, 300_000),
+    "unaligned, over more than two bounce buffers": (64, (9 << 20) + 100, None),
+    "unaligned bands over bounce buffers": (64, 12 << 20, 3 << 20),
 }
 
 
@@ -465,16 +468,25 @@ def _aligned(offset: int, nbytes: int) -> np.ndarray:
     return buf[offset:]
 
 
+def _buffered_file(data: np.ndarray, band: int | None) -> bytes:
+    """The bytes of the chunk file that the buffered write makes."""
+    buffers = _format.chunk_file(data, band).buffers(_format.Sums(content=False))
+    return b"".join(bytes(b) for b in buffers)
+
+
 @pytest.mark.parametrize("case", list(_DIRECT_CASES))
 def test_large_chunk_files_are_written_around_the_page_cache(tmp_path, opened, case):
     offset, nbytes, band = _DIRECT_CASES[case]
     place = open_storage(tmp_path / "d")
     _make_dirs(place, "w")
     data = _aligned(offset, nbytes)
-    place.write_chunk("w/c", data, band)
+    digest = place.write_chunk("w/c", data, band)
     assert opened[place.path("w/c")] & os.O_DIRECT
-    want = b"".join(bytes(b) for b in _format.chunk_buffers(data, band))
+    want = _buffered_file(data, band)
     assert (tmp_path / "d/w/c").read_bytes() == want  # the same file a buffered write makes
+    assert digest == _format.chunk_hash(data)  # taken on the bounce buffer's copies, in pieces
+    assert place.write_chunk("w/c", data, band, "given") == "given"
+    assert (tmp_path / "d/w/c").read_bytes() == want
     out = np.empty_like(data)
     if band is None:
         place.read_chunk_into("w/c", out, "test")
@@ -527,8 +539,6 @@ def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, mon
     place = open_storage(tmp_path / "d")
     _make_dirs(place, "w")
     data = _aligned(0, (3 << 20) + 10)
-    place.write_chunk("w/c", data, None)
-    assert (tmp_path / "d/w/c").read_bytes() == b"".join(
-        bytes(b) for b in _format.chunk_buffers(data, None)
-    )
+    assert place.write_chunk("w/c", data, None) == _format.chunk_hash(data)
+    assert (tmp_path / "d/w/c").read_bytes() == _buffered_file(data, None)
     assert bool(direct_fds) == (refused == "write")

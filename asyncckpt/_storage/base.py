@@ -135,10 +135,27 @@ class Storage(ABC):
 
     # -- chunk files (docs/FORMAT.md "Chunk files") ----------------------------------------------
 
-    def write_chunk(self, key: str, data: np.ndarray | memoryview, band_nbytes: int | None) -> None:
+    def write_chunk(
+        self,
+        key: str,
+        data: np.ndarray | memoryview,
+        band_nbytes: int | None,
+        digest: str | None = None,
+    ) -> str:
         """Write the chunk file of `data` (an array, or its bytes: `_format.bytes_view`): plain,
-        or in row bands of `band_nbytes`."""
-        self.write(key, *_format.chunk_buffers(data, band_nbytes))
+        or in row bands of `band_nbytes`. Return the data's content hash (`_format.chunk_hash`):
+        `digest` where the caller took it already, else taken in the checksums' pass."""
+        view = _format.bytes_view(data)
+        if band_nbytes is None and view.nbytes <= _format.PIECE:  # most chunks: in one piece
+            self.write(key, view, _format.crc_bytes(view))
+            return _format.chunk_hash(view) if digest is None else digest
+        sums = _format.Sums(content=digest is None)
+        self._write_chunk_file(key, _format.chunk_file(view, band_nbytes), sums)
+        return sums.content_hash() if digest is None else digest
+
+    def _write_chunk_file(self, key: str, chunk: _format.ChunkFile, sums: _format.Sums) -> None:
+        """Write `chunk` as the file `key`, its checksums taken by `sums` on the way."""
+        self.write(key, *chunk.buffers(sums))
 
     def _get(self, key: str, where: str, expected: int | None = None, **request: int) -> np.ndarray:
         """`get`, with a missing file or a wrong size reported as the checkpoint's problem."""

@@ -189,7 +189,7 @@ elif mode in ("die", "die0"):  # process 1 (die) or process 0 (die0) dies mid-sa
     def write_then_die(*args):
         if jax.process_index() == victim:
             os.kill(os.getpid(), signal.SIGKILL)
-        real(*args)
+        return real(*args)
 
     Storage.write_chunk = write_then_die
     try:
