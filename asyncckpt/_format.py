@@ -350,9 +350,10 @@ class Sums:
     """The CRC-32C of each data part of a chunk file and, if `content`, the content hash
     (`chunk_hash`) of all of them, taken as their bytes go by in pieces (`update`, in order):
     each piece is read from memory once for both, and a writer that copies it (an `O_DIRECT`
-    bounce buffer) passes the copy while it is in the cache. 1 GiB in 64 MiB chunks here: 0.12-0.14
-    CPU s against 0.19-0.21 for the two in passes of their own; with the bounce copy 0.15 against
-    0.28-0.30 (benchmarks/README.md, "One pass over a chunk's bytes")."""
+    bounce buffer) passes the copy while it is in the cache. 1 GiB in 64 MiB chunk files here,
+    CPU s per GB: 0.20 against 0.25 for hash, checksums and write each in a pass of their own
+    from page-aligned memory, 0.27 against 0.42 through the bounce buffer
+    (`benchmarks/chunk_passes.py`; benchmarks/README.md, "One pass over a chunk's bytes")."""
 
     def __init__(self, content: bool) -> None:
         self._crc = 0

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .. import _format
+
 ALIGN = 4096
 MIN_BYTES = 1 << 20  # smaller files gain little and pay one synchronous device write each
 _BOUNCE_BYTES = 4 << 20
@@ -38,7 +40,6 @@ _BOUNCE_BYTES = 4 << 20
 under a busy training loop the thread then waits its turn for a CPU again (1 GiB from memory 64
 bytes past a page, checksums and hash taken on the copies: 0.25-0.27 CPU s per GB with 1 MiB,
 0.18-0.21 with 4 MiB; `benchmarks/chunk_passes.py`)."""
-_PIECE = 1 << 20  # copied (and shown to `seen`) at a time: stays in the cache between the two
 MAX_IO = 1 << 30  # bytes per syscall; Linux caps one write at ~2 GiB
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
@@ -83,8 +84,8 @@ def write(fd: int, buffers: Sequence[memoryview]) -> bool:
 
 def _show(view: memoryview, seen: Callable[[memoryview], None] | None) -> None:
     if seen is not None:
-        for start in range(0, view.nbytes, _PIECE):
-            seen(view[start : start + _PIECE])
+        for piece in _format.pieces(view):
+            seen(piece)
 
 
 class _Writer:
@@ -99,7 +100,7 @@ class _Writer:
 
     def put(self, view: memoryview, seen: Callable[[memoryview], None] | None = None) -> None:
         """Write `view` next. `seen`, if given, is called on each of its pieces in order (at most
-        `_PIECE` bytes each) before they are written: on the bounce buffer's copy of a piece,
+        `_format.PIECE` bytes each) before they are written: on the bounce buffer's copy of a piece,
         while it is in the cache, for bytes that are copied."""
         n = view.nbytes
         if not n:
@@ -118,7 +119,7 @@ class _Writer:
                 self._write(view[pos : pos + size])
                 pos += size
                 continue
-            take = min(_PIECE, _BOUNCE_BYTES - self.fill, n - pos)
+            take = min(_format.PIECE, _BOUNCE_BYTES - self.fill, n - pos)
             part = np.frombuffer(view[pos : pos + take], np.uint8)
             self.bounce[self.fill : self.fill + take] = part
             if seen is not None:
