@@ -201,7 +201,8 @@ class CheckpointManager:
         self._leader = not _distributed.is_multi_process() or jax.process_index() == 0
         self._mutex = threading.Lock()
         self._infos: dict[int, StepInfo | None] = {}  # None: not read from disk yet
-        self._saving: tuple[int, Future[None]] | None = None  # a step until it is recorded
+        # a step, its save and the job recording it: in flight until recorded or failed
+        self._saving: tuple[int, Future[str], Future[None]] | None = None
         self._jobs: list[Future[None]] = []  # retention jobs not yet checked
         self._cleanups: list[Future[None]] = []  # file removals not yet checked
         self._spare: tuple[int, Storage] | None = None  # a deleted step's files, to write over
@@ -401,7 +402,7 @@ class CheckpointManager:
             self._after_save, step, saved, fields.decoded_metrics, persistent, local
         )
         with self._mutex:
-            self._saving = (step, retention)
+            self._saving = (step, saved, retention)
             self._jobs.append(retention)
         return True
 
@@ -771,12 +772,17 @@ class CheckpointManager:
             return sorted(self._infos)
 
     def _in_flight(self) -> int | None:
-        """The step being saved, until it is recorded (the job after its save) or failed."""
+        """The step being saved, until it is recorded (the job after its save) or its save
+        failed: a failure is raised to the caller as soon as the save fails, maybe before the
+        job after it ran, and the failed step may then be saved again at once."""
         with self._mutex:
             saving = self._saving
-        if saving is None or saving[1].done():
+        if saving is None:
             return None
-        return saving[0]
+        step, saved, recorded = saving
+        if recorded.done() or (saved.done() and (saved.cancelled() or saved.exception())):
+            return None
+        return step
 
     def _settle(self) -> None:
         """Wait until the saves made so far are committed and recorded (their retention jobs

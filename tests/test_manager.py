@@ -273,18 +273,29 @@ def test_closed_manager_refuses_saves(root):
         mgr.save(1, {})
 
 
-def test_background_failure_is_raised_by_the_next_save(root, monkeypatch):
+@pytest.mark.parametrize("job_delay_s", [0.0, 0.3])
+def test_background_failure_is_raised_by_the_next_save(root, monkeypatch, job_delay_s):
+    """The failed step may be saved again at once, also while the job after its save (on
+    another thread) has not run yet: CI once caught that race as 'step 1 already exists'."""
+    from asyncckpt._manager import CheckpointManager
     from asyncckpt._storage import Storage
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    after_save, write_chunk = CheckpointManager._after_save, Storage.write_chunk
+
+    def late(self, *args, **kwargs):
+        time.sleep(job_delay_s)
+        return after_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "_after_save", late)
     with ac.CheckpointManager(root) as mgr:
         monkeypatch.setattr(Storage, "write_chunk", broken)
         mgr.save(1, {"x": np.zeros(4)})
         with pytest.raises(ac.CheckpointWriteError, match="No space left"):
             mgr.save(2, {"x": np.zeros(4)})
-        monkeypatch.undo()
+        monkeypatch.setattr(Storage, "write_chunk", write_chunk)
         assert mgr.save(1, {"x": np.ones(4)})  # the failed step can be saved again
         mgr.wait_until_finished()
         assert mgr.all_steps() == [1]
