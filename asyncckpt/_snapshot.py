@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -107,9 +107,10 @@ class ArenaPool:
         self._free = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HostArray:
-    """The host buffers of the chunks of one array variable that this process writes."""
+    """The host buffers of the chunks of one array variable that this process writes. (Not
+    frozen: one is made per array of every save, and a frozen one costs three times as much.)"""
 
     spec: ArraySpec
     chunks: list[tuple[tuple[int, ...], np.ndarray]]
@@ -144,9 +145,10 @@ def _stored_dtype(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    """One chunk to copy: from `source[source_index]` into a new arena buffer."""
+class _Piece(NamedTuple):
+    """One chunk to copy: from `source[source_index]` into a new arena buffer. (A tuple: one is
+    made per chunk of every save, thousands for a tree of small leaves, at a third of a frozen
+    dataclass's cost.)"""
 
     array: int
     coords: tuple[int, ...]
@@ -242,6 +244,8 @@ class _LeafPlan:
     prng: bool
     device_copy: bool  # the data lives on an accelerator: start its copy to host first
     host_view: bool  # a jax.Array on CPU devices: its chunks are views of its buffers
+    single: tuple[int, ...] | None  # `whole`, not `prng`: the coordinates of its one chunk
+    nbytes: int  # of a chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,11 +260,21 @@ class _TreePlan:
 
 _PLANS: dict[Any, _TreePlan] = {}
 _MAX_PLANS = 8
+_SHARDINGS: dict[Any, Any] = {}  # one object of each sharding a save's leaves had
+_MAX_SHARDINGS = 1024  # then it starts again (keys compare their shardings by `==` meanwhile)
 
 
-def _signature(value: Any) -> Any:
+def _signature(value: Any, shardings: dict[int, Any]) -> Any:
+    """What the plan of a leaf depends on. `shardings`: by id, the one object of each sharding
+    that this save's keys hold (`_SHARDINGS`), so that a key compares its thousands of equal
+    shardings by identity: a new step's arrays carry new sharding objects, and their `==` is
+    Python's (5 ms a 4000-leaf save)."""
     if isinstance(value, jax.Array):
-        return (jax.Array, value.shape, value.dtype, value.sharding)
+        sharding = value.sharding
+        same = shardings.get(id(sharding))
+        if same is None:
+            same = shardings[id(sharding)] = _SHARDINGS.setdefault(sharding, sharding)
+        return (jax.Array, value.shape, value.dtype, same)
     if isinstance(value, (np.ndarray, np.generic)):
         return (type(value), value.shape, value.dtype)
     if is_stateful_leaf(value):  # its state is read at each save (`with_states`)
@@ -274,7 +288,10 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
     of thousands of leaves does not walk keypaths and shardings again (~70 ms per 4000 leaves)."""
     values, treedef = jax.tree_util.tree_flatten(tree)
     try:
-        key: Any = (treedef, tuple(_signature(v) for v in values))
+        if len(_SHARDINGS) > _MAX_SHARDINGS:
+            _SHARDINGS.clear()
+        shardings: dict[int, Any] = {}
+        key: Any = (treedef, tuple([_signature(v, shardings) for v in values]))
         plan = _PLANS.get(key)
     except TypeError:  # something unhashable: plan without the cache
         key, plan = None, None
@@ -290,15 +307,18 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
             value = leaf.value
             is_jax = isinstance(value, jax.Array)
             on_cpu = is_jax and all(d.platform == "cpu" for d in value.sharding.device_set)
+            whole, prng = _whole_copy(data_of(value)), spec.prng_impl is not None
             per_leaf.append(
                 _LeafPlan(
                     pos,
                     templates,
                     _is_local(value),
-                    _whole_copy(data_of(value)),
-                    spec.prng_impl is not None,
+                    whole,
+                    prng,
                     is_jax and not on_cpu,
                     on_cpu,
+                    templates[0].coords if whole and not prng and len(templates) == 1 else None,
+                    spec.chunk_nbytes,
                 )
             )
     plan = _TreePlan(description, arrays, per_leaf, any(map(is_stateful_leaf, values)))
@@ -391,7 +411,23 @@ def _take_snapshot(
     views: list[tuple[_Piece, np.ndarray]] = []
     to_host: list[Any] = []
     extra: set[tuple[int, tuple[int, ...]]] = set()  # (array, coords) of HostArray.extra
+    arrays = plan.arrays
     for i, leaf in enumerate(plan.leaves):
+        if leaf.single is not None and process_index == 0 and not every_replica:
+            # one chunk: the whole value (most leaves of a tree of thousands)
+            data = values[leaf.position]
+            if not isinstance(data, (jax.Array, np.ndarray)):
+                data = np.asarray(data)  # numpy scalars
+            elif leaf.device_copy:
+                to_host.append(data)
+            piece = _Piece(i, leaf.single, data, (), arrays[i].chunk_shape, leaf.nbytes)
+            if leaf.host_view:
+                view = np.asarray(data)
+                if view.flags.c_contiguous and view.dtype == arrays[i].dtype:
+                    views.append((piece, view))
+                    continue
+            pieces.append(piece)
+            continue
         not_ours = process_index != 0 and leaf.local  # process 0 writes what all hold whole
         if not_ours and not every_replica:
             continue
@@ -419,22 +455,24 @@ def _take_snapshot(
                 spec.chunk_shape,
                 spec.chunk_nbytes,
             )
-            view = _host_view(piece, spec.dtype) if leaf.host_view else None
-            if view is None:
+            shown = _host_view(piece, spec.dtype) if leaf.host_view else None
+            if shown is None:
                 pieces.append(piece)
             else:
-                views.append((piece, view))
+                views.append((piece, shown))
     for source in to_host:  # start every device -> host transfer before waiting on any
         source.copy_to_host_async()
     total = Arena.size_for(p.nbytes for p in pieces)
     arena = pool.acquire(total) if pieces else None
-    arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
     workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
     host = [HostArray(a, []) for a in arrays]
     for p, dest in views + planned:
         held = host[p.array]
-        (held.extra if (p.array, p.coords) in extra else held.chunks).append((p.coords, dest))
+        if extra and (p.array, p.coords) in extra:
+            held.extra.append((p.coords, dest))
+        else:
+            held.chunks.append((p.coords, dest))
     description = plan.tree
     if plan.stateful:
         description = with_states(plan.tree, jax.tree_util.tree_leaves(tree))

@@ -257,9 +257,17 @@ def test_load_variable_salvages_a_variable_of_a_damaged_checkpoint(root, caplog)
     assert "loading 'want' by its own zarr.json alone" in caplog.text
 
 
-def test_repeated_saves_of_one_structure_store_each_saves_values(root, mesh):
+@pytest.mark.parametrize("max_shardings", [None, 0])
+def test_repeated_saves_of_one_structure_store_each_saves_values(
+    root, mesh, monkeypatch, max_shardings
+):
     """Saves of the same structure reuse a cached plan; values, scalar leaves and shardings
-    must still come from each save."""
+    must still come from each save (also when the shardings the plans' keys hold are forgotten
+    at each save: `max_shardings` 0)."""
+    from asyncckpt import _snapshot
+
+    if max_shardings is not None:
+        monkeypatch.setattr(_snapshot, "_MAX_SHARDINGS", max_shardings)
     sharded = NamedSharding(mesh, P("x", "y"))
     with ac.AsyncCheckpointer() as ckptr:
         for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
@@ -275,6 +283,10 @@ def test_repeated_saves_of_one_structure_store_each_saves_values(root, mesh):
             "s": 1,
         }
         ckptr.save(root / "other", other)
+        again = {"w": jax.device_put(jnp.full((8, 4), 7, jnp.float32), sharded), "h": np.ones(3)}
+        ckptr.save(root / "again", {**again, "s": 1})
+    assert ac.list_variables(root / "again")["w"].chunk_shape == (2, 2)
+    assert_same(ac.restore(root / "again")["w"], np.full((8, 4), 7, np.float32))
     for i, scalar in enumerate([1, 2, -0.0, 0.0, float("nan")]):
         got = ac.restore(root / str(i))
         assert_same(got["w"], np.full((8, 4), i, np.float32))
