@@ -244,8 +244,6 @@ class _LeafPlan:
     prng: bool
     device_copy: bool  # the data lives on an accelerator: start its copy to host first
     host_view: bool  # a jax.Array on CPU devices: its chunks are views of its buffers
-    single: tuple[int, ...] | None  # `whole`, not `prng`: the coordinates of its one chunk
-    nbytes: int  # of a chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,18 +305,15 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
             value = leaf.value
             is_jax = isinstance(value, jax.Array)
             on_cpu = is_jax and all(d.platform == "cpu" for d in value.sharding.device_set)
-            whole, prng = _whole_copy(data_of(value)), spec.prng_impl is not None
             per_leaf.append(
                 _LeafPlan(
                     pos,
                     templates,
                     _is_local(value),
-                    whole,
-                    prng,
+                    _whole_copy(data_of(value)),
+                    spec.prng_impl is not None,
                     is_jax and not on_cpu,
                     on_cpu,
-                    templates[0].coords if whole and not prng and len(templates) == 1 else None,
-                    spec.chunk_nbytes,
                 )
             )
     plan = _TreePlan(description, arrays, per_leaf, any(map(is_stateful_leaf, values)))
@@ -411,23 +406,7 @@ def _take_snapshot(
     views: list[tuple[_Piece, np.ndarray]] = []
     to_host: list[Any] = []
     extra: set[tuple[int, tuple[int, ...]]] = set()  # (array, coords) of HostArray.extra
-    arrays = plan.arrays
     for i, leaf in enumerate(plan.leaves):
-        if leaf.single is not None and process_index == 0 and not every_replica:
-            # one chunk: the whole value (most leaves of a tree of thousands)
-            data = values[leaf.position]
-            if not isinstance(data, (jax.Array, np.ndarray)):
-                data = np.asarray(data)  # numpy scalars
-            elif leaf.device_copy:
-                to_host.append(data)
-            piece = _Piece(i, leaf.single, data, (), arrays[i].chunk_shape, leaf.nbytes)
-            if leaf.host_view:
-                view = np.asarray(data)
-                if view.flags.c_contiguous and view.dtype == arrays[i].dtype:
-                    views.append((piece, view))
-                    continue
-            pieces.append(piece)
-            continue
         not_ours = process_index != 0 and leaf.local  # process 0 writes what all hold whole
         if not_ours and not every_replica:
             continue
@@ -439,7 +418,7 @@ def _take_snapshot(
             data = np.asarray(data)  # numpy scalars
         sources = [(data, (), True)] if leaf.whole else _sources(data)
         templates = leaf.templates
-        if not every_replica:
+        if not (every_replica or leaf.whole):  # a whole value's one source is replica 0
             templates = [t for t in templates if t.primary]
             sources = [src if src[2] else (None, (), False) for src in sources]
         if leaf.device_copy:
@@ -455,24 +434,23 @@ def _take_snapshot(
                 spec.chunk_shape,
                 spec.chunk_nbytes,
             )
-            shown = _host_view(piece, spec.dtype) if leaf.host_view else None
-            if shown is None:
+            view = _host_view(piece, spec.dtype) if leaf.host_view else None
+            if view is None:
                 pieces.append(piece)
             else:
-                views.append((piece, shown))
+                views.append((piece, view))
     for source in to_host:  # start every device -> host transfer before waiting on any
         source.copy_to_host_async()
     total = Arena.size_for(p.nbytes for p in pieces)
     arena = pool.acquire(total) if pieces else None
+    arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
     workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
     host = [HostArray(a, []) for a in arrays]
     for p, dest in views + planned:
         held = host[p.array]
-        if extra and (p.array, p.coords) in extra:
-            held.extra.append((p.coords, dest))
-        else:
-            held.chunks.append((p.coords, dest))
+        into = held.extra if extra and (p.array, p.coords) in extra else held.chunks
+        into.append((p.coords, dest))
     description = plan.tree
     if plan.stateful:
         description = with_states(plan.tree, jax.tree_util.tree_leaves(tree))
