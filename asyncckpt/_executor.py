@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -375,18 +375,34 @@ class Workers:
             self._changed.notify_all()
 
     def run_reads(
-        self, tasks: Sequence[tuple[int, Callable[[], Any]]], *, network: bool = False
+        self, tasks: Sequence[tuple[int, Callable[[], Any]] | Read], *, network: bool = False
     ) -> None:
         """Run `(cost in bytes, task)` pairs, grouped into about one batch per thread of the
         pool (each task also costs 8 KiB of overhead; on disk a group holds at least 1 MiB, so
-        thousands of small chunks do not each pay the pool's per-task cost)."""
+        thousands of small chunks do not each pay the pool's per-task cost).
+
+        Small reads that say how to fetch their data ahead (`Read.prefetch`, on a file system)
+        run in order on one thread instead (`_run_ahead`), beside the others: each costs more
+        Python than copying, and more threads only hand the GIL to each other. 4000 chunks of
+        16 KiB were read warm in 0.07-0.10 s against 0.14-0.19 s on 4 threads, and from disk in
+        0.19-0.20 s (prefetched) against 0.21-0.25 s (0.34 s on one thread without it)."""
+        serial: list[Read] = []
+        rest: list[tuple[int, Callable[[], Any]] | Read] = []
+        for t in tasks:
+            if isinstance(t, Read) and t.prefetch and t.cost < SERIAL_READ_BYTES and not network:
+                serial.append(t)
+            else:
+                rest.append(t)
         groups = batches(
-            tasks,
+            rest,
             lambda t: t[0] + 8192,
             parts=self.parts(network),
             min_cost=1 if network else 1 << 20,
         )
-        self.run_all([functools.partial(_run_group, g) for g in groups], network=network)
+        jobs = [functools.partial(_run_group, g) for g in groups]
+        if serial:
+            jobs.insert(0, functools.partial(_run_ahead, serial))  # likely the longest: first
+        self.run_all(jobs, network=network)
 
     def adopt(self, tids: Iterable[int]) -> None:
         """Give threads this module did not start (`tids`: native ids, e.g. jaxlib's transfer
@@ -506,9 +522,43 @@ def at_interpreter_exit(callback: Callable[[], None]) -> None:
         register(callback)
 
 
-def _run_group(group: Sequence[tuple[int, Callable[[], Any]]]) -> None:
-    for _, task in group:
-        task()
+class Read(NamedTuple):
+    """A task of `Workers.run_reads`: its cost in bytes, the read itself, and what starts
+    fetching its data without waiting for it (`Storage.prefetch`), if anything."""
+
+    cost: int
+    run: Callable[[], Any]
+    prefetch: Callable[[], Any] | None = None
+
+
+SERIAL_READ_BYTES = 256 << 10
+"""Reads smaller than this that can be prefetched run on one thread (`run_reads`): below it a
+read's Python costs about as much as its copy. (Restores map chunks of this size and more.)"""
+
+AHEAD_READS, AHEAD_BYTES = 64, 16 << 20
+"""How far `_run_ahead` prefetches ahead of its reads: in reads, and in their bytes."""
+
+
+def _run_group(group: Sequence[tuple[int, Callable[[], Any]] | Read]) -> None:
+    for task in group:
+        task[1]()
+
+
+def _run_ahead(reads: Sequence[Read]) -> None:
+    """Run `reads` in order, each one's `prefetch` called up to `AHEAD_READS` reads (and
+    `AHEAD_BYTES`) before it: the disk gets many requests at once from one thread."""
+    ahead = pending = 0  # reads[:ahead] were prefetched; `pending` bytes of them not yet read
+    for i, read in enumerate(reads):
+        while (
+            ahead < len(reads) and ahead - i < AHEAD_READS and (pending < AHEAD_BYTES or ahead == i)
+        ):
+            prefetch = reads[ahead].prefetch
+            if prefetch is not None:
+                prefetch()
+            pending += reads[ahead].cost
+            ahead += 1
+        read.run()
+        pending -= read.cost
 
 
 def batches(

@@ -1,9 +1,12 @@
 """Restoring by mapping: a chunk that is exactly one device's shard is mapped copy-on-write from
-its file (checksums verified through the mapping), not copied into new memory."""
+its file (checksums verified through the mapping), not copied into new memory. Chunks under the
+mapping threshold are read, in order by one thread that prefetches the files ahead of it."""
 
 import gc
 import os
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -13,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import asyncckpt as ac
-from asyncckpt import _format
+from asyncckpt import _executor, _format
 from asyncckpt._storage import local as _local
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux only")
@@ -180,3 +183,46 @@ def test_damaged_mapped_chunk_is_corrupt_and_leaks_nothing(tmp_path, mesh, monke
         ac.restore(tmp_path / "ck", target(mesh))
     gc.collect()
     assert budget._live == 0
+
+
+def test_small_chunks_are_read_in_order_by_one_thread_that_prefetches_ahead(tmp_path, monkeypatch):
+    """Thousands of small chunks cost Python more than copying: one thread reads them, each
+    file prefetched (the kernel's read-ahead) at most `AHEAD_READS` reads before it is read, so
+    the disk still gets many requests at once; chunks that are mapped go to every thread."""
+    small = {f"s{i:03d}": np.full(1024, i, np.float32) for i in range(300)}
+    large = {f"l{i:02d}": np.full(1 << 18, i, np.float32) for i in range(16)}  # 1 MiB: mapped
+    path = tmp_path / "ck"
+    ac.save(path, {**small, **large})
+    events: list[tuple[str, str, str]] = []  # (what, chunk key, thread)
+
+    def spy(method, what, delay=0.0):
+        original = getattr(_local.LocalStorage, method)
+
+        def spied(self, key, *args):
+            events.append((what, key, threading.current_thread().name))
+            time.sleep(delay)  # the mapped chunks' threads take a while: the others join
+            return original(self, key, *args)
+
+        monkeypatch.setattr(_local.LocalStorage, method, spied)
+
+    spy("prefetch", "prefetch")
+    spy("read_chunk_into", "read")
+    spy("map_chunk", "map", delay=0.01)
+    monkeypatch.setattr(_executor, "AHEAD_READS", 8)
+    with ac.AsyncCheckpointer(max_workers=8) as ckptr:
+        back = ckptr.restore(path, {**small, **large})
+    for name, value in {**small, **large}.items():
+        assert_same(back[name], value)
+
+    reads = [key for what, key, _ in events if what == "read"]
+    assert reads == sorted(f"s{i:03d}/c.0" for i in range(300))  # in order, each once
+    assert len({t for what, _, t in events if what == "read"}) == 1
+    prefetched: list[str] = []
+    for what, key, _ in events:
+        if what == "prefetch":
+            prefetched.append(key)
+        elif what == "read":  # prefetched before, and no more than 8 reads ahead
+            assert key in prefetched and len(prefetched) - prefetched.index(key) <= 8, key
+    assert sorted(prefetched) == reads
+    mapped = {t for what, _, t in events if what == "map"}
+    assert len([e for e in events if e[0] == "map"]) == 16 and len(mapped) > 1, mapped

@@ -96,6 +96,42 @@ def test_sharded_jax_arrays_round_trip_with_shardings(root, mesh, dtype, spec):
     assert_same(ac.restore(root / "ck")["w"], host)  # no target: numpy
 
 
+def test_leaves_on_one_device_are_placed_as_jax_device_put_places_them(root):
+    """A whole leaf on one device goes straight to the runtime's batched put, not through
+    `jax.device_put` (whose Python dominated restores of thousands of small leaves); it comes
+    back as `jax.device_put` would give it: dtype, shape, device, committed, bytes. A dtype
+    that JAX changes (int64 without x64) takes `jax.device_put` itself."""
+    from asyncckpt import _restore
+
+    assert _restore._direct_put() is not None  # this JAX has it: the tests here exercise it
+    dtypes = [np.float32, ml_dtypes.bfloat16, np.bool_, np.int8, np.uint32, np.float16]
+    dtypes += [ml_dtypes.int4, ml_dtypes.float8_e4m3fn, np.complex64]
+    devices = jax.local_devices()
+    hosts = {f"x{i}": _values(d, (5, 3) if i % 3 else (), seed=i) for i, d in enumerate(dtypes)}
+    hosts["wide"] = np.arange(6, dtype=np.int64)
+    tree = {
+        k: jax.device_put(v, devices[i % len(devices)]) for i, (k, v) in enumerate(hosts.items())
+    }
+    ac.save(root / "ck", tree)
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, hosts[k].dtype, sharding=v.sharding)
+        for k, v in tree.items()
+    }
+    back = ac.restore(root / "ck", target)
+    for k, host in hosts.items():
+        want = jax.device_put(host, tree[k].sharding)
+        got = back[k]
+        assert isinstance(got, jax.Array), k
+        assert (got.dtype, got.shape, got.sharding, got.committed, got.weak_type) == (
+            want.dtype,
+            want.shape,
+            want.sharding,
+            want.committed,
+            want.weak_type,
+        ), k
+        assert_same(got, want)
+
+
 def test_one_chunk_per_shard(root, mesh):
     x = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", "y")))
     ac.save(root / "ck", {"w": x, "v": np.arange(5)})

@@ -166,6 +166,22 @@ def test_plain_chunks_round_trip_with_checksums(place, shape):
     _format.check_chunk_file(whole, value.nbytes, None, place.path("w/c"), "test")
 
 
+def test_prefetch_is_a_hint_that_never_fails(place, tmp_path):
+    """`prefetch` starts fetching a file and returns; what is wrong with the file (missing, a
+    directory, a FIFO that would block a reader) is the read's to report, not the hint's."""
+    _make_dirs(place, "w")
+    value = _data((3, 5))
+    place.write_chunk("w/c", value, None)
+    for key in ("w/c", "w/missing", "w", "nowhere/c"):
+        place.prefetch(key, value.nbytes + 4)
+    if place.local_path is not None and hasattr(os, "mkfifo"):
+        os.mkfifo(place.path("w/fifo"))
+        place.prefetch("w/fifo", 64)  # returns at once: opened without blocking
+    out = np.empty_like(value)
+    place.read_chunk_into("w/c", out, "test")
+    np.testing.assert_array_equal(out, value)
+
+
 def test_damaged_truncated_and_missing_chunks_say_what_and_where(place):
     _make_dirs(place, "w")
     value = _data()

@@ -251,6 +251,12 @@ class Storage(ABC):
         every checksum verified; None where this backend or file cannot be mapped: read it."""
         return None
 
+    def prefetch(self, key: str, nbytes: int) -> None:
+        """Start fetching the first `nbytes` of the file `key` into memory and return without
+        waiting: a hint that it is read soon (what fails is the read's to report). Nothing, by
+        default."""
+        return None
+
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         """Refuse a variable whose directory is or passes through a symbolic link (which could
         lead outside the checkpoint); `seen`: what the backend found already, kept by the caller

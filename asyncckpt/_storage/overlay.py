@@ -96,6 +96,10 @@ class Overlay(Storage):
             return self._chunks[key]
         return self._disk(key).map_chunk(key, nbytes, band_nbytes, where)
 
+    def prefetch(self, key: str, nbytes: int) -> None:
+        if key not in self._chunks and self._part is not None:
+            self._part.prefetch(key, nbytes)
+
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         if self._part is not None:
             self._part.check_no_links(name, where, seen)
