@@ -132,6 +132,30 @@ def test_leaves_on_one_device_are_placed_as_jax_device_put_places_them(root):
         assert_same(got, want)
 
 
+def test_small_leaves_come_back_aligned_and_apart(root):
+    """Small leaves are read into buffers cut from shared allocations (`_restore._Slabs`):
+    each must still be 64-byte aligned (CPU devices then use it without a copy) and hold only
+    its own bytes, whatever the dtypes and sizes around it."""
+    dtypes = [np.float32, ml_dtypes.bfloat16, np.bool_, np.int8, np.complex128, ml_dtypes.int4]
+    shapes = [(), (1,), (3, 5), (0,), (1000,), (17, 3)]
+    tree = {
+        f"x{i:03d}": _values(dtypes[i % len(dtypes)], shapes[i % len(shapes)], seed=i)
+        for i in range(300)
+    }
+    tree["big"] = _values(np.float32, (300, 300))  # 360 KB: its own buffer
+    ac.save(root / "ck", tree)
+    back = ac.restore(root / "ck")
+    for name, value in tree.items():
+        assert_same(back[name], value)
+        if back[name].nbytes:
+            assert back[name].ctypes.data % 64 == 0, name
+    for name in back:  # writing to one leaf leaves every other as it was
+        back[name][...] = 0 if back[name].dtype != np.bool_ else True
+        nxt = f"x{int(name[1:]) + 1:03d}" if name.startswith("x") else None
+        if nxt in back:
+            assert_same(back[nxt], tree[nxt])
+
+
 def test_one_chunk_per_shard(root, mesh):
     x = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", "y")))
     ac.save(root / "ck", {"w": x, "v": np.arange(5)})
