@@ -1022,6 +1022,14 @@ def _hashes(value: Any, arrays: dict[str, ArraySpec], where: str) -> dict[str, l
     _check(set(table) == set(arrays), where, "chunk_hashes does not name every array")
     for name, spec in arrays.items():
         listed = table[name]
+        if (  # most arrays, without a generator each
+            type(listed) is list
+            and len(listed) == 1
+            and spec.chunk_shape == spec.shape
+            and isinstance(listed[0], str)
+            and _HEX32.fullmatch(listed[0])
+        ):
+            continue
         _check(
             isinstance(listed, list)
             and len(listed) == math.prod(spec.grid)

@@ -452,10 +452,10 @@ def _plan(
     def share(sharding: Any) -> TypeGuard[jax.sharding.Sharding]:
         return read_once and _readonce.spans_every_process(sharding)
 
-    whole = [_whole(spec)]
     if spec.prng_impl is not None:  # key data is restored whole, then wrapped and placed
         sharding = getattr(target, "sharding", None) if target is not None else None
         shared = _readonce.Shared(spec, sharding, True) if share(sharding) else None
+        whole = [_whole(spec)]
         return _Plan(spec, spec.dtype, sharding, whole, math.prod(spec.shape), False, where, shared)
     if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
         dtype = np.dtype(target.dtype)
@@ -468,7 +468,7 @@ def _plan(
     check_cast(spec.dtype, dtype, where)
     if _tree.is_python_scalar(target):  # returned as that python type (`_tree.python_value`)
         check_cast(spec.dtype, np.asarray(target).dtype, where)
-    return _Plan(spec, dtype, None, whole, math.prod(spec.shape), mapping, where)
+    return _Plan(spec, dtype, None, [_whole(spec)], math.prod(spec.shape), mapping, where)
 
 
 @functools.lru_cache(maxsize=1024)  # thousands of leaves share a few (sharding, shape)
