@@ -562,12 +562,12 @@ def put_whole(bufs: list[np.ndarray], shardings: list[jax.sharding.Sharding]) ->
     out: list[Any] = [None] * len(bufs)
     rest = []
     put = _direct_put()
+    kept: dict[np.dtype, bool] = {}  # JAX keeps the dtype as it is (not int64 without x64)
     for i, (buf, sharding) in enumerate(zip(bufs, shardings)):
-        if (
-            put is not None
-            and type(sharding) is jax.sharding.SingleDeviceSharding
-            and (_kept_dtype(buf.dtype))
-        ):
+        dtype = buf.dtype
+        if dtype not in kept:
+            kept[dtype] = jax.dtypes.canonicalize_dtype(dtype) == dtype
+        if put is not None and type(sharding) is jax.sharding.SingleDeviceSharding and kept[dtype]:
             out[i] = put(buf, sharding)
         else:
             rest.append(i)
@@ -577,12 +577,6 @@ def put_whole(bufs: list[np.ndarray], shardings: list[jax.sharding.Sharding]) ->
         ):
             out[i] = value
     return out
-
-
-@functools.cache
-def _kept_dtype(dtype: np.dtype) -> bool:
-    """Whether JAX keeps `dtype` as it is (not e.g. int64 as int32 without `jax_enable_x64`)."""
-    return jax.dtypes.canonicalize_dtype(dtype) == dtype
 
 
 @functools.cache

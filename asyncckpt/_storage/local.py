@@ -637,7 +637,8 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
 
 def _read_all(fd: int, buffers: list[memoryview], offset: int, path: str, where: str) -> None:
     """Fill `buffers` from `offset` on; the file must hold that many bytes."""
-    if len(buffers) <= _IOV_MAX and (total := sum(b.nbytes for b in buffers)) <= _MAX_IO:
+    total = sum(b.nbytes for b in buffers)
+    if 0 < total <= _MAX_IO and len(buffers) <= _IOV_MAX:
         n = os.preadv(fd, buffers, offset)  # most reads: one call fills them all
         if n == total:
             return
