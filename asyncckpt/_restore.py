@@ -163,8 +163,7 @@ class _Slabs:
         if n >= _MAP_FROM:
             return aligned_empty(shape, dtype)
         if self._used + n > self._raw.size:
-            self._raw = np.empty(SLAB_BYTES + _ALIGN, np.uint8)
-            self._used = (-self._raw.ctypes.data) % _ALIGN
+            self._raw, self._used = aligned_empty((SLAB_BYTES,), np.dtype(np.uint8)), 0
         out = np.ndarray(shape, dtype, self._raw, self._used)
         self._used += -(-n // _ALIGN) * _ALIGN
         return out
