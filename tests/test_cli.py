@@ -1,5 +1,10 @@
-"""The `asyncckpt` command, driven as a real subprocess (`python -m asyncckpt`)."""
+"""The `asyncckpt` command: `_cli.main`, what `python -m asyncckpt` and the console script
+call, run in this process with its output captured (a subprocess a command would spend most of
+its time importing JAX); the tests of the entry points and of what needs a process of its own
+(a kill, no terminal) start real ones."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,12 +20,31 @@ import pytest
 from conftest import assert_same, make_root, names
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from rich.console import Console
 
 import asyncckpt as ac
+from asyncckpt import _cli
 
 
 def run(*args, ok=True):
-    """Run the command; return (exit status, stdout, stderr)."""
+    """Run the command; return (exit status, stdout, stderr). Its consoles write to the
+    captured streams as to a pipe with COLUMNS=200."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    consoles = _cli.out, _cli.err
+    _cli.out = Console(file=stdout, highlight=False, soft_wrap=True, width=200)
+    _cli.err = Console(file=stderr, highlight=False, soft_wrap=True, width=200, stderr=True)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = _cli.main([str(a) for a in args])
+    finally:
+        _cli.out, _cli.err = consoles
+    if ok:
+        assert status == 0, stderr.getvalue()
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+def run_process(*args):
+    """`python -m asyncckpt` in a process of its own: (exit status, stdout, stderr)."""
     env = dict(os.environ, COLUMNS="200")
     proc = subprocess.run(
         [sys.executable, "-m", "asyncckpt", *map(str, args)],
@@ -29,8 +53,6 @@ def run(*args, ok=True):
         timeout=240,
         env=env,
     )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -76,7 +98,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_help_and_console_script():
-    _, out, _ = run("--help")
+    status, out, _ = run_process("--help")
+    assert status == 0
     for command in ("ls", "show", "verify", "rm", "cp", "export", "import-orbax"):
         assert command in out
     script = os.path.join(os.path.dirname(sys.executable), "asyncckpt")
@@ -376,7 +399,7 @@ def test_bad_input_is_one_line(run_dir, tmp_path, args, message):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    status, _, err = run("--debug", "show", tmp_path / "nothing", ok=False)
+    status, _, err = run_process("--debug", "show", tmp_path / "nothing")
     assert status == 1 and "Traceback" in err and "CheckpointNotFoundError" in err
 
 

@@ -212,7 +212,11 @@ def test_four_processes_restore_from_their_local_tiers_and_their_peers(tmp_path)
     procs, outputs = run(["die", str(tmp_path)])
     assert procs[1].returncode == -9
     for i in (0, 2, 3):
-        assert "processes [1] of 4 did not arrive" in outputs[i], outputs[i][-3000:]
+        # process 1 is named among those missing; a survivor that reached the barrier first
+        # may name late survivors too (under load they can be more than the timeout behind)
+        missing = re.search(r"processes \[([\d, ]+)\] of 4 did not arrive", outputs[i])
+        assert missing and "1" in missing[1].split(", "), outputs[i][-3000:]
+        assert str(i) not in missing[1].split(", "), outputs[i][-3000:]
         assert "listing ['.asyncckpt.lock', '5', '6']" in outputs[i], outputs[i][-3000:]
     assert any(".7.asyncckpt-tmp-" in n for n in os.listdir(tmp_path / "local-1"))
     # the restarted job restores local step 6; process 1's debris is gone
