@@ -150,8 +150,9 @@ class Engine:
                 process_index=jax.process_index() if _distributed.is_multi_process() else 0,
                 every_replica=local is not None,
             )
-            for array in snap.arrays:
-                array.extra.extend(received.get(array.spec.name, ()))
+            if received:  # a loop over every array costs 1 ms a 4000-leaf save
+                for array in snap.arrays:
+                    array.extra.extend(received.get(array.spec.name, ()))
         phases.add("blocking", time.perf_counter() - t0)
         future = self.workers.submit_save(
             self._write,

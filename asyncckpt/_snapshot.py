@@ -244,6 +244,7 @@ class _LeafPlan:
     prng: bool
     device_copy: bool  # the data lives on an accelerator: start its copy to host first
     host_view: bool  # a jax.Array on CPU devices: its chunks are views of its buffers
+    view_coords: tuple[int, ...] | None  # one chunk, a view of the whole value (below)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,15 +306,20 @@ def _plan_tree(tree: Any) -> tuple[_TreePlan, list[Any]]:
             value = leaf.value
             is_jax = isinstance(value, jax.Array)
             on_cpu = is_jax and all(d.platform == "cpu" for d in value.sharding.device_set)
+            whole = _whole_copy(data_of(value))
+            prng = spec.prng_impl is not None
+            # the common leaf of a CPU job's tree: stored as one chunk, a view of its buffer
+            single = whole and on_cpu and not prng and len(templates) == 1
             per_leaf.append(
                 _LeafPlan(
                     pos,
                     templates,
                     _is_local(value),
-                    _whole_copy(data_of(value)),
-                    spec.prng_impl is not None,
+                    whole,
+                    prng,
                     is_jax and not on_cpu,
                     on_cpu,
+                    templates[0].coords if single else None,
                 )
             )
     plan = _TreePlan(description, arrays, per_leaf, any(map(is_stateful_leaf, values)))
@@ -406,11 +412,21 @@ def _take_snapshot(
     views: list[tuple[_Piece, np.ndarray]] = []
     to_host: list[Any] = []
     extra: set[tuple[int, tuple[int, ...]]] = set()  # (array, coords) of HostArray.extra
+    arrays = plan.arrays
+    host = [HostArray(a, []) for a in arrays]
     for i, leaf in enumerate(plan.leaves):
         not_ours = process_index != 0 and leaf.local  # process 0 writes what all hold whole
+        if leaf.view_coords is not None and not not_ours:
+            # a whole leaf on CPU devices (most leaves of a CPU job's tree): its one chunk is a
+            # view of its buffer, taken here without a piece, for 4000 leaves a third of the
+            # loop's time
+            view = np.asarray(values[leaf.position])
+            if view.flags.c_contiguous and view.dtype == arrays[i].dtype:
+                host[i].chunks.append((leaf.view_coords, view))
+                continue
         if not_ours and not every_replica:
             continue
-        spec = plan.arrays[i]
+        spec = arrays[i]
         data = values[leaf.position]
         if leaf.prng:
             data = jax.random.key_data(data)
@@ -443,10 +459,8 @@ def _take_snapshot(
         source.copy_to_host_async()
     total = Arena.size_for(p.nbytes for p in pieces)
     arena = pool.acquire(total) if pieces else None
-    arrays = plan.arrays
     planned = [(p, arena.take(p.shape, arrays[p.array].dtype)) for p in pieces] if arena else []
     workers.run_all(_copy_tasks(planned, parts=min(workers.size, os.cpu_count() or 1)))
-    host = [HostArray(a, []) for a in arrays]
     for p, dest in views + planned:
         held = host[p.array]
         into = held.extra if extra and (p.array, p.coords) in extra else held.chunks

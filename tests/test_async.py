@@ -348,3 +348,49 @@ def test_closed_checkpointer_refuses_work(tmp_path):
     ckptr.close()  # idempotent
     with pytest.raises(ac.CheckpointError, match="closed"):
         ckptr.save(tmp_path / "ck", {"x": np.ones(1)})
+
+
+def test_a_snapshot_of_cpu_leaves_views_their_buffers_and_copies_the_rest(mesh):
+    """On CPU devices the snapshot holds views of the arrays' own buffers (nothing is copied
+    while the caller waits); key data and numpy leaves are copied. Values every process holds
+    whole are process 0's to write: another process keeps them only as extra replicas for its
+    node-local tier."""
+    from asyncckpt._executor import Workers
+    from asyncckpt._snapshot import ArenaPool, take_snapshot
+
+    tree = {
+        "one": jnp.arange(6.0).reshape(2, 3),
+        "replicated": jax.device_put(jnp.arange(8, dtype=jnp.int32), NamedSharding(mesh, P())),
+        "sharded": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("x"))),
+        "key": jax.random.key(1),
+        "host": np.arange(4, dtype=np.int16),
+    }
+    workers = Workers(2)
+    try:
+        for process, every in ((0, False), (1, False), (1, True)):
+            snap = take_snapshot(
+                tree, workers, ArenaPool(), process_index=process, every_replica=every
+            )
+            got = {a.spec.name: a for a in snap.arrays}
+            for name in ("one", "replicated", "key", "host"):
+                chunks = got[name].chunks if process == 0 else got[name].extra
+                if process != 0:
+                    assert got[name].chunks == []
+                if process == 1 and not every:
+                    assert chunks == []
+                    continue
+                assert [c for c, _ in chunks] == ([(0, 0)] if name == "one" else [(0,)])
+                ((_, buf),) = chunks
+                leaf = jax.random.key_data(tree[name]) if name == "key" else tree[name]
+                assert np.array_equal(buf, np.asarray(leaf)) and buf.dtype == leaf.dtype
+                if name != "key":  # its key data is a new array: nothing to share
+                    viewed = name != "host"  # a numpy leaf is copied: the caller may change it
+                    assert np.shares_memory(buf, np.asarray(leaf)) == viewed, name
+            if process == 0:  # the replica-0 row blocks, views of their shards' buffers
+                sharded = got["sharded"].chunks
+                assert sorted(c for c, _ in sharded) == [(i, 0) for i in range(4)]
+                for (row, _), buf in sharded:
+                    want = np.asarray(tree["sharded"])[row * 2 : row * 2 + 2]
+                    assert np.array_equal(buf, want) and not buf.flags.writeable
+    finally:
+        workers.close()
