@@ -420,9 +420,9 @@ def _take_snapshot(
             # a whole leaf on CPU devices (most leaves of a CPU job's tree): its one chunk is a
             # view of its buffer, taken here without a piece, for 4000 leaves a third of the
             # loop's time
-            view = np.asarray(values[leaf.position])
-            if view.flags.c_contiguous and view.dtype == arrays[i].dtype:
-                host[i].chunks.append((leaf.view_coords, view))
+            whole = np.asarray(values[leaf.position])
+            if whole.flags.c_contiguous and whole.dtype == arrays[i].dtype:
+                host[i].chunks.append((leaf.view_coords, whole))
                 continue
         if not_ours and not every_replica:
             continue
