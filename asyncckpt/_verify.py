@@ -16,7 +16,7 @@ import numpy as np
 import xxhash
 
 from . import _format, _tree
-from ._executor import Workers
+from ._executor import Read, Workers
 from ._format import ArraySpec
 from ._restore import read_root
 from ._storage import Storage, open_storage
@@ -28,6 +28,7 @@ from .errors import (
 )
 
 _PIECE_BYTES = 64 << 20  # a banded chunk is checked this many bytes at a time
+_DOC_AHEAD = 4096  # what an array's zarr.json is fetched ahead by (they hold ~1 KiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ def check(
         if progress is not None:
             progress(n)
 
-    tasks = []
+    tasks: list[Read] = []
     try:
         names = _tree.spec_leaf_names(info.tree)
     except CheckpointError as e:
@@ -112,12 +113,15 @@ def check(
         except CheckpointError as e:
             problems.append(Problem(spec.name, e))
             continue
+        # each read says what to fetch ahead: thousands of small ones go in order on one
+        # thread that asks for the next ones' bytes first (`Workers.run_reads`)
+        check_doc = functools.partial(_check_doc, ckpt, spec, where)
+        doc = f"{spec.name}/{_format.DOC}"
         tasks.append(
-            (
+            Read(
                 256,
-                functools.partial(
-                    guarded, spec.name, functools.partial(_check_doc, ckpt, spec, where)
-                ),
+                functools.partial(guarded, spec.name, check_doc),
+                functools.partial(ckpt.prefetch, doc, _DOC_AHEAD),
             )
         )
         hashes = info.hashes[spec.name] if info.hashes is not None else None
@@ -125,7 +129,13 @@ def check(
             key = spec.chunk_key(coords)
             expected = hashes[i] if hashes is not None else None
             check_one = functools.partial(_check_chunk, ckpt, key, spec, where, expected)
-            tasks.append((spec.chunk_nbytes, functools.partial(guarded, spec.name, check_one)))
+            tasks.append(
+                Read(
+                    spec.chunk_nbytes,
+                    functools.partial(guarded, spec.name, check_one),
+                    functools.partial(ckpt.prefetch, key, spec.chunk_nbytes + _format.CRC_BYTES),
+                )
+            )
     workers.run_reads(tasks, network=ckpt.network)
     return sorted(problems, key=lambda p: (p.variable or "", str(p.error)))
 
