@@ -44,6 +44,7 @@ ATTR = "asyncckpt"
 MAX_NDIM = 64
 MAX_ROOT_DOC_BYTES = 256 << 20  # ~500 bytes per variable: half a million variables
 MAX_ARRAY_DOC_BYTES = 1 << 20
+ARRAY_DOC_AHEAD = 4096  # what an array's zarr.json is fetched ahead by (they hold < 1 KiB)
 MAX_CHUNKS = 1 << 20  # per array; asyncckpt writes one chunk per shard
 BAND_BYTES = 4 << 20  # target size of the row bands of large chunks
 MIN_BAND_BYTES = 1 << 20  # below this, bands cost more syscalls than they save bytes

@@ -28,7 +28,6 @@ from .errors import (
 )
 
 _PIECE_BYTES = 64 << 20  # a banded chunk is checked this many bytes at a time
-_DOC_AHEAD = 4096  # what an array's zarr.json is fetched ahead by (they hold ~1 KiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +120,7 @@ def check(
             Read(
                 256,
                 functools.partial(guarded, spec.name, check_doc),
-                functools.partial(ckpt.prefetch, doc, _DOC_AHEAD),
+                functools.partial(ckpt.prefetch, doc, _format.ARRAY_DOC_AHEAD),
             )
         )
         hashes = info.hashes[spec.name] if info.hashes is not None else None
