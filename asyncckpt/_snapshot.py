@@ -335,11 +335,11 @@ def _is_local(value: Any) -> bool:
     return not isinstance(value, jax.Array) or value.sharding.is_fully_addressable
 
 
-def _host_view(piece: _Piece, dtype: np.dtype) -> np.ndarray | None:
-    """The chunk as a read-only view of a CPU array's buffer, or None when it must be copied (not
-    C-contiguous, another dtype). np.asarray waits for the array to be computed."""
-    view = np.asarray(piece.source)
-    view = view[piece.source_index] if piece.source_index else view
+def _host_view(source: Any, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray | None:
+    """`source[index]` as a read-only view of a CPU array's buffer, or None when it must be
+    copied (not C-contiguous, another dtype). np.asarray waits for the array to be computed."""
+    view = np.asarray(source)
+    view = view[index] if index else view
     return view if view.flags.c_contiguous and view.dtype == dtype else None
 
 
@@ -420,8 +420,8 @@ def _take_snapshot(
             # a whole leaf on CPU devices (most leaves of a CPU job's tree): its one chunk is a
             # view of its buffer, taken here without a piece, for 4000 leaves a third of the
             # loop's time
-            whole = np.asarray(values[leaf.position])
-            if whole.flags.c_contiguous and whole.dtype == arrays[i].dtype:
+            whole = _host_view(values[leaf.position], (), arrays[i].dtype)
+            if whole is not None:
                 host[i].chunks.append((leaf.view_coords, whole))
                 continue
         if not_ours and not every_replica:
@@ -450,7 +450,9 @@ def _take_snapshot(
                 spec.chunk_shape,
                 spec.chunk_nbytes,
             )
-            view = _host_view(piece, spec.dtype) if leaf.host_view else None
+            view = (
+                _host_view(piece.source, piece.source_index, spec.dtype) if leaf.host_view else None
+            )
             if view is None:
                 pieces.append(piece)
             else:
