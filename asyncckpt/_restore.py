@@ -222,7 +222,7 @@ def _chunk_read(
 ) -> Read:
     key = spec.chunk_key(coords)
     task = functools.partial(_read_chunk, ckpt, key, spec, region, hits, where)
-    if isinstance(ckpt, Overlay) and ckpt.in_memory(key):  # costs no I/O
+    if type(ckpt) is Overlay and ckpt.in_memory(key):  # costs no I/O (`type`: no ABC check)
         return Read(0, task)
     nbytes = spec.chunk_nbytes
     return Read(nbytes, task, functools.partial(ckpt.prefetch, key, nbytes + _format.CRC_BYTES))
@@ -505,7 +505,12 @@ def index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[i
 
 def _whole(spec: ArraySpec) -> tuple[slice, ...]:
     """The region of the entire array."""
-    return tuple(slice(0, n) for n in spec.shape)
+    return _whole_region(spec.shape)
+
+
+@functools.lru_cache(maxsize=1024)  # thousands of leaves share a few shapes
+def _whole_region(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
 
 
 def _place(plans: list[_Plan], staged: list[list[_Request]]) -> list[Any]:

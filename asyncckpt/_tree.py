@@ -62,9 +62,16 @@ def key_part(entry: Any) -> str:
     return str(entry)
 
 
+_DictKey = jax.tree_util.DictKey
+
+
 def variable_name(keypath: tuple[Any, ...]) -> str:
     """The storage name of the leaf at `keypath` (`params/dense/kernel`)."""
-    return _format.variable_name([key_part(e) for e in keypath])
+    return _format.variable_name(
+        [  # a dict's str key, the most common part, without `key_part`'s checks
+            e.key if type(e) is _DictKey and type(e.key) is str else key_part(e) for e in keypath
+        ]
+    )
 
 
 def keystr(keypath: tuple[Any, ...]) -> str:
@@ -456,6 +463,8 @@ def spec_values(spec: Any, keypath: tuple[str, ...] = (), depth: int = 0) -> dic
     kids = _spec_children(spec, leaf_ok=True)
     keys = spec.get("k") if t in ("dict", "odict") else spec.get("f")
     for i, child in enumerate(kids):
+        if type(child) is dict and child.get("t") == "array":
+            continue  # most leaves, without a call each (4000 leaves: 20 ms of a restore)
         part = str(keys[i]) if isinstance(keys, list) and i < len(keys) else str(i)
         out.update(spec_values(child, (*keypath, part), depth + 1))
     return out

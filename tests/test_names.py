@@ -70,6 +70,33 @@ def test_escaping_is_injective_and_valid(keys):
         assert len(n.encode()) <= 255
 
 
+def _full_check(name):
+    """The rule for names read from disk, as stated."""
+    parts = name.split("/")
+    return (
+        0 < len(name) < 4096
+        and "\\" not in name
+        and "\x00" not in name
+        and all(p not in ("", ".", "..") and not p.startswith("__") for p in parts)
+    )
+
+
+@given(st.text(alphabet="ab_._~%-/\\\x00é", max_size=12))
+def test_the_fast_name_check_accepts_only_what_the_full_one_does(name):
+    if _format._plain_name(name):
+        assert _full_check(name)
+    if _full_check(name):
+        assert _format.check_name(name, "w") == name
+    else:
+        with pytest.raises(ac.CorruptCheckpointError, match="invalid variable name"):
+            _format.check_name(name, "w")
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=4))
+def test_escaped_names_take_the_fast_name_check(keys):
+    assert _format._plain_name(_format.variable_name(keys))
+
+
 def test_unsupported_dict_key_names_keypath(tmp_path):
     with pytest.raises(ac.UnsupportedTypeError, match=r"dict key \(1, 2\)"):
         ac.save(tmp_path / "ck", {(1, 2): np.ones(1)})

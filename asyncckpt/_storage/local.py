@@ -316,7 +316,10 @@ class LocalStorage(Storage):
         """Each directory on the way is listed once (`scandir`: the entry types come with the
         names, no `lstat` of each) and its entries that are no links go into `seen`: a restore
         of thousands of arrays in a few groups makes a few listings, not thousands of `lstat`s
-        (on a cold cache each reads an inode on the caller's thread)."""
+        (on a cold cache each reads an inode on the caller's thread). A path is in `seen` only
+        if its parent was reached this way: found there, it is checked all the way up."""
+        if f"{self.url}/{name}" in seen:
+            return
         parent = self.url
         for part in name.split("/"):
             path = f"{parent}/{part}"
