@@ -1,5 +1,6 @@
 """Atomic commit, incomplete and damaged checkpoints, and refusing bad input."""
 
+import gc
 import json
 import os
 
@@ -63,6 +64,24 @@ def test_missing_chunk_names_variable_and_file(tmp_path):
     assert_same(
         ac.restore(tmp_path / "ck", {"a": np.empty(100)}, strict=False)["a"], np.arange(100.0)
     )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_restore_that_fails_midway_leaves_no_file_open(tmp_path):
+    """The reads of small chunks open each file ahead of reading it (`prefetch`); a damaged
+    chunk in the middle stops the restore with those still unread, and none stays open."""
+    tree = {f"v{i:03d}": np.full(64, i, np.float32) for i in range(200)}
+    ac.save(tmp_path / "ck", tree)
+    chunk = tmp_path / "ck" / "v100" / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ac.CorruptCheckpointError, match=r"'v100'.*checksum mismatch"):
+        ac.restore(tmp_path / "ck", tree)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])

@@ -5,6 +5,7 @@ Like zarr-python's `StoreTests`, one suite runs on each backend: the local file 
 foreign data are part of the contract. A new backend passes this file before anything else.
 """
 
+import gc
 import os
 import uuid
 
@@ -180,6 +181,45 @@ def test_prefetch_is_a_hint_that_never_fails(place, tmp_path):
     out = np.empty_like(value)
     place.read_chunk_into("w/c", out, "test")
     np.testing.assert_array_equal(out, value)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_prefetched_files_are_read_as_they_are_and_never_left_open(place):
+    """A local prefetch keeps each file open for the read that follows; however many are
+    prefetched, at most a bounded number stay open, each read closes its own, and those never
+    read close with the storage. A file that is no regular file still fails its read."""
+    _make_dirs(place, "w")
+    values = [_data((4,), seed=i) for i in range(300)]
+    for i, v in enumerate(values):
+        place.write_chunk(f"w/c.{i}", v, None)
+    local = place.local_path is not None and os.path.isdir("/proc/self/fd")
+    before = _open_fds() if local else 0
+    for i, v in enumerate(values):
+        place.prefetch(f"w/c.{i}", v.nbytes + 4)
+    if local:
+        assert before < _open_fds() <= before + 256
+    for i, v in enumerate(values):
+        out = np.empty_like(v)
+        place.read_chunk_into(f"w/c.{i}", out, "test")
+        np.testing.assert_array_equal(out, v)
+    if local:
+        assert _open_fds() == before
+        other = open_storage(place.url)  # pytest holds `place`
+        for i in range(10):
+            other.prefetch(f"w/c.{i}", 20)
+        assert _open_fds() == before + 10
+        del other
+        gc.collect()
+        assert _open_fds() == before
+        if hasattr(os, "mkfifo"):
+            os.mkfifo(place.path("w/fifo"))
+            place.prefetch("w/fifo", 64)
+            with pytest.raises(ac.CorruptCheckpointError, match=r"w/fifo is a FIFO"):
+                place.read_chunk_into("w/fifo", np.empty(4, np.float32), "test")
+            assert _open_fds() == before
 
 
 def test_damaged_truncated_and_missing_chunks_say_what_and_where(place):

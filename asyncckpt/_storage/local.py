@@ -48,6 +48,9 @@ _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _MAX_IO = direct.MAX_IO
 _IOV_MAX = 1024  # buffers per readv/writev call (Linux IOV_MAX)
+_HELD_MAX = 256
+"""At most this many files a storage keeps open from `prefetch` for the reads that follow
+(`_executor._run_ahead` prefetches 64 ahead); past it a prefetch closes its file."""
 
 
 _direct_io: dict[str, bool] = {}  # directory -> direct_io, from configure_storage
@@ -75,6 +78,8 @@ class LocalStorage(Storage):
     def __init__(self, path: str) -> None:
         self.url = os.path.abspath(path)
         self._recycled = False  # a deleted step's files, written over (`begin_in`)
+        self._held: dict[str, int] = {}  # path -> descriptor `prefetch` opened, for its read
+        self._closes_held: weakref.finalize | None = None
 
     @property
     def local_path(self) -> str:
@@ -87,7 +92,7 @@ class LocalStorage(Storage):
 
     def read_small(self, key: str, limit: int) -> bytes:
         path = self.path(key)
-        fd, size = _open(path, "refusing a metadata document")
+        fd, size = self._open_file(path, "refusing a metadata document")
         try:
             if size > limit:
                 raise CorruptCheckpointError(
@@ -164,7 +169,7 @@ class LocalStorage(Storage):
         end: int | None = None,
         suffix: int | None = None,
     ) -> np.ndarray:
-        fd, size = _open(self.path(key), "")
+        fd, size = self._open_file(self.path(key), "")
         try:
             lo = max(0, size - suffix) if suffix is not None else min(start or 0, size)
             hi = size if end is None or suffix is not None else min(end, size)
@@ -198,7 +203,7 @@ class LocalStorage(Storage):
 
     def read_runs_into(self, key: str, runs: Sequence[tuple[int, memoryview]], where: str) -> None:
         path = self.path(key)
-        fd, _ = _open(path, where)
+        fd, _ = self._open_file(path, where)
         try:
             for offset, buf in runs:
                 _read_all(fd, [buf], offset, path, where)
@@ -215,11 +220,19 @@ class LocalStorage(Storage):
 
     # -- chunk files -----------------------------------------------------------------------------
 
+    def _open_file(self, path: str, where: str) -> tuple[int, int]:
+        """`_open` of `path`, or the descriptor that `prefetch` opened for this read (one `open`
+        and one `close` fewer a small chunk: 4000 of them read 9 ms sooner)."""
+        fd = self._held.pop(path, None)
+        if fd is None:
+            return _open(path, where)
+        return fd, _regular_size(fd, path, where)
+
     def _open_chunk(self, path: str, sizes: tuple[int, ...], where: str) -> tuple[int, int]:
         """Open the chunk file `path`, which must have one of `sizes` bytes: (descriptor,
         size)."""
         try:
-            fd, size = _open(path, where)
+            fd, size = self._open_file(path, where)
         except FileNotFoundError:
             raise _format.missing_chunk(path, where) from None
         if size not in sizes:
@@ -298,19 +311,26 @@ class LocalStorage(Storage):
         """The kernel's read-ahead of those bytes (`posix_fadvise(WILLNEED)` starts the reads
         and returns; never more than asked, whatever the file holds): one thread reading small
         chunks in order, prefetching some ahead, keeps the disk as busy as several reading
-        threads would, without their GIL hand-offs."""
+        threads would, without their GIL hand-offs. The file stays open for the read that
+        follows (`_open`; opened as it would open it, and checked there); those never read are
+        closed with this storage."""
         if _WILLNEED is None:
             return
+        path = f"{self.url}/{key}"
         try:
-            fd = os.open(f"{self.url}/{key}", _O_READ | _O_NONBLOCK)
+            fd = os.open(path, _O_READ | _O_NONBLOCK)
         except OSError:
             return
         try:
             os.posix_fadvise(fd, 0, nbytes, _WILLNEED)
         except OSError:
             pass  # not a regular file: the read says so
-        finally:
-            os.close(fd)
+        held = self._held
+        if len(held) < _HELD_MAX and held.setdefault(path, fd) == fd:
+            if self._closes_held is None:
+                self._closes_held = weakref.finalize(self, _close_all, held)
+            return
+        os.close(fd)  # enough held, or one held for this file already
 
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         """Each directory on the way is listed once (`scandir`: the entry types come with the
@@ -534,11 +554,16 @@ def _open(path: str, where: str) -> tuple[int, int]:
     tell. The size comes from the same `fstat` (thousands of small chunks are opened per
     restore)."""
     try:
-        fd = os.open(path, _O_READ | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, _O_READ | _O_NONBLOCK)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link(path, where) from None
         raise
+    return fd, _regular_size(fd, path, where)
+
+
+def _regular_size(fd: int, path: str, where: str) -> int:
+    """The size of the open file `fd`, which must be a regular file (else it is closed)."""
     st = os.fstat(fd)
     mode = st.st_mode
     if not stat.S_ISREG(mode):
@@ -561,7 +586,16 @@ def _open(path: str, where: str) -> tuple[int, int]:
             "holds only regular files (replace it with the file it stands for, or restore "
             "another checkpoint)"
         )
-    return fd, st.st_size
+    return st.st_size
+
+
+def _close_all(held: dict[str, int]) -> None:
+    """Close the descriptors that `LocalStorage.prefetch` opened and nothing read."""
+    while held:
+        try:
+            os.close(held.popitem()[1])
+        except (KeyError, OSError):
+            pass  # taken meanwhile, or closed
 
 
 def _open_to_write(path: str, recycled: bool = False) -> tuple[int, int]:
