@@ -188,9 +188,11 @@ def test_no_pickle_or_eval_in_the_package():
                 if isinstance(f, ast.Name):
                     assert f.id not in banned_calls, (source, n.lineno)
                 if isinstance(f, ast.Attribute) and f.attr in ("load", "loads"):
-                    # only json.loads; never np.load / pickle.load / yaml.load
+                    # only json.loads and orjson.loads; never np.load / pickle.load / yaml.load
                     assert (
-                        isinstance(f.value, ast.Name) and f.value.id == "json" and f.attr == "loads"
+                        isinstance(f.value, ast.Name)
+                        and f.value.id in ("json", "orjson")
+                        and f.attr == "loads"
                     ), (source, n.lineno, ast.unparse(n))
             elif isinstance(n, ast.keyword) and n.arg == "allow_pickle":
                 raise AssertionError(f"{source}:{n.value.lineno}: allow_pickle")
@@ -255,6 +257,54 @@ def parse(raw: bytes):
     _tree.spec_values(info.tree)
     names = _tree.spec_leaf_names(info.tree)
     _tree.unflatten(info.tree, dict.fromkeys(names))
+
+
+def _decoded_alike(a, b):
+    """Equal, with NaN equal to NaN, and of the same types all the way down (1 is not 1.0)."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_decoded_alike(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_decoded_alike(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+_JSON_TEXTS = st.sampled_from(
+    [
+        b"123456789012345678901234567890",
+        b"-9999999999999999999",
+        b'{"a": -   12345678901234567890123}',
+        b'[1, 18446744073709551616, "1234567890123456789012"]',
+        b'{"h": "00112233445566778899001122334455", "x": 0.12345678901234567890123}',
+        b"1e400",
+        b"[NaN, Infinity, -Infinity]",
+        b'"\\ud800"',
+        b'{"a": 1, "a": 2}',
+        b"\xef\xbb\xbf[1]",
+        b"[" * 3000 + b"]" * 3000,
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=_JSON_TEXTS | json_values.map(lambda v: json.dumps(v, indent=None).encode()))
+def test_documents_decode_as_the_json_module_decodes_them(raw):
+    """`parse_json` decodes through orjson where it can and through `json` for the rest (what
+    orjson refuses, and integers it would make floats); the result is always `json`'s."""
+    try:
+        want = json.loads(raw)
+    except RecursionError:
+        with pytest.raises(ac.CorruptCheckpointError, match="nested too deeply"):
+            _format.parse_json(raw, "w", "doc")
+        return
+    except ValueError:
+        with pytest.raises(ac.CorruptCheckpointError, match="not valid JSON"):
+            _format.parse_json(raw, "w", "doc")
+        return
+    assert _decoded_alike(_format.parse_json(raw, "w", "doc"), want)
 
 
 @settings(max_examples=400, deadline=None)
