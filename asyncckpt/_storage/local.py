@@ -312,8 +312,8 @@ class LocalStorage(Storage):
         and returns; never more than asked, whatever the file holds): one thread reading small
         chunks in order, prefetching some ahead, keeps the disk as busy as several reading
         threads would, without their GIL hand-offs. The file stays open for the read that
-        follows (`_open`; opened as it would open it, and checked there); those never read are
-        closed with this storage."""
+        follows (`_open_file`: opened as `_open` opens, and checked there); those never read
+        are closed with this storage."""
         if _WILLNEED is None:
             return
         path = f"{self.url}/{key}"
