@@ -188,7 +188,8 @@ def test_damaged_mapped_chunk_is_corrupt_and_leaks_nothing(tmp_path, mesh, monke
 def test_small_chunks_are_read_in_order_by_one_thread_that_prefetches_ahead(tmp_path, monkeypatch):
     """Thousands of small chunks cost Python more than copying: one thread reads them, each
     file prefetched (the kernel's read-ahead) at most `AHEAD_READS` reads before it is read, so
-    the disk still gets many requests at once; chunks that are mapped go to every thread."""
+    the disk still gets many requests at once; chunks that are mapped go to every thread, and
+    each of those threads prefetches its chunks ahead of mapping them."""
     small = {f"s{i:03d}": np.full(1024, i, np.float32) for i in range(300)}
     large = {f"l{i:02d}": np.full(1 << 18, i, np.float32) for i in range(16)}  # 1 MiB: mapped
     path = tmp_path / "ck"
@@ -219,10 +220,23 @@ def test_small_chunks_are_read_in_order_by_one_thread_that_prefetches_ahead(tmp_
     assert len({t for what, _, t in events if what == "read"}) == 1
     prefetched: list[str] = []
     for what, key, _ in events:
-        if what == "prefetch":
+        if what == "prefetch" and key.startswith("s"):
             prefetched.append(key)
         elif what == "read":  # prefetched before, and no more than 8 reads ahead
             assert key in prefetched and len(prefetched) - prefetched.index(key) <= 8, key
     assert sorted(prefetched) == reads
     mapped = {t for what, _, t in events if what == "map"}
     assert len([e for e in events if e[0] == "map"]) == 16 and len(mapped) > 1, mapped
+    for thread in mapped:  # in order on each thread, each prefetched there before it is mapped
+        mine = [(what, key) for what, key, t in events if t == thread and key.startswith("l")]
+        maps = [key for what, key in mine if what == "map"]
+        assert maps == sorted(maps)
+        for i, (what, key) in enumerate(mine):
+            if what == "map":
+                assert ("prefetch", key) in mine[:i], (thread, key)
+    # ahead: some thread asks for a chunk's read-ahead before it maps the chunk before that
+    assert any(
+        [what for what, key, t in events if t == thread and key.startswith("l")][:2]
+        == ["prefetch", "prefetch"]
+        for thread in mapped
+    )

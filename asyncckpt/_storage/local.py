@@ -296,10 +296,11 @@ class LocalStorage(Storage):
         if not _libc.available() or nbytes == 0:
             return None
         path = f"{self.url}/{key}"
+        prefetched = path in self._held  # its read-ahead asked for already (`prefetch`)
         fd, size = self._open_chunk(path, _format.chunk_file_sizes(nbytes, band_nbytes), where)
         try:
             if band_nbytes is None:
-                return _map_plain(fd, nbytes, path, where)
+                return _map_plain(fd, nbytes, path, where, not prefetched)
             stride = _format.stride_of_size(size, nbytes, band_nbytes, path, where)
             if band_nbytes % mmap.ALLOCATIONGRANULARITY or stride % mmap.ALLOCATIONGRANULARITY:
                 return None  # packed bands, or pages larger than the 4 KiB bands are aligned to
@@ -753,11 +754,13 @@ def _new_mapping(n: int, fd: int, length: int) -> mmap.mmap | None:
     return m
 
 
-def _map_plain(fd: int, nbytes: int, path: str, where: str) -> np.ndarray | None:
+def _map_plain(fd: int, nbytes: int, path: str, where: str, advise: bool) -> np.ndarray | None:
+    """`advise`: ask for the chunk's read-ahead (unless `prefetch` did)."""
     m = _new_mapping(1, fd, nbytes)
     if m is None:
         return None
-    m.madvise(mmap.MADV_WILLNEED)  # from disk: read ahead the whole chunk, not page by page
+    if advise:  # from disk: read ahead the whole chunk, not page by page
+        m.madvise(mmap.MADV_WILLNEED)
     data = np.frombuffer(m, np.uint8)
     _format.check_crc(data, os.pread(fd, _format.CRC_BYTES, nbytes), path, where)
     return data
