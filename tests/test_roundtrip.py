@@ -132,6 +132,56 @@ def test_leaves_on_one_device_are_placed_as_jax_device_put_places_them(root):
         assert_same(got, want)
 
 
+def test_replicated_leaves_are_placed_as_jax_device_put_places_them(root, monkeypatch):
+    """A whole leaf replicated over devices of this process (data-parallel parameters) goes
+    straight to the runtime's batched put as well, the same host buffer for each device, as
+    `jax.device_put` gives it; only the leaves that no device holds whole, and dtypes that JAX
+    changes, take `jax.device_put`."""
+    from asyncckpt import _restore
+
+    devices = jax.local_devices()
+    full = NamedSharding(jax.make_mesh((len(devices),), ("d",)), P())
+    half = NamedSharding(jax.sharding.Mesh(np.array(devices[: len(devices) // 2]), ("d",)), P())
+    rows = NamedSharding(jax.make_mesh((len(devices),), ("d",)), P("d"))
+    dtypes = [np.float32, ml_dtypes.bfloat16, np.bool_, np.int8, ml_dtypes.int4, np.int64]
+    hosts = {f"x{i}": _values(d, (8, 3) if i % 2 else (), seed=i) for i, d in enumerate(dtypes)}
+    hosts["big"] = _values(np.dtype(np.float32), (512, 256), seed=9)  # 512 KiB: mapped
+    hosts["rows"] = _values(np.dtype(np.float32), (16, 4), seed=10)
+    shardings = {k: rows if k == "rows" else (full, half)[i % 2] for i, k in enumerate(hosts)}
+    ac.save(root / "ck", {k: jax.device_put(v, shardings[k]) for k, v in hosts.items()})
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in hosts.items()
+    }
+    assert _restore._direct_put() is not None
+    device_put = jax.device_put
+    put_by_jax: list[int] = []
+
+    def spy(x, *args, **kwargs):
+        put_by_jax.append(len(x) if isinstance(x, list) else 1)
+        return device_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    back = ac.restore(root / "ck", target)
+    monkeypatch.undo()
+    assert put_by_jax == [1]  # int64 alone (without x64 JAX makes it int32); "rows": shards
+    for k, host in hosts.items():
+        want = jax.device_put(host, shardings[k])
+        got = back[k]
+        assert isinstance(got, jax.Array), k
+        assert (got.dtype, got.shape, got.sharding, got.committed, got.weak_type) == (
+            want.dtype,
+            want.shape,
+            want.sharding,
+            want.committed,
+            want.weak_type,
+        ), k
+        assert [(s.device, s.index) for s in got.addressable_shards] == [
+            (s.device, s.index) for s in want.addressable_shards
+        ], k
+        for a, b in zip(got.addressable_shards, want.addressable_shards):
+            assert_same(a.data, b.data)
+
+
 def test_small_leaves_come_back_aligned_and_apart(root):
     """Small leaves are read into buffers cut from shared allocations (`_restore._Slabs`):
     each must still be 64-byte aligned (CPU devices then use it without a copy) and hold only
