@@ -119,17 +119,25 @@ def test_leaves_on_one_device_are_placed_as_jax_device_put_places_them(root):
     }
     back = ac.restore(root / "ck", target)
     for k, host in hosts.items():
-        want = jax.device_put(host, tree[k].sharding)
-        got = back[k]
-        assert isinstance(got, jax.Array), k
-        assert (got.dtype, got.shape, got.sharding, got.committed, got.weak_type) == (
-            want.dtype,
-            want.shape,
-            want.sharding,
-            want.committed,
-            want.weak_type,
-        ), k
-        assert_same(got, want)
+        _assert_placed_as_device_put(back[k], jax.device_put(host, tree[k].sharding), k)
+
+
+def _assert_placed_as_device_put(got, want, name):
+    """`got` is what `jax.device_put` gave (`want`): type, dtype, shape, sharding, committed,
+    weak type, each shard's device, index and bytes."""
+    assert isinstance(got, jax.Array), name
+    assert (got.dtype, got.shape, got.sharding, got.committed, got.weak_type) == (
+        want.dtype,
+        want.shape,
+        want.sharding,
+        want.committed,
+        want.weak_type,
+    ), name
+    assert [(s.device, s.index) for s in got.addressable_shards] == [
+        (s.device, s.index) for s in want.addressable_shards
+    ], name
+    for a, b in zip(got.addressable_shards, want.addressable_shards):
+        assert_same(a.data, b.data)
 
 
 def test_replicated_leaves_are_placed_as_jax_device_put_places_them(root, monkeypatch):
@@ -165,21 +173,7 @@ def test_replicated_leaves_are_placed_as_jax_device_put_places_them(root, monkey
     monkeypatch.undo()
     assert put_by_jax == [1]  # int64 alone (without x64 JAX makes it int32); "rows": shards
     for k, host in hosts.items():
-        want = jax.device_put(host, shardings[k])
-        got = back[k]
-        assert isinstance(got, jax.Array), k
-        assert (got.dtype, got.shape, got.sharding, got.committed, got.weak_type) == (
-            want.dtype,
-            want.shape,
-            want.sharding,
-            want.committed,
-            want.weak_type,
-        ), k
-        assert [(s.device, s.index) for s in got.addressable_shards] == [
-            (s.device, s.index) for s in want.addressable_shards
-        ], k
-        for a, b in zip(got.addressable_shards, want.addressable_shards):
-            assert_same(a.data, b.data)
+        _assert_placed_as_device_put(back[k], jax.device_put(host, shardings[k]), k)
 
 
 def test_small_leaves_come_back_aligned_and_apart(root):
