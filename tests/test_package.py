@@ -23,6 +23,8 @@ assert (asyncckpt.restore(path)["x"] == np.arange(3)).all()
 import zarr
 assert zarr.open_group(path, mode="r")["b"].dtype == asyncckpt_bf16
 print("used", events)
+import os, shutil
+shutil.rmtree(os.path.dirname(path))  # the temporary directory mkdtemp made
 """
 
 
