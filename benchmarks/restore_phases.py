@@ -76,7 +76,7 @@ def save(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=("big", "small", "llm"), default="big")
+    p.add_argument("--workload", choices=("big", "small", "llm", "small_replicated"), default="big")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=3, help="fresh processes")
