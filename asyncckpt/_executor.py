@@ -91,11 +91,14 @@ def check_durable_within(value: Any, urgent_after_s: Any = UNSET) -> float | Non
 
 
 def _lower_priority(
-    priority: Priority, tid: int | None = None, lowered: set[int] | None = None
+    priority: Priority, base: int, tid: int | None = None, lowered: set[int] | None = None
 ) -> None:
-    """Lower the CPU priority of thread `tid` (default: the calling thread; Linux: priorities
-    are per thread) and add it to `lowered`. Where the idle policy is not available or not
-    allowed, niceness 19 stands in for it."""
+    """Give thread `tid` (default: the calling thread; Linux: priorities are per thread) the
+    background priority, niceness `base + priority` (at most 19), and add it to `lowered`.
+    From `base`, the niceness of the thread that made the pools, not from the thread's own: a
+    pool thread started by a lowered thread (the job thread starts the writers) inherits its
+    niceness, and a thread raised by `_pace` and lowered again must get the same. Where the
+    idle policy is not available or not allowed, niceness 19 stands in for it."""
     tid = threading.get_native_id() if tid is None else tid
     if lowered is not None:
         lowered.add(tid)
@@ -110,9 +113,7 @@ def _lower_priority(
     if priority <= 0 or not hasattr(os, "setpriority"):
         return
     try:
-        os.setpriority(
-            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + priority)
-        )
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, base + priority))
     except OSError:
         pass  # not permitted here: run at normal priority
 
@@ -181,7 +182,8 @@ class _Batch:
         self._schedule = schedule
         self._next = 0
         self._running = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.error: BaseException | None = None
         self.lanes = lanes
         self._progress = time.monotonic()  # when a task last started or ended
@@ -228,21 +230,34 @@ class _Batch:
                 # restore stages its next group as soon as `wait` returns, and the group before
                 # must be gone by then (max_inflight_bytes)
                 task = None
+                # The count first, under the plain lock: entering it is C code, where a
+                # KeyboardInterrupt cannot land (on the main thread, a caller helping in
+                # `help_until`, one raised here before the count would leave `wait` waiting
+                # for ever); `wait` looks again now and then for a notification so lost.
+                with self._lock:
+                    self._running -= 1
+                    self._progress = time.monotonic()
                 if self._schedule is not None and self._costs is not None:
                     self._schedule.progress(self._costs[index])
                 with self._cond:
-                    self._running -= 1
-                    self._progress = time.monotonic()
                     self._cond.notify_all()
 
     def wait(self) -> None:
         with self._cond:
-            self._cond.wait_for(
+            while not self._cond.wait_for(
                 lambda: (
                     self._running == 0
                     and (self.error is not None or self._next >= len(self._tasks))
-                )
-            )
+                ),
+                timeout=1.0,
+            ):
+                pass
+
+    def stop(self, error: BaseException) -> None:
+        """Start no further task (the caller that waits for them is gone): `error` says why."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
 
 
 class Workers:
@@ -272,7 +287,11 @@ class Workers:
         self.network_size = network_workers
         self._priority = check_priority(background_nice)
         self._lowered: set[int] = set()  # the threads of lowered priority
-        lower = functools.partial(_lower_priority, self._priority, lowered=self._lowered)
+        # the caller's niceness: what background threads are lowered from and raised back to
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+        lower = functools.partial(
+            _lower_priority, self._priority, self._nice, lowered=self._lowered
+        )
         self._network = ThreadPoolExecutor(
             network_workers, thread_name_prefix="asyncckpt-net", initializer=lower
         )
@@ -293,7 +312,6 @@ class Workers:
         self.durable_within_s = check_durable_within(durable_within_s)
         self._pacer = None
         self._schedule: _Schedule | None = None  # of the save the job thread is writing
-        self._nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
         if self.durable_within_s is not None:
             # made now, on the caller's thread: a thread inherits its maker's priority, and one
             # made later from a lowered thread could not be raised back without privileges
@@ -349,12 +367,20 @@ class Workers:
             for _ in range(min(len(tasks), batch.lanes or threads)):
                 pool.submit(batch.run)
             batch.wait()
+        except BaseException as e:  # a KeyboardInterrupt while waiting: stop the tasks too
+            batch.stop(e)
+            raise
         finally:
             if background:
                 with self._changed:
                     self._batches.remove(batch)
-        if batch.error is not None:
-            raise batch.error
+        error = batch.error
+        del batch  # it holds the error, whose traceback holds this frame: no cycle through it
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None
 
     def help_until(self, future: Future[Any]) -> None:
         """Run the background writes of the saves in flight on the calling thread until `future`
@@ -414,7 +440,7 @@ class Workers:
         with the other lowered threads when a save falls behind (`_pace`)."""
         for tid in tids:
             if tid not in self._lowered:
-                _lower_priority(self._priority, tid, self._lowered)
+                _lower_priority(self._priority, self._nice, tid, self._lowered)
 
     def submit_job(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the job thread, after every job submitted before it."""
@@ -492,7 +518,7 @@ class Workers:
     def _lower(self, tids: set[int]) -> set[int]:
         """Give threads `tids`, raised by `_pace`, the background priority again."""
         for tid in tids:
-            _lower_priority(self._priority, tid)
+            _lower_priority(self._priority, self._nice, tid)
         return set()
 
     def submit_cleanup(self, fn: Callable[..., T], *args: Any) -> Future[T]:

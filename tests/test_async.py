@@ -248,6 +248,116 @@ def test_threads_of_others_carrying_a_save_get_the_writers_priority_and_are_rais
         workers.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness")
+@pytest.mark.parametrize("within", [None, 0.0])
+def test_background_threads_get_the_callers_niceness_plus_background_nice(within):
+    """Pool threads are started by whichever thread first gives them work (the writers by the
+    job thread, itself lowered): each gets the niceness of the thread that made the workers
+    plus `background_nice`, not that added to a lowered niceness it inherited; and where the
+    pacing thread raises them (root here, with a line that ends at once), the same again once
+    the save is done."""
+    from asyncckpt._executor import Workers
+
+    caller = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered = min(19, caller + 5)
+    workers = Workers(4, background_nice=5, durable_within_s=within)
+    tids: dict[str, int] = {}
+    during: dict[str, int] = {}
+
+    def task():
+        name = threading.current_thread().name
+        if not name.startswith("asyncckpt-pace"):  # (at the caller's priority, by design)
+            tids[name] = threading.get_native_id()
+            during[name] = os.getpriority(os.PRIO_PROCESS, 0)
+        time.sleep(0.02)
+
+    def save():
+        tids["job"] = threading.get_native_id()
+        during["job"] = os.getpriority(os.PRIO_PROCESS, 0)
+        workers.expect(4)
+        workers.run_all([task] * 4, background=True, costs=[1] * 4)
+
+    def niceness() -> dict[str, int]:
+        return {name: os.getpriority(os.PRIO_PROCESS, tid) for name, tid in tids.items()}
+
+    try:
+        for _ in range(2):
+            during.clear()
+            workers.submit_save(save).result(timeout=30)
+            assert any(name.startswith("asyncckpt-write") for name in tids), tids
+            if within is None:  # nothing raises them: as they were made
+                assert during == dict.fromkeys(during, lowered), (during, lowered)
+            deadline = time.monotonic() + 10  # (the pacing thread lowers what it raised)
+            while niceness() != dict.fromkeys(tids, lowered):
+                assert time.monotonic() < deadline, (niceness(), lowered)
+                time.sleep(0.01)
+    finally:
+        workers.close()
+
+
+def test_a_caller_interrupted_while_it_waits_for_tasks_starts_no_more_of_them():
+    """A KeyboardInterrupt in `run_all` (Ctrl-C during a restore) stops the batch: the pool
+    threads end the tasks they run and start no other for a caller who is gone."""
+    import _thread
+
+    from asyncckpt._executor import Workers
+
+    workers = Workers(4, durable_within_s=None)
+    ran: list[int] = []
+
+    def task():
+        time.sleep(0.05)
+        ran.append(1)
+
+    timer = threading.Timer(0.12, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            workers.run_all([task] * 200)
+            time.sleep(30)  # (not reached: the interrupt lands in run_all's wait)
+        time.sleep(0.5)  # the tasks running then end (4 threads: 80 tasks a second)
+        settled = len(ran)
+        time.sleep(0.5)
+        assert len(ran) == settled < 40, (settled, len(ran))
+    finally:
+        timer.cancel()
+        workers.close()
+
+
+def test_a_save_whose_helping_caller_is_interrupted_as_a_task_ends_still_ends():
+    """A KeyboardInterrupt on the main thread, helping a save in `help_until`, landing right
+    after a task of it ended (here: in counting its progress): the batch still learns that the
+    task ended, and the save's job does not wait for it for ever."""
+    from asyncckpt import _executor
+    from asyncckpt._executor import Workers
+
+    count = _executor._Schedule.progress
+    fired: list[int] = []
+
+    def progress(self, cost):
+        if threading.current_thread() is threading.main_thread() and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt  # what a SIGINT arriving there raises
+        count(self, cost)
+
+    workers = Workers(2, background_nice=0, durable_within_s=10.0)
+    try:
+        _executor._Schedule.progress = progress  # type: ignore[method-assign]
+
+        def save():
+            workers.expect(64)
+            workers.run_all([lambda: time.sleep(0.02)] * 64, background=True, costs=[1] * 64)
+
+        future = workers.submit_save(save)
+        with pytest.raises(KeyboardInterrupt):
+            workers.help_until(future)
+        assert fired
+        future.result(timeout=30)
+    finally:
+        _executor._Schedule.progress = count  # type: ignore[method-assign]
+        workers.close()
+
+
 def test_durable_within_s_is_checked_and_urgent_after_s_is_read_as_it_with_a_warning(tmp_path):
     for bad in (-1, "soon", True, float("nan")):
         with pytest.raises(ValueError, match="durable_within_s must be a number of seconds"):
