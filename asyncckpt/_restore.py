@@ -736,32 +736,41 @@ def read_arrays(
         ]
     results: list[Any] = [None] * len(items)
     coord = None
-    for number, group in enumerate(
-        groups_by_size(range(len(plans)), lambda i: plans[i].group_bytes, max_inflight_bytes)
-    ):
-        members = [plans[i] for i in group]
-        error: Exception | None = None
-        staged: list[list[_Request]] = []
-        source = ckpt
-        try:
-            if shared := [p.shared for p in members if p.shared is not None]:
-                with phases("read"):
-                    source, nbytes, error = _readonce.share(ckpt, shared, read_whole_chunk, workers)
-                phases.bytes += nbytes
-            if error is None:
-                staged = _read_group(source, members, workers, phases, seen)
-        except Exception as e:
-            error = e
-        if coordinate is not None and any(p.spans_processes for p in members):
-            coord = coord or coordinate()
-            error = coord.agree(f"read/{number}", error, f"restoring {ckpt.url}")
-        if error is not None:
-            raise error
-        with phases("place"):
-            for i, value in zip(group, _place(members, staged)):
-                results[i] = value
-        del staged  # placed: on accelerators the host buffers go now, before the next group
-    return results
+    try:
+        for number, group in enumerate(
+            groups_by_size(range(len(plans)), lambda i: plans[i].group_bytes, max_inflight_bytes)
+        ):
+            members = [plans[i] for i in group]
+            error: Exception | None = None
+            staged: list[list[_Request]] = []
+            source = ckpt
+            try:
+                if shared := [p.shared for p in members if p.shared is not None]:
+                    with phases("read"):
+                        source, nbytes, error = _readonce.share(
+                            ckpt, shared, read_whole_chunk, workers
+                        )
+                    phases.bytes += nbytes
+                if error is None:
+                    staged = _read_group(source, members, workers, phases, seen)
+            except Exception as e:
+                error = e
+            if coordinate is not None and any(p.spans_processes for p in members):
+                coord = coord or coordinate()
+                error = coord.agree(f"read/{number}", error, f"restoring {ckpt.url}")
+            if error is not None:
+                try:
+                    raise error
+                finally:
+                    error = None  # (else a cycle, this frame in the error's traceback, that keeps
+                    # the storage, its prefetched files and the buffers read until a collection)
+            with phases("place"):
+                for i, value in zip(group, _place(members, staged)):
+                    results[i] = value
+            del staged  # placed: on accelerators the host buffers go now, before the next group
+        return results
+    finally:
+        ckpt.drop_prefetched()  # files a failed group prefetched and never read
 
 
 def _read_group(

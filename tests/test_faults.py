@@ -109,6 +109,30 @@ def test_damage_is_reported_by_restore_and_verify(tmp_path, kind):
         ac.verify(ck)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open descriptors")
+def test_a_restore_that_finds_damage_leaves_no_file_open_for_the_collector(tmp_path):
+    """A restore that finds a damaged chunk part way through: the files its read-ahead opened
+    for reads that never came are closed when it raises, and nothing of it waits for Python's
+    cycle collector (a caller that tries one older step after another would run out of file
+    descriptors first)."""
+    import gc
+
+    ck = tmp_path / "ck"
+    ac.save(ck, {f"a{i:03d}": np.full(1024, i, np.float32) for i in range(200)})
+    with open(next((ck / "a000").glob("c*")), "r+b") as f:
+        f.write(b"\xff\xff")
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(ac.CorruptCheckpointError, match=r"checksum mismatch .*a000"):
+                ac.restore(ck)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
+
+
 def test_damaged_array_document_is_found_by_verify(tmp_path):
     """Restore reads the consolidated metadata; zarr-python and TensorStore read each array's
     own zarr.json, so verify checks those too."""

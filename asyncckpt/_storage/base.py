@@ -257,6 +257,11 @@ class Storage(ABC):
         default."""
         return None
 
+    def drop_prefetched(self) -> None:
+        """Let go of what `prefetch` holds for reads that never came (a restore that failed part
+        way): at once, not when this storage is gone. Nothing, by default."""
+        return None
+
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         """Refuse a variable whose directory is or passes through a symbolic link (which could
         lead outside the checkpoint); `seen`: what the backend found already, kept by the caller

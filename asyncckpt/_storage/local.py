@@ -333,6 +333,10 @@ class LocalStorage(Storage):
             return
         os.close(fd)  # enough held, or one held for this file already
 
+    def drop_prefetched(self) -> None:
+        """Close the descriptors `prefetch` opened for reads that never came."""
+        _close_all(self._held)
+
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         """Each directory on the way is listed once (`scandir`: the entry types come with the
         names, no `lstat` of each) and its entries that are no links go into `seen`: a restore
@@ -543,8 +547,9 @@ class LocalStorage(Storage):
 
 def _link(path: str, where: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{where}: {path} is a symbolic link; asyncckpt reads nothing outside a checkpoint, so "
-        "a checkpoint must hold its files themselves (copy it with links resolved)"
+        f"{where + ': ' if where else ''}{path} is a symbolic link; asyncckpt reads nothing "
+        "outside a checkpoint, so a checkpoint must hold its files themselves (copy it with "
+        "links resolved)"
     )
 
 
@@ -673,6 +678,13 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
         _advance(pending, os.writev(fd, _next_batch(pending)))
 
 
+def _shrank(path: str, where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where + ': ' if where else ''}{path} shrank while it was read: something changed "
+        "the checkpoint meanwhile (restore it again, or another checkpoint)"
+    )
+
+
 def _read_all(fd: int, buffers: list[memoryview], offset: int, path: str, where: str) -> None:
     """Fill `buffers` from `offset` on; the file must hold that many bytes."""
     total = sum(b.nbytes for b in buffers)
@@ -681,13 +693,13 @@ def _read_all(fd: int, buffers: list[memoryview], offset: int, path: str, where:
         if n == total:
             return
         if n <= 0:
-            raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+            raise _shrank(path, where)
         offset, buffers = offset + n, _after(buffers, n)
     pending = [b for b in buffers if b.nbytes]
     while pending:
         n = os.preadv(fd, _next_batch(pending), offset)
         if n <= 0:
-            raise CorruptCheckpointError(f"{where}: chunk file {path} shrank while reading")
+            raise _shrank(path, where)
         offset += n
         _advance(pending, n)
 

@@ -100,6 +100,10 @@ class Overlay(Storage):
         if key not in self._chunks and self._part is not None:
             self._part.prefetch(key, nbytes)
 
+    def drop_prefetched(self) -> None:
+        if self._part is not None:
+            self._part.drop_prefetched()
+
     def check_no_links(self, name: str, where: str, seen: set[str]) -> None:
         if self._part is not None:
             self._part.check_no_links(name, where, seen)
