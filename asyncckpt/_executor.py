@@ -261,9 +261,10 @@ class _Batch:
 
 
 class Workers:
-    """An I/O thread pool for work the caller waits on (snapshot copies, restores), and, at a
-    lower CPU priority (`background_nice`), a pool for background writes, one thread that runs
-    save jobs in submission order and one that removes deleted steps.
+    """I/O thread pools for work the caller waits on (snapshot copies, restores; one for files,
+    one for object-store requests), and, at a lower CPU priority (`background_nice`), pools for
+    background writes (to files, to object stores), one thread that runs save jobs in
+    submission order and one that removes deleted steps.
 
     Background threads yield the CPU to the training loop: a save in the background then slows
     training less, and simply takes longer when the CPU is busy. A caller that has to wait for
@@ -294,6 +295,11 @@ class Workers:
         )
         self._network = ThreadPoolExecutor(
             network_workers, thread_name_prefix="asyncckpt-net", initializer=lower
+        )
+        # object-store requests the caller waits for (a restore), at its priority: the threads
+        # start when the caller first submits to them, and inherit its priority
+        self._network_reads = ThreadPoolExecutor(
+            network_workers, thread_name_prefix="asyncckpt-netread"
         )
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="asyncckpt-io")
         # one writer per core at most: more runnable writer threads take more CPU time from
@@ -339,7 +345,7 @@ class Workers:
         costs: Sequence[int] | None = None,
     ) -> None:
         """Run `tasks` on a pool and wait; on the first failure start no more and raise it.
-        `network`: the tasks make object-store requests (the larger, lower-priority pool).
+        `network`: the tasks make object-store requests (a larger pool; lowered with `background`).
         `background`: a save's writes, which a caller in `help_until` also runs.
         `lanes`: on at most this many of the pool's threads, for tasks that hold the GIL most of
         their time (thousands of small files): more threads only hand it to each other (a save
@@ -351,7 +357,10 @@ class Workers:
             for task in tasks:
                 task()
             return
-        pool = self._network if network else self._background if background else self._pool
+        if network:
+            pool = self._network if background else self._network_reads
+        else:
+            pool = self._background if background else self._pool
         threads = self._threads(network, background)
         batch = _Batch(
             tasks,
@@ -533,6 +542,7 @@ class Workers:
         self._cleanup.shutdown(wait=True)
         self._background.shutdown(wait=True)
         self._network.shutdown(wait=True)
+        self._network_reads.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 

@@ -358,6 +358,39 @@ def test_a_save_whose_helping_caller_is_interrupted_as_a_task_ends_still_ends():
         workers.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_object_store_reads_that_a_caller_waits_for_run_at_its_priority(monkeypatch):
+    """A restore from an object store waits on its requests: they run at the caller's
+    priority, not on the idle-priority threads that write saves in the background (beside a
+    busy training loop such a restore would wait for spare CPU time); the writes stay idle."""
+    from asyncckpt._storage.objects import ObjectStorage
+
+    seen: list[tuple[str, str, int]] = []
+    get, put = ObjectStorage.get, ObjectStorage.write
+
+    def spy(what, real):
+        def call(self, *args, **kwargs):
+            name = threading.current_thread().name
+            seen.append((what, name, os.sched_getscheduler(0)))
+            return real(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ObjectStorage, "get", spy("read", get))
+    monkeypatch.setattr(ObjectStorage, "write", spy("write", put))
+    tree = {f"x{i}": np.full(4096, i, np.float32) for i in range(16)}
+    with ac.CheckpointManager(f"memory://priority/{os.urandom(4).hex()}") as mgr:
+        mgr.save(1, tree)
+        mgr.wait_until_finished()
+        back = mgr.restore(1)
+    for name, value in tree.items():
+        assert_same(back[name], value)
+    reads = [policy for what, name, policy in seen if what == "read" and "-net" in name]
+    writes = [policy for what, name, policy in seen if what == "write" and "-net" in name]
+    assert reads and writes, seen
+    assert os.SCHED_IDLE not in reads and set(writes) == {os.SCHED_IDLE}, seen
+
+
 def test_durable_within_s_is_checked_and_urgent_after_s_is_read_as_it_with_a_warning(tmp_path):
     for bad in (-1, "soon", True, float("nan")):
         with pytest.raises(ValueError, match="durable_within_s must be a number of seconds"):
