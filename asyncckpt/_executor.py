@@ -237,10 +237,9 @@ class _Batch:
                 with self._lock:
                     self._running -= 1
                     self._progress = time.monotonic()
+                    self._cond.notify_all()
                 if self._schedule is not None and self._costs is not None:
                     self._schedule.progress(self._costs[index])
-                with self._cond:
-                    self._cond.notify_all()
 
     def wait(self) -> None:
         with self._cond:

@@ -545,9 +545,14 @@ class LocalStorage(Storage):
 # File descriptors
 
 
+def _at(where: str) -> str:
+    """The start of a message about a file: where it was read (if the caller said), then ": "."""
+    return f"{where}: " if where else ""
+
+
 def _link(path: str, where: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{where + ': ' if where else ''}{path} is a symbolic link; asyncckpt reads nothing "
+        f"{_at(where)}{path} is a symbolic link; asyncckpt reads nothing "
         "outside a checkpoint, so a checkpoint must hold its files themselves (copy it with "
         "links resolved)"
     )
@@ -588,7 +593,7 @@ def _regular_size(fd: int, path: str, where: str) -> int:
             else "not a regular file"
         )
         raise CorruptCheckpointError(
-            f"{where + ': ' if where else ''}{path} is {kind}, not a regular file; a checkpoint "
+            f"{_at(where)}{path} is {kind}, not a regular file; a checkpoint "
             "holds only regular files (replace it with the file it stands for, or restore "
             "another checkpoint)"
         )
@@ -680,7 +685,7 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
 
 def _shrank(path: str, where: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{where + ': ' if where else ''}{path} shrank while it was read: something changed "
+        f"{_at(where)}{path} shrank while it was read: something changed "
         "the checkpoint meanwhile (restore it again, or another checkpoint)"
     )
 
